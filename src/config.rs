@@ -1,0 +1,676 @@
+//! Configuration: built-in defaults → TOML file → environment → command-line flags (later wins).
+//!
+//! [`FileConfig`] is the TOML file, strict (`deny_unknown_fields`); [`Overrides`] is what the
+//! environment and the command line say (clap reads `STAC_SYNC_*` variables into the same fields
+//! as the flags, so a flag beats its variable and both beat the file). [`Config::resolve`] merges
+//! them and validates the result without any I/O. Secrets are [`SecretString`]s: they never
+//! appear in `Debug`, logs or errors.
+
+use crate::error::Error;
+use crate::http::RetryPolicy;
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use url::Url;
+
+/// Where the STAC root lives below a bare EDS host (`EDS_API_URL=https://api.earthdaily.com`).
+pub const EDS_STAC_PATH: &str = "/platform/v1/stac";
+/// The default database: SQLite in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://stac-sync.db";
+/// The default object store: a local folder in the working directory.
+pub const DEFAULT_OBJECT_STORE_URL: &str = "file://./stac-sync-items";
+/// The default configuration file, read if present.
+pub const DEFAULT_CONFIG_FILE: &str = "stac-sync.toml";
+/// Default page size: large pages mean fewer round trips; most APIs cap it anyway.
+pub const DEFAULT_LIMIT: u32 = 250;
+/// Default cap on API requests in flight (EDS allows 30 per account; stay well under).
+pub const DEFAULT_CONCURRENCY: usize = 8;
+
+/// The TOML configuration file. Every key is optional; unknown keys are an error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The STAC API root (its landing page).
+    pub api_url: Option<String>,
+    /// `sqlite://...` or `postgres://...`.
+    pub database_url: Option<String>,
+    /// `file://...`, `s3://...`, ... or `none`.
+    pub object_store_url: Option<String>,
+    /// Default page size for jobs that set none.
+    pub limit: Option<u32>,
+    /// Cap on API requests in flight.
+    pub concurrency: Option<usize>,
+    /// Authentication.
+    #[serde(default)]
+    pub auth: AuthFile,
+    /// Extra headers sent with every API request (not to the token endpoint).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Timeouts and retries.
+    #[serde(default)]
+    pub http: HttpFile,
+    /// The jobs.
+    #[serde(default)]
+    pub jobs: Vec<JobConfig>,
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    /// `oauth2-client-credentials`, `bearer` or `none`; inferred when absent.
+    pub kind: Option<AuthKind>,
+    /// The OAuth2 token endpoint.
+    pub token_url: Option<String>,
+    /// The OAuth2 client id.
+    pub client_id: Option<String>,
+    /// The OAuth2 client secret (prefer the environment).
+    pub client_secret: Option<SecretString>,
+    /// How the client authenticates to the token endpoint.
+    pub auth_style: Option<AuthStyle>,
+    /// Optional OAuth2 scope.
+    pub scope: Option<String>,
+    /// A static bearer token (kind `bearer`).
+    pub token: Option<SecretString>,
+}
+
+/// The `[http]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFile {
+    /// TCP + TLS connect timeout.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// Longest wait for the next bytes of a response.
+    #[serde(default, with = "humantime_serde")]
+    pub read_timeout: Option<Duration>,
+    /// Longest time for a whole request, body included.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Retries of one request before giving up.
+    pub max_retries: Option<u32>,
+    /// Total time one request may spend waiting between retries.
+    #[serde(default, with = "humantime_serde")]
+    pub retry_budget: Option<Duration>,
+    /// First backoff step (full jitter: a random wait up to this, doubling each retry).
+    #[serde(default, with = "humantime_serde")]
+    pub backoff_base: Option<Duration>,
+    /// Largest backoff step.
+    #[serde(default, with = "humantime_serde")]
+    pub backoff_max: Option<Duration>,
+}
+
+/// The authentication kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthKind {
+    /// OAuth2 client credentials (RFC 6749 §4.4).
+    #[value(name = "oauth2-client-credentials")]
+    #[serde(rename = "oauth2-client-credentials")]
+    ClientCredentials,
+    /// A static bearer token.
+    Bearer,
+    /// No authentication.
+    None,
+}
+
+/// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthStyle {
+    /// HTTP Basic with the form-urlencoded id and secret (the default).
+    #[default]
+    Basic,
+    /// `client_id` and `client_secret` as form fields.
+    Post,
+}
+
+/// The HTTP method of the first search request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum SearchMethod {
+    /// `GET /search?...`
+    #[value(name = "GET")]
+    Get,
+    /// `POST /search` with a JSON body (the default).
+    #[default]
+    #[value(name = "POST")]
+    Post,
+}
+
+/// One job: a search to mirror.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Unique name; keys the job's state and lock.
+    pub name: String,
+    /// The collections to mirror.
+    pub collections: Vec<String>,
+    /// `[xmin, ymin, xmax, ymax]` (or 6 numbers with heights).
+    pub bbox: Option<Vec<f64>>,
+    /// A GeoJSON geometry.
+    pub intersects: Option<Value>,
+    /// An RFC 3339 instant or interval (`2024-01-01T00:00:00Z/..`).
+    pub datetime: Option<String>,
+    /// Query extension object.
+    pub query: Option<Value>,
+    /// CQL2-JSON filter.
+    pub filter: Option<Value>,
+    /// Page size.
+    pub limit: Option<u32>,
+    /// `GET` or `POST` (default).
+    pub method: Option<SearchMethod>,
+    /// Cron expression for `stac-sync daemon`.
+    pub schedule: Option<String>,
+}
+
+/// Settings from the environment and the command line (clap fills them).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// Configuration file [default: stac-sync.toml if present].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// STAC API root (or EDS base host) [env: STAC_SYNC_API_URL, EDS_API_URL].
+    #[arg(long, global = true, env = "STAC_SYNC_API_URL", hide_env = true)]
+    pub api_url: Option<String>,
+    /// Database URL [default: sqlite://stac-sync.db].
+    #[arg(long, global = true, env = "STAC_SYNC_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Object store URL, or `none` [default: file://./stac-sync-items].
+    #[arg(long, global = true, env = "STAC_SYNC_OBJECT_STORE_URL")]
+    pub object_store_url: Option<String>,
+    /// Page size.
+    #[arg(long, global = true, env = "STAC_SYNC_LIMIT")]
+    pub limit: Option<u32>,
+    /// Cap on API requests in flight.
+    #[arg(long, global = true, env = "STAC_SYNC_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Authentication kind [default: inferred from the credentials given].
+    #[arg(long, global = true, env = "STAC_SYNC_AUTH", value_enum)]
+    pub auth: Option<AuthKind>,
+    /// Run only this job from the file.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// One-off job: collection to mirror (repeat for several); replaces the file's jobs.
+    #[arg(long = "collection", value_name = "ID")]
+    pub collections: Vec<String>,
+    /// One-off job: bounding box `xmin,ymin,xmax,ymax`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_negative_numbers = true,
+        num_args = 1
+    )]
+    pub bbox: Option<Vec<f64>>,
+    /// One-off job: datetime instant or interval (`2024-01-01T00:00:00Z/2024-12-31T23:59:59Z`).
+    #[arg(long)]
+    pub datetime: Option<String>,
+    /// One-off job: HTTP method of the search.
+    #[arg(long, value_enum)]
+    pub method: Option<SearchMethod>,
+    /// Environment variables that are not flags (secrets never are), read by `main`.
+    #[arg(skip)]
+    pub env: EnvVars,
+}
+
+/// Variables read only from the environment (secrets must not be flags: `ps` shows flags).
+#[derive(Debug, Default, Clone)]
+pub struct EnvVars {
+    /// `STAC_SYNC_API_URL` is read by clap; this is `EDS_API_URL`.
+    pub eds_api_url: Option<String>,
+    /// `STAC_SYNC_TOKEN_URL` or `EDS_AUTH_URL`.
+    pub token_url: Option<String>,
+    /// `STAC_SYNC_CLIENT_ID` or `EDS_CLIENT_ID`.
+    pub client_id: Option<String>,
+    /// `STAC_SYNC_CLIENT_SECRET` or `EDS_SECRET`.
+    pub client_secret: Option<SecretString>,
+    /// `STAC_SYNC_TOKEN`: a static bearer token.
+    pub token: Option<SecretString>,
+}
+
+impl EnvVars {
+    /// Reads the variables from the process environment (after `.env` was loaded).
+    pub fn from_env() -> EnvVars {
+        let var = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()))
+        };
+        EnvVars {
+            eds_api_url: var(&["EDS_API_URL"]),
+            token_url: var(&["STAC_SYNC_TOKEN_URL", "EDS_AUTH_URL"]),
+            client_id: var(&["STAC_SYNC_CLIENT_ID", "EDS_CLIENT_ID"]),
+            client_secret: var(&["STAC_SYNC_CLIENT_SECRET", "EDS_SECRET"]).map(SecretString::from),
+            token: var(&["STAC_SYNC_TOKEN"]).map(SecretString::from),
+        }
+    }
+}
+
+/// The resolved, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The STAC API root, with a trailing slash so relative paths resolve below it.
+    pub api_root: Url,
+    /// Authentication.
+    pub auth: Auth,
+    /// Extra headers on every API request.
+    pub headers: Vec<(String, String)>,
+    /// Timeouts and retries.
+    pub http: HttpSettings,
+    /// Cap on API requests in flight.
+    pub concurrency: usize,
+    /// The database URL.
+    pub database_url: String,
+    /// The object store URL; `None` when turned off.
+    pub object_store_url: Option<String>,
+    /// The jobs to run, in order.
+    pub jobs: Vec<Job>,
+}
+
+/// Resolved authentication.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    /// No `Authorization` header.
+    None,
+    /// A static bearer token.
+    Bearer(SecretString),
+    /// OAuth2 client credentials.
+    ClientCredentials(ClientCredentials),
+}
+
+/// OAuth2 client-credentials settings.
+#[derive(Debug, Clone)]
+pub struct ClientCredentials {
+    /// The token endpoint.
+    pub token_url: Url,
+    /// The client id (not a secret, but not logged either).
+    pub client_id: String,
+    /// The client secret.
+    pub client_secret: SecretString,
+    /// Basic or form-field client authentication.
+    pub style: AuthStyle,
+    /// Optional scope.
+    pub scope: Option<String>,
+}
+
+/// Timeouts and the retry policy.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// TCP + TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of a response.
+    pub read_timeout: Duration,
+    /// Longest time for a whole request.
+    pub timeout: Duration,
+    /// Retries.
+    pub retry: RetryPolicy,
+}
+
+/// A resolved job.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Unique name.
+    pub name: String,
+    /// The collections to mirror.
+    pub collections: Vec<String>,
+    /// Bounding box.
+    pub bbox: Option<Vec<f64>>,
+    /// GeoJSON geometry.
+    pub intersects: Option<Value>,
+    /// Datetime instant or interval.
+    pub datetime: Option<String>,
+    /// Query extension object.
+    pub query: Option<Value>,
+    /// CQL2-JSON filter.
+    pub filter: Option<Value>,
+    /// Page size.
+    pub limit: u32,
+    /// HTTP method of the first request.
+    pub method: SearchMethod,
+    /// Cron schedule for the daemon.
+    pub schedule: Option<String>,
+}
+
+impl Config {
+    /// Loads the file (the given one, or `stac-sync.toml` if present) and resolves it with the
+    /// overrides. Reads only the config file; everything else is pure.
+    pub fn load(overrides: &Overrides) -> Result<Config, Error> {
+        let file = match &overrides.config {
+            Some(path) => read_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                read_file(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => FileConfig::default(),
+        };
+        Config::resolve(file, overrides)
+    }
+
+    /// Merges the layers and validates the result. No I/O.
+    pub fn resolve(file: FileConfig, o: &Overrides) -> Result<Config, Error> {
+        let env = &o.env;
+        let raw_api = o
+            .api_url
+            .clone()
+            .or_else(|| env.eds_api_url.clone())
+            .or(file.api_url)
+            .ok_or_else(|| {
+                Error::Config(
+                    "no STAC API URL: set EDS_API_URL or STAC_SYNC_API_URL, pass --api-url, \
+                     or set api_url in the config file"
+                        .into(),
+                )
+            })?;
+        let api_root = resolve_api_root(&raw_api)?;
+        let auth = resolve_auth(file.auth, o)?;
+
+        let limit = o.limit.or(file.limit).unwrap_or(DEFAULT_LIMIT);
+        let concurrency = o
+            .concurrency
+            .or(file.concurrency)
+            .unwrap_or(DEFAULT_CONCURRENCY);
+        if !(1..=256).contains(&concurrency) {
+            return Err(Error::Config(format!(
+                "concurrency = {concurrency}: must be between 1 and 256"
+            )));
+        }
+        let database_url = o
+            .database_url
+            .clone()
+            .or(file.database_url)
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            return Err(Error::Config(format!(
+                "database_url {:?}: expected sqlite://FILE or postgres://...",
+                redact_url(&database_url)
+            )));
+        }
+        let object_store_url = match o
+            .object_store_url
+            .clone()
+            .or(file.object_store_url)
+            .unwrap_or_else(|| DEFAULT_OBJECT_STORE_URL.into())
+        {
+            off if off.eq_ignore_ascii_case("none") => None,
+            url => Some(url),
+        };
+
+        let http = HttpSettings {
+            connect_timeout: file.http.connect_timeout.unwrap_or(Duration::from_secs(10)),
+            read_timeout: file.http.read_timeout.unwrap_or(Duration::from_secs(60)),
+            timeout: file.http.timeout.unwrap_or(Duration::from_secs(300)),
+            retry: {
+                let d = RetryPolicy::default();
+                RetryPolicy {
+                    max_retries: file.http.max_retries.unwrap_or(d.max_retries),
+                    budget: file.http.retry_budget.unwrap_or(d.budget),
+                    base: file.http.backoff_base.unwrap_or(d.base),
+                    max: file.http.backoff_max.unwrap_or(d.max),
+                }
+            },
+        };
+
+        let mut headers = Vec::new();
+        for (name, value) in file.headers {
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || reqwest::header::HeaderValue::from_str(&value).is_err()
+            {
+                return Err(Error::Config(format!(
+                    "headers.{name}: not a valid HTTP header name and value"
+                )));
+            }
+            headers.push((name, value));
+        }
+
+        let jobs = resolve_jobs(file.jobs, o, limit)?;
+        Ok(Config {
+            api_root,
+            auth,
+            headers,
+            http,
+            concurrency,
+            database_url,
+            object_store_url,
+            jobs,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("cannot read config file {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let mut message = e.message().to_string();
+        if let Some(span) = e.span() {
+            let line = text[..span.start.min(text.len())].lines().count().max(1);
+            message = format!("line {line}: {message}");
+        }
+        Error::Config(format!("{}: {message}", path.display()))
+    })
+}
+
+/// Accepts both forms of `EDS_API_URL`: a STAC root, or a bare host whose STAC root is at
+/// [`EDS_STAC_PATH`]. The result ends with `/` so that `search` resolves below it.
+pub fn resolve_api_root(raw: &str) -> Result<Url, Error> {
+    let mut url = Url::parse(raw.trim()).map_err(|e| {
+        Error::Config(format!(
+            "API URL {raw:?} is not a URL ({e}); expected e.g. https://api.earthdaily.com"
+        ))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(Error::Config(format!(
+            "API URL {raw:?}: only http and https are supported"
+        )));
+    }
+    if url.path() == "/" || url.path().is_empty() {
+        url.set_path(EDS_STAC_PATH);
+    }
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
+}
+
+fn resolve_auth(file: AuthFile, o: &Overrides) -> Result<Auth, Error> {
+    let env = &o.env;
+    let client_id = env.client_id.clone().or(file.client_id);
+    let client_secret = env.client_secret.clone().or(file.client_secret);
+    let token = env.token.clone().or(file.token);
+    let kind = o.auth.or(file.kind).unwrap_or(if client_id.is_some() {
+        AuthKind::ClientCredentials
+    } else if token.is_some() {
+        AuthKind::Bearer
+    } else {
+        AuthKind::None
+    });
+    match kind {
+        AuthKind::None => Ok(Auth::None),
+        AuthKind::Bearer => token.map(Auth::Bearer).ok_or_else(|| {
+            Error::Config("auth kind is bearer but no token: set STAC_SYNC_TOKEN".into())
+        }),
+        AuthKind::ClientCredentials => {
+            let client_id = client_id.ok_or_else(|| {
+                Error::Config(
+                    "OAuth2 client credentials need a client id: set EDS_CLIENT_ID \
+                     (or STAC_SYNC_CLIENT_ID)"
+                        .into(),
+                )
+            })?;
+            let client_secret = client_secret.ok_or_else(|| {
+                Error::Config(
+                    "EDS_CLIENT_ID is set but no client secret: set EDS_SECRET \
+                     (or STAC_SYNC_CLIENT_SECRET)"
+                        .into(),
+                )
+            })?;
+            let raw = env.token_url.clone().or(file.token_url).ok_or_else(|| {
+                Error::Config(
+                    "OAuth2 client credentials need a token endpoint: set EDS_AUTH_URL \
+                     (or STAC_SYNC_TOKEN_URL, or auth.token_url)"
+                        .into(),
+                )
+            })?;
+            let token_url = Url::parse(raw.trim())
+                .map_err(|e| Error::Config(format!("token URL {raw:?} is not a URL ({e})")))?;
+            Ok(Auth::ClientCredentials(ClientCredentials {
+                token_url,
+                client_id,
+                client_secret,
+                style: file.auth_style.unwrap_or_default(),
+                scope: file.scope,
+            }))
+        }
+    }
+}
+
+fn resolve_jobs(file_jobs: Vec<JobConfig>, o: &Overrides, limit: u32) -> Result<Vec<Job>, Error> {
+    let jobs = if !o.collections.is_empty() {
+        // A one-off job from the command line replaces the file's jobs.
+        vec![JobConfig {
+            name: o.job.clone().unwrap_or_else(|| o.collections.join("+")),
+            collections: o.collections.clone(),
+            bbox: o.bbox.clone(),
+            intersects: None,
+            datetime: o.datetime.clone(),
+            query: None,
+            filter: None,
+            limit: None,
+            method: o.method,
+            schedule: None,
+        }]
+    } else {
+        if o.bbox.is_some() || o.datetime.is_some() {
+            return Err(Error::Config(
+                "--bbox and --datetime describe a one-off job: add --collection".into(),
+            ));
+        }
+        match &o.job {
+            Some(name) => {
+                let job: Vec<_> = file_jobs.into_iter().filter(|j| &j.name == name).collect();
+                if job.is_empty() {
+                    return Err(Error::Config(format!(
+                        "--job {name}: no job with that name in the config file"
+                    )));
+                }
+                job
+            }
+            None => file_jobs,
+        }
+    };
+    let mut names = HashSet::new();
+    jobs.into_iter()
+        .map(|j| {
+            let job = validate_job(j, o, limit)?;
+            if !names.insert(job.name.clone()) {
+                return Err(Error::Config(format!("job {}: name used twice", job.name)));
+            }
+            Ok(job)
+        })
+        .collect()
+}
+
+fn validate_job(j: JobConfig, o: &Overrides, default_limit: u32) -> Result<Job, Error> {
+    let name = &j.name;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))
+    {
+        return Err(Error::Config(format!(
+            "job name {name:?}: use letters, digits and - _ . + only"
+        )));
+    }
+    if j.collections.is_empty() || j.collections.iter().any(|c| c.trim().is_empty()) {
+        return Err(Error::Config(format!(
+            "job {name}: collections must list at least one collection id"
+        )));
+    }
+    if let Some(bbox) = &j.bbox {
+        let ok = match bbox.as_slice() {
+            [x0, y0, x1, y1] | [x0, y0, _, x1, y1, _] => {
+                y0 <= y1 && (-180.0..=180.0).contains(x0) && (-180.0..=180.0).contains(x1)
+            }
+            _ => false,
+        };
+        if !ok || bbox.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Config(format!(
+                "job {name}: bbox {bbox:?} must be 4 numbers xmin,ymin,xmax,ymax \
+                 (or 6 with heights) in degrees, ymin <= ymax"
+            )));
+        }
+    }
+    if let Some(datetime) = &j.datetime {
+        validate_datetime(datetime)
+            .map_err(|why| Error::Config(format!("job {name}: datetime {datetime:?}: {why}")))?;
+    }
+    // The CLI's --limit overrides every job's limit; a job's own limit beats the file default.
+    let limit = o.limit.or(j.limit).unwrap_or(default_limit);
+    if !(1..=10_000).contains(&limit) {
+        return Err(Error::Config(format!(
+            "job {name}: limit = {limit}: must be between 1 and 10000"
+        )));
+    }
+    Ok(Job {
+        name: j.name,
+        collections: j.collections,
+        bbox: j.bbox,
+        intersects: j.intersects,
+        datetime: j.datetime,
+        query: j.query,
+        filter: j.filter,
+        limit,
+        method: j.method.unwrap_or_default(),
+        schedule: j.schedule,
+    })
+}
+
+/// Checks an RFC 3339 instant or an interval with `..` or empty open ends (STAC API item-search).
+fn validate_datetime(value: &str) -> Result<(), String> {
+    let parts: Vec<&str> = value.split('/').collect();
+    // Shape only (YYYY-MM-DD, then an optional time): the server validates the rest, and
+    // many servers accept plain dates too.
+    let check = |p: &str| -> Result<(), String> {
+        let b = p.as_bytes();
+        let shaped = p == ".."
+            || p.is_empty()
+            || (b.len() >= 10
+                && b[..4].iter().all(u8::is_ascii_digit)
+                && b[4] == b'-'
+                && b[5..7].iter().all(u8::is_ascii_digit)
+                && b[7] == b'-'
+                && b[8..10].iter().all(u8::is_ascii_digit)
+                && (b.len() == 10 || matches!(b[10], b'T' | b't' | b' ')));
+        if shaped {
+            Ok(())
+        } else {
+            Err(format!(
+                "{p:?} is not an RFC 3339 date-time (2024-01-31T00:00:00Z)"
+            ))
+        }
+    };
+    match parts.as_slice() {
+        [one] if !one.is_empty() && *one != ".." => check(one),
+        [start, end] if !(matches!(*start, "" | "..") && matches!(*end, "" | "..")) => {
+            check(start)?;
+            check(end)
+        }
+        _ => Err("expected an instant or an interval start/end (one end may be ..)".into()),
+    }
+}
+
+/// A URL with its password replaced, for messages.
+pub fn redact_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        _ => raw.to_string(),
+    }
+}

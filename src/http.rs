@@ -1,0 +1,250 @@
+//! The one HTTP retry helper, used by the token endpoint and the STAC API alike.
+//!
+//! Connect, read and total timeouts are set on the client ([`client`]). [`send`] retries
+//! transport failures (connect errors, resets, timeouts, a body cut short) and retryable
+//! statuses (408, 429, 5xx) with full-jitter exponential backoff, honouring `Retry-After` in
+//! both forms (RFC 9110 §10.2.3), within a bounded number of retries and a bounded total wait.
+//! What a complete response *means* is the caller's decision ([`Verdict`]).
+
+use crate::config::HttpSettings;
+use bytes::Bytes;
+use rand::Rng;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::{RequestBuilder, StatusCode};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+use tokio::sync::Semaphore;
+
+/// How hard to retry one request.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// Total time one request may spend waiting between attempts.
+    pub budget: Duration,
+    /// First backoff step.
+    pub base: Duration,
+    /// Largest backoff step.
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: 8,
+            budget: Duration::from_secs(600),
+            base: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The full-jitter backoff before retry number `retry` (0-based): a uniformly random wait
+    /// between zero and `min(max, base * 2^retry)`.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(2u32.saturating_pow(retry.min(30)))
+            .min(self.max);
+        let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(rand::rng().random_range(0..=millis))
+    }
+}
+
+/// Counters shared by every request of a run.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// HTTP attempts made (first tries and retries).
+    pub requests: AtomicU64,
+    /// Retries made.
+    pub retries: AtomicU64,
+    /// Tokens obtained after the first.
+    pub token_renewals: AtomicU64,
+}
+
+impl Stats {
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A complete response: status, headers and the whole body.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The status.
+    pub status: StatusCode,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The body, read to the end.
+    pub body: Bytes,
+}
+
+/// The caller's reading of a complete, non-retryable-status response.
+#[derive(Debug)]
+pub enum Verdict<T> {
+    /// Use this result.
+    Done(T),
+    /// The response was unusable (a truncated or malformed body): try again.
+    Retry(String),
+}
+
+/// A request that failed for good.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// Still failing after the retries.
+    #[error("{what} {url}: {last} (gave up after {attempts} attempts)")]
+    Exhausted {
+        /// What was being requested ("search page", "token").
+        what: &'static str,
+        /// The URL, without query secrets.
+        url: String,
+        /// The last failure: a status or a transport error.
+        last: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last HTTP status, if any.
+        status: Option<StatusCode>,
+    },
+    /// The request could not even be built or sent (a bad URL, a redirect loop): not retried.
+    #[error("{what} {url}: {source}")]
+    Fatal {
+        /// What was being requested.
+        what: &'static str,
+        /// The URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+/// Builds the HTTP client with every timeout set (rustls only).
+pub fn client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(settings.connect_timeout)
+        .read_timeout(settings.read_timeout)
+        .timeout(settings.timeout)
+        .user_agent(concat!("stac-sync/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// Whether a transport error is worth retrying: connection failures, resets, timeouts and
+/// bodies cut short are; a request we could not build, or a redirect loop, is not.
+pub fn is_retryable_error(error: &reqwest::Error) -> bool {
+    !(error.is_builder() || error.is_redirect())
+        && (error.is_connect()
+            || error.is_timeout()
+            || error.is_request()
+            || error.is_body()
+            || error.is_decode())
+}
+
+/// Whether a status is worth retrying.
+pub fn is_retryable_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
+}
+
+/// Parses `Retry-After`: delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Sends a request built by `build` until `accept` takes a response, retrying what is
+/// retryable. `permits` caps requests in flight; a permit is held per attempt, not while
+/// waiting to retry.
+pub async fn send<T>(
+    what: &'static str,
+    policy: &RetryPolicy,
+    stats: &Stats,
+    permits: Option<&Semaphore>,
+    build: impl Fn() -> RequestBuilder,
+    mut accept: impl FnMut(Fetched) -> Verdict<T>,
+) -> Result<T, HttpError> {
+    let mut retries = 0u32;
+    let mut waited = Duration::ZERO;
+    loop {
+        let request = build();
+        let url = request
+            .try_clone()
+            .and_then(|r| r.build().ok())
+            .map(|r| display_url(r.url()))
+            .unwrap_or_default();
+        let (last, status, hint) = {
+            let _permit = match permits {
+                Some(semaphore) => semaphore.acquire().await.ok(),
+                None => None,
+            };
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            match request.send().await {
+                Err(e) if is_retryable_error(&e) => (describe(&e), None, None),
+                Err(source) => return Err(HttpError::Fatal { what, url, source }),
+                Ok(response) => {
+                    let status = response.status();
+                    let headers = response.headers().clone();
+                    if is_retryable_status(status) {
+                        let hint = retry_after(&headers, SystemTime::now());
+                        (format!("HTTP {status}"), Some(status), hint)
+                    } else {
+                        match response.bytes().await {
+                            Err(e) => {
+                                (format!("HTTP {status}, body: {}", describe(&e)), None, None)
+                            }
+                            Ok(body) => match accept(Fetched {
+                                status,
+                                headers,
+                                body,
+                            }) {
+                                Verdict::Done(value) => return Ok(value),
+                                Verdict::Retry(why) => (why, Some(status), None),
+                            },
+                        }
+                    }
+                }
+            }
+        };
+        let delay = hint.unwrap_or_else(|| policy.backoff(retries));
+        if retries >= policy.max_retries || waited + delay > policy.budget {
+            return Err(HttpError::Exhausted {
+                what,
+                url,
+                last,
+                attempts: retries + 1,
+                status,
+            });
+        }
+        retries += 1;
+        waited += delay;
+        stats.retries.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(what, %url, error = %last, retry = retries, delay = ?delay, "retrying");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// A URL for messages: without query string (paging tokens are long and may be sensitive)
+/// and without credentials.
+pub fn display_url(url: &url::Url) -> String {
+    let mut url = url.clone();
+    url.set_query(None);
+    let _ = url.set_password(None);
+    let _ = url.set_username("");
+    url.to_string()
+}
+
+/// A transport error with its causes, which reqwest keeps in the source chain.
+fn describe(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,146 @@
+//! The object sink: one object per item at `{prefix}/{collection}/{id}.json`, the item's bytes
+//! exactly as stored in the database, plus a manifest per run at `{prefix}/_runs/{run_id}.json`.
+//!
+//! Keys are built with [`encode_segment`], which is injective and cannot produce `/`, `.` or
+//! `..`: no id can escape the prefix and two ids never share a key. Local folders write through
+//! `object_store`'s `LocalFileSystem`, which writes a temporary file and renames it, so a killed
+//! run never leaves half an object.
+
+use crate::error::Error;
+use crate::page::Item;
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt, stream};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use std::sync::Arc;
+
+/// Object writes in flight per page.
+const PUTS_IN_FLIGHT: usize = 16;
+
+/// Where items are written.
+#[derive(Debug, Clone)]
+pub struct ObjectSink {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    shown: String,
+}
+
+impl ObjectSink {
+    /// Opens the store named by `url` (`file://PATH`, relative paths from the working directory).
+    pub fn from_url(url: &str) -> Result<ObjectSink, Error> {
+        let Some(path) = url.strip_prefix("file://") else {
+            return Err(Error::Config(format!(
+                "object_store_url {url:?}: only file:// (or none) is supported by this build"
+            )));
+        };
+        if path.is_empty() {
+            return Err(Error::Config(format!(
+                "object_store_url {url:?}: no folder; write file://./items or file:///srv/items"
+            )));
+        }
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::Sink(format!("cannot create folder {path} for {url}: {e}")))?;
+        let store = LocalFileSystem::new_with_prefix(path)
+            .map_err(|e| Error::Sink(format!("object store {url}: {e}")))?;
+        Ok(ObjectSink {
+            store: Arc::new(store),
+            prefix: String::new(),
+            shown: url.to_string(),
+        })
+    }
+
+    /// The key of an item.
+    pub fn item_key(&self, collection: &str, id: &str) -> Path {
+        self.key(&format!(
+            "{}/{}.json",
+            encode_collection(collection),
+            encode_segment(id)
+        ))
+    }
+
+    fn key(&self, relative: &str) -> Path {
+        let full = if self.prefix.is_empty() {
+            relative.to_string()
+        } else {
+            format!("{}/{relative}", self.prefix)
+        };
+        // Every segment comes from `encode_segment` or is ours: never empty, `.`, or `..`.
+        Path::parse(&full).unwrap_or_else(|_| Path::from(full.as_str()))
+    }
+
+    /// Writes the objects of these items, several at a time.
+    pub async fn put_items(&self, items: &[&Item]) -> Result<(), Error> {
+        stream::iter(items)
+            .map(|item| async move {
+                let key = self.item_key(&item.collection, &item.id);
+                self.store
+                    .put(&key, PutPayload::from(item.content.clone()))
+                    .await
+                    .map_err(|e| {
+                        Error::Sink(format!(
+                            "object store {}: writing {key} (item {}/{}): {e}",
+                            self.shown, item.collection, item.id
+                        ))
+                    })
+            })
+            .buffer_unordered(PUTS_IN_FLIGHT)
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Writes a run's manifest.
+    pub async fn put_manifest(&self, run_id: &str, manifest: Bytes) -> Result<(), Error> {
+        let key = self.key(&format!("_runs/{}.json", encode_segment(run_id)));
+        self.store
+            .put(&key, PutPayload::from(manifest))
+            .await
+            .map_err(|e| Error::Sink(format!("object store {}: writing {key}: {e}", self.shown)))?;
+        Ok(())
+    }
+}
+
+/// Percent-encodes every byte outside `A-Z a-z 0-9 - _ .`, and a leading `.`, so the result is
+/// one safe path segment (never `.`, `..`, or containing `/`) and distinct inputs stay distinct
+/// (`%` itself is encoded).
+pub fn encode_segment(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for (i, byte) in raw.bytes().enumerate() {
+        let plain =
+            byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' || (byte == b'.' && i > 0);
+        if plain {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    if out.is_empty() {
+        // Ids are never empty (the page reader refuses them); keep the segment valid anyway.
+        out.push_str("%00");
+    }
+    out
+}
+
+/// Like [`encode_segment`], with a leading `_` encoded too: `_runs` (and any `_name`) is ours.
+pub fn encode_collection(raw: &str) -> String {
+    match raw.strip_prefix('_') {
+        Some(rest) => format!("%5F{}", encode_segment(rest).trim_start_matches("%00")),
+        None => encode_segment(raw),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_cannot_escape_or_collide() {
+        assert_eq!(encode_segment(".."), "%2E.");
+        assert_eq!(encode_segment("a/b"), "a%2Fb");
+        assert_eq!(encode_segment("a%2Fb"), "a%252Fb");
+        assert_eq!(encode_segment("é\n"), "%C3%A9%0A");
+        assert_eq!(encode_collection("_runs"), "%5Fruns");
+        assert_ne!(encode_segment("a b"), encode_segment("a+b"));
+    }
+}

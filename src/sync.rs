@@ -1,0 +1,371 @@
+//! The orchestrator: the one module that knows config, auth, paging and the sinks.
+//!
+//! A job's pass pages the search on one task and writes on another, joined by a bounded channel
+//! so a slow sink slows the pager instead of filling memory. For each page, in this order: the
+//! objects of new and changed items are written, then the rows, the quarantined features and
+//! the resume point commit in one transaction. A run killed anywhere restarts from the last
+//! committed page, and rewriting an object with the same bytes is harmless.
+
+use crate::api::{ApiClient, Request};
+use crate::auth::TokenSource;
+use crate::clock::{Clock, MonotonicClock};
+use crate::config::{Config, Job};
+use crate::db::{Counts, Database, Known, PageCommit};
+use crate::error::{Error, Exit};
+use crate::http::{self, Stats};
+use crate::objects::ObjectSink;
+use crate::page::{self, Page};
+use rand::Rng;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use tokio::sync::mpsc;
+
+/// Pages buffered between the pager and the writer.
+const PAGES_BUFFERED: usize = 4;
+/// The one partition of a job until partitioning arrives.
+const PARTITION: &str = "all";
+
+/// How a run is set up; tests inject a clock.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The monotonic clock for token lifetimes.
+    pub clock: Arc<dyn Clock>,
+    /// Apply migrations before running.
+    pub migrate: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            clock: MonotonicClock::shared(),
+            migrate: true,
+        }
+    }
+}
+
+/// The outcome of one job.
+#[derive(Debug)]
+pub struct JobReport {
+    /// The job's name.
+    pub job: String,
+    /// The run's id.
+    pub run_id: String,
+    /// Its counts.
+    pub counts: Counts,
+    /// Why it failed, if it did.
+    pub error: Option<Error>,
+}
+
+/// The outcome of `stac-sync run`.
+#[derive(Debug)]
+pub struct Summary {
+    /// One report per job, in order.
+    pub jobs: Vec<JobReport>,
+}
+
+impl Summary {
+    /// The process exit code: the failure's own code when every job failed the same way,
+    /// 2 when some failed or quarantined items, 0 otherwise.
+    pub fn exit(&self) -> Exit {
+        let failures: Vec<&Error> = self.jobs.iter().filter_map(|j| j.error.as_ref()).collect();
+        if !failures.is_empty() && failures.len() == self.jobs.len() {
+            return failures[0].exit();
+        }
+        if !failures.is_empty() || self.jobs.iter().any(|j| j.counts.quarantined > 0) {
+            return Exit::Partial;
+        }
+        Exit::Success
+    }
+}
+
+/// Everything a job needs, built once per `run`.
+#[derive(Debug)]
+pub struct Context {
+    api: ApiClient,
+    db: Database,
+    objects: Option<ObjectSink>,
+    stats: Arc<Stats>,
+}
+
+impl Context {
+    /// Opens the sinks and builds the API client. Fails before any page is fetched.
+    pub async fn open(config: &Config, options: &RunOptions) -> Result<Context, Error> {
+        let stats = Arc::new(Stats::default());
+        let client = http::client(&config.http)
+            .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
+        let tokens = TokenSource::new(
+            config.auth.clone(),
+            client.clone(),
+            config.http.retry.clone(),
+            options.clock.clone(),
+            stats.clone(),
+        );
+        let api = ApiClient::new(
+            config.api_root.clone(),
+            client,
+            tokens,
+            config.http.retry.clone(),
+            stats.clone(),
+            config.concurrency,
+            config.headers.clone(),
+        );
+        let db = Database::connect(&config.database_url).await?;
+        if options.migrate {
+            db.migrate().await?;
+        }
+        let objects = config
+            .object_store_url
+            .as_deref()
+            .map(ObjectSink::from_url)
+            .transpose()?;
+        tracing::info!(api = %config.api_root, database = %crate::config::redact_url(&config.database_url),
+            objects = config.object_store_url.as_deref().unwrap_or("none"), "stac-sync starting");
+        Ok(Context {
+            api,
+            db,
+            objects,
+            stats,
+        })
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+}
+
+/// `stac-sync run`: one pass over every configured job.
+pub async fn run(config: &Config, options: RunOptions) -> Result<Summary, Error> {
+    if config.jobs.is_empty() {
+        return Err(Error::Config(
+            "no jobs: add [[jobs]] to the config file, or pass --collection ID".into(),
+        ));
+    }
+    let context = Context::open(config, &options).await?;
+    let mut jobs = Vec::new();
+    for job in &config.jobs {
+        jobs.push(run_job(&context, job).await?);
+    }
+    Ok(Summary { jobs })
+}
+
+/// Runs one job and records it. Errors of the job itself land in the report; only a failure
+/// to record the run at all is returned as `Err`.
+pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
+    let run_id = new_run_id(&job.name);
+    let started = Instant::now();
+    let started_at = SystemTime::now();
+    context.db.start_run(&run_id, &job.name).await?;
+    let before = snapshot(&context.stats);
+    let first = page::first_request(context.api.root(), job);
+    let query_hash = query_hash(&first);
+
+    let mut counts = Counts::default();
+    let result = pass(context, job, &run_id, &first, &query_hash, &mut counts).await;
+    let after = snapshot(&context.stats);
+    counts.retries = after.0 - before.0;
+    counts.token_renewals = after.1 - before.1;
+
+    let status = match &result {
+        Err(_) => "failed",
+        Ok(()) if counts.quarantined > 0 => "partial",
+        Ok(()) => "succeeded",
+    };
+    let error = result.err();
+    let message = error.as_ref().map(ToString::to_string);
+    context
+        .db
+        .finish_run(&run_id, status, &counts, message.as_deref())
+        .await?;
+    let elapsed = started.elapsed();
+    let items = counts.new + counts.changed + counts.unchanged;
+    let rate = items as f64 / elapsed.as_secs_f64().max(1e-9);
+    if let Some(objects) = &context.objects {
+        let manifest = serde_json::json!({
+            "run_id": run_id,
+            "job": job.name,
+            "query": first,
+            "partitions": [PARTITION],
+            "status": status,
+            "counts": counts,
+            "started_at": humantime::format_rfc3339_millis(started_at).to_string(),
+            "duration_seconds": elapsed.as_secs_f64(),
+            "error": message,
+        });
+        if let Err(e) = objects
+            .put_manifest(&run_id, bytes::Bytes::from(manifest.to_string()))
+            .await
+        {
+            tracing::warn!(error = %e, "could not write the run manifest");
+        }
+    }
+    tracing::info!(
+        job = %job.name, run_id = %run_id, status,
+        pages = counts.pages, new = counts.new, changed = counts.changed,
+        unchanged = counts.unchanged, quarantined = counts.quarantined,
+        duplicate = counts.duplicate, retries = counts.retries,
+        token_renewals = counts.token_renewals,
+        duration_s = format!("{:.3}", elapsed.as_secs_f64()),
+        items_per_s = format!("{rate:.0}"),
+        error = message.as_deref().unwrap_or(""),
+        "run finished"
+    );
+    Ok(JobReport {
+        job: job.name.clone(),
+        run_id,
+        counts,
+        error,
+    })
+}
+
+fn snapshot(stats: &Stats) -> (u64, u64) {
+    (
+        Stats::get(&stats.retries),
+        Stats::get(&stats.token_renewals),
+    )
+}
+
+/// One pass over the job's search, from its resume point if an earlier run left one.
+async fn pass(
+    context: &Context,
+    job: &Job,
+    run_id: &str,
+    first: &Request,
+    query_hash: &str,
+    counts: &mut Counts,
+) -> Result<(), Error> {
+    let start = match context
+        .db
+        .resume_point(&job.name, PARTITION, query_hash)
+        .await?
+    {
+        Some(resume) => {
+            tracing::info!(job = %job.name, url = %http::display_url(&resume.url), "resuming an unfinished pass");
+            resume
+        }
+        None => first.clone(),
+    };
+    let default_collection = match job.collections.as_slice() {
+        [only] => Some(only.clone()),
+        _ => None,
+    };
+    let (tx, mut rx) = mpsc::channel::<(Request, Page)>(PAGES_BUFFERED);
+    let pager = async {
+        let mut request = start;
+        let mut seen = HashSet::new();
+        let mut number = 0u64;
+        loop {
+            number += 1;
+            if !seen.insert(fingerprint(&request)) {
+                return Err(Error::Upstream(format!(
+                    "the API's next link for page {number} repeats an earlier request ({}); its \
+                     paging is broken, so the pass stops here instead of looping",
+                    http::display_url(&request.url)
+                )));
+            }
+            let page = context
+                .api
+                .fetch("search page", &request, |body| {
+                    page::parse_page(&body, &request, default_collection.as_deref())
+                })
+                .await?;
+            let next = page.next.clone();
+            if tx.send((request, page)).await.is_err() {
+                // The writer stopped (and reports why).
+                return Ok(());
+            }
+            match next {
+                Some(next) => request = next,
+                None => return Ok(()),
+            }
+        }
+    };
+    let writer = async {
+        while let Some((request, page)) = rx.recv().await {
+            write_page(context, job, run_id, query_hash, &request, &page, counts).await?;
+        }
+        Ok::<(), Error>(())
+    };
+    let (paged, written) = tokio::join!(pager, writer);
+    written?;
+    paged
+}
+
+/// Writes one page: objects first, then rows + quarantine + resume point in one transaction.
+async fn write_page(
+    context: &Context,
+    job: &Job,
+    run_id: &str,
+    query_hash: &str,
+    request: &Request,
+    page: &Page,
+    counts: &mut Counts,
+) -> Result<(), Error> {
+    let known = context.db.classify(&page.items).await?;
+    let mut changed = Vec::new();
+    for (item, known) in page.items.iter().zip(&known) {
+        match known {
+            Known::New => counts.new += 1,
+            Known::Changed => counts.changed += 1,
+            Known::Unchanged => {
+                counts.unchanged += 1;
+                continue;
+            }
+        }
+        changed.push(item);
+    }
+    if let Some(objects) = &context.objects {
+        objects.put_items(&changed).await?;
+    }
+    for rejected in &page.rejected {
+        tracing::warn!(job = %job.name, page = %http::display_url(&request.url),
+            collection = rejected.collection.as_deref().unwrap_or(""),
+            id = rejected.id.as_deref().unwrap_or(""), reason = %rejected.reason, "feature quarantined");
+    }
+    let page_url = http::display_url(&request.url);
+    context
+        .db
+        .commit_page(PageCommit {
+            run_id,
+            job: &job.name,
+            partition: PARTITION,
+            query_hash,
+            items: changed,
+            rejected: &page.rejected,
+            page_url: &page_url,
+            resume: page.next.as_ref(),
+        })
+        .await?;
+    counts.pages += 1;
+    counts.quarantined += page.rejected.len() as u64;
+    counts.duplicate += page.duplicates;
+    Ok(())
+}
+
+/// Identifies a request for repeat detection: method, URL and body.
+fn fingerprint(request: &Request) -> String {
+    format!(
+        "{} {} {}",
+        request.method,
+        request.url,
+        request
+            .body
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    )
+}
+
+/// Identifies a job's search, so a resume point is used only for the search that stored it.
+fn query_hash(first: &Request) -> String {
+    blake3::hash(fingerprint(first).as_bytes()).to_hex()[..16].to_string()
+}
+
+fn new_run_id(job: &str) -> String {
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+        .to_string()
+        .replace([':', '-'], "");
+    let suffix: u32 = rand::rng().random();
+    format!("{stamp}-{job}-{suffix:08x}")
+}
