@@ -351,19 +351,24 @@ impl Config {
     /// Merges the layers and validates the result. No I/O.
     pub fn resolve(file: FileConfig, o: &Overrides) -> Result<Config, Error> {
         let env = &o.env;
-        let raw_api = o
-            .api_url
-            .clone()
-            .or_else(|| env.eds_api_url.clone())
-            .or(file.api_url)
-            .ok_or_else(|| {
-                Error::Config(
+        // Only EDS_API_URL may be a bare host (newer EDS material); api_url, --api-url and
+        // STAC_SYNC_API_URL are always the STAC root itself.
+        let api_root = match (
+            o.api_url.as_deref(),
+            env.eds_api_url.as_deref(),
+            file.api_url.as_deref(),
+        ) {
+            (Some(raw), _, _) => resolve_api_root(raw, false)?,
+            (None, Some(raw), _) => resolve_api_root(raw, true)?,
+            (None, None, Some(raw)) => resolve_api_root(raw, false)?,
+            (None, None, None) => {
+                return Err(Error::Config(
                     "no STAC API URL: set EDS_API_URL or STAC_SYNC_API_URL, pass --api-url, \
                      or set api_url in the config file"
                         .into(),
-                )
-            })?;
-        let api_root = resolve_api_root(&raw_api)?;
+                ));
+            }
+        };
         let auth = resolve_auth(file.auth, o)?;
 
         let limit = o.limit.or(file.limit).unwrap_or(DEFAULT_LIMIT);
@@ -454,9 +459,10 @@ fn read_file(path: &Path) -> Result<FileConfig, Error> {
     })
 }
 
-/// Accepts both forms of `EDS_API_URL`: a STAC root, or a bare host whose STAC root is at
-/// [`EDS_STAC_PATH`]. The result ends with `/` so that `search` resolves below it.
-pub fn resolve_api_root(raw: &str) -> Result<Url, Error> {
+/// The STAC root from a configured URL. With `eds_host`, accepts both forms of `EDS_API_URL`: a
+/// STAC root, or a bare host whose STAC root is at [`EDS_STAC_PATH`]. The result ends with `/`
+/// so that `search` resolves below it.
+pub fn resolve_api_root(raw: &str, eds_host: bool) -> Result<Url, Error> {
     let mut url = Url::parse(raw.trim()).map_err(|e| {
         Error::Config(format!(
             "API URL {raw:?} is not a URL ({e}); expected e.g. https://api.earthdaily.com"
@@ -467,7 +473,7 @@ pub fn resolve_api_root(raw: &str) -> Result<Url, Error> {
             "API URL {raw:?}: only http and https are supported"
         )));
     }
-    if url.path() == "/" || url.path().is_empty() {
+    if eds_host && (url.path() == "/" || url.path().is_empty()) {
         url.set_path(EDS_STAC_PATH);
     }
     if !url.path().ends_with('/') {

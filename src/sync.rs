@@ -252,6 +252,8 @@ async fn pass(
     };
     let (tx, mut rx) = mpsc::channel::<(Request, Page)>(PAGES_BUFFERED);
     let pager = async {
+        // Owned by the pager, so the writer sees the channel close when paging ends.
+        let tx = tx;
         let mut request = start;
         let mut seen = HashSet::new();
         let mut number = 0u64;

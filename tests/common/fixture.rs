@@ -1,0 +1,223 @@
+//! A fixture STAC API of our own, for what a real server cannot be made to do on cue: expiring
+//! and revoked tokens, 429 with `Retry-After`, 503, a connection reset mid-body, a truncated
+//! page, a next link that repeats, and hand-made pages (items without id, repeated ids).
+
+use super::tokens::{self, Issuer};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, post};
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How the fixture's next links are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paging {
+    /// `GET` with the paging token in the href.
+    GetHref,
+    /// `POST` echoing the whole body plus the token (Planetary Computer).
+    PostFull,
+    /// `POST` with only the token and `merge: true`.
+    PostMerge,
+}
+
+/// What the next search request gets instead of its page.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Nothing: the request is served normally.
+    Pass,
+    /// This status, headers and body.
+    Status(u16, Vec<(String, String)>, String),
+    /// All tokens revoked, and the request refused as an expired token would be.
+    Revoke,
+    /// Half the page, then the connection dies.
+    Reset,
+    /// Half the page as a complete 200 response.
+    Truncated,
+}
+
+#[derive(Debug)]
+pub struct FixtureState {
+    pub issuer: Arc<Issuer>,
+    pub url: String,
+    pub pages: Mutex<Vec<Vec<Value>>>,
+    pub paging: Mutex<Paging>,
+    pub faults: Mutex<VecDeque<Fault>>,
+    /// Page whose next link points back at itself.
+    pub repeat_at: Mutex<Option<usize>>,
+    /// Clock advance after each page served (stands for the time paging takes).
+    pub advance_per_page: Mutex<Duration>,
+    /// Search requests received.
+    pub searches: AtomicUsize,
+    /// Pages served in full, by index.
+    pub served: Mutex<Vec<usize>>,
+}
+
+pub struct Fixture {
+    pub url: String,
+    pub token_url: String,
+    pub state: Arc<FixtureState>,
+}
+
+impl Fixture {
+    pub fn fault(&self, fault: Fault) {
+        self.state.faults.lock().expect("lock").push_back(fault);
+    }
+
+    pub fn served(&self) -> Vec<usize> {
+        self.state.served.lock().expect("lock").clone()
+    }
+}
+
+/// Starts a fixture serving `pages` in order.
+pub async fn start(pages: Vec<Vec<Value>>, paging: Paging, issuer: Arc<Issuer>) -> Fixture {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/", listener.local_addr().expect("address"));
+    let state = Arc::new(FixtureState {
+        issuer: issuer.clone(),
+        url: url.clone(),
+        pages: Mutex::new(pages),
+        paging: Mutex::new(paging),
+        faults: Mutex::new(VecDeque::new()),
+        repeat_at: Mutex::new(None),
+        advance_per_page: Mutex::new(Duration::ZERO),
+        searches: AtomicUsize::new(0),
+        served: Mutex::new(Vec::new()),
+    });
+    let app = Router::new()
+        .route("/search", any(search))
+        .with_state(state.clone())
+        .merge(
+            Router::new()
+                .route("/token", post(tokens::token_endpoint))
+                .with_state(issuer),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Fixture {
+        token_url: format!("{url}token"),
+        url,
+        state,
+    }
+}
+
+async fn search(
+    State(state): State<Arc<FixtureState>>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    state.searches.fetch_add(1, Ordering::SeqCst);
+    if !state.issuer.accepts(&headers) {
+        return state.issuer.refusal();
+    }
+    let fault = state.faults.lock().expect("lock").pop_front();
+    let request_body: Value = if method == Method::POST {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(_) => return (StatusCode::BAD_REQUEST, "body is not JSON").into_response(),
+        }
+    } else {
+        Value::Null
+    };
+    if method == Method::POST && request_body.get("collections").is_none() {
+        return (StatusCode::BAD_REQUEST, "POST body lost its collections").into_response();
+    }
+    let token = if method == Method::POST {
+        request_body
+            .get("token")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    } else {
+        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+    };
+    let index: usize = token
+        .as_deref()
+        .and_then(|t| t.strip_prefix('p'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let pages = state.pages.lock().expect("lock").clone();
+    let Some(features) = pages.get(index) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("no page {index}: stale token"),
+        )
+            .into_response();
+    };
+    let target = if *state.repeat_at.lock().expect("lock") == Some(index) {
+        Some(index)
+    } else if index + 1 < pages.len() {
+        Some(index + 1)
+    } else {
+        None
+    };
+    let paging = *state.paging.lock().expect("lock");
+    let mut links = vec![json!({"rel": "root", "href": state.url})];
+    if let Some(target) = target {
+        let token = format!("p{target}");
+        links.push(match paging {
+            Paging::GetHref => json!({"rel": "next", "type": "application/geo+json",
+                "href": format!("{}search?collections=x&token={token}", state.url)}),
+            Paging::PostFull => {
+                let mut body = request_body.clone();
+                body["token"] = Value::String(token);
+                json!({"rel": "next", "href": format!("{}search", state.url), "method": "POST", "body": body})
+            }
+            Paging::PostMerge => json!({"rel": "next", "href": format!("{}search", state.url),
+                "method": "POST", "merge": true, "body": {"token": token}}),
+        });
+    }
+    let page = serde_json::to_vec(
+        &json!({"type": "FeatureCollection", "features": features, "links": links}),
+    )
+    .expect("serialisable");
+    match fault {
+        Some(Fault::Status(status, headers, body)) => {
+            let mut response =
+                (StatusCode::from_u16(status).expect("status"), body).into_response();
+            for (name, value) in headers {
+                response.headers_mut().insert(
+                    header::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                    value.parse().expect("value"),
+                );
+            }
+            return response;
+        }
+        Some(Fault::Revoke) => {
+            state.issuer.revoke_all();
+            return state.issuer.refusal();
+        }
+        Some(Fault::Reset) => {
+            let half = Bytes::copy_from_slice(&page[..page.len() / 2]);
+            let chunks: Vec<Result<Bytes, std::io::Error>> =
+                vec![Ok(half), Err(std::io::Error::other("connection reset"))];
+            return Response::builder()
+                .header(header::CONTENT_TYPE, "application/geo+json")
+                .body(Body::from_stream(futures_util::stream::iter(chunks)))
+                .expect("response");
+        }
+        Some(Fault::Truncated) => {
+            return (
+                [(header::CONTENT_TYPE, "application/geo+json")],
+                page[..page.len() / 2].to_vec(),
+            )
+                .into_response();
+        }
+        Some(Fault::Pass) | None => {}
+    }
+    state.served.lock().expect("lock").push(index);
+    let advance = *state.advance_per_page.lock().expect("lock");
+    state.issuer.clock.advance(advance);
+    ([(header::CONTENT_TYPE, "application/geo+json")], page).into_response()
+}

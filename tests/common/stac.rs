@@ -1,0 +1,62 @@
+//! A real STAC API in-process: rustac's `stac-server` (memory backend, axum) behind our token
+//! layer, with the token endpoint at `/token`.
+
+use super::tokens::{self, Issuer};
+use axum::Router;
+use axum::routing::post;
+use serde_json::Value;
+use stac::api::TransactionClient;
+use stac_server::{Api, MemoryBackend};
+use std::sync::Arc;
+
+/// A running server.
+pub struct StacServer {
+    /// The STAC root, `http://127.0.0.1:PORT/`.
+    pub url: String,
+    /// The token endpoint.
+    pub token_url: String,
+    pub issuer: Arc<Issuer>,
+    pub backend: MemoryBackend,
+}
+
+/// Starts a server holding `items` (their collections are created).
+pub async fn start(items: &[Value], issuer: Arc<Issuer>) -> StacServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let url = format!("http://{address}/");
+    let mut backend = MemoryBackend::new();
+    let mut collections = std::collections::BTreeSet::new();
+    for item in items {
+        let collection = item["collection"].as_str().expect("collection").to_string();
+        if collections.insert(collection.clone()) {
+            backend
+                .add_collection(stac::Collection::new(&collection, "test collection"))
+                .await
+                .expect("collection");
+        }
+        let item: stac::Item = serde_json::from_value(item.clone()).expect("a STAC item");
+        backend.add_item(item).await.expect("item");
+    }
+    let api = Api::new(backend.clone(), &url).expect("api");
+    let app = stac_server::routes::from_api(api)
+        .layer(axum::middleware::from_fn_with_state(
+            issuer.clone(),
+            tokens::require_token,
+        ))
+        .merge(
+            Router::new()
+                .route("/token", post(tokens::token_endpoint))
+                .with_state(issuer.clone()),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    StacServer {
+        token_url: format!("{url}token"),
+        url,
+        issuer,
+        backend,
+    }
+}
