@@ -192,10 +192,10 @@ pub struct Overrides {
     #[arg(long, global = true, env = "STAC_SYNC_AUTH", value_enum)]
     pub auth: Option<AuthKind>,
     /// Run only this job from the file.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub job: Option<String>,
     /// One-off job: collection to mirror (repeat for several); replaces the file's jobs.
-    #[arg(long = "collection", value_name = "ID")]
+    #[arg(long = "collection", value_name = "ID", global = true)]
     pub collections: Vec<String>,
     /// One-off job: bounding box `xmin,ymin,xmax,ymax`.
     #[arg(
@@ -206,10 +206,10 @@ pub struct Overrides {
     )]
     pub bbox: Option<Vec<f64>>,
     /// One-off job: datetime instant or interval (`2024-01-01T00:00:00Z/2024-12-31T23:59:59Z`).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub datetime: Option<String>,
     /// One-off job: HTTP method of the search.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     pub method: Option<SearchMethod>,
     /// Environment variables that are not flags (secrets never are), read by `main`.
     #[arg(skip)]
@@ -452,7 +452,7 @@ fn read_file(path: &Path) -> Result<FileConfig, Error> {
     toml::from_str(&text).map_err(|e| {
         let mut message = e.message().to_string();
         if let Some(span) = e.span() {
-            let line = text[..span.start.min(text.len())].lines().count().max(1);
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
             message = format!("line {line}: {message}");
         }
         Error::Config(format!("{}: {message}", path.display()))
@@ -678,5 +678,86 @@ pub fn redact_url(raw: &str) -> String {
             url.to_string()
         }
         _ => raw.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overrides(env: EnvVars) -> Overrides {
+        Overrides {
+            collections: vec!["c".into()],
+            env,
+            ..Overrides::default()
+        }
+    }
+
+    #[test]
+    fn eds_api_url_may_be_a_bare_host_or_a_stac_root() {
+        let host = EnvVars {
+            eds_api_url: Some("https://api.earthdaily.com".into()),
+            ..EnvVars::default()
+        };
+        let config = Config::resolve(FileConfig::default(), &overrides(host)).expect("valid");
+        assert_eq!(
+            config.api_root.as_str(),
+            "https://api.earthdaily.com/platform/v1/stac/"
+        );
+
+        let root = EnvVars {
+            eds_api_url: Some("https://api.eds.earthdaily.com/archive/v1/stac/v1".into()),
+            ..EnvVars::default()
+        };
+        let config = Config::resolve(FileConfig::default(), &overrides(root)).expect("valid");
+        assert_eq!(
+            config.api_root.as_str(),
+            "https://api.eds.earthdaily.com/archive/v1/stac/v1/"
+        );
+    }
+
+    #[test]
+    fn flags_beat_the_environment_which_beats_the_file() {
+        let file: FileConfig = toml::from_str(
+            "api_url = \"https://file.test/stac\"\ndatabase_url = \"sqlite://file.db\"\nlimit = 7",
+        )
+        .expect("toml");
+        let mut o = overrides(EnvVars {
+            eds_api_url: Some("https://env.test/stac".into()),
+            ..EnvVars::default()
+        });
+        o.database_url = Some("sqlite://flag.db".into());
+        let config = Config::resolve(file, &o).expect("valid");
+        assert_eq!(config.api_root.as_str(), "https://env.test/stac/");
+        assert_eq!(config.database_url, "sqlite://flag.db");
+        assert_eq!(config.jobs[0].limit, 7);
+        assert_eq!(
+            config.object_store_url.as_deref(),
+            Some(DEFAULT_OBJECT_STORE_URL)
+        );
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_output() {
+        let env = EnvVars {
+            eds_api_url: Some("https://api.test/stac".into()),
+            token_url: Some("https://auth.test/token".into()),
+            client_id: Some("id".into()),
+            client_secret: Some(SecretString::from("hunter2-secret")),
+            token: None,
+        };
+        let config = Config::resolve(FileConfig::default(), &overrides(env)).expect("valid");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2-secret"), "{shown}");
+        assert!(matches!(config.auth, Auth::ClientCredentials(_)));
+    }
+
+    #[test]
+    fn open_ended_datetimes_are_accepted_and_garbage_is_not() {
+        assert!(validate_datetime("2020-01-01T00:00:00Z/..").is_ok());
+        assert!(validate_datetime("../2020-01-01").is_ok());
+        assert!(validate_datetime("2020-01-01T00:00:00Z").is_ok());
+        assert!(validate_datetime("../..").is_err());
+        assert!(validate_datetime("last tuesday").is_err());
     }
 }

@@ -21,7 +21,17 @@ pub struct StacServer {
 
 /// Starts a server holding `items` (their collections are created).
 pub async fn start(items: &[Value], issuer: Arc<Issuer>) -> StacServer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    start_with(items, issuer, 0, |router| router).await
+}
+
+/// Like [`start`], on `port`, with `wrap` applied to the STAC routes (behind the token check).
+pub async fn start_with(
+    items: &[Value],
+    issuer: Arc<Issuer>,
+    port: u16,
+    wrap: impl FnOnce(Router) -> Router,
+) -> StacServer {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .expect("bind");
     let address = listener.local_addr().expect("address");
@@ -40,7 +50,7 @@ pub async fn start(items: &[Value], issuer: Arc<Issuer>) -> StacServer {
         backend.add_item(item).await.expect("item");
     }
     let api = Api::new(backend.clone(), &url).expect("api");
-    let app = stac_server::routes::from_api(api)
+    let app = wrap(stac_server::routes::from_api(api))
         .layer(axum::middleware::from_fn_with_state(
             issuer.clone(),
             tokens::require_token,

@@ -1,0 +1,128 @@
+//! The binary as a user meets it: exit codes and the first error line of each mistake.
+
+mod common;
+
+use assert_cmd::Command;
+use common::fixture::{self, Paging};
+use common::tokens::Issuer;
+use stac_sync::clock::ManualClock;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The binary in an empty folder with a clean environment.
+fn stac_sync(dir: &Path) -> Command {
+    let mut command = Command::cargo_bin("stac-sync").expect("binary");
+    command.current_dir(dir).env_clear().env("RUST_LOG", "warn");
+    command
+}
+
+fn first_error_line(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .find(|line| line.starts_with("error:"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_client_id_without_a_secret_is_a_configuration_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let output = stac_sync(dir.path())
+        .env("EDS_API_URL", "https://api.example.test")
+        .env("EDS_AUTH_URL", "https://auth.example.test/oauth2/token")
+        .env("EDS_CLIENT_ID", "abc")
+        .args(["run", "--collection", "sentinel-2-l2a"])
+        .output()
+        .expect("runs");
+
+    assert_eq!(output.status.code(), Some(3));
+    assert_eq!(
+        first_error_line(&output),
+        "error: configuration error: EDS_CLIENT_ID is set but no client secret: set EDS_SECRET \
+         (or STAC_SYNC_CLIENT_SECRET)"
+    );
+}
+
+#[test]
+fn an_unknown_config_key_is_named_with_its_file_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("stac-sync.toml"),
+        "api_url = \"https://stac.example.test/\"\n\n[[jobs]]\nname = \"s2\"\ncolections = [\"a\"]\n",
+    )
+    .expect("write");
+
+    let output = stac_sync(dir.path()).arg("run").output().expect("runs");
+
+    assert_eq!(output.status.code(), Some(3));
+    let line = first_error_line(&output);
+    assert!(
+        line.starts_with(
+            "error: configuration error: stac-sync.toml: line 5: unknown field `colections`"
+        ),
+        "{line}"
+    );
+}
+
+#[test]
+fn an_unreachable_api_is_an_upstream_error_after_the_retries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("stac-sync.toml"),
+        "api_url = \"http://127.0.0.1:9/stac/\"\n[http]\nmax_retries = 2\nbackoff_base = \"10ms\"\n",
+    )
+    .expect("write");
+
+    let output = stac_sync(dir.path())
+        .args(["run", "--collection", "c"])
+        .output()
+        .expect("runs");
+
+    assert_eq!(output.status.code(), Some(5));
+    let line = first_error_line(&output);
+    assert!(
+        line.starts_with(
+            "error: job c: upstream unavailable: search page http://127.0.0.1:9/stac/search: error sending request"
+        ),
+        "{line}"
+    );
+    assert!(
+        line.ends_with("(gave up after 3 attempts). The STAC API is unavailable; try again later"),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_exit_4_and_say_which_variables_to_check() {
+    let clock = Arc::new(ManualClock::default());
+    let server = fixture::start(
+        vec![vec![]],
+        Paging::PostFull,
+        Issuer::new(clock, "id", "right"),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut command = stac_sync(dir.path());
+    command
+        .env("EDS_API_URL", &server.url)
+        .env("EDS_AUTH_URL", &server.token_url)
+        .env("EDS_CLIENT_ID", "id")
+        .env("EDS_SECRET", "wrong-secret")
+        .args(["run", "--collection", "c"]);
+
+    let output = tokio::task::spawn_blocking(move || command.output().expect("runs"))
+        .await
+        .expect("join");
+
+    assert_eq!(output.status.code(), Some(4));
+    assert_eq!(
+        first_error_line(&output),
+        format!(
+            "error: job c: authentication refused: the token endpoint {}token rejected the client id \
+             and secret (invalid_client: Client authentication failed); check EDS_CLIENT_ID and EDS_SECRET",
+            server.url
+        )
+    );
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("wrong-secret"));
+}
