@@ -54,7 +54,12 @@ async fn chaos(State(chaos): State<Chaos>, request: Request<Body>, next: Next) -
     }
     let roll: f64 = rand::rng().random();
     if roll < chaos.fault_rate / 2.0 {
-        return (StatusCode::TOO_MANY_REQUESTS, [("Retry-After", "1")], "slow down").into_response();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("Retry-After", "1")],
+            "slow down",
+        )
+            .into_response();
     }
     if roll < chaos.fault_rate {
         return (StatusCode::SERVICE_UNAVAILABLE, "unavailable").into_response();
@@ -76,10 +81,15 @@ async fn main() {
         }
     });
     let issuer = Issuer::new(clock, "fixture-client", "fixture-secret");
-    issuer.ttl.store(args.token_ttl, std::sync::atomic::Ordering::SeqCst);
+    issuer
+        .ttl
+        .store(args.token_ttl, std::sync::atomic::Ordering::SeqCst);
     let main_count = args.items * 3 / 4;
     let mut items = common::make_items("sentinel-2-l2a", main_count);
-    items.extend(common::make_items("sentinel-1-grd", args.items - main_count));
+    items.extend(common::make_items(
+        "sentinel-1-grd",
+        args.items - main_count,
+    ));
     let chaos_state = Chaos {
         fault_rate: args.fault_rate,
         delay: Duration::from_millis(args.delay_ms),
@@ -92,7 +102,9 @@ async fn main() {
     println!("EDS_AUTH_URL={}", server.token_url);
     println!("EDS_CLIENT_ID=fixture-client");
     println!("EDS_SECRET=fixture-secret");
-    println!("# serving {} items; token lifetime {} s; fault rate {}; delay {} ms",
-        args.items, args.token_ttl, args.fault_rate, args.delay_ms);
+    println!(
+        "# serving {} items; token lifetime {} s; fault rate {}; delay {} ms",
+        args.items, args.token_ttl, args.fault_rate, args.delay_ms
+    );
     std::future::pending::<()>().await;
 }
