@@ -271,3 +271,23 @@ fn refusal(url: &str, status: reqwest::StatusCode, body: &[u8], c: &ClientCreden
     };
     Error::Auth(advice)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn missing_or_odd_expires_in_gives_a_safe_lifetime() {
+        assert_eq!(lifetime(Some(&json!(3600))), Duration::from_secs(3600));
+        assert_eq!(lifetime(Some(&json!("120"))), Duration::from_secs(120));
+        assert_eq!(lifetime(None), ASSUMED_LIFETIME);
+        assert_eq!(lifetime(Some(&json!("soon"))), ASSUMED_LIFETIME);
+        assert_eq!(lifetime(Some(&json!(0))), MIN_LIFETIME);
+        assert_eq!(lifetime(Some(&json!(-5))), MIN_LIFETIME);
+        assert_eq!(
+            lifetime(Some(&json!(1e300))),
+            Duration::from_secs(365 * 86_400)
+        );
+    }
+}

@@ -15,8 +15,9 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use std::sync::Arc;
 
-/// Object writes in flight per page.
-const PUTS_IN_FLIGHT: usize = 16;
+/// Object writes in flight per page. On a local ext4 folder, 4 beat both 1 and 16 (creates in
+/// one directory contend on its lock): 30,000 items took 11.6 s, against 17.6 s and 18.1 s.
+const PUTS_IN_FLIGHT: usize = 4;
 
 /// Where items are written.
 #[derive(Debug, Clone)]
