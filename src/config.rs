@@ -43,6 +43,9 @@ pub struct FileConfig {
     pub limit: Option<u32>,
     /// Cap on API requests in flight.
     pub concurrency: Option<usize>,
+    /// Options of the object store (object_store configuration keys, e.g. `aws_endpoint`).
+    #[serde(default)]
+    pub object_store: BTreeMap<String, String>,
     /// Authentication.
     #[serde(default)]
     pub auth: AuthFile,
@@ -266,6 +269,8 @@ pub struct Config {
     pub database_url: String,
     /// The object store URL; `None` when turned off.
     pub object_store_url: Option<String>,
+    /// Options for the object store.
+    pub object_store_options: BTreeMap<String, String>,
     /// The jobs to run, in order.
     pub jobs: Vec<Job>,
 }
@@ -441,6 +446,7 @@ impl Config {
             concurrency,
             database_url,
             object_store_url,
+            object_store_options: file.object_store,
             jobs,
         })
     }

@@ -10,11 +10,11 @@ use crate::api::{ApiClient, Request};
 use crate::auth::TokenSource;
 use crate::clock::{Clock, MonotonicClock};
 use crate::config::{Config, Job};
-use crate::db::{Counts, Database, Known, PageCommit};
+use crate::db::{Counts, Database, JobLock, Known, PageCommit};
 use crate::error::{Error, Exit};
 use crate::http::{self, Stats};
 use crate::objects::ObjectSink;
-use crate::page::{self, Page};
+use crate::page::{self, Item, Page, Rejected};
 use rand::Rng;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -114,11 +114,14 @@ impl Context {
         if options.migrate {
             db.migrate().await?;
         }
-        let objects = config
-            .object_store_url
-            .as_deref()
-            .map(ObjectSink::from_url)
-            .transpose()?;
+        let objects = match config.object_store_url.as_deref() {
+            Some(url) => {
+                let sink = ObjectSink::from_url(url, &config.object_store_options)?;
+                sink.probe().await?;
+                Some(sink)
+            }
+            None => None,
+        };
         tracing::info!(api = %config.api_root, database = %crate::config::redact_url(&config.database_url),
             objects = config.object_store_url.as_deref().unwrap_or("none"), "stac-sync starting");
         Ok(Context {
@@ -156,13 +159,35 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
     let run_id = new_run_id(&job.name);
     let started = Instant::now();
     let started_at = SystemTime::now();
+    // Taken before anything is written: a second run of the job exits 7 and writes nothing.
+    let mut lock = match context.db.lock(&job.name).await {
+        Ok(lock) => lock,
+        Err(error) => {
+            tracing::warn!(job = %job.name, error = %error, "job not run");
+            return Ok(JobReport {
+                job: job.name.clone(),
+                run_id,
+                counts: Counts::default(),
+                error: Some(error),
+            });
+        }
+    };
     context.db.start_run(&run_id, &job.name).await?;
     let before = snapshot(&context.stats);
     let first = page::first_request(context.api.root(), job);
     let query_hash = query_hash(&first);
 
     let mut counts = Counts::default();
-    let result = pass(context, job, &run_id, &first, &query_hash, &mut counts).await;
+    let result = pass(
+        context,
+        job,
+        &mut lock,
+        &run_id,
+        &first,
+        &query_hash,
+        &mut counts,
+    )
+    .await;
     let after = snapshot(&context.stats);
     counts.retries = after.0 - before.0;
     counts.token_renewals = after.1 - before.1;
@@ -230,6 +255,7 @@ fn snapshot(stats: &Stats) -> (u64, u64) {
 async fn pass(
     context: &Context,
     job: &Job,
+    lock: &mut JobLock,
     run_id: &str,
     first: &Request,
     query_hash: &str,
@@ -285,6 +311,7 @@ async fn pass(
     };
     let writer = async {
         while let Some((request, page)) = rx.recv().await {
+            lock.check().await?;
             write_page(context, job, run_id, query_hash, &request, &page, counts).await?;
         }
         Ok::<(), Error>(())
@@ -305,42 +332,68 @@ async fn write_page(
     counts: &mut Counts,
 ) -> Result<(), Error> {
     let known = context.db.classify(&page.items).await?;
+    let mut rejected = page.rejected.clone();
     let mut changed = Vec::new();
     for (item, known) in page.items.iter().zip(&known) {
-        match known {
-            Known::New => counts.new += 1,
-            Known::Changed => counts.changed += 1,
-            Known::Unchanged => {
-                counts.unchanged += 1;
-                continue;
-            }
+        if *known == Known::Unchanged {
+            counts.unchanged += 1;
+            continue;
         }
-        changed.push(item);
+        // Refused before its object is written, so a refused item leaves nothing behind.
+        if let Some(reason) = context.db.refuses(item) {
+            rejected.push(Rejected {
+                content: item.content.clone(),
+                reason,
+                collection: Some(item.collection.clone()),
+                id: Some(item.id.clone()),
+            });
+            continue;
+        }
+        changed.push((item, *known));
     }
+    let to_write: Vec<&Item> = changed.iter().map(|(item, _)| *item).collect();
     if let Some(objects) = &context.objects {
-        objects.put_items(&changed).await?;
-    }
-    for rejected in &page.rejected {
-        tracing::warn!(job = %job.name, page = %http::display_url(&request.url),
-            collection = rejected.collection.as_deref().unwrap_or(""),
-            id = rejected.id.as_deref().unwrap_or(""), reason = %rejected.reason, "feature quarantined");
+        objects.put_items(&to_write).await?;
     }
     let page_url = http::display_url(&request.url);
-    context
+    let refused = context
         .db
         .commit_page(PageCommit {
             run_id,
             job: &job.name,
             partition: PARTITION,
             query_hash,
-            items: changed,
-            rejected: &page.rejected,
+            items: to_write,
+            rejected: &rejected,
             page_url: &page_url,
             resume: page.next.as_ref(),
         })
         .await?;
+    for feature in rejected.iter().chain(&refused) {
+        tracing::warn!(job = %job.name, page = %page_url,
+            collection = feature.collection.as_deref().unwrap_or(""),
+            id = feature.id.as_deref().unwrap_or(""), reason = %feature.reason, "feature quarantined");
+    }
+    for (item, known) in changed {
+        let stored = !refused.iter().any(|r| {
+            r.id.as_ref() == Some(&item.id) && r.collection.as_ref() == Some(&item.collection)
+        });
+        match (stored, known) {
+            // The database refused a new item at commit time, after its object was written:
+            // remove the object, so the folder holds exactly the items the database does.
+            (false, Known::New) => {
+                if let Some(objects) = &context.objects {
+                    objects.delete_item(&item.collection, &item.id).await?;
+                }
+            }
+            (false, _) => tracing::warn!(collection = %item.collection, id = %item.id,
+                "the database kept the previous version of this item but its object holds the refused one"),
+            (true, Known::New) => counts.new += 1,
+            (true, _) => counts.changed += 1,
+        }
+    }
     counts.pages += 1;
-    counts.quarantined += page.rejected.len() as u64;
+    counts.quarantined += (rejected.len() + refused.len()) as u64;
     counts.duplicate += page.duplicates;
     Ok(())
 }

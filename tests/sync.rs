@@ -54,6 +54,8 @@ async fn a_full_sync_mirrors_every_item_of_a_real_stac_api_and_a_rerun_writes_no
             method,
             extra: String::new(),
             env: env(&server.token_url, SECRET),
+            database: None,
+            objects: None,
         };
 
         let first = setup.run(clock.clone()).await;
@@ -161,6 +163,8 @@ impl Env {
             method: "POST",
             extra: String::new(),
             env: env(&self.server.token_url, SECRET),
+            database: None,
+            objects: None,
         }
     }
 }
@@ -378,14 +382,7 @@ async fn bad_items_are_quarantined_and_repeated_ids_stored_once() {
     let stored: Value = serde_json::from_str(&rows[&("c".to_string(), id0.clone())]).expect("json");
     assert_eq!(stored["properties"]["eo:cloud_cover"], json!(99.5));
     assert!(rows.contains_key(&("d".to_string(), id0)));
-    let db = stac_sync::db::Database::connect(&setup.database_url())
-        .await
-        .expect("db");
-    let quarantined: Vec<(String, String)> =
-        sqlx::query_as("SELECT reason, page_url FROM quarantine ORDER BY seq")
-            .fetch_all(db.pool())
-            .await
-            .expect("quarantine");
+    let quarantined = common::quarantined(&setup.database_url()).await;
     assert_eq!(quarantined[0].0, "the item has no id");
     assert_eq!(quarantined[1].0, "the feature is not a JSON object");
     assert!(
@@ -417,6 +414,8 @@ async fn a_secret_with_reserved_characters_works_in_both_client_auth_styles() {
             method: "POST",
             extra: format!("[auth]\nauth_style = \"{style}\"\n"),
             env: environment,
+            database: None,
+            objects: None,
         };
 
         let summary = setup.run(clock).await;

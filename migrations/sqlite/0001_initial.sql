@@ -10,7 +10,7 @@ CREATE TABLE items (
     start_datetime TEXT,
     end_datetime   TEXT,
     updated        TEXT,
-    xmin REAL, ymin REAL, xmax REAL, ymax REAL,
+    bbox_xmin REAL, bbox_ymin REAL, bbox_xmax REAL, bbox_ymax REAL,
     first_seen_at  TEXT NOT NULL,           -- when the row was first stored
     last_seen_at   TEXT NOT NULL,           -- when the row was last stored new or changed
     deleted_at     TEXT,                    -- tombstone: gone upstream (never a hard delete)
@@ -19,7 +19,7 @@ CREATE TABLE items (
 CREATE INDEX items_datetime ON items (collection, datetime);
 CREATE INDEX items_interval ON items (collection, start_datetime, end_datetime);
 CREATE INDEX items_updated ON items (collection, updated);
-CREATE INDEX items_bbox ON items (xmin, xmax, ymin, ymax);
+CREATE INDEX items_bbox ON items (bbox_xmin, bbox_xmax, bbox_ymin, bbox_ymax);
 
 -- One row per run of a job.
 CREATE TABLE sync_runs (

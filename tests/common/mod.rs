@@ -10,6 +10,7 @@ pub mod tokens;
 use serde_json::Value;
 use stac_sync::clock::ManualClock;
 use stac_sync::config::{Config, EnvVars, FileConfig, Overrides};
+use stac_sync::db::Database;
 use stac_sync::sync::{self, RunOptions, Summary};
 use std::path::Path;
 use std::sync::Arc;
@@ -45,11 +46,23 @@ pub struct Setup<'a> {
     /// Extra TOML appended to the generated file (an `[auth]` or `[http]` table).
     pub extra: String,
     pub env: EnvVars,
+    /// Database URL; SQLite in `dir` when `None`.
+    pub database: Option<String>,
+    /// Object store URL; a folder in `dir` when `None`.
+    pub objects: Option<String>,
 }
 
 impl Setup<'_> {
     pub fn database_url(&self) -> String {
-        format!("sqlite://{}", self.dir.join("mirror.db").display())
+        self.database
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.dir.join("mirror.db").display()))
+    }
+
+    pub fn object_store_url(&self) -> String {
+        self.objects
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", self.objects_dir().display()))
     }
 
     pub fn objects_dir(&self) -> std::path::PathBuf {
@@ -61,7 +74,7 @@ impl Setup<'_> {
             r#"
 api_url = "{api}"
 database_url = "{db}"
-object_store_url = "file://{objects}"
+object_store_url = "{objects}"
 concurrency = 4
 
 [http]
@@ -78,7 +91,7 @@ method = "{method}"
 "#,
             api = self.api_url,
             db = self.database_url(),
-            objects = self.objects_dir().display(),
+            objects = self.object_store_url(),
             collections = self.collections,
             limit = self.limit,
             method = self.method,
@@ -109,17 +122,62 @@ method = "{method}"
 pub async fn stored_items(
     database_url: &str,
 ) -> std::collections::BTreeMap<(String, String), String> {
-    let db = stac_sync::db::Database::connect(database_url)
+    let db = Database::connect(database_url).await.expect("db");
+    db.all_items()
         .await
-        .expect("db");
-    let rows: Vec<(String, String, String)> =
-        sqlx::query_as("SELECT collection, id, content FROM items ORDER BY collection, id")
-            .fetch_all(db.pool())
-            .await
-            .expect("rows");
-    rows.into_iter()
+        .expect("rows")
+        .into_iter()
         .map(|(c, i, content)| ((c, i), content))
         .collect()
+}
+
+/// Runs one SQL statement without parameters, valid on both backends, returning one integer.
+pub async fn scalar(database_url: &str, sql: &'static str) -> i64 {
+    match Database::connect(database_url).await.expect("db") {
+        Database::Sqlite(db) => sqlx::query_scalar(sql).fetch_one(db.pool()).await,
+        Database::Postgres(db) => sqlx::query_scalar(sql).fetch_one(db.pool()).await,
+    }
+    .expect(sql)
+}
+
+/// Runs one SQL statement without parameters, valid on both backends.
+pub async fn execute(database_url: &str, sql: &'static str) {
+    match Database::connect(database_url).await.expect("db") {
+        Database::Sqlite(db) => sqlx::query(sql).execute(db.pool()).await.map(|_| ()),
+        Database::Postgres(db) => sqlx::query(sql).execute(db.pool()).await.map(|_| ()),
+    }
+    .expect(sql)
+}
+
+/// Quarantined features as (reason, page URL), in order.
+pub async fn quarantined(database_url: &str) -> Vec<(String, String)> {
+    let sql = "SELECT reason, page_url FROM quarantine ORDER BY seq";
+    match Database::connect(database_url).await.expect("db") {
+        Database::Sqlite(db) => sqlx::query_as(sql).fetch_all(db.pool()).await,
+        Database::Postgres(db) => sqlx::query_as(sql).fetch_all(db.pool()).await,
+    }
+    .expect("quarantine")
+}
+
+/// The server the Postgres tests use; `STAC_SYNC_TEST_POSTGRES` overrides it.
+pub fn postgres_server() -> String {
+    std::env::var("STAC_SYNC_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
+}
+
+/// A new, empty Postgres database for one test.
+pub async fn fresh_postgres() -> String {
+    use sqlx::Connection;
+    let server = postgres_server();
+    let mut conn = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .expect("Postgres is reachable (start it with pg_ctlcluster, see .ci/run)");
+    let name = format!("stac_sync_test_{:016x}", rand::random::<u64>());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create database");
+    format!("{server}/{name}")
 }
 
 /// Every object under a folder, by relative path.

@@ -1,11 +1,11 @@
-//! The SQL sink: items, runs, resume points and quarantine, in SQLite.
+//! The SQLite sink.
 //!
 //! Writes are idempotent upserts keyed by `(collection, id)`; a row whose content hash is
 //! unchanged is not rewritten. A page's rows, its quarantined features and the resume point
 //! after it commit in one transaction, which takes SQLite's write lock up front
 //! (`BEGIN IMMEDIATE`) so it never fails half-way on a lock upgrade.
 
-use crate::api::Request;
+use super::{Counts, JobLock, Known, PageCommit, count, now, resume_json};
 use crate::config::redact_url;
 use crate::error::Error;
 use crate::page::{Item, Rejected};
@@ -14,84 +14,20 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use std::str::FromStr;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-/// Counts of one run, as stored in `sync_runs`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Counts {
-    /// Pages committed.
-    pub pages: u64,
-    /// Items stored for the first time.
-    pub new: u64,
-    /// Items whose content changed.
-    pub changed: u64,
-    /// Items received again with identical content.
-    pub unchanged: u64,
-    /// Items marked deleted.
-    pub deleted: u64,
-    /// Features quarantined.
-    pub quarantined: u64,
-    /// Repeats of a `(collection, id)` within one page.
-    pub duplicate: u64,
-    /// HTTP retries.
-    pub retries: u64,
-    /// Tokens renewed.
-    pub token_renewals: u64,
-}
-
-/// What the database already holds for an item.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Known {
-    /// Not stored yet.
-    New,
-    /// Stored with other content (or tombstoned).
-    Changed,
-    /// Stored with this exact content.
-    Unchanged,
-}
-
-/// Everything one page commits, in one transaction.
-#[derive(Debug)]
-pub struct PageCommit<'a> {
-    /// The run.
-    pub run_id: &'a str,
-    /// The job.
-    pub job: &'a str,
-    /// The partition.
-    pub partition: &'a str,
-    /// The job's query fingerprint.
-    pub query_hash: &'a str,
-    /// New and changed items (unchanged ones are not rewritten).
-    pub items: Vec<&'a Item>,
-    /// Features to quarantine.
-    pub rejected: &'a [Rejected],
-    /// The URL of the page they came from.
-    pub page_url: &'a str,
-    /// The next request, or `None` when this page ends the pass.
-    pub resume: Option<&'a Request>,
-}
-
-/// The database.
+/// The SQLite database.
 #[derive(Debug, Clone)]
-pub struct Database {
+pub struct SqliteDb {
     pool: SqlitePool,
     shown: String,
+    path: Option<std::path::PathBuf>,
 }
 
-/// The current time as RFC 3339 UTC with milliseconds.
-pub fn now() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
-}
-
-impl Database {
+impl SqliteDb {
     /// Opens (creating if needed) the database at `url`.
-    pub async fn connect(url: &str) -> Result<Database, Error> {
+    pub async fn connect(url: &str) -> Result<SqliteDb, Error> {
         let shown = redact_url(url);
-        if !url.starts_with("sqlite:") {
-            return Err(Error::Config(format!(
-                "database_url {shown}: only sqlite:// is supported by this build"
-            )));
-        }
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| Error::Config(format!("database_url {shown}: {e}")))?
             .create_if_missing(true)
@@ -100,12 +36,52 @@ impl Database {
             // the last transactions), which is the failure this tool must survive.
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30));
+        let filename = options.get_filename();
+        let path = (!filename.as_os_str().is_empty() && filename.as_os_str() != ":memory:")
+            .then(|| filename.to_path_buf());
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await
             .map_err(|e| Error::Sink(format!("cannot open database {shown}: {e}")))?;
-        Ok(Database { pool, shown })
+        Ok(SqliteDb { pool, shown, path })
+    }
+
+    /// Takes the job's single-runner lock: an OS file lock on `{database}.{job}.lock`, which the
+    /// kernel releases when the process dies, however it dies.
+    pub fn lock(&self, job: &str) -> Result<JobLock, Error> {
+        let Some(path) = &self.path else {
+            return Ok(JobLock::None);
+        };
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".{job}.lock"));
+        let lock_path = path.with_file_name(name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| {
+                Error::Sink(format!(
+                    "cannot open lock file {}: {e}",
+                    lock_path.display()
+                ))
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(JobLock::File(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
+                job: job.to_string(),
+                detail: format!(
+                    "{} is held by another stac-sync process on this machine; wait for it to \
+                     finish",
+                    lock_path.display()
+                ),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::Sink(format!(
+                "cannot lock {}: {e}",
+                lock_path.display()
+            ))),
+        }
     }
 
     /// The pool, for tests and `status`.
@@ -156,27 +132,46 @@ impl Database {
         Ok(known)
     }
 
-    /// Commits one page: rows, quarantine and resume point, atomically.
-    pub async fn commit_page(&self, page: PageCommit<'_>) -> Result<(), Error> {
+    /// Commits one page: rows, quarantine and resume point, atomically. If SQLite refuses an
+    /// item (a trigger or constraint of the user's), the page is written again with each item
+    /// under a savepoint, and the refused ones are quarantined; returns them.
+    pub async fn commit_page(&self, page: PageCommit<'_>) -> Result<Vec<Rejected>, Error> {
+        match self.write_page(&page, false).await {
+            Err(sqlx::Error::Database(e)) => {
+                tracing::warn!(error = %e, "SQLite refused the page; storing its items one by one");
+                self.write_page(&page, true)
+                    .await
+                    .map_err(self.fail("commit a page"))
+            }
+            other => other.map_err(self.fail("commit a page")),
+        }
+    }
+
+    async fn write_page(
+        &self,
+        page: &PageCommit<'_>,
+        careful: bool,
+    ) -> Result<Vec<Rejected>, sqlx::Error> {
         let now = now();
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(self.fail("begin transaction"))?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut refused = Vec::new();
         for item in &page.items {
-            let content = std::str::from_utf8(&item.content)
-                .map_err(|e| Error::Internal(format!("item {} is not UTF-8: {e}", item.id)))?;
-            let [xmin, ymin, xmax, ymax] = item.bbox.map(|b| b.map(Some)).unwrap_or([None; 4]);
-            sqlx::query(
+            let content =
+                std::str::from_utf8(&item.content).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            if careful {
+                sqlx::query("SAVEPOINT item").execute(&mut *tx).await?;
+            }
+            let [bbox_xmin, bbox_ymin, bbox_xmax, bbox_ymax] =
+                item.bbox.map(|b| b.map(Some)).unwrap_or([None; 4]);
+            let statement = sqlx::query(
                 "INSERT INTO items (collection, id, content, content_hash, datetime, \
-                 start_datetime, end_datetime, updated, xmin, ymin, xmax, ymax, first_seen_at, \
+                 start_datetime, end_datetime, updated, bbox_xmin, bbox_ymin, bbox_xmax, bbox_ymax, first_seen_at, \
                  last_seen_at, deleted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL) \
                  ON CONFLICT (collection, id) DO UPDATE SET content = excluded.content, \
                  content_hash = excluded.content_hash, datetime = excluded.datetime, \
                  start_datetime = excluded.start_datetime, end_datetime = excluded.end_datetime, \
-                 updated = excluded.updated, xmin = excluded.xmin, ymin = excluded.ymin, \
-                 xmax = excluded.xmax, ymax = excluded.ymax, last_seen_at = excluded.last_seen_at, \
+                 updated = excluded.updated, bbox_xmin = excluded.bbox_xmin, bbox_ymin = excluded.bbox_ymin, \
+                 bbox_xmax = excluded.bbox_xmax, bbox_ymax = excluded.bbox_ymax, last_seen_at = excluded.last_seen_at, \
                  deleted_at = NULL \
                  WHERE items.content_hash <> excluded.content_hash OR items.deleted_at IS NOT NULL",
             )
@@ -188,17 +183,32 @@ impl Database {
             .bind(&item.start_datetime)
             .bind(&item.end_datetime)
             .bind(&item.updated)
-            .bind(xmin)
-            .bind(ymin)
-            .bind(xmax)
-            .bind(ymax)
+            .bind(bbox_xmin)
+            .bind(bbox_ymin)
+            .bind(bbox_xmax)
+            .bind(bbox_ymax)
             .bind(&now)
             .bind(&now)
-            .execute(&mut *tx)
-            .await
-            .map_err(self.fail(&format!("store item {}/{}", item.collection, item.id)))?;
+            ;
+            match statement.execute(&mut *tx).await {
+                Ok(_) if careful => {
+                    sqlx::query("RELEASE item").execute(&mut *tx).await?;
+                }
+                Ok(_) => {}
+                Err(sqlx::Error::Database(e)) if careful => {
+                    sqlx::query("ROLLBACK TO item").execute(&mut *tx).await?;
+                    sqlx::query("RELEASE item").execute(&mut *tx).await?;
+                    refused.push(Rejected {
+                        content: item.content.clone(),
+                        reason: format!("SQLite refused the item: {}", e.message()),
+                        collection: Some(item.collection.clone()),
+                        id: Some(item.id.clone()),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         }
-        for rejected in page.rejected {
+        for rejected in page.rejected.iter().chain(&refused) {
             sqlx::query(
                 "INSERT INTO quarantine (run_id, job, collection, item_id, reason, page_url, \
                  content, quarantined_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -212,16 +222,9 @@ impl Database {
             .bind(String::from_utf8_lossy(&rejected.content))
             .bind(&now)
             .execute(&mut *tx)
-            .await
-            .map_err(self.fail("quarantine a feature"))?;
+            .await?;
         }
-        let resume = match page.resume {
-            Some(request) => Some(
-                serde_json::to_string(request)
-                    .map_err(|e| Error::Internal(format!("resume point: {e}")))?,
-            ),
-            None => None,
-        };
+        let resume = resume_json(page.resume).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         sqlx::query(
             "INSERT INTO sync_state (job, partition, query_hash, resume, pages_done, updated_at) \
              VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT (job, partition) DO UPDATE SET \
@@ -235,19 +238,19 @@ impl Database {
         .bind(resume)
         .bind(&now)
         .execute(&mut *tx)
-        .await
-        .map_err(self.fail("store the resume point"))?;
-        tx.commit().await.map_err(self.fail("commit a page"))
+        .await?;
+        tx.commit().await?;
+        Ok(refused)
     }
 
-    /// The stored resume point of an unfinished pass of this exact query, if any.
-    pub async fn resume_point(
+    /// The stored resume point (JSON) of an unfinished pass of this exact query, if any.
+    pub async fn resume_text(
         &self,
         job: &str,
         partition: &str,
         query_hash: &str,
-    ) -> Result<Option<Request>, Error> {
-        let row = sqlx::query(
+    ) -> Result<Option<String>, Error> {
+        sqlx::query_scalar(
             "SELECT resume FROM sync_state WHERE job = ? AND partition = ? AND query_hash = ? \
              AND resume IS NOT NULL",
         )
@@ -256,16 +259,15 @@ impl Database {
         .bind(query_hash)
         .fetch_optional(&self.pool)
         .await
-        .map_err(self.fail("read the resume point"))?;
-        let Some(row) = row else { return Ok(None) };
-        let text: String = row.get(0);
-        match serde_json::from_str(&text) {
-            Ok(request) => Ok(Some(request)),
-            Err(e) => {
-                tracing::warn!(job, partition, error = %e, "unreadable resume point; starting the pass over");
-                Ok(None)
-            }
-        }
+        .map_err(self.fail("read the resume point"))
+    }
+
+    /// Every stored item, ordered.
+    pub async fn all_items(&self) -> Result<Vec<(String, String, String)>, Error> {
+        sqlx::query_as("SELECT collection, id, content FROM items ORDER BY collection, id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.fail("read items"))
     }
 
     /// Records the start of a run.
@@ -290,7 +292,6 @@ impl Database {
         counts: &Counts,
         error: Option<&str>,
     ) -> Result<(), Error> {
-        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         sqlx::query(
             "UPDATE sync_runs SET finished_at = ?, status = ?, pages = ?, items_new = ?, \
              items_changed = ?, items_unchanged = ?, items_deleted = ?, items_quarantined = ?, \
@@ -298,15 +299,15 @@ impl Database {
         )
         .bind(now())
         .bind(status)
-        .bind(n(counts.pages))
-        .bind(n(counts.new))
-        .bind(n(counts.changed))
-        .bind(n(counts.unchanged))
-        .bind(n(counts.deleted))
-        .bind(n(counts.quarantined))
-        .bind(n(counts.duplicate))
-        .bind(n(counts.retries))
-        .bind(n(counts.token_renewals))
+        .bind(count(counts.pages))
+        .bind(count(counts.new))
+        .bind(count(counts.changed))
+        .bind(count(counts.unchanged))
+        .bind(count(counts.deleted))
+        .bind(count(counts.quarantined))
+        .bind(count(counts.duplicate))
+        .bind(count(counts.retries))
+        .bind(count(counts.token_renewals))
         .bind(error)
         .bind(run_id)
         .execute(&self.pool)

@@ -1,0 +1,396 @@
+//! The sink conformance suite: the same test functions run against SQLite and Postgres (each
+//! with a local folder as object store), through the whole `run` pipeline.
+
+mod common;
+
+use common::fixture::{self, Fault, Paging};
+use common::tokens::Issuer;
+use common::{Setup, make_items, stored_items, stored_objects};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use stac_sync::clock::ManualClock;
+use stac_sync::config::EnvVars;
+use stac_sync::db::Database;
+use stac_sync::error::Exit;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+struct Case {
+    backend: Backend,
+    clock: Arc<ManualClock>,
+    server: fixture::Fixture,
+    dir: tempfile::TempDir,
+    database: String,
+}
+
+impl Case {
+    async fn new(backend: Backend, pages: Vec<Vec<Value>>) -> Case {
+        let clock = Arc::new(ManualClock::default());
+        let server = fixture::start(
+            pages,
+            Paging::PostFull,
+            Issuer::new(clock.clone(), "id", "secret"),
+        )
+        .await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let database = match backend {
+            Backend::Sqlite => format!("sqlite://{}", dir.path().join("mirror.db").display()),
+            Backend::Postgres => common::fresh_postgres().await,
+        };
+        Case {
+            backend,
+            clock,
+            server,
+            dir,
+            database,
+        }
+    }
+
+    fn setup(&self) -> Setup<'_> {
+        Setup {
+            api_url: &self.server.url,
+            dir: self.dir.path(),
+            collections: vec!["c".into()],
+            limit: 3,
+            method: "POST",
+            extra: String::new(),
+            env: EnvVars {
+                token_url: Some(self.server.token_url.clone()),
+                client_id: Some("id".into()),
+                client_secret: Some(SecretString::from("secret")),
+                ..EnvVars::default()
+            },
+            database: Some(self.database.clone()),
+            objects: None,
+        }
+    }
+
+    async fn run(&self) -> stac_sync::sync::Summary {
+        self.setup().run(self.clock.clone()).await
+    }
+
+    fn objects(&self) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let mut objects = stored_objects(&self.setup().objects_dir());
+        objects.retain(|key, _| !key.starts_with("_runs/"));
+        objects
+    }
+}
+
+fn pages(count: usize, per_page: usize) -> Vec<Vec<Value>> {
+    make_items("c", count * per_page)
+        .chunks(per_page)
+        .map(<[Value]>::to_vec)
+        .collect()
+}
+
+async fn a_rerun_converges_and_rewrites_nothing(backend: Backend) {
+    let case = Case::new(backend, pages(4, 3)).await;
+
+    let first = case.run().await;
+    let rows = stored_items(&case.database).await;
+    let objects = case.objects();
+    let mtimes: Vec<_> = objects
+        .keys()
+        .map(|k| {
+            std::fs::metadata(case.setup().objects_dir().join(k))
+                .and_then(|m| m.modified())
+                .expect("mtime")
+        })
+        .collect();
+    let second = case.run().await;
+
+    assert_eq!(first.exit(), Exit::Success, "{:?}", first.jobs[0].error);
+    assert_eq!(second.exit(), Exit::Success, "{:?}", second.jobs[0].error);
+    assert_eq!(
+        (first.jobs[0].counts.new, second.jobs[0].counts.new),
+        (12, 0)
+    );
+    assert_eq!(second.jobs[0].counts.unchanged, 12);
+    assert_eq!(rows.len(), 12);
+    assert_eq!(stored_items(&case.database).await, rows);
+    assert_eq!(case.objects(), objects);
+    let after: Vec<_> = objects
+        .keys()
+        .map(|k| {
+            std::fs::metadata(case.setup().objects_dir().join(k))
+                .and_then(|m| m.modified())
+                .expect("mtime")
+        })
+        .collect();
+    assert_eq!(after, mtimes, "unchanged items' objects were rewritten");
+    for ((collection, id), content) in &rows {
+        let object = &objects[&format!("{collection}/{id}.json")];
+        let stored: Value = serde_json::from_str(content).expect("json");
+        assert_eq!(
+            serde_json::from_slice::<Value>(object).expect("json"),
+            stored
+        );
+    }
+}
+
+async fn changed_items_are_updated_in_rows_and_objects(backend: Backend) {
+    let case = Case::new(backend, pages(3, 3)).await;
+    case.run().await;
+    {
+        let mut pages = case.server.state.pages.lock().expect("lock");
+        pages[1][0]["properties"]["eo:cloud_cover"] = json!(42.5);
+        pages[2][2]["properties"]["updated"] = json!("2030-01-01T00:00:00Z");
+    }
+
+    let second = case.run().await;
+
+    let counts = &second.jobs[0].counts;
+    assert_eq!((counts.new, counts.changed, counts.unchanged), (0, 2, 7));
+    let id = case.server.state.pages.lock().expect("lock")[1][0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let rows = stored_items(&case.database).await;
+    let row: Value = serde_json::from_str(&rows[&("c".to_string(), id.clone())]).expect("json");
+    assert_eq!(row["properties"]["eo:cloud_cover"], json!(42.5));
+    let object: Value =
+        serde_json::from_slice(&case.objects()[&format!("c/{id}.json")]).expect("json");
+    assert_eq!(object["properties"]["eo:cloud_cover"], json!(42.5));
+    let third = case.run().await;
+    assert_eq!(third.jobs[0].counts.unchanged, 9);
+}
+
+async fn a_bad_item_is_quarantined_alone(backend: Backend) {
+    let mut items = make_items("c", 5);
+    let mut nul = items[3].clone();
+    nul["properties"]["title"] = json!("nul \u{0000} inside");
+    items[3] = nul;
+    items[1].as_object_mut().expect("object").remove("id");
+    let case = Case::new(backend, vec![items]).await;
+
+    let summary = case.run().await;
+
+    assert_eq!(summary.exit(), Exit::Partial, "{:?}", summary.jobs[0].error);
+    let reasons: Vec<String> = common::quarantined(&case.database)
+        .await
+        .into_iter()
+        .map(|q| q.0)
+        .collect();
+    let rows = stored_items(&case.database).await;
+    match case.backend {
+        // SQLite stores the NUL character; Postgres cannot, so that item is quarantined too.
+        Backend::Sqlite => {
+            assert_eq!(reasons, ["the item has no id"]);
+            assert_eq!(rows.len(), 4);
+        }
+        Backend::Postgres => {
+            assert_eq!(reasons[0], "the item has no id");
+            assert!(reasons[1].contains("NUL"), "{reasons:?}");
+            assert_eq!(rows.len(), 3);
+            assert_eq!(
+                case.objects().len(),
+                3,
+                "a refused item left an object behind"
+            );
+        }
+    }
+}
+
+async fn an_item_the_database_refuses_at_commit_is_quarantined_alone(backend: Backend) {
+    let items = make_items("c", 4);
+    let case = Case::new(backend, vec![items.clone()]).await;
+    let db = Database::connect(&case.database).await.expect("db");
+    db.migrate().await.expect("migrate");
+    // A rule of the user's: a trigger that refuses one id.
+    let refused_id = items[2]["id"].as_str().expect("id").to_string();
+    match backend {
+        Backend::Sqlite => {
+            common::execute(
+                &case.database,
+                "CREATE TRIGGER refuse BEFORE INSERT ON items \
+                WHEN NEW.id LIKE '%-00002' BEGIN SELECT RAISE(ABORT, 'not this one'); END",
+            )
+            .await;
+        }
+        Backend::Postgres => {
+            common::execute(
+                &case.database,
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql \
+                AS $$ BEGIN IF NEW.id LIKE '%-00002' THEN RAISE EXCEPTION 'not this one'; END IF; \
+                RETURN NEW; END $$",
+            )
+            .await;
+            common::execute(
+                &case.database,
+                "CREATE TRIGGER refuse BEFORE INSERT ON items \
+                FOR EACH ROW EXECUTE FUNCTION refuse()",
+            )
+            .await;
+        }
+    }
+
+    let summary = case.run().await;
+
+    assert_eq!(summary.exit(), Exit::Partial, "{:?}", summary.jobs[0].error);
+    assert_eq!(
+        (
+            summary.jobs[0].counts.new,
+            summary.jobs[0].counts.quarantined
+        ),
+        (3, 1)
+    );
+    let rows = stored_items(&case.database).await;
+    assert_eq!(rows.len(), 3);
+    assert!(!rows.contains_key(&("c".to_string(), refused_id.clone())));
+    let reasons = common::quarantined(&case.database).await;
+    assert!(reasons[0].0.contains("not this one"), "{reasons:?}");
+    assert!(
+        !case.objects().contains_key(&format!("c/{refused_id}.json")),
+        "its object was left behind"
+    );
+    assert_eq!(case.objects().len(), 3);
+}
+
+async fn the_resume_point_commits_with_the_rows(backend: Backend) {
+    let case = Case::new(backend, pages(5, 3)).await;
+    case.server.fault(Fault::Pass);
+    case.server.fault(Fault::Pass);
+    for _ in 0..6 {
+        case.server.fault(Fault::Status(503, vec![], "down".into()));
+    }
+
+    let first = case.run().await;
+    let resume_points = common::scalar(
+        &case.database,
+        "SELECT COUNT(*) FROM sync_state WHERE resume IS NOT NULL",
+    )
+    .await;
+    let second = case.run().await;
+
+    assert_eq!(first.exit(), Exit::Upstream);
+    assert_eq!(resume_points, 1);
+    assert_eq!(second.exit(), Exit::Success, "{:?}", second.jobs[0].error);
+    assert_eq!(
+        case.server.served(),
+        vec![0, 1, 2, 3, 4],
+        "the second run did not resume at page 2"
+    );
+    assert_eq!(stored_items(&case.database).await.len(), 15);
+    assert_eq!(
+        common::scalar(
+            &case.database,
+            "SELECT COUNT(*) FROM sync_state WHERE resume IS NOT NULL"
+        )
+        .await,
+        0
+    );
+}
+
+async fn a_run_killed_between_objects_and_commit_converges(backend: Backend) {
+    let case = Case::new(backend, pages(3, 3)).await;
+    let reference = Case::new(backend, pages(3, 3)).await;
+    reference.run().await;
+    let db = Database::connect(&case.database).await.expect("db");
+    db.migrate().await.expect("migrate");
+    // The fail point: the database refuses the first page's commit, after its objects are
+    // written, as if the process died between the two.
+    let (function, trigger, drop) = match backend {
+        Backend::Sqlite => (
+            None,
+            "CREATE TRIGGER fail_point BEFORE INSERT ON sync_state \
+             BEGIN SELECT RAISE(ABORT, 'fail point'); END",
+            "DROP TRIGGER fail_point",
+        ),
+        Backend::Postgres => (
+            Some(
+                "CREATE FUNCTION fail_point() RETURNS trigger LANGUAGE plpgsql \
+                  AS $$ BEGIN RAISE EXCEPTION 'fail point'; END $$",
+            ),
+            "CREATE TRIGGER fail_point BEFORE INSERT ON sync_state \
+             FOR EACH ROW EXECUTE FUNCTION fail_point()",
+            "DROP TRIGGER fail_point ON sync_state",
+        ),
+    };
+    if let Some(function) = function {
+        common::execute(&case.database, function).await;
+    }
+    common::execute(&case.database, trigger).await;
+
+    let failed = case.run().await;
+    let rows_after_failure = stored_items(&case.database).await;
+    let objects_after_failure = case.objects().len();
+    common::execute(&case.database, drop).await;
+    let recovered = case.run().await;
+
+    assert_eq!(failed.exit(), Exit::Sink, "{:?}", failed.jobs[0].error);
+    assert!(rows_after_failure.is_empty(), "the failed commit left rows");
+    assert_eq!(
+        objects_after_failure, 3,
+        "the first page's objects precede its commit"
+    );
+    assert_eq!(
+        recovered.exit(),
+        Exit::Success,
+        "{:?}",
+        recovered.jobs[0].error
+    );
+    assert_eq!(
+        stored_items(&case.database).await,
+        stored_items(&reference.database).await
+    );
+    assert_eq!(case.objects(), reference.objects());
+}
+
+async fn a_second_run_of_a_locked_job_exits_7_without_writing(backend: Backend) {
+    let case = Case::new(backend, pages(2, 3)).await;
+    let db = Database::connect(&case.database).await.expect("db");
+    db.migrate().await.expect("migrate");
+    let lock = db
+        .lock("test")
+        .await
+        .expect("the first runner takes the lock");
+
+    let blocked = case.run().await;
+    let runs = common::scalar(&case.database, "SELECT COUNT(*) FROM sync_runs").await;
+    drop(lock);
+    let after = case.run().await;
+
+    assert_eq!(blocked.exit(), Exit::Locked);
+    assert_eq!(runs, 0, "the blocked run wrote a run record");
+    assert!(
+        case.server.served().len() == 2,
+        "only the second run fetched pages"
+    );
+    assert_eq!(after.exit(), Exit::Success, "{:?}", after.jobs[0].error);
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    a_rerun_converges_and_rewrites_nothing,
+    changed_items_are_updated_in_rows_and_objects,
+    a_bad_item_is_quarantined_alone,
+    an_item_the_database_refuses_at_commit_is_quarantined_alone,
+    the_resume_point_commits_with_the_rows,
+    a_run_killed_between_objects_and_commit_converges,
+    a_second_run_of_a_locked_job_exits_7_without_writing,
+);
