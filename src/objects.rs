@@ -6,6 +6,7 @@
 //! `object_store`'s `LocalFileSystem`, which writes a temporary file and renames it, so a killed
 //! run never leaves half an object.
 
+use crate::db::Known;
 use crate::error::Error;
 use crate::page::Item;
 use bytes::Bytes;
@@ -15,7 +16,7 @@ use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -149,24 +150,47 @@ impl ObjectSink {
         Path::parse(&full).unwrap_or_else(|_| Path::from(full.as_str()))
     }
 
-    /// Writes the objects of these items, several at a time.
-    pub async fn put_items(&self, items: &[&Item]) -> Result<(), Error> {
+    /// Writes the objects of these items, several at a time. A new item is written with a
+    /// conditional put (create only) where the store supports it; if an object is already
+    /// there (a run killed after writing it), identical bytes count as success and other bytes
+    /// are replaced. A changed item overwrites its object.
+    pub async fn put_items(&self, items: &[(&Item, Known)]) -> Result<(), Error> {
         stream::iter(items)
-            .map(|item| async move {
-                let key = self.item_key(&item.collection, &item.id);
-                self.store
-                    .put(&key, PutPayload::from(item.content.clone()))
-                    .await
-                    .map_err(|e| {
-                        Error::Sink(format!(
-                            "object store {}: writing {key} (item {}/{}): {e}",
-                            self.shown, item.collection, item.id
-                        ))
-                    })
-            })
+            .map(|(item, known)| self.put_item(item, *known))
             .buffer_unordered(self.puts_in_flight)
             .try_collect::<Vec<_>>()
             .await?;
+        Ok(())
+    }
+
+    async fn put_item(&self, item: &Item, known: Known) -> Result<(), Error> {
+        let key = self.item_key(&item.collection, &item.id);
+        let fail = |e: object_store::Error| {
+            Error::Sink(format!(
+                "object store {}: writing {key} (item {}/{}): {e}",
+                self.shown, item.collection, item.id
+            ))
+        };
+        let payload = || PutPayload::from(item.content.clone());
+        if known == Known::New {
+            match self
+                .store
+                .put_opts(&key, payload(), PutMode::Create.into())
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    let existing = self.store.get(&key).await.map_err(fail)?;
+                    if existing.bytes().await.map_err(fail)? == item.content {
+                        return Ok(());
+                    }
+                }
+                // The store cannot put conditionally: overwrite, which is idempotent anyway.
+                Err(object_store::Error::NotImplemented { .. }) => {}
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        self.store.put(&key, payload()).await.map_err(fail)?;
         Ok(())
     }
 

@@ -351,10 +351,10 @@ async fn write_page(
         }
         changed.push((item, *known));
     }
-    let to_write: Vec<&Item> = changed.iter().map(|(item, _)| *item).collect();
     if let Some(objects) = &context.objects {
-        objects.put_items(&to_write).await?;
+        objects.put_items(&changed).await?;
     }
+    let to_write: Vec<&Item> = changed.iter().map(|(item, _)| *item).collect();
     let page_url = http::display_url(&request.url);
     let refused = context
         .db

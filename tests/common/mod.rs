@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fixture;
+pub mod moto;
 pub mod stac;
 pub mod tokens;
 

@@ -1,0 +1,175 @@
+//! The write path alone: pages of 1,000 realistic items (Sentinel-2 L2A-like, about 15 KB of
+//! JSON each, made from the real EDS fixture items) parsed, classified and committed, into
+//! SQLite and into Postgres; then the same pages again (all unchanged). The baseline, measured
+//! in the same run on the same database, is the simplest correct writer: one INSERT per item,
+//! one transaction per page.
+//!
+//! ```text
+//! cargo bench --bench write_path            # 20 pages of 1,000 items
+//! STAC_SYNC_BENCH_PAGES=50 cargo bench --bench write_path
+//! ```
+//! Postgres comes from `STAC_SYNC_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432`).
+
+#[path = "../tests/common/mod.rs"]
+#[allow(unused)]
+mod common;
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use stac_sync::api::Request;
+use stac_sync::db::{Database, PageCommit};
+use stac_sync::page;
+use std::time::Instant;
+
+const PER_PAGE: usize = 1000;
+
+/// Items of about 15 KB: the EDS items (about 6 KB) with their assets repeated under new keys.
+fn realistic_page(number: usize) -> Bytes {
+    let mut items = common::make_items("sentinel-2-l2a", PER_PAGE);
+    for (i, item) in items.iter_mut().enumerate() {
+        item["id"] = json!(format!("S2-bench-{number:04}-{i:04}"));
+        let assets = item["assets"].as_object().cloned().unwrap_or_default();
+        let mut grown = assets.clone();
+        for round in 0..4 {
+            for (key, asset) in &assets {
+                grown.insert(format!("{key}-r{round}"), asset.clone());
+            }
+        }
+        item["assets"] = Value::Object(grown);
+    }
+    Bytes::from(
+        serde_json::to_vec(&json!({"type": "FeatureCollection", "features": items, "links": []}))
+            .unwrap_or_default(),
+    )
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn stac_sync_pass(db: &Database, pages: &[Bytes], request: &Request) -> f64 {
+    let started = Instant::now();
+    let mut items = 0;
+    for body in pages {
+        let page = page::parse_page(body, request, None).unwrap_or_else(|e| panic!("page: {e}"));
+        let known = db
+            .classify(&page.items)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let changed: Vec<_> = page
+            .items
+            .iter()
+            .zip(&known)
+            .filter(|(_, k)| **k != stac_sync::db::Known::Unchanged)
+            .map(|(i, _)| i)
+            .collect();
+        db.commit_page(PageCommit {
+            run_id: "bench",
+            job: "bench",
+            partition: "all",
+            query_hash: "bench",
+            items: changed,
+            rejected: &[],
+            page_url: "http://bench/search",
+            resume: Some(request),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        items += page.items.len();
+    }
+    items as f64 / started.elapsed().as_secs_f64()
+}
+
+/// One INSERT per item, one transaction per page: the simplest correct writer.
+async fn baseline_pass(db: &Database, pages: &[Bytes], request: &Request) -> f64 {
+    let started = Instant::now();
+    let mut items = 0;
+    for body in pages {
+        let page = page::parse_page(body, request, None).unwrap_or_else(|e| panic!("page: {e}"));
+        match db {
+            Database::Postgres(pg) => {
+                let mut tx = pg.pool().begin().await.unwrap_or_else(|e| panic!("{e}"));
+                for item in &page.items {
+                    sqlx::query("INSERT INTO baseline (collection, id, content) VALUES ($1, $2, $3::jsonb) ON CONFLICT (collection, id) DO UPDATE SET content = excluded.content")
+                        .bind(&item.collection)
+                        .bind(&item.id)
+                        .bind(std::str::from_utf8(&item.content).unwrap_or_default())
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
+                tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+            }
+            Database::Sqlite(lite) => {
+                let mut tx = lite.pool().begin().await.unwrap_or_else(|e| panic!("{e}"));
+                for item in &page.items {
+                    sqlx::query("INSERT INTO baseline (collection, id, content) VALUES (?, ?, ?) ON CONFLICT (collection, id) DO UPDATE SET content = excluded.content")
+                        .bind(&item.collection)
+                        .bind(&item.id)
+                        .bind(std::str::from_utf8(&item.content).unwrap_or_default())
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
+                tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        items += page.items.len();
+    }
+    items as f64 / started.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let count: usize = std::env::var("STAC_SYNC_BENCH_PAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let pages: Vec<Bytes> = (0..count).map(realistic_page).collect();
+    let item_kb = pages[0].len() as f64 / PER_PAGE as f64 / 1024.0;
+    let request =
+        Request::get(url::Url::parse("http://bench/search").unwrap_or_else(|e| panic!("{e}")));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let postgres = common::fresh_postgres().await;
+    println!("write path: {count} pages of {PER_PAGE} items, {item_kb:.1} KB of JSON per item");
+    println!(
+        "{:<10} {:>22} {:>22} {:>22} {:>8}",
+        "database", "baseline items/s", "stac-sync new items/s", "unchanged items/s", "ratio"
+    );
+    for (name, url, table) in [
+        (
+            "sqlite",
+            sqlite.as_str(),
+            "CREATE TABLE baseline (collection TEXT, id TEXT, content TEXT, PRIMARY KEY (collection, id))",
+        ),
+        (
+            "postgres",
+            postgres.as_str(),
+            "CREATE TABLE baseline (collection TEXT, id TEXT, content JSONB, PRIMARY KEY (collection, id))",
+        ),
+    ] {
+        let db = Database::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        db.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+        common::execute(url, table).await;
+        let baseline = baseline_pass(&db, &pages, &request).await;
+        let new = stac_sync_pass(&db, &pages, &request).await;
+        let unchanged = stac_sync_pass(&db, &pages, &request).await;
+        println!(
+            "{name:<10} {baseline:>22.0} {new:>22.0} {unchanged:>22.0} {:>7.2}x",
+            new / baseline
+        );
+    }
+    println!("peak RSS of the benchmark process: {:.0} MB", peak_rss_mb());
+}
