@@ -3,6 +3,7 @@
 //! and helpers to configure and run a sync against either.
 #![allow(dead_code)]
 
+pub mod azurite;
 pub mod fixture;
 pub mod moto;
 pub mod stac;

@@ -1,5 +1,6 @@
-//! Object storage against a real S3 API (moto): the same bytes as a local folder, nothing
-//! rewritten on a second run, and a missing bucket stopping the run before any page.
+//! Object storage against real cloud APIs (S3 on moto, Azure Blob on Azurite): the same bytes
+//! as a local folder, nothing rewritten on a second run, and a missing bucket stopping the run
+//! before any page.
 
 mod common;
 
@@ -11,6 +12,7 @@ use futures_util::TryStreamExt;
 use object_store::ObjectStore;
 use object_store::ObjectStoreExt;
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
 use secrecy::SecretString;
 use serde_json::Value;
 use stac_sync::clock::ManualClock;
@@ -46,7 +48,10 @@ async fn bucket_objects(
     for (k, v) in moto.options() {
         builder = builder.with_config(k.parse().expect("key"), v);
     }
-    let store = builder.build().expect("store");
+    list(&builder.build().expect("store"), prefix).await
+}
+
+async fn list(store: &dyn ObjectStore, prefix: &str) -> BTreeMap<String, (Vec<u8>, String)> {
     let listed: Vec<_> = store
         .list(Some(&object_store::path::Path::from(prefix)))
         .try_collect()
@@ -213,4 +218,74 @@ async fn a_missing_bucket_stops_the_run_with_exit_6_before_any_page() {
         "{message}"
     );
     assert!(server.served().is_empty(), "pages were fetched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_blob_storage_holds_the_same_bytes_as_a_folder() {
+    let azurite = common::azurite::Azurite::start();
+    azurite.create_container("mirror").await;
+    let clock = Arc::new(ManualClock::default());
+    let server = fixture::start(
+        pages(),
+        Paging::PostFull,
+        Issuer::new(clock.clone(), "id", "secret"),
+    )
+    .await;
+    let local_dir = tempfile::tempdir().expect("tempdir");
+    let local = Setup {
+        api_url: &server.url,
+        dir: local_dir.path(),
+        collections: vec!["sentinel-2-l2a".into()],
+        limit: 4,
+        method: "POST",
+        extra: String::new(),
+        env: env(&server.token_url),
+        database: None,
+        objects: None,
+    };
+    let azure_dir = tempfile::tempdir().expect("tempdir");
+    let azure = Setup {
+        dir: azure_dir.path(),
+        extra: azurite.toml(),
+        objects: Some("az://mirror/items".into()),
+        database: None,
+        env: env(&server.token_url),
+        collections: local.collections.clone(),
+        ..local
+    };
+
+    let local_run = local.run(clock.clone()).await;
+    let azure_run = azure.run(clock.clone()).await;
+    let rerun = azure.run(clock.clone()).await;
+
+    assert_eq!(
+        local_run.exit(),
+        Exit::Success,
+        "{:?}",
+        local_run.jobs[0].error
+    );
+    assert_eq!(
+        azure_run.exit(),
+        Exit::Success,
+        "{:?}",
+        azure_run.jobs[0].error
+    );
+    assert_eq!(
+        (rerun.jobs[0].counts.new, rerun.jobs[0].counts.unchanged),
+        (0, 10)
+    );
+    let mut builder = MicrosoftAzureBuilder::new().with_container_name("mirror");
+    for (k, v) in &azure.config().object_store_options {
+        builder = builder.with_config(k.parse().expect("key"), v);
+    }
+    let blobs: BTreeMap<String, Vec<u8>> = list(&builder.build().expect("store"), "items")
+        .await
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("_runs/"))
+        .map(|(k, (bytes, _))| (k, bytes))
+        .collect();
+    let mut folder = stored_objects(&local.objects_dir());
+    folder.retain(|k, _| !k.starts_with("_runs/"));
+    assert_eq!(blobs.len(), 10);
+    assert_eq!(blobs, folder, "Azure and the folder differ");
 }
