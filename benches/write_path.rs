@@ -155,7 +155,7 @@ async fn main() {
         (
             "postgres",
             postgres.as_str(),
-            "CREATE TABLE baseline (collection TEXT, id TEXT, content JSONB, PRIMARY KEY (collection, id))",
+            "CREATE TABLE baseline (collection TEXT, id TEXT, content JSONB COMPRESSION lz4, PRIMARY KEY (collection, id))",
         ),
     ] {
         let db = Database::connect(url)

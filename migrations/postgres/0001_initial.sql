@@ -4,7 +4,7 @@
 CREATE TABLE items (
     collection     TEXT NOT NULL,
     id             TEXT NOT NULL,
-    content        JSONB NOT NULL,
+    content        JSONB COMPRESSION lz4 NOT NULL, -- lz4: several times faster than pglz
     content_hash   TEXT NOT NULL,             -- BLAKE3 of the bytes received, hex
     datetime       TEXT,
     start_datetime TEXT,
