@@ -490,3 +490,31 @@ async fn refused_client_credentials_are_an_auth_error_that_says_what_to_check() 
 fn env_with_wrong_secret(token_url: &str) -> EnvVars {
     env(token_url, "wrong-secret")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_is_never_sent_to_another_origin_than_the_apis() {
+    let env = fixture_env(pages(3, 2), Paging::GetHref).await;
+    let elsewhere = fixture::start(
+        pages(3, 2),
+        Paging::GetHref,
+        Issuer::new(env.clock.clone(), ID, SECRET),
+    )
+    .await;
+    *env.server.state.next_origin.lock().expect("lock") = Some(elsewhere.url.clone());
+
+    let summary = env.setup().run(env.clock.clone()).await;
+
+    assert_eq!(elsewhere.state.searches.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        elsewhere.state.with_authorization.load(Ordering::SeqCst),
+        0,
+        "the token leaked"
+    );
+    assert_eq!(
+        env.server.state.with_authorization.load(Ordering::SeqCst),
+        1
+    );
+    assert_eq!(summary.exit(), Exit::Auth);
+    let error = summary.jobs[0].error.as_ref().expect("error").to_string();
+    assert!(error.contains(&elsewhere.url), "{error}");
+}

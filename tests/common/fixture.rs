@@ -54,6 +54,10 @@ pub struct FixtureState {
     pub advance_per_page: Mutex<Duration>,
     /// Search requests received.
     pub searches: AtomicUsize,
+    /// Search requests that carried an `Authorization` header.
+    pub with_authorization: AtomicUsize,
+    /// Base URL the next links point at, when not this server's own.
+    pub next_origin: Mutex<Option<String>>,
     /// Pages served in full, by index.
     pub served: Mutex<Vec<usize>>,
 }
@@ -89,6 +93,8 @@ pub async fn start(pages: Vec<Vec<Value>>, paging: Paging, issuer: Arc<Issuer>) 
         repeat_at: Mutex::new(None),
         advance_per_page: Mutex::new(Duration::ZERO),
         searches: AtomicUsize::new(0),
+        with_authorization: AtomicUsize::new(0),
+        next_origin: Mutex::new(None),
         served: Mutex::new(Vec::new()),
     });
     let app = Router::new()
@@ -117,6 +123,9 @@ async fn search(
     body: Bytes,
 ) -> Response {
     state.searches.fetch_add(1, Ordering::SeqCst);
+    if headers.contains_key(header::AUTHORIZATION) {
+        state.with_authorization.fetch_add(1, Ordering::SeqCst);
+    }
     if !state.issuer.accepts(&headers) {
         return state.issuer.refusal();
     }
@@ -163,18 +172,24 @@ async fn search(
         None
     };
     let paging = *state.paging.lock().expect("lock");
+    let base = state
+        .next_origin
+        .lock()
+        .expect("lock")
+        .clone()
+        .unwrap_or_else(|| state.url.clone());
     let mut links = vec![json!({"rel": "root", "href": state.url})];
     if let Some(target) = target {
         let token = format!("p{target}");
         links.push(match paging {
             Paging::GetHref => json!({"rel": "next", "type": "application/geo+json",
-                "href": format!("{}search?collections=x&token={token}", state.url)}),
+                "href": format!("{base}search?collections=x&token={token}")}),
             Paging::PostFull => {
                 let mut body = request_body.clone();
                 body["token"] = Value::String(token);
-                json!({"rel": "next", "href": format!("{}search", state.url), "method": "POST", "body": body})
+                json!({"rel": "next", "href": format!("{base}search"), "method": "POST", "body": body})
             }
-            Paging::PostMerge => json!({"rel": "next", "href": format!("{}search", state.url),
+            Paging::PostMerge => json!({"rel": "next", "href": format!("{base}search"),
                 "method": "POST", "merge": true, "body": {"token": token}}),
         });
     }
