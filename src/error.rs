@@ -58,6 +58,11 @@ pub enum Error {
         /// Who holds it, as far as we know.
         detail: String,
     },
+    /// Stopped by SIGTERM (or Ctrl-C) after committing what was fetched.
+    #[error(
+        "stopped by a termination signal; pages fetched so far are committed and the next run resumes"
+    )]
+    Stopped,
     /// A bug or an unforeseen condition.
     #[error("internal error: {0}")]
     Internal(String),
@@ -72,6 +77,7 @@ impl Error {
             Error::Upstream(_) => Exit::Upstream,
             Error::Sink(_) => Exit::Sink,
             Error::Locked { .. } => Exit::Locked,
+            Error::Stopped => Exit::Terminated,
             Error::Internal(_) => Exit::Internal,
         }
     }

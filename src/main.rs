@@ -53,6 +53,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// SIGTERM (Kubernetes eviction, systemd stop) or Ctrl-C cancels `stop`: the run stops
+/// starting pages, commits what it fetched, records itself and exits 143.
+fn stop_on_signals(stop: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            () = terminate => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::warn!("termination requested: committing fetched pages, then stopping");
+        stop.cancel();
+    });
+}
+
 async fn execute(cli: Cli) -> Result<Exit, Error> {
     let config = Config::load(&cli.overrides)?;
     match cli.command {
@@ -61,6 +85,7 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
                 migrate: !no_migrate,
                 ..RunOptions::default()
             };
+            stop_on_signals(options.stop.clone());
             let summary = sync::run(&config, options).await?;
             let exit = summary.exit();
             for job in &summary.jobs {

@@ -20,6 +20,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Pages buffered between the pager and the writer.
 const PAGES_BUFFERED: usize = 4;
@@ -33,6 +34,9 @@ pub struct RunOptions {
     pub clock: Arc<dyn Clock>,
     /// Apply migrations before running.
     pub migrate: bool,
+    /// Cancelled on SIGTERM: no new page is started, pages already fetched are committed, the
+    /// run is recorded as interrupted and the process exits 143.
+    pub stop: CancellationToken,
 }
 
 impl Default for RunOptions {
@@ -40,6 +44,7 @@ impl Default for RunOptions {
         RunOptions {
             clock: MonotonicClock::shared(),
             migrate: true,
+            stop: CancellationToken::new(),
         }
     }
 }
@@ -69,6 +74,9 @@ impl Summary {
     /// 2 when some failed or quarantined items, 0 otherwise.
     pub fn exit(&self) -> Exit {
         let failures: Vec<&Error> = self.jobs.iter().filter_map(|j| j.error.as_ref()).collect();
+        if failures.iter().any(|e| matches!(e, Error::Stopped)) {
+            return Exit::Terminated;
+        }
         if !failures.is_empty() && failures.len() == self.jobs.len() {
             return failures[0].exit();
         }
@@ -86,6 +94,7 @@ pub struct Context {
     db: Database,
     objects: Option<ObjectSink>,
     stats: Arc<Stats>,
+    stop: CancellationToken,
 }
 
 impl Context {
@@ -129,6 +138,7 @@ impl Context {
             db,
             objects,
             stats,
+            stop: options.stop.clone(),
         })
     }
 
@@ -148,6 +158,9 @@ pub async fn run(config: &Config, options: RunOptions) -> Result<Summary, Error>
     let context = Context::open(config, &options).await?;
     let mut jobs = Vec::new();
     for job in &config.jobs {
+        if context.stop.is_cancelled() {
+            break;
+        }
         jobs.push(run_job(&context, job).await?);
     }
     Ok(Summary { jobs })
@@ -193,6 +206,7 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
     counts.token_renewals = after.1 - before.1;
 
     let status = match &result {
+        Err(Error::Stopped) => "interrupted",
         Err(_) => "failed",
         Ok(()) if counts.quarantined > 0 => "partial",
         Ok(()) => "succeeded",
@@ -292,12 +306,16 @@ async fn pass(
                     http::display_url(&request.url)
                 )));
             }
-            let page = context
-                .api
-                .fetch("search page", &request, |body| {
-                    page::parse_page(&body, &request, default_collection.as_deref())
-                })
-                .await?;
+            let fetch = context.api.fetch("search page", &request, |body| {
+                page::parse_page(&body, &request, default_collection.as_deref())
+            });
+            // On SIGTERM the page in flight is abandoned (its retries too); pages already
+            // fetched are still committed by the writer.
+            let page = tokio::select! {
+                biased;
+                () = context.stop.cancelled() => return Err(Error::Stopped),
+                page = fetch => page?,
+            };
             let next = page.next.clone();
             if tx.send((request, page)).await.is_err() {
                 // The writer stopped (and reports why).

@@ -126,3 +126,80 @@ async fn refused_credentials_exit_4_and_say_which_variables_to_check() {
     );
     assert!(!String::from_utf8_lossy(&output.stderr).contains("wrong-secret"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_slow_page_commits_what_was_fetched_and_exits_143() {
+    let clock = Arc::new(ManualClock::default());
+    let pages: Vec<Vec<serde_json::Value>> = common::make_items("c", 6)
+        .chunks(2)
+        .map(<[serde_json::Value]>::to_vec)
+        .collect();
+    let server = fixture::start(pages, Paging::PostFull, Issuer::new(clock, "id", "right")).await;
+    *server.state.delay.lock().expect("lock") = (1, std::time::Duration::from_secs(60));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("stac-sync"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("STAC_SYNC_API_URL", &server.url)
+        .env("EDS_AUTH_URL", &server.token_url)
+        .env("EDS_CLIENT_ID", "id")
+        .env("EDS_SECRET", "right")
+        .args(["run", "--collection", "c"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawns");
+    // The first page is served at once; the second takes a minute.
+    let state = server.state.clone();
+    let watched = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while state.searches.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second page was never asked for"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    });
+    watched.await.expect("watcher");
+
+    let signalled = std::time::Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let output = tokio::task::spawn_blocking(move || {
+        let status = child.wait().expect("exits");
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        }
+        (status, stderr)
+    })
+    .await
+    .expect("join");
+
+    assert_eq!(output.0.code(), Some(143), "{}", output.1);
+    assert!(
+        signalled.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        signalled.elapsed()
+    );
+    let database = format!("sqlite://{}", dir.path().join("stac-sync.db").display());
+    assert_eq!(common::stored_items(&database).await.len(), 2);
+    assert_eq!(
+        common::scalar(
+            &database,
+            "SELECT COUNT(*) FROM sync_runs WHERE status = 'interrupted'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        common::scalar(
+            &database,
+            "SELECT COUNT(*) FROM sync_state WHERE resume IS NOT NULL"
+        )
+        .await,
+        1
+    );
+}

@@ -206,6 +206,7 @@ async fn a_missing_bucket_stops_the_run_with_exit_6_before_any_page() {
         stac_sync::sync::RunOptions {
             clock,
             migrate: true,
+            ..stac_sync::sync::RunOptions::default()
         },
     )
     .await;

@@ -54,6 +54,8 @@ pub struct FixtureState {
     pub advance_per_page: Mutex<Duration>,
     /// Search requests received.
     pub searches: AtomicUsize,
+    /// Real time the answers for pages from this index on take (a slow API): (index, delay).
+    pub delay: Mutex<(usize, Duration)>,
     /// Search requests that carried an `Authorization` header.
     pub with_authorization: AtomicUsize,
     /// Base URL the next links point at, when not this server's own.
@@ -94,6 +96,7 @@ pub async fn start(pages: Vec<Vec<Value>>, paging: Paging, issuer: Arc<Issuer>) 
         advance_per_page: Mutex::new(Duration::ZERO),
         searches: AtomicUsize::new(0),
         with_authorization: AtomicUsize::new(0),
+        delay: Mutex::new((0, Duration::ZERO)),
         next_origin: Mutex::new(None),
         served: Mutex::new(Vec::new()),
     });
@@ -129,6 +132,7 @@ async fn search(
     if !state.issuer.accepts(&headers) {
         return state.issuer.refusal();
     }
+
     let fault = state.faults.lock().expect("lock").pop_front();
     let request_body: Value = if method == Method::POST {
         match serde_json::from_slice(&body) {
@@ -156,6 +160,10 @@ async fn search(
         .and_then(|t| t.strip_prefix('p'))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
+    let (slow_from, delay) = *state.delay.lock().expect("lock");
+    if index >= slow_from && !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let pages = state.pages.lock().expect("lock").clone();
     let Some(features) = pages.get(index) else {
         return (

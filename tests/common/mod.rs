@@ -113,6 +113,7 @@ method = "{method}"
             RunOptions {
                 clock,
                 migrate: true,
+                ..RunOptions::default()
             },
         )
         .await
