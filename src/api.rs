@@ -134,6 +134,7 @@ impl ApiClient {
             };
             let answer = http::send(
                 what,
+                &shown,
                 &self.policy,
                 &self.stats,
                 Some(&self.permits),

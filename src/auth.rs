@@ -180,6 +180,7 @@ impl TokenSource {
         let url = http::display_url(&c.token_url);
         let outcome = http::send(
             "token request to",
+            &url,
             &self.policy,
             &self.stats,
             None,

@@ -157,10 +157,11 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 }
 
 /// Sends a request built by `build` until `accept` takes a response, retrying what is
-/// retryable. `permits` caps requests in flight; a permit is held per attempt, not while
-/// waiting to retry.
+/// retryable. `url` names the request in messages. `permits` caps requests in flight; a permit
+/// is held per attempt, not while waiting to retry.
 pub async fn send<T>(
     what: &'static str,
+    url: &str,
     policy: &RetryPolicy,
     stats: &Stats,
     permits: Option<&Semaphore>,
@@ -171,11 +172,6 @@ pub async fn send<T>(
     let mut waited = Duration::ZERO;
     loop {
         let request = build();
-        let url = request
-            .try_clone()
-            .and_then(|r| r.build().ok())
-            .map(|r| display_url(r.url()))
-            .unwrap_or_default();
         let (last, status, hint) = {
             let _permit = match permits {
                 Some(semaphore) => semaphore.acquire().await.ok(),
@@ -184,7 +180,13 @@ pub async fn send<T>(
             stats.requests.fetch_add(1, Ordering::Relaxed);
             match request.send().await {
                 Err(e) if is_retryable_error(&e) => (describe(&e), None, None),
-                Err(source) => return Err(HttpError::Fatal { what, url, source }),
+                Err(source) => {
+                    return Err(HttpError::Fatal {
+                        what,
+                        url: url.to_string(),
+                        source,
+                    });
+                }
                 Ok(response) => {
                     let status = response.status();
                     let headers = response.headers().clone();
@@ -213,7 +215,7 @@ pub async fn send<T>(
         if retries >= policy.max_retries || waited + delay > policy.budget {
             return Err(HttpError::Exhausted {
                 what,
-                url,
+                url: url.to_string(),
                 last,
                 attempts: retries + 1,
                 status,

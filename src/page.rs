@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use url::Url;
 
 /// An item ready to store.
@@ -190,13 +191,13 @@ pub fn parse_page(
     for raw in doc.features {
         let content = body.slice_ref(raw.get().as_bytes());
         match read_item(raw, content.clone(), default_collection) {
-            Ok(item) => match seen.get(&(item.collection.clone(), item.id.clone())) {
-                Some(&at) => {
+            Ok(item) => match seen.entry((item.collection.clone(), item.id.clone())) {
+                Entry::Occupied(at) => {
                     duplicates += 1;
-                    items[at] = item;
+                    items[*at.get()] = item;
                 }
-                None => {
-                    seen.insert((item.collection.clone(), item.id.clone()), items.len());
+                Entry::Vacant(slot) => {
+                    slot.insert(items.len());
                     items.push(item);
                 }
             },
