@@ -115,13 +115,13 @@ struct Properties<'a> {
     updated: Option<Cow<'a, str>>,
 }
 
-/// The first search request of a job (STAC API item-search, GET or POST).
-pub fn first_request(root: &Url, job: &Job) -> Request {
+/// The first search request of a job over `collections` (STAC API item-search, GET or POST).
+pub fn first_request(root: &Url, job: &Job, collections: &[String]) -> Request {
     let mut url = root.join("search").unwrap_or_else(|_| root.clone());
     match job.method {
         SearchMethod::Post => {
             let mut body = Map::new();
-            body.insert("collections".into(), job.collections.clone().into());
+            body.insert("collections".into(), collections.to_vec().into());
             body.insert("limit".into(), job.limit.into());
             if let Some(bbox) = &job.bbox {
                 body.insert("bbox".into(), bbox.clone().into());
@@ -149,7 +149,7 @@ pub fn first_request(root: &Url, job: &Job) -> Request {
         SearchMethod::Get => {
             {
                 let mut query = url.query_pairs_mut();
-                query.append_pair("collections", &job.collections.join(","));
+                query.append_pair("collections", &collections.join(","));
                 query.append_pair("limit", &job.limit.to_string());
                 if let Some(bbox) = &job.bbox {
                     let bbox: Vec<String> = bbox.iter().map(f64::to_string).collect();
@@ -175,8 +175,8 @@ pub fn first_request(root: &Url, job: &Job) -> Request {
 }
 
 /// Parses a page. `Err` means the page as a whole is unreadable (not JSON, no `features`): the
-/// caller retries it. `default_collection` is given to items without `collection` when the
-/// search names exactly one.
+/// caller retries it. `default_collection` is given to items without `collection` (the search
+/// named that one collection).
 pub fn parse_page(
     body: &Bytes,
     request: &Request,

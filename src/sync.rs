@@ -24,8 +24,31 @@ use tokio_util::sync::CancellationToken;
 
 /// Pages buffered between the pager and the writer.
 const PAGES_BUFFERED: usize = 4;
-/// The one partition of a job until partitioning arrives.
-const PARTITION: &str = "all";
+/// A slice of a job's search paged on its own, concurrently with the others, with its own
+/// resume point: today one per collection (EDS partitions its database by collection and
+/// recommends one query per collection); datetime windows come with incremental sync.
+#[derive(Debug)]
+struct Partition {
+    name: String,
+    collection: String,
+    first: Request,
+    query_hash: String,
+}
+
+fn partitions(root: &url::Url, job: &Job) -> Vec<Partition> {
+    job.collections
+        .iter()
+        .map(|collection| {
+            let first = page::first_request(root, job, std::slice::from_ref(collection));
+            Partition {
+                name: collection.clone(),
+                collection: collection.clone(),
+                query_hash: query_hash(&first),
+                first,
+            }
+        })
+        .collect()
+}
 
 /// How a run is set up; tests inject a clock.
 #[derive(Debug, Clone)]
@@ -187,20 +210,10 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
     };
     context.db.start_run(&run_id, &job.name).await?;
     let before = snapshot(&context.stats);
-    let first = page::first_request(context.api.root(), job);
-    let query_hash = query_hash(&first);
+    let partitions = partitions(context.api.root(), job);
 
     let mut counts = Counts::default();
-    let result = pass(
-        context,
-        job,
-        &mut lock,
-        &run_id,
-        &first,
-        &query_hash,
-        &mut counts,
-    )
-    .await;
+    let result = pass(context, job, &mut lock, &run_id, &partitions, &mut counts).await;
     let after = snapshot(&context.stats);
     counts.retries = after.0 - before.0;
     counts.token_renewals = after.1 - before.1;
@@ -224,8 +237,10 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
         let manifest = serde_json::json!({
             "run_id": run_id,
             "job": job.name,
-            "query": first,
-            "partitions": [PARTITION],
+            "partitions": partitions
+                .iter()
+                .map(|p| serde_json::json!({"name": p.name, "query": p.first}))
+                .collect::<Vec<_>>(),
             "status": status,
             "counts": counts,
             "started_at": humantime::format_rfc3339_millis(started_at).to_string(),
@@ -265,78 +280,95 @@ fn snapshot(stats: &Stats) -> (u64, u64) {
     )
 }
 
-/// One pass over the job's search, from its resume point if an earlier run left one.
+/// One pass over the job's search: every partition paged concurrently (under the API client's
+/// cap on requests in flight), each from its resume point if an earlier run left one, into one
+/// writer.
 async fn pass(
     context: &Context,
     job: &Job,
     lock: &mut JobLock,
     run_id: &str,
-    first: &Request,
-    query_hash: &str,
+    partitions: &[Partition],
     counts: &mut Counts,
 ) -> Result<(), Error> {
-    let start = match context
-        .db
-        .resume_point(&job.name, PARTITION, query_hash)
-        .await?
-    {
-        Some(resume) => {
-            tracing::info!(job = %job.name, url = %http::display_url(&resume.url), "resuming an unfinished pass");
-            resume
-        }
-        None => first.clone(),
-    };
-    let default_collection = match job.collections.as_slice() {
-        [only] => Some(only.clone()),
-        _ => None,
-    };
-    let (tx, mut rx) = mpsc::channel::<(Request, Page)>(PAGES_BUFFERED);
-    let pager = async {
-        // Owned by the pager, so the writer sees the channel close when paging ends.
-        let tx = tx;
-        let mut request = start;
-        let mut seen = HashSet::new();
-        let mut number = 0u64;
-        loop {
-            number += 1;
-            if !seen.insert(fingerprint(&request)) {
-                return Err(Error::Upstream(format!(
-                    "the API's next link for page {number} repeats an earlier request ({}); its \
-                     paging is broken, so the pass stops here instead of looping",
-                    http::display_url(&request.url)
-                )));
+    let (tx, mut rx) = mpsc::channel::<(usize, Request, Page)>(PAGES_BUFFERED);
+    let mut pagers = Vec::with_capacity(partitions.len());
+    for (index, partition) in partitions.iter().enumerate() {
+        let start = match context
+            .db
+            .resume_point(&job.name, &partition.name, &partition.query_hash)
+            .await?
+        {
+            Some(resume) => {
+                tracing::info!(job = %job.name, partition = %partition.name,
+                    url = %http::display_url(&resume.url), "resuming an unfinished pass");
+                resume
             }
-            let fetch = context.api.fetch("search page", &request, |body| {
-                page::parse_page(&body, &request, default_collection.as_deref())
-            });
-            // On SIGTERM the page in flight is abandoned (its retries too); pages already
-            // fetched are still committed by the writer.
-            let page = tokio::select! {
-                biased;
-                () = context.stop.cancelled() => return Err(Error::Stopped),
-                page = fetch => page?,
-            };
-            let next = page.next.clone();
-            if tx.send((request, page)).await.is_err() {
-                // The writer stopped (and reports why).
-                return Ok(());
-            }
-            match next {
-                Some(next) => request = next,
-                None => return Ok(()),
-            }
-        }
-    };
+            None => partition.first.clone(),
+        };
+        pagers.push(page_partition(context, index, partition, start, tx.clone()));
+    }
+    // Only the pagers hold senders now, so the writer sees the channel close when they end.
+    drop(tx);
     let writer = async {
-        while let Some((request, page)) = rx.recv().await {
+        while let Some((index, request, page)) = rx.recv().await {
             lock.check().await?;
-            write_page(context, job, run_id, query_hash, &request, &page, counts).await?;
+            let partition = &partitions[index];
+            write_page(context, job, run_id, partition, &request, &page, counts).await?;
         }
         Ok::<(), Error>(())
     };
-    let (paged, written) = tokio::join!(pager, writer);
+    let (paged, written) = tokio::join!(futures_util::future::join_all(pagers), writer);
     written?;
-    paged
+    let mut errors: Vec<Error> = paged.into_iter().filter_map(Result::err).collect();
+    match errors.iter().position(|e| matches!(e, Error::Stopped)) {
+        Some(stopped) => Err(errors.swap_remove(stopped)),
+        None if errors.is_empty() => Ok(()),
+        None => Err(errors.swap_remove(0)),
+    }
+}
+
+/// Pages one partition from `start` to its last page, handing each page to the writer.
+async fn page_partition(
+    context: &Context,
+    index: usize,
+    partition: &Partition,
+    start: Request,
+    tx: mpsc::Sender<(usize, Request, Page)>,
+) -> Result<(), Error> {
+    let mut request = start;
+    let mut seen = HashSet::new();
+    let mut number = 0u64;
+    loop {
+        number += 1;
+        if !seen.insert(fingerprint(&request)) {
+            return Err(Error::Upstream(format!(
+                "the API's next link for page {number} of {} repeats an earlier request ({}); \
+                 its paging is broken, so the pass stops here instead of looping",
+                partition.name,
+                http::display_url(&request.url)
+            )));
+        }
+        let fetch = context.api.fetch("search page", &request, |body| {
+            page::parse_page(&body, &request, Some(&partition.collection))
+        });
+        // On SIGTERM the page in flight is abandoned (its retries too); pages already
+        // fetched are still committed by the writer.
+        let page = tokio::select! {
+            biased;
+            () = context.stop.cancelled() => return Err(Error::Stopped),
+            page = fetch => page?,
+        };
+        let next = page.next.clone();
+        if tx.send((index, request, page)).await.is_err() {
+            // The writer stopped (and reports why).
+            return Ok(());
+        }
+        match next {
+            Some(next) => request = next,
+            None => return Ok(()),
+        }
+    }
 }
 
 /// Writes one page: objects first, then rows + quarantine + resume point in one transaction.
@@ -344,7 +376,7 @@ async fn write_page(
     context: &Context,
     job: &Job,
     run_id: &str,
-    query_hash: &str,
+    partition: &Partition,
     request: &Request,
     page: &Page,
     counts: &mut Counts,
@@ -379,8 +411,8 @@ async fn write_page(
         .commit_page(PageCommit {
             run_id,
             job: &job.name,
-            partition: PARTITION,
-            query_hash,
+            partition: &partition.name,
+            query_hash: &partition.query_hash,
             items: to_write,
             rejected: &rejected,
             page_url: &page_url,

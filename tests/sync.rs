@@ -360,8 +360,7 @@ async fn bad_items_are_quarantined_and_repeated_ids_stored_once() {
         vec![items.pop().expect("item")],
     ];
     let env = fixture_env(pages, Paging::PostFull).await;
-    let mut setup = env.setup();
-    setup.collections = vec!["c".into(), "d".into()];
+    let setup = env.setup();
 
     let summary = setup.run(env.clock.clone()).await;
 
@@ -517,4 +516,64 @@ async fn the_token_is_never_sent_to_another_origin_than_the_apis() {
     assert_eq!(summary.exit(), Exit::Auth);
     let error = summary.jobs[0].error.as_ref().expect("error").to_string();
     assert!(error.contains(&elsewhere.url), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collections_are_partitions_paged_concurrently_under_the_cap() {
+    use std::sync::atomic::AtomicUsize;
+    #[derive(Clone, Default)]
+    struct InFlight {
+        now: Arc<AtomicUsize>,
+        max: Arc<AtomicUsize>,
+    }
+    async fn count(
+        axum::extract::State(flight): axum::extract::State<InFlight>,
+        request: axum::extract::Request,
+        next: axum::middleware::Next,
+    ) -> axum::response::Response {
+        let now = flight.now.fetch_add(1, Ordering::SeqCst) + 1;
+        flight.max.fetch_max(now, Ordering::SeqCst);
+        // A slow API, so that requests of different partitions overlap.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let response = next.run(request).await;
+        flight.now.fetch_sub(1, Ordering::SeqCst);
+        response
+    }
+    let clock = Arc::new(ManualClock::default());
+    let mut items = make_items("sentinel-2-l2a", 40);
+    items.extend(make_items("sentinel-1-grd", 40));
+    let flight = InFlight::default();
+    let layer = flight.clone();
+    let server = common::stac::start_with(
+        &items,
+        Issuer::new(clock.clone(), ID, SECRET),
+        0,
+        move |router| router.layer(axum::middleware::from_fn_with_state(layer, count)),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup {
+        api_url: &server.url,
+        dir: dir.path(),
+        collections: vec!["sentinel-2-l2a".into(), "sentinel-1-grd".into()],
+        limit: 10,
+        method: "POST",
+        extra: String::new(),
+        env: env(&server.token_url, SECRET),
+        database: None,
+        objects: None,
+    };
+
+    let summary = setup.run(clock).await;
+
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    assert_eq!(summary.jobs[0].counts.new, 80);
+    assert_eq!(summary.jobs[0].counts.pages, 8);
+    assert_eq!(
+        flight.max.load(Ordering::SeqCst),
+        2,
+        "two partitions, two requests in flight"
+    );
+    let partitions = common::scalar(&setup.database_url(), "SELECT COUNT(*) FROM sync_state").await;
+    assert_eq!(partitions, 2);
 }
