@@ -357,7 +357,21 @@ async fn page_partition(
         let page = tokio::select! {
             biased;
             () = context.stop.cancelled() => return Err(Error::Stopped),
-            page = fetch => page?,
+            page = fetch => page,
+        };
+        let page = match page {
+            // Paging tokens go stale (the boundary item was deleted, the server restarted): a
+            // refused resume point restarts the partition from its beginning, which idempotent
+            // writes make safe.
+            Err(Error::Config(why)) if number == 1 && request != partition.first => {
+                tracing::warn!(partition = %partition.name, reason = %why,
+                    "the API refused the stored resume point; restarting the partition");
+                request = partition.first.clone();
+                seen.clear();
+                number = 0;
+                continue;
+            }
+            other => other?,
         };
         let next = page.next.clone();
         if tx.send((index, request, page)).await.is_err() {

@@ -577,3 +577,24 @@ async fn collections_are_partitions_paged_concurrently_under_the_cap() {
     let partitions = common::scalar(&setup.database_url(), "SELECT COUNT(*) FROM sync_state").await;
     assert_eq!(partitions, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_resume_point_restarts_the_partition_from_its_beginning() {
+    let env = fixture_env(pages(4, 2), Paging::PostFull).await;
+    env.server.fault(Fault::Pass);
+    env.server.fault(Fault::Pass);
+    for _ in 0..6 {
+        env.server.fault(Fault::Status(503, vec![], "down".into()));
+    }
+    let first = env.setup().run(env.clock.clone()).await;
+    assert_eq!(first.exit(), Exit::Upstream);
+    // The catalog shrank: the stored next link (page 2) now answers 400.
+    env.server.state.pages.lock().expect("lock").truncate(2);
+
+    let second = env.setup().run(env.clock.clone()).await;
+
+    assert_eq!(second.exit(), Exit::Success, "{:?}", second.jobs[0].error);
+    assert_eq!(env.server.served(), vec![0, 1, 0, 1]);
+    assert_eq!(second.jobs[0].counts.unchanged, 4);
+    assert_eq!(stored_items(&env.setup().database_url()).await.len(), 4);
+}
