@@ -34,6 +34,8 @@ pub struct ObjectSink {
     prefix: String,
     shown: String,
     puts_in_flight: usize,
+    /// The folder, for `file://` stores.
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl ObjectSink {
@@ -59,6 +61,7 @@ impl ObjectSink {
                 prefix: String::new(),
                 shown: url.to_string(),
                 puts_in_flight: PUTS_IN_FLIGHT_LOCAL,
+                local_root: Some(std::path::PathBuf::from(path)),
             });
         }
         let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
@@ -107,7 +110,44 @@ impl ObjectSink {
                 .join("/"),
             shown: url.to_string(),
             puts_in_flight: PUTS_IN_FLIGHT_REMOTE,
+            local_root: None,
         })
+    }
+
+    /// Removes what a killed run left in a local folder: `LocalFileSystem` writes `KEY#N` and
+    /// renames it to `KEY`, so a process killed between the two leaves `KEY#N` behind. Our keys
+    /// never contain `#` (it is percent-encoded), so every such file in the job's collection
+    /// folders is a leftover. Called with the job's lock held, so no run of this job is
+    /// writing them; returns how many were removed.
+    pub fn sweep_staging(&self, collections: &[String]) -> Result<usize, Error> {
+        let Some(root) = &self.local_root else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        for collection in collections {
+            let folder = root.join(encode_collection(collection));
+            let Ok(entries) = std::fs::read_dir(&folder) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let is_staging = name.to_str().is_some_and(|n| {
+                    n.rsplit_once('#').is_some_and(|(_, n)| {
+                        !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                    })
+                });
+                if is_staging {
+                    std::fs::remove_file(entry.path()).map_err(|e| {
+                        Error::Sink(format!(
+                            "cannot remove the leftover {}: {e}",
+                            entry.path().display()
+                        ))
+                    })?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Proves the store is reachable and writable (a missing bucket, refused credentials)

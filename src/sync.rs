@@ -209,6 +209,17 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
         }
     };
     context.db.start_run(&run_id, &job.name).await?;
+    if let Some(objects) = &context.objects {
+        match objects.sweep_staging(&job.collections) {
+            Ok(0) => {}
+            Ok(removed) => {
+                tracing::info!(job = %job.name, removed, "removed half-written objects of a killed run");
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.name, error = %e, "could not clean the object folder")
+            }
+        }
+    }
     let before = snapshot(&context.stats);
     let partitions = partitions(context.api.root(), job);
 
