@@ -15,7 +15,6 @@ use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::sync::Arc;
-use tokio::sync::Semaphore;
 use url::Url;
 
 /// One API request, as stored in a resume point: method, absolute URL, extra headers, body.
@@ -53,7 +52,7 @@ pub struct ApiClient {
     tokens: TokenSource,
     policy: RetryPolicy,
     stats: Arc<Stats>,
-    permits: Semaphore,
+    permits: http::Cap,
     headers: Vec<(String, String)>,
 }
 
@@ -80,7 +79,7 @@ impl ApiClient {
             tokens,
             policy,
             stats,
-            permits: Semaphore::new(concurrency),
+            permits: http::Cap::new(concurrency),
             headers,
         }
     }

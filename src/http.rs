@@ -70,6 +70,107 @@ impl Stats {
     }
 }
 
+/// The cap on requests in flight, adjusted like TCP's congestion window: a 429 halves it
+/// (down to 1), and each run of `limit` successful requests raises it by one, back up to the
+/// configured maximum. Shrinking takes effect as permits come back: a returned permit is
+/// forgotten while the cap owes some.
+#[derive(Debug)]
+pub struct Cap {
+    semaphore: Semaphore,
+    max: usize,
+    state: std::sync::Mutex<CapState>,
+}
+
+#[derive(Debug)]
+struct CapState {
+    limit: usize,
+    debt: usize,
+    successes: usize,
+}
+
+/// A permit to send one request; returned (or forgotten, while the cap shrinks) on drop.
+#[derive(Debug)]
+pub struct CapPermit<'a> {
+    cap: &'a Cap,
+    permit: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
+impl Drop for CapPermit<'_> {
+    fn drop(&mut self) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let mut state = self.cap.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.debt > 0 {
+            state.debt -= 1;
+            permit.forget();
+        }
+    }
+}
+
+impl Cap {
+    /// A cap of `max` requests in flight.
+    pub fn new(max: usize) -> Cap {
+        let max = max.max(1);
+        Cap {
+            semaphore: Semaphore::new(max),
+            max,
+            state: std::sync::Mutex::new(CapState {
+                limit: max,
+                debt: 0,
+                successes: 0,
+            }),
+        }
+    }
+
+    /// The current limit.
+    pub fn limit(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).limit
+    }
+
+    /// Waits for a permit.
+    pub async fn acquire(&self) -> Option<CapPermit<'_>> {
+        let permit = self.semaphore.acquire().await.ok()?;
+        Some(CapPermit {
+            cap: self,
+            permit: Some(permit),
+        })
+    }
+
+    /// The API said 429: halve the cap.
+    pub fn throttled(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let target = (state.limit / 2).max(1);
+        let cut = state.limit - target;
+        if cut > 0 {
+            state.limit = target;
+            state.successes = 0;
+            // Take idle permits now; the rest as requests in flight return theirs.
+            let taken = self.semaphore.forget_permits(cut);
+            state.debt += cut - taken;
+            tracing::warn!(limit = target, "rate limited: fewer requests in flight");
+        }
+    }
+
+    /// A request succeeded: grow back slowly.
+    pub fn succeeded(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.limit >= self.max {
+            return;
+        }
+        state.successes += 1;
+        if state.successes >= state.limit {
+            state.successes = 0;
+            state.limit += 1;
+            if state.debt > 0 {
+                state.debt -= 1;
+            } else {
+                self.semaphore.add_permits(1);
+            }
+        }
+    }
+}
+
 /// A complete response: status, headers and the whole body.
 #[derive(Debug)]
 pub struct Fetched {
@@ -164,7 +265,7 @@ pub async fn send<T>(
     url: &str,
     policy: &RetryPolicy,
     stats: &Stats,
-    permits: Option<&Semaphore>,
+    permits: Option<&Cap>,
     build: impl Fn() -> RequestBuilder,
     mut accept: impl FnMut(Fetched) -> Verdict<T>,
 ) -> Result<T, HttpError> {
@@ -174,7 +275,7 @@ pub async fn send<T>(
         let request = build();
         let (last, status, hint) = {
             let _permit = match permits {
-                Some(semaphore) => semaphore.acquire().await.ok(),
+                Some(cap) => cap.acquire().await,
                 None => None,
             };
             stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -190,6 +291,11 @@ pub async fn send<T>(
                 Ok(response) => {
                     let status = response.status();
                     let headers = response.headers().clone();
+                    if status == StatusCode::TOO_MANY_REQUESTS
+                        && let Some(cap) = permits
+                    {
+                        cap.throttled();
+                    }
                     if is_retryable_status(status) {
                         let hint = retry_after(&headers, SystemTime::now());
                         (format!("HTTP {status}"), Some(status), hint)
@@ -203,7 +309,12 @@ pub async fn send<T>(
                                 headers,
                                 body,
                             }) {
-                                Verdict::Done(value) => return Ok(value),
+                                Verdict::Done(value) => {
+                                    if let Some(cap) = permits {
+                                        cap.succeeded();
+                                    }
+                                    return Ok(value);
+                                }
                                 Verdict::Retry(why) => (why, Some(status), None),
                             },
                         }
@@ -272,6 +383,34 @@ mod tests {
         assert_eq!(retry_after(&headers, now), Some(Duration::ZERO));
         headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&headers, now), None);
+    }
+
+    #[tokio::test]
+    async fn a_429_halves_the_cap_and_successes_grow_it_back_slowly() {
+        let cap = Cap::new(8);
+        let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| cap.acquire())).await;
+
+        cap.throttled();
+
+        assert_eq!(cap.limit(), 4);
+        drop(held);
+        let now: Vec<_> = futures_util::future::join_all((0..4).map(|_| cap.acquire())).await;
+        assert!(
+            cap.semaphore.try_acquire().is_err(),
+            "more than 4 permits after the cut"
+        );
+        drop(now);
+        for _ in 0..4 {
+            cap.succeeded();
+        }
+        assert_eq!(cap.limit(), 5);
+        let five: Vec<_> = futures_util::future::join_all((0..5).map(|_| cap.acquire())).await;
+        assert!(cap.semaphore.try_acquire().is_err());
+        drop(five);
+        cap.throttled();
+        cap.throttled();
+        cap.throttled();
+        assert_eq!(cap.limit(), 1);
     }
 
     #[test]
