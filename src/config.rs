@@ -407,7 +407,19 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_OBJECT_STORE_URL.into())
         {
             off if off.eq_ignore_ascii_case("none") => None,
-            url => Some(url),
+            url => {
+                let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+                if !matches!(
+                    scheme,
+                    Some("file" | "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss")
+                ) {
+                    return Err(Error::Config(format!(
+                        "object_store_url {url:?}: expected file://PATH, s3://BUCKET/PREFIX, \
+                         gs://BUCKET/PREFIX, az://CONTAINER/PREFIX or none"
+                    )));
+                }
+                Some(url)
+            }
         };
 
         let http = HttpSettings {

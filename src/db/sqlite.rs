@@ -251,7 +251,7 @@ impl SqliteDb {
         query_hash: &str,
     ) -> Result<Option<String>, Error> {
         sqlx::query_scalar(
-            "SELECT resume FROM sync_state WHERE job = ? AND partition = ? AND query_hash = ? \
+            "SELECT resume FROM sync_state WHERE job = $1 AND partition = $2 AND query_hash = $3 \
              AND resume IS NOT NULL",
         )
         .bind(job)
