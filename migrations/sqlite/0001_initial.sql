@@ -1,4 +1,5 @@
--- stac-sync schema (SQLite). Timestamps are RFC 3339 UTC text.
+-- stac-sync schema (SQLite). Our timestamps are UTC text from CURRENT_TIMESTAMP
+-- (YYYY-MM-DD HH:MM:SS); item-provided datetimes are kept as received.
 
 -- The mirror: one row per (collection, id), the item JSON exactly as received.
 CREATE TABLE items (

@@ -6,6 +6,7 @@
 //! transaction. [`Database`] dispatches to the backend named by the URL.
 
 mod postgres;
+mod shared;
 mod sqlite;
 
 pub use postgres::PostgresDb;
@@ -14,7 +15,6 @@ pub use sqlite::SqliteDb;
 use crate::api::Request;
 use crate::error::Error;
 use crate::page::{Item, Rejected};
-use std::time::SystemTime;
 
 /// Counts of one run, as stored in `sync_runs`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -69,11 +69,6 @@ pub struct PageCommit<'a> {
     pub page_url: &'a str,
     /// The next request, or `None` when this page ends the pass.
     pub resume: Option<&'a Request>,
-}
-
-/// The current time as RFC 3339 UTC with milliseconds.
-pub fn now() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 /// A job's single-runner lock, held until dropped.
@@ -167,9 +162,14 @@ impl Database {
         query_hash: &str,
     ) -> Result<Option<Request>, Error> {
         let text = match self {
-            Database::Sqlite(db) => db.resume_text(job, partition, query_hash).await?,
-            Database::Postgres(db) => db.resume_text(job, partition, query_hash).await?,
-        };
+            Database::Sqlite(db) => {
+                shared::resume_text(db.pool(), job, partition, query_hash).await
+            }
+            Database::Postgres(db) => {
+                shared::resume_text(db.pool(), job, partition, query_hash).await
+            }
+        }
+        .map_err(self.fail("read the resume point"))?;
         let Some(text) = text else { return Ok(None) };
         match serde_json::from_str(&text) {
             Ok(request) => Ok(Some(request)),
@@ -183,9 +183,10 @@ impl Database {
     /// Records the start of a run.
     pub async fn start_run(&self, run_id: &str, job: &str) -> Result<(), Error> {
         match self {
-            Database::Sqlite(db) => db.start_run(run_id, job).await,
-            Database::Postgres(db) => db.start_run(run_id, job).await,
+            Database::Sqlite(db) => shared::start_run(db.pool(), run_id, job).await,
+            Database::Postgres(db) => shared::start_run(db.pool(), run_id, job).await,
         }
+        .map_err(self.fail("record the run"))
     }
 
     /// Records the end of a run with its counts.
@@ -197,17 +198,32 @@ impl Database {
         error: Option<&str>,
     ) -> Result<(), Error> {
         match self {
-            Database::Sqlite(db) => db.finish_run(run_id, status, counts, error).await,
-            Database::Postgres(db) => db.finish_run(run_id, status, counts, error).await,
+            Database::Sqlite(db) => {
+                shared::finish_run(db.pool(), run_id, status, counts, error).await
+            }
+            Database::Postgres(db) => {
+                shared::finish_run(db.pool(), run_id, status, counts, error).await
+            }
         }
+        .map_err(self.fail("record the run's end"))
     }
 
     /// Every stored item as `(collection, id, content)`, ordered; for tests and checks.
     pub async fn all_items(&self) -> Result<Vec<(String, String, String)>, Error> {
         match self {
-            Database::Sqlite(db) => db.all_items().await,
-            Database::Postgres(db) => db.all_items().await,
+            Database::Sqlite(db) => shared::all_items(db.pool()).await,
+            Database::Postgres(db) => shared::all_items(db.pool()).await,
         }
+        .map_err(self.fail("read items"))
+    }
+
+    /// Turns a database error into a sink error that names the database and the operation.
+    fn fail(&self, what: &'static str) -> impl Fn(sqlx::Error) -> Error + '_ {
+        let shown = match self {
+            Database::Sqlite(db) => db.shown(),
+            Database::Postgres(db) => db.shown(),
+        };
+        move |e| Error::Sink(format!("database {shown}: {what}: {e}"))
     }
 }
 

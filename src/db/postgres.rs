@@ -7,7 +7,7 @@
 //! under a savepoint and the ones it still refuses are quarantined; the rest of the page is
 //! stored. The single-runner lock is a session advisory lock on a dedicated connection.
 
-use super::{Counts, JobLock, Known, PageCommit, count, resume_json};
+use super::{JobLock, Known, PageCommit, shared};
 use crate::config::redact_url;
 use crate::error::Error;
 use crate::page::{Item, Rejected};
@@ -249,109 +249,16 @@ impl PostgresDb {
                 }
             }
         }
-        for rejected in page.rejected.iter().chain(&refused) {
-            sqlx::query(
-                "INSERT INTO quarantine (run_id, job, collection, item_id, reason, page_url, \
-                 content, quarantined_at) VALUES ($1, $2, $3, $4, $5, $6, $7, now())",
-            )
-            .bind(page.run_id)
-            .bind(page.job)
-            .bind(&rejected.collection)
-            .bind(&rejected.id)
-            .bind(&rejected.reason)
-            .bind(page.page_url)
-            .bind(String::from_utf8_lossy(&rejected.content).replace('\0', "\u{FFFD}"))
-            .execute(&mut *tx)
+        shared::finish_page::<sqlx::Postgres>(&mut tx, &page, &refused)
             .await
-            .map_err(self.fail("quarantine a feature"))?;
-        }
-        sqlx::query(
-            "INSERT INTO sync_state (job, partition, query_hash, resume, pages_done, updated_at) \
-             VALUES ($1, $2, $3, $4, 1, now()) ON CONFLICT (job, partition) DO UPDATE SET \
-             query_hash = excluded.query_hash, resume = excluded.resume, \
-             pages_done = CASE WHEN excluded.resume IS NULL THEN 0 ELSE sync_state.pages_done + 1 END, \
-             updated_at = excluded.updated_at",
-        )
-        .bind(page.job)
-        .bind(page.partition)
-        .bind(page.query_hash)
-        .bind(resume_json(page.resume)?)
-        .execute(&mut *tx)
-        .await
-        .map_err(self.fail("store the resume point"))?;
+            .map_err(self.fail("quarantine features and store the resume point"))?;
         tx.commit().await.map_err(self.fail("commit a page"))?;
         Ok(refused)
     }
 
-    /// The stored resume point (JSON) of an unfinished pass of this exact query, if any.
-    pub async fn resume_text(
-        &self,
-        job: &str,
-        partition: &str,
-        query_hash: &str,
-    ) -> Result<Option<String>, Error> {
-        sqlx::query_scalar(
-            "SELECT resume FROM sync_state WHERE job = $1 AND partition = $2 AND query_hash = $3 \
-             AND resume IS NOT NULL",
-        )
-        .bind(job)
-        .bind(partition)
-        .bind(query_hash)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(self.fail("read the resume point"))
-    }
-
-    /// Every stored item, ordered.
-    pub async fn all_items(&self) -> Result<Vec<(String, String, String)>, Error> {
-        sqlx::query_as("SELECT collection, id, content::text FROM items ORDER BY collection, id")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(self.fail("read items"))
-    }
-
-    /// Records the start of a run.
-    pub async fn start_run(&self, run_id: &str, job: &str) -> Result<(), Error> {
-        sqlx::query(
-            "INSERT INTO sync_runs (run_id, job, started_at, status) VALUES ($1, $2, now(), 'running')",
-        )
-        .bind(run_id)
-        .bind(job)
-        .execute(&self.pool)
-        .await
-        .map_err(self.fail("record the run"))?;
-        Ok(())
-    }
-
-    /// Records the end of a run with its counts.
-    pub async fn finish_run(
-        &self,
-        run_id: &str,
-        status: &str,
-        counts: &Counts,
-        error: Option<&str>,
-    ) -> Result<(), Error> {
-        sqlx::query(
-            "UPDATE sync_runs SET finished_at = now(), status = $1, pages = $2, items_new = $3, \
-             items_changed = $4, items_unchanged = $5, items_deleted = $6, items_quarantined = $7, \
-             items_duplicate = $8, retries = $9, token_renewals = $10, error = $11 WHERE run_id = $12",
-        )
-        .bind(status)
-        .bind(count(counts.pages))
-        .bind(count(counts.new))
-        .bind(count(counts.changed))
-        .bind(count(counts.unchanged))
-        .bind(count(counts.deleted))
-        .bind(count(counts.quarantined))
-        .bind(count(counts.duplicate))
-        .bind(count(counts.retries))
-        .bind(count(counts.token_renewals))
-        .bind(error)
-        .bind(run_id)
-        .execute(&self.pool)
-        .await
-        .map_err(self.fail("record the run's end"))?;
-        Ok(())
+    /// The URL, without its password, for messages.
+    pub fn shown(&self) -> &str {
+        &self.shown
     }
 }
 

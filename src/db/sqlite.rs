@@ -5,7 +5,7 @@
 //! after it commit in one transaction, which takes SQLite's write lock up front
 //! (`BEGIN IMMEDIATE`) so it never fails half-way on a lock upgrade.
 
-use super::{Counts, JobLock, Known, PageCommit, count, now, resume_json};
+use super::{JobLock, Known, PageCommit, shared};
 use crate::config::redact_url;
 use crate::error::Error;
 use crate::page::{Item, Rejected};
@@ -152,7 +152,6 @@ impl SqliteDb {
         page: &PageCommit<'_>,
         careful: bool,
     ) -> Result<Vec<Rejected>, sqlx::Error> {
-        let now = now();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut refused = Vec::new();
         for item in &page.items {
@@ -166,7 +165,8 @@ impl SqliteDb {
             let statement = sqlx::query(
                 "INSERT INTO items (collection, id, content, content_hash, datetime, \
                  start_datetime, end_datetime, updated, bbox_xmin, bbox_ymin, bbox_xmax, bbox_ymax, first_seen_at, \
-                 last_seen_at, deleted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL) \
+                 last_seen_at, deleted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CURRENT_TIMESTAMP, \
+                 CURRENT_TIMESTAMP, NULL) \
                  ON CONFLICT (collection, id) DO UPDATE SET content = excluded.content, \
                  content_hash = excluded.content_hash, datetime = excluded.datetime, \
                  start_datetime = excluded.start_datetime, end_datetime = excluded.end_datetime, \
@@ -187,8 +187,6 @@ impl SqliteDb {
             .bind(bbox_ymin)
             .bind(bbox_xmax)
             .bind(bbox_ymax)
-            .bind(&now)
-            .bind(&now)
             ;
             match statement.execute(&mut *tx).await {
                 Ok(_) if careful => {
@@ -208,111 +206,13 @@ impl SqliteDb {
                 Err(e) => return Err(e),
             }
         }
-        for rejected in page.rejected.iter().chain(&refused) {
-            sqlx::query(
-                "INSERT INTO quarantine (run_id, job, collection, item_id, reason, page_url, \
-                 content, quarantined_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(page.run_id)
-            .bind(page.job)
-            .bind(&rejected.collection)
-            .bind(&rejected.id)
-            .bind(&rejected.reason)
-            .bind(page.page_url)
-            .bind(String::from_utf8_lossy(&rejected.content))
-            .bind(&now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let resume = resume_json(page.resume).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-        sqlx::query(
-            "INSERT INTO sync_state (job, partition, query_hash, resume, pages_done, updated_at) \
-             VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT (job, partition) DO UPDATE SET \
-             query_hash = excluded.query_hash, resume = excluded.resume, \
-             pages_done = CASE WHEN excluded.resume IS NULL THEN 0 ELSE sync_state.pages_done + 1 END, \
-             updated_at = excluded.updated_at",
-        )
-        .bind(page.job)
-        .bind(page.partition)
-        .bind(page.query_hash)
-        .bind(resume)
-        .bind(&now)
-        .execute(&mut *tx)
-        .await?;
+        shared::finish_page::<sqlx::Sqlite>(&mut tx, page, &refused).await?;
         tx.commit().await?;
         Ok(refused)
     }
 
-    /// The stored resume point (JSON) of an unfinished pass of this exact query, if any.
-    pub async fn resume_text(
-        &self,
-        job: &str,
-        partition: &str,
-        query_hash: &str,
-    ) -> Result<Option<String>, Error> {
-        sqlx::query_scalar(
-            "SELECT resume FROM sync_state WHERE job = $1 AND partition = $2 AND query_hash = $3 \
-             AND resume IS NOT NULL",
-        )
-        .bind(job)
-        .bind(partition)
-        .bind(query_hash)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(self.fail("read the resume point"))
-    }
-
-    /// Every stored item, ordered.
-    pub async fn all_items(&self) -> Result<Vec<(String, String, String)>, Error> {
-        sqlx::query_as("SELECT collection, id, content FROM items ORDER BY collection, id")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(self.fail("read items"))
-    }
-
-    /// Records the start of a run.
-    pub async fn start_run(&self, run_id: &str, job: &str) -> Result<(), Error> {
-        sqlx::query(
-            "INSERT INTO sync_runs (run_id, job, started_at, status) VALUES (?, ?, ?, 'running')",
-        )
-        .bind(run_id)
-        .bind(job)
-        .bind(now())
-        .execute(&self.pool)
-        .await
-        .map_err(self.fail("record the run"))?;
-        Ok(())
-    }
-
-    /// Records the end of a run with its counts.
-    pub async fn finish_run(
-        &self,
-        run_id: &str,
-        status: &str,
-        counts: &Counts,
-        error: Option<&str>,
-    ) -> Result<(), Error> {
-        sqlx::query(
-            "UPDATE sync_runs SET finished_at = ?, status = ?, pages = ?, items_new = ?, \
-             items_changed = ?, items_unchanged = ?, items_deleted = ?, items_quarantined = ?, \
-             items_duplicate = ?, retries = ?, token_renewals = ?, error = ? WHERE run_id = ?",
-        )
-        .bind(now())
-        .bind(status)
-        .bind(count(counts.pages))
-        .bind(count(counts.new))
-        .bind(count(counts.changed))
-        .bind(count(counts.unchanged))
-        .bind(count(counts.deleted))
-        .bind(count(counts.quarantined))
-        .bind(count(counts.duplicate))
-        .bind(count(counts.retries))
-        .bind(count(counts.token_renewals))
-        .bind(error)
-        .bind(run_id)
-        .execute(&self.pool)
-        .await
-        .map_err(self.fail("record the run's end"))?;
-        Ok(())
+    /// The URL, without its password, for messages.
+    pub fn shown(&self) -> &str {
+        &self.shown
     }
 }

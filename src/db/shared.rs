@@ -1,0 +1,154 @@
+//! The bookkeeping statements, written once for both backends: SQLite accepts Postgres's `$N`
+//! placeholders, and `CURRENT_TIMESTAMP` is standard SQL on both. (Page writes differ for real:
+//! SQLite upserts row by row in one local transaction, Postgres from arrays in one round trip.)
+
+use super::{Counts, PageCommit, count, resume_json};
+use crate::page::Rejected;
+use sqlx::{Database, Decode, Encode, Executor, IntoArguments, Type};
+
+/// Starts a run's record.
+pub async fn start_run<'c, DB, E>(executor: E, run_id: &str, job: &str) -> Result<(), sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+{
+    sqlx::query(
+        "INSERT INTO sync_runs (run_id, job, started_at, status) \
+         VALUES ($1, $2, CURRENT_TIMESTAMP, 'running')",
+    )
+    .bind(run_id)
+    .bind(job)
+    .execute(executor)
+    .await
+    .map(|_| ())
+}
+
+/// Ends a run's record with its counts.
+pub async fn finish_run<'c, DB, E>(
+    executor: E,
+    run_id: &str,
+    status: &str,
+    counts: &Counts,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+    for<'a> Option<&'a str>: Encode<'a, DB> + Type<DB>,
+    i64: for<'a> Encode<'a, DB> + Type<DB>,
+{
+    sqlx::query(
+        "UPDATE sync_runs SET finished_at = CURRENT_TIMESTAMP, status = $1, pages = $2, \
+         items_new = $3, items_changed = $4, items_unchanged = $5, items_deleted = $6, \
+         items_quarantined = $7, items_duplicate = $8, retries = $9, token_renewals = $10, \
+         error = $11 WHERE run_id = $12",
+    )
+    .bind(status)
+    .bind(count(counts.pages))
+    .bind(count(counts.new))
+    .bind(count(counts.changed))
+    .bind(count(counts.unchanged))
+    .bind(count(counts.deleted))
+    .bind(count(counts.quarantined))
+    .bind(count(counts.duplicate))
+    .bind(count(counts.retries))
+    .bind(count(counts.token_renewals))
+    .bind(error)
+    .bind(run_id)
+    .execute(executor)
+    .await
+    .map(|_| ())
+}
+
+/// The resume point (JSON) of an unfinished pass of this exact query, if any.
+pub async fn resume_text<'c, DB, E>(
+    executor: E,
+    job: &str,
+    partition: &str,
+    query_hash: &str,
+) -> Result<Option<String>, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+    String: for<'r> Decode<'r, DB> + Type<DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    sqlx::query_scalar(
+        "SELECT resume FROM sync_state WHERE job = $1 AND partition = $2 AND query_hash = $3 \
+         AND resume IS NOT NULL",
+    )
+    .bind(job)
+    .bind(partition)
+    .bind(query_hash)
+    .fetch_optional(executor)
+    .await
+}
+
+/// Every stored item as `(collection, id, content)`, ordered.
+pub async fn all_items<'c, DB, E>(executor: E) -> Result<Vec<(String, String, String)>, sqlx::Error>
+where
+    DB: Database,
+    E: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'r> (String, String, String): sqlx::FromRow<'r, DB::Row>,
+{
+    sqlx::query_as(
+        "SELECT collection, id, CAST(content AS TEXT) FROM items ORDER BY collection, id",
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// The end of a page's transaction: its quarantined features (`page.rejected` and the items the
+/// database refused) and the resume point after it.
+pub async fn finish_page<DB>(
+    conn: &mut DB::Connection,
+    page: &PageCommit<'_>,
+    refused: &[Rejected],
+) -> Result<(), sqlx::Error>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+    for<'a> Option<&'a str>: Encode<'a, DB> + Type<DB>,
+    String: for<'a> Encode<'a, DB> + Type<DB>,
+{
+    for rejected in page.rejected.iter().chain(refused) {
+        sqlx::query(
+            "INSERT INTO quarantine (run_id, job, collection, item_id, reason, page_url, \
+             content, quarantined_at) VALUES ($1, $2, $3, $4, $5, $6, $7, CURRENT_TIMESTAMP)",
+        )
+        .bind(page.run_id)
+        .bind(page.job)
+        .bind(rejected.collection.as_deref())
+        .bind(rejected.id.as_deref())
+        .bind(rejected.reason.as_str())
+        .bind(page.page_url)
+        // Text columns cannot hold NUL on Postgres; the reason already says it was there.
+        .bind(String::from_utf8_lossy(&rejected.content).replace('\0', "\u{FFFD}"))
+        .execute(&mut *conn)
+        .await?;
+    }
+    let resume = resume_json(page.resume).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO sync_state (job, partition, query_hash, resume, pages_done, updated_at) \
+         VALUES ($1, $2, $3, $4, 1, CURRENT_TIMESTAMP) ON CONFLICT (job, partition) DO UPDATE SET \
+         query_hash = excluded.query_hash, resume = excluded.resume, \
+         pages_done = CASE WHEN excluded.resume IS NULL THEN 0 ELSE sync_state.pages_done + 1 END, \
+         updated_at = excluded.updated_at",
+    )
+    .bind(page.job)
+    .bind(page.partition)
+    .bind(page.query_hash)
+    .bind(resume.as_deref())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
