@@ -209,15 +209,19 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
         }
     };
     context.db.start_run(&run_id, &job.name).await?;
-    if let Some(objects) = &context.objects {
-        match objects.sweep_staging(&job.collections) {
-            Ok(0) => {}
-            Ok(removed) => {
+    if let Some(objects) = context.objects.clone() {
+        // A directory walk: kept off the async workers.
+        let collections = job.collections.clone();
+        let swept = tokio::task::spawn_blocking(move || objects.sweep_staging(&collections)).await;
+        match swept {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => {
                 tracing::info!(job = %job.name, removed, "removed half-written objects of a killed run");
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(job = %job.name, error = %e, "could not clean the object folder")
             }
+            Err(e) => tracing::warn!(job = %job.name, error = %e, "the folder clean-up failed"),
         }
     }
     let before = snapshot(&context.stats);
