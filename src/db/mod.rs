@@ -223,8 +223,14 @@ impl Database {
             Database::Sqlite(db) => db.shown(),
             Database::Postgres(db) => db.shown(),
         };
-        move |e| Error::Sink(format!("database {shown}: {what}: {e}"))
+        sink_error(shown, what)
     }
+}
+
+/// Turns a database error into a sink error naming the database and the operation.
+fn sink_error<'a>(shown: &'a str, what: &str) -> impl Fn(sqlx::Error) -> Error + 'a {
+    let what = what.to_string();
+    move |e| Error::Sink(format!("database {shown}: {what}: {e}"))
 }
 
 /// A resume point as stored.

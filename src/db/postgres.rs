@@ -131,8 +131,7 @@ impl PostgresDb {
     }
 
     fn fail(&self, what: &str) -> impl Fn(sqlx::Error) -> Error + '_ {
-        let what = what.to_string();
-        move |e| Error::Sink(format!("database {}: {what}: {e}", self.shown))
+        super::sink_error(&self.shown, what)
     }
 
     /// Applies the schema migrations.
