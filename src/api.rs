@@ -89,11 +89,6 @@ impl ApiClient {
         &self.root
     }
 
-    /// The token source (for `check`, and tests).
-    pub fn tokens(&self) -> &TokenSource {
-        &self.tokens
-    }
-
     /// Fetches `request` and hands the body of a 2xx answer to `parse`; a parse failure is
     /// retried like a transport failure (a page cut short by a proxy parses badly).
     pub async fn fetch<T>(

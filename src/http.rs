@@ -55,8 +55,6 @@ impl RetryPolicy {
 /// Counters shared by every request of a run.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// HTTP attempts made (first tries and retries).
-    pub requests: AtomicU64,
     /// Retries made.
     pub retries: AtomicU64,
     /// Tokens obtained after the first.
@@ -171,13 +169,11 @@ impl Cap {
     }
 }
 
-/// A complete response: status, headers and the whole body.
+/// A complete response: status and the whole body.
 #[derive(Debug)]
 pub struct Fetched {
     /// The status.
     pub status: StatusCode,
-    /// The headers.
-    pub headers: HeaderMap,
     /// The body, read to the end.
     pub body: Bytes,
 }
@@ -278,7 +274,6 @@ pub async fn send<T>(
                 Some(cap) => cap.acquire().await,
                 None => None,
             };
-            stats.requests.fetch_add(1, Ordering::Relaxed);
             match request.send().await {
                 Err(e) if is_retryable_error(&e) => (describe(&e), None, None),
                 Err(source) => {
@@ -290,25 +285,20 @@ pub async fn send<T>(
                 }
                 Ok(response) => {
                     let status = response.status();
-                    let headers = response.headers().clone();
                     if status == StatusCode::TOO_MANY_REQUESTS
                         && let Some(cap) = permits
                     {
                         cap.throttled();
                     }
                     if is_retryable_status(status) {
-                        let hint = retry_after(&headers, SystemTime::now());
+                        let hint = retry_after(response.headers(), SystemTime::now());
                         (format!("HTTP {status}"), Some(status), hint)
                     } else {
                         match response.bytes().await {
                             Err(e) => {
                                 (format!("HTTP {status}, body: {}", describe(&e)), None, None)
                             }
-                            Ok(body) => match accept(Fetched {
-                                status,
-                                headers,
-                                body,
-                            }) {
+                            Ok(body) => match accept(Fetched { status, body }) {
                                 Verdict::Done(value) => {
                                     if let Some(cap) = permits {
                                         cap.succeeded();

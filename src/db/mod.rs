@@ -227,6 +227,23 @@ impl Database {
     }
 }
 
+/// Classifies items from the stored `(index in items, content_hash, tombstoned)` rows of those
+/// that exist; the others are new.
+fn known(items: &[Item], rows: Vec<(i64, String, bool)>) -> Vec<Known> {
+    let mut known = vec![Known::New; items.len()];
+    for (index, hash, deleted) in rows {
+        let Some(at) = usize::try_from(index).ok().filter(|at| *at < items.len()) else {
+            continue;
+        };
+        known[at] = if hash == items[at].hash && !deleted {
+            Known::Unchanged
+        } else {
+            Known::Changed
+        };
+    }
+    known
+}
+
 /// Turns a database error into a sink error naming the database and the operation.
 fn sink_error<'a>(shown: &'a str, what: &str) -> impl Fn(sqlx::Error) -> Error + 'a {
     let what = what.to_string();

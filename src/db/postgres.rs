@@ -12,7 +12,7 @@ use crate::config::redact_url;
 use crate::error::Error;
 use crate::page::{Item, Rejected};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{Acquire, ConnectOptions, Connection, Row};
+use sqlx::{Acquire, ConnectOptions, Connection};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -176,8 +176,8 @@ impl PostgresDb {
     pub async fn classify(&self, items: &[Item]) -> Result<Vec<Known>, Error> {
         let collections: Vec<&str> = items.iter().map(|i| i.collection.as_str()).collect();
         let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
-        let rows = sqlx::query(
-            "SELECT t.n, i.content_hash, i.deleted_at IS NOT NULL \
+        let rows: Vec<(i64, String, bool)> = sqlx::query_as(
+            "SELECT t.n - 1, i.content_hash, i.deleted_at IS NOT NULL \
              FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS t(collection, id, n) \
              JOIN items i ON i.collection = t.collection AND i.id = t.id",
         )
@@ -186,21 +186,7 @@ impl PostgresDb {
         .fetch_all(&self.pool)
         .await
         .map_err(self.fail("read item hashes"))?;
-        let mut known = vec![Known::New; items.len()];
-        for row in rows {
-            let n: i64 = row.get(0);
-            let hash: String = row.get(1);
-            let deleted: bool = row.get(2);
-            let Some(slot) = usize::try_from(n - 1).ok().and_then(|at| known.get_mut(at)) else {
-                continue;
-            };
-            *slot = if hash == items[slot_index(n)].hash && !deleted {
-                Known::Unchanged
-            } else {
-                Known::Changed
-            };
-        }
-        Ok(known)
+        Ok(super::known(items, rows))
     }
 
     /// Commits one page. Returns the items Postgres refused, which were quarantined.
@@ -259,10 +245,6 @@ impl PostgresDb {
     pub fn shown(&self) -> &str {
         &self.shown
     }
-}
-
-fn slot_index(n: i64) -> usize {
-    usize::try_from(n - 1).unwrap_or(0)
 }
 
 /// One multi-row upsert of `items` from arrays.

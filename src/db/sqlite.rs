@@ -9,7 +9,6 @@ use super::{JobLock, Known, PageCommit, shared};
 use crate::config::redact_url;
 use crate::error::Error;
 use crate::page::{Item, Rejected};
-use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -103,32 +102,23 @@ impl SqliteDb {
 
     /// Classifies each item against what is stored.
     pub async fn classify(&self, items: &[Item]) -> Result<Vec<Known>, Error> {
-        let mut conn = self.pool.acquire().await.map_err(self.fail("connect"))?;
-        let mut known = Vec::with_capacity(items.len());
-        for item in items {
-            let row = sqlx::query(
-                "SELECT content_hash, deleted_at IS NOT NULL AS deleted FROM items \
-                 WHERE collection = ? AND id = ?",
-            )
-            .bind(&item.collection)
-            .bind(&item.id)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(self.fail("read item hashes"))?;
-            known.push(match row {
-                None => Known::New,
-                Some(row) => {
-                    let hash: String = row.get(0);
-                    let deleted: bool = row.get(1);
-                    if hash == item.hash && !deleted {
-                        Known::Unchanged
-                    } else {
-                        Known::Changed
-                    }
-                }
-            });
-        }
-        Ok(known)
+        // One query per page: the keys go in as a JSON array of [collection, id] pairs.
+        let keys: Vec<[&str; 2]> = items
+            .iter()
+            .map(|i| [i.collection.as_str(), i.id.as_str()])
+            .collect();
+        let keys = serde_json::to_string(&keys)
+            .map_err(|e| Error::Internal(format!("cannot serialise item keys: {e}")))?;
+        let rows: Vec<(i64, String, bool)> = sqlx::query_as(
+            "SELECT j.key, i.content_hash, i.deleted_at IS NOT NULL FROM json_each($1) AS j \
+             JOIN items i ON i.collection = json_extract(j.value, '$[0]') \
+             AND i.id = json_extract(j.value, '$[1]')",
+        )
+        .bind(keys)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.fail("read item hashes"))?;
+        Ok(super::known(items, rows))
     }
 
     /// Commits one page: rows, quarantine and resume point, atomically. If SQLite refuses an
