@@ -56,15 +56,13 @@ async fn a_run_killed_at_random_instants_converges_to_an_uninterrupted_one() {
     };
     let reference_dir = tempfile::tempdir().expect("tempdir");
     let reference = Setup {
-        api_url: &server.url,
-        dir: reference_dir.path(),
-        collections: vec!["sentinel-2-l2a".into(), "sentinel-1-grd".into()],
         limit: 25,
-        method: "POST",
-        extra: String::new(),
-        env: env.clone(),
-        database: None,
-        objects: None,
+        ..Setup::new(
+            &server.url,
+            reference_dir.path(),
+            &["sentinel-2-l2a", "sentinel-1-grd"],
+            env.clone(),
+        )
     };
     let summary = reference.run(clock.clone()).await;
     assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);

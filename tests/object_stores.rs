@@ -89,15 +89,13 @@ async fn postgres_and_s3_store_the_same_bytes_as_sqlite_and_a_folder() {
     .await;
     let local_dir = tempfile::tempdir().expect("tempdir");
     let local = Setup {
-        api_url: &server.url,
-        dir: local_dir.path(),
-        collections: vec!["sentinel-2-l2a".into()],
         limit: 4,
-        method: "POST",
-        extra: String::new(),
-        env: env(&server.token_url),
-        database: None,
-        objects: None,
+        ..Setup::new(
+            &server.url,
+            local_dir.path(),
+            &["sentinel-2-l2a"],
+            env(&server.token_url),
+        )
     };
     let cloud_dir = tempfile::tempdir().expect("tempdir");
     let cloud = Setup {
@@ -190,15 +188,15 @@ async fn a_missing_bucket_stops_the_run_with_exit_6_before_any_page() {
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let setup = Setup {
-        api_url: &server.url,
-        dir: dir.path(),
-        collections: vec!["sentinel-2-l2a".into()],
         limit: 4,
-        method: "POST",
         extra: moto.toml(),
-        env: env(&server.token_url),
-        database: None,
         objects: Some("s3://no-such-bucket/items".into()),
+        ..Setup::new(
+            &server.url,
+            dir.path(),
+            &["sentinel-2-l2a"],
+            env(&server.token_url),
+        )
     };
 
     let result = stac_sync::sync::run(
@@ -234,15 +232,13 @@ async fn azure_blob_storage_holds_the_same_bytes_as_a_folder() {
     .await;
     let local_dir = tempfile::tempdir().expect("tempdir");
     let local = Setup {
-        api_url: &server.url,
-        dir: local_dir.path(),
-        collections: vec!["sentinel-2-l2a".into()],
         limit: 4,
-        method: "POST",
-        extra: String::new(),
-        env: env(&server.token_url),
-        database: None,
-        objects: None,
+        ..Setup::new(
+            &server.url,
+            local_dir.path(),
+            &["sentinel-2-l2a"],
+            env(&server.token_url),
+        )
     };
     let azure_dir = tempfile::tempdir().expect("tempdir");
     let azure = Setup {

@@ -53,20 +53,18 @@ impl Case {
 
     fn setup(&self) -> Setup<'_> {
         Setup {
-            api_url: &self.server.url,
-            dir: self.dir.path(),
-            collections: vec!["c".into()],
-            limit: 3,
-            method: "POST",
-            extra: String::new(),
-            env: EnvVars {
-                token_url: Some(self.server.token_url.clone()),
-                client_id: Some("id".into()),
-                client_secret: Some(SecretString::from("secret")),
-                ..EnvVars::default()
-            },
             database: Some(self.database.clone()),
-            objects: None,
+            ..Setup::new(
+                &self.server.url,
+                self.dir.path(),
+                &["c"],
+                EnvVars {
+                    token_url: Some(self.server.token_url.clone()),
+                    client_id: Some("id".into()),
+                    client_secret: Some(SecretString::from("secret")),
+                    ..EnvVars::default()
+                },
+            )
         }
     }
 

@@ -47,15 +47,14 @@ async fn a_full_sync_mirrors_every_item_of_a_real_stac_api_and_a_rerun_writes_no
     for (method, limit) in [("POST", 20), ("GET", 500)] {
         let dir = tempfile::tempdir().expect("tempdir");
         let setup = Setup {
-            api_url: &server.url,
-            dir: dir.path(),
-            collections: vec!["sentinel-2-l2a".into(), "sentinel-1-grd".into()],
             limit,
             method,
-            extra: String::new(),
-            env: env(&server.token_url, SECRET),
-            database: None,
-            objects: None,
+            ..Setup::new(
+                &server.url,
+                dir.path(),
+                &["sentinel-2-l2a", "sentinel-1-grd"],
+                env(&server.token_url, SECRET),
+            )
         };
 
         let first = setup.run(clock.clone()).await;
@@ -155,17 +154,12 @@ async fn fixture_env(pages: Vec<Vec<Value>>, paging: Paging) -> Env {
 
 impl Env {
     fn setup(&self) -> Setup<'_> {
-        Setup {
-            api_url: &self.server.url,
-            dir: self.dir.path(),
-            collections: vec!["c".into()],
-            limit: 3,
-            method: "POST",
-            extra: String::new(),
-            env: env(&self.server.token_url, SECRET),
-            database: None,
-            objects: None,
-        }
+        Setup::new(
+            &self.server.url,
+            self.dir.path(),
+            &["c"],
+            env(&self.server.token_url, SECRET),
+        )
     }
 }
 
@@ -406,15 +400,9 @@ async fn a_secret_with_reserved_characters_works_in_both_client_auth_styles() {
         let mut environment = env(&server.token_url, secret);
         environment.client_id = Some("id:+/ %".into());
         let setup = Setup {
-            api_url: &server.url,
-            dir: dir.path(),
-            collections: vec!["c".into()],
             limit: 2,
-            method: "POST",
             extra: format!("[auth]\nauth_style = \"{style}\"\n"),
-            env: environment,
-            database: None,
-            objects: None,
+            ..Setup::new(&server.url, dir.path(), &["c"], environment)
         };
 
         let summary = setup.run(clock).await;
@@ -553,15 +541,13 @@ async fn collections_are_partitions_paged_concurrently_under_the_cap() {
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let setup = Setup {
-        api_url: &server.url,
-        dir: dir.path(),
-        collections: vec!["sentinel-2-l2a".into(), "sentinel-1-grd".into()],
         limit: 10,
-        method: "POST",
-        extra: String::new(),
-        env: env(&server.token_url, SECRET),
-        database: None,
-        objects: None,
+        ..Setup::new(
+            &server.url,
+            dir.path(),
+            &["sentinel-2-l2a", "sentinel-1-grd"],
+            env(&server.token_url, SECRET),
+        )
     };
 
     let summary = setup.run(clock).await;

@@ -54,7 +54,22 @@ pub struct Setup<'a> {
     pub objects: Option<String>,
 }
 
-impl Setup<'_> {
+impl<'a> Setup<'a> {
+    /// A POST job named "test" over `collections`, pages of 3, SQLite and a folder in `dir`.
+    pub fn new(api_url: &'a str, dir: &'a Path, collections: &[&str], env: EnvVars) -> Setup<'a> {
+        Setup {
+            api_url,
+            dir,
+            collections: collections.iter().map(|c| c.to_string()).collect(),
+            limit: 3,
+            method: "POST",
+            extra: String::new(),
+            env,
+            database: None,
+            objects: None,
+        }
+    }
+
     pub fn database_url(&self) -> String {
         self.database
             .clone()
