@@ -81,6 +81,7 @@ async fn stac_sync_pass(db: &Database, pages: &[Bytes], request: &Request) -> f6
             rejected: &[],
             page_url: "http://bench/search",
             resume: Some(request),
+            seen: Vec::new(),
         })
         .await
         .unwrap_or_else(|e| panic!("{e}"));

@@ -168,7 +168,71 @@ pub struct JobConfig {
     pub method: Option<SearchMethod>,
     /// Cron expression for `stac-sync daemon`.
     pub schedule: Option<String>,
+    /// Datetime window of a partition: `year` (the default), `month` or `none`.
+    pub window: Option<Window>,
+    /// How later passes find what changed: `auto` (the default), `updated`, `datetime`, `off`.
+    pub incremental: Option<Incremental>,
+    /// `datetime` strategy: how far before the watermark acquisition times are re-scanned.
+    #[serde(default, with = "humantime_serde")]
+    pub lookback: Option<Duration>,
+    /// `updated` strategy: how far before the watermark `updated` is re-read.
+    #[serde(default, with = "humantime_serde")]
+    pub overlap: Option<Duration>,
+    /// How far behind the pass's start the watermark stays.
+    #[serde(default, with = "humantime_serde")]
+    pub safety_lag: Option<Duration>,
+    /// Reconcile (sweep ids, tombstone what vanished) when the last one is older than this.
+    #[serde(default, with = "humantime_serde")]
+    pub reconcile_every: Option<Duration>,
+    /// What happens to the object of an item deleted upstream: `keep` (the default) or `delete`.
+    pub deleted_objects: Option<DeletedObjects>,
 }
+
+/// The datetime window of a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Window {
+    /// Calendar years, UTC (EDS partitions large collections by year).
+    #[default]
+    Year,
+    /// Calendar months, UTC.
+    Month,
+    /// One partition per collection.
+    None,
+}
+
+/// How a pass after the backfill finds what may have changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Incremental {
+    /// `updated` if the server offers Sort, Filter and an `updated` queryable, else `datetime`.
+    #[default]
+    Auto,
+    /// `updated >= watermark - overlap`, sorted by `updated`.
+    Updated,
+    /// Acquisition datetimes from `watermark - lookback` on.
+    Datetime,
+    /// Every pass is a full pass.
+    Off,
+}
+
+/// What happens to the object of an item deleted upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeletedObjects {
+    /// Keep it: the row's `deleted_at` says it is gone (never a hard delete by default).
+    #[default]
+    Keep,
+    /// Delete it, so the store holds exactly the live items.
+    Delete,
+}
+
+/// Items are published days after acquisition: a `datetime` pass re-scans this far back.
+pub const DEFAULT_LOOKBACK: Duration = Duration::from_secs(7 * 86_400);
+/// Upstream `updated` stamps can become visible late (ingest transactions): re-read this much.
+pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(3600);
+/// Clock skew between us and the API, and transactions in flight there.
+pub const DEFAULT_SAFETY_LAG: Duration = Duration::from_secs(300);
 
 /// Settings from the environment and the command line (clap fills them).
 #[derive(Debug, Default, Clone, clap::Args)]
@@ -337,6 +401,20 @@ pub struct Job {
     pub method: SearchMethod,
     /// Cron schedule for the daemon.
     pub schedule: Option<String>,
+    /// Datetime window of a partition.
+    pub window: Window,
+    /// Incremental strategy.
+    pub incremental: Incremental,
+    /// `datetime` strategy re-scan.
+    pub lookback: Duration,
+    /// `updated` strategy re-read.
+    pub overlap: Duration,
+    /// Watermark lag behind the pass's start.
+    pub safety_lag: Duration,
+    /// Reconcile when the last one is older than this.
+    pub reconcile_every: Option<Duration>,
+    /// Objects of deleted items.
+    pub deleted_objects: DeletedObjects,
 }
 
 impl Config {
@@ -567,6 +645,13 @@ fn resolve_jobs(file_jobs: Vec<JobConfig>, o: &Overrides, limit: u32) -> Result<
             limit: None,
             method: o.method,
             schedule: None,
+            window: None,
+            incremental: None,
+            lookback: None,
+            overlap: None,
+            safety_lag: None,
+            reconcile_every: None,
+            deleted_objects: None,
         }]
     } else {
         if o.bbox.is_some() || o.datetime.is_some() {
@@ -651,6 +736,13 @@ fn validate_job(j: JobConfig, o: &Overrides, default_limit: u32) -> Result<Job, 
         limit,
         method: j.method.unwrap_or_default(),
         schedule: j.schedule,
+        window: j.window.unwrap_or_default(),
+        incremental: j.incremental.unwrap_or_default(),
+        lookback: j.lookback.unwrap_or(DEFAULT_LOOKBACK),
+        overlap: j.overlap.unwrap_or(DEFAULT_OVERLAP),
+        safety_lag: j.safety_lag.unwrap_or(DEFAULT_SAFETY_LAG),
+        reconcile_every: j.reconcile_every,
+        deleted_objects: j.deleted_objects.unwrap_or_default(),
     })
 }
 
@@ -700,8 +792,18 @@ pub fn redact_url(raw: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A one-off job over collection `c`, as `--collection c` makes.
+    pub(crate) fn one_job() -> Job {
+        let o = overrides(EnvVars {
+            eds_api_url: Some("http://127.0.0.1:1/".into()),
+            ..EnvVars::default()
+        });
+        let mut config = Config::resolve(FileConfig::default(), &o).expect("a valid config");
+        config.jobs.remove(0)
+    }
 
     fn overrides(env: EnvVars) -> Overrides {
         Overrides {

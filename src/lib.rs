@@ -11,5 +11,6 @@ pub mod error;
 pub mod http;
 pub mod objects;
 pub mod page;
+pub mod plan;
 pub mod sync;
 pub mod telemetry;

@@ -26,6 +26,10 @@ enum Command {
         /// Do not apply database migrations first.
         #[arg(long)]
         no_migrate: bool,
+        /// After the sync pass, sweep the ids of each job's range and tombstone (`deleted_at`)
+        /// the items that vanished upstream.
+        #[arg(long)]
+        reconcile: bool,
     },
     /// Apply the database schema migrations.
     Migrate,
@@ -80,9 +84,13 @@ fn stop_on_signals(stop: tokio_util::sync::CancellationToken) {
 async fn execute(cli: Cli) -> Result<Exit, Error> {
     let config = Config::load(&cli.overrides)?;
     match cli.command {
-        Command::Run { no_migrate } => {
+        Command::Run {
+            no_migrate,
+            reconcile,
+        } => {
             let options = RunOptions {
                 migrate: !no_migrate,
+                reconcile,
                 ..RunOptions::default()
             };
             stop_on_signals(options.stop.clone());

@@ -115,9 +115,47 @@ struct Properties<'a> {
     updated: Option<Cow<'a, str>>,
 }
 
-/// The first search request of a job over `collections` (STAC API item-search, GET or POST).
-pub fn first_request(root: &Url, job: &Job, collections: &[String]) -> Request {
+/// How one partition narrows or trims the job's search.
+#[derive(Debug, Clone, Default)]
+pub struct Shape {
+    /// The datetime sent: the job's, or a window of it.
+    pub datetime: Option<String>,
+    /// Only items with `updated` at or after this instant, sorted by `updated` ascending
+    /// (Filter and Sort extensions).
+    pub updated_since: Option<String>,
+    /// Ask only for `id` and `collection` (Fields extension).
+    pub ids_only: bool,
+}
+
+impl Shape {
+    /// The job's search as configured.
+    pub fn of(job: &Job) -> Shape {
+        Shape {
+            datetime: job.datetime.clone(),
+            ..Shape::default()
+        }
+    }
+}
+
+/// The CQL2-JSON filter sent: the job's, and `updated >= since` if given.
+fn filter(job: &Job, since: Option<&str>) -> Option<Value> {
+    let since = since.map(|since| {
+        serde_json::json!({"op": ">=", "args": [{"property": "updated"}, {"timestamp": since}]})
+    });
+    match (job.filter.clone(), since) {
+        (Some(own), Some(since)) => Some(serde_json::json!({"op": "and", "args": [own, since]})),
+        (own, since) => own.or(since),
+    }
+}
+
+/// Fields left out of an ids-only sweep (Fields extension: `include` alone keeps the defaults).
+const IDS_ONLY_EXCLUDE: [&str; 5] = ["geometry", "bbox", "assets", "links", "properties"];
+
+/// The first search request of a job over `collections` (STAC API item-search, GET or POST),
+/// shaped for one partition.
+pub fn first_request(root: &Url, job: &Job, collections: &[String], shape: &Shape) -> Request {
     let mut url = root.join("search").unwrap_or_else(|_| root.clone());
+    let filter = filter(job, shape.updated_since.as_deref());
     match job.method {
         SearchMethod::Post => {
             let mut body = Map::new();
@@ -129,15 +167,27 @@ pub fn first_request(root: &Url, job: &Job, collections: &[String]) -> Request {
             if let Some(intersects) = &job.intersects {
                 body.insert("intersects".into(), intersects.clone());
             }
-            if let Some(datetime) = &job.datetime {
+            if let Some(datetime) = &shape.datetime {
                 body.insert("datetime".into(), datetime.clone().into());
             }
             if let Some(query) = &job.query {
                 body.insert("query".into(), query.clone());
             }
-            if let Some(filter) = &job.filter {
-                body.insert("filter".into(), filter.clone());
+            if let Some(filter) = filter {
+                body.insert("filter".into(), filter);
                 body.insert("filter-lang".into(), "cql2-json".into());
+            }
+            if shape.updated_since.is_some() {
+                body.insert(
+                    "sortby".into(),
+                    serde_json::json!([{"field": "properties.updated", "direction": "asc"}]),
+                );
+            }
+            if shape.ids_only {
+                body.insert(
+                    "fields".into(),
+                    serde_json::json!({"include": ["id", "collection"], "exclude": IDS_ONLY_EXCLUDE}),
+                );
             }
             Request {
                 method: "POST".into(),
@@ -158,15 +208,23 @@ pub fn first_request(root: &Url, job: &Job, collections: &[String]) -> Request {
                 if let Some(intersects) = &job.intersects {
                     query.append_pair("intersects", &intersects.to_string());
                 }
-                if let Some(datetime) = &job.datetime {
+                if let Some(datetime) = &shape.datetime {
                     query.append_pair("datetime", datetime);
                 }
                 if let Some(q) = &job.query {
                     query.append_pair("query", &q.to_string());
                 }
-                if let Some(filter) = &job.filter {
+                if let Some(filter) = filter {
                     query.append_pair("filter", &filter.to_string());
                     query.append_pair("filter-lang", "cql2-json");
+                }
+                if shape.updated_since.is_some() {
+                    query.append_pair("sortby", "+properties.updated");
+                }
+                if shape.ids_only {
+                    let exclude: Vec<String> =
+                        IDS_ONLY_EXCLUDE.iter().map(|f| format!("-{f}")).collect();
+                    query.append_pair("fields", &format!("id,collection,{}", exclude.join(",")));
                 }
             }
             Request::get(url)

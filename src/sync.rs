@@ -9,12 +9,13 @@
 use crate::api::{ApiClient, Request};
 use crate::auth::TokenSource;
 use crate::clock::{Clock, MonotonicClock};
-use crate::config::{Config, Job};
-use crate::db::{Counts, Database, JobLock, Known, PageCommit};
+use crate::config::{Config, DeletedObjects, Incremental, Job};
+use crate::db::{Counts, Database, JobLock, Known, PageCommit, PassKind, PlanCommit, Planned, Scope};
 use crate::error::{Error, Exit};
 use crate::http::{self, Stats};
 use crate::objects::ObjectSink;
 use crate::page::{self, Item, Page, Rejected};
+use crate::plan::{self, Capabilities, Strategy};
 use rand::Rng;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -24,30 +25,24 @@ use tokio_util::sync::CancellationToken;
 
 /// Pages buffered between the pager and the writer.
 const PAGES_BUFFERED: usize = 4;
-/// A slice of a job's search paged on its own, concurrently with the others, with its own
-/// resume point: today one per collection (EDS partitions its database by collection and
-/// recommends one query per collection); datetime windows come with incremental sync.
+/// A partition being paged in this run: a slice of a job's search with its own resume point,
+/// paged concurrently with the others (see [`crate::plan`]).
 #[derive(Debug)]
 struct Partition {
     name: String,
     collection: String,
     first: Request,
+    start: Request,
     query_hash: String,
 }
 
-fn partitions(root: &url::Url, job: &Job) -> Vec<Partition> {
-    job.collections
-        .iter()
-        .map(|collection| {
-            let first = page::first_request(root, job, std::slice::from_ref(collection));
-            Partition {
-                name: collection.clone(),
-                collection: collection.clone(),
-                query_hash: query_hash(&first),
-                first,
-            }
-        })
-        .collect()
+/// What a pass does with its pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Store the items.
+    Sync,
+    /// Record the ids seen (and store the items, unless only ids were asked for).
+    Reconcile { ids_only: bool },
 }
 
 /// How a run is set up; tests inject a clock.
@@ -60,6 +55,8 @@ pub struct RunOptions {
     /// Cancelled on SIGTERM: no new page is started, pages already fetched are committed, the
     /// run is recorded as interrupted and the process exits 143.
     pub stop: CancellationToken,
+    /// Reconcile every job after its sync pass (`run --reconcile`).
+    pub reconcile: bool,
 }
 
 impl Default for RunOptions {
@@ -68,6 +65,7 @@ impl Default for RunOptions {
             clock: MonotonicClock::shared(),
             migrate: true,
             stop: CancellationToken::new(),
+            reconcile: false,
         }
     }
 }
@@ -118,6 +116,7 @@ pub struct Context {
     objects: Option<ObjectSink>,
     stats: Arc<Stats>,
     stop: CancellationToken,
+    reconcile: bool,
 }
 
 impl Context {
@@ -162,6 +161,7 @@ impl Context {
             objects,
             stats,
             stop: options.stop.clone(),
+            reconcile: options.reconcile,
         })
     }
 
@@ -225,10 +225,9 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
         }
     }
     let before = snapshot(&context.stats);
-    let partitions = partitions(context.api.root(), job);
-
     let mut counts = Counts::default();
-    let result = pass(context, job, &mut lock, &run_id, &partitions, &mut counts).await;
+    let mut report = PassReport::default();
+    let result = passes(context, job, &mut lock, &run_id, &mut counts, &mut report).await;
     let after = snapshot(&context.stats);
     counts.retries = after.0 - before.0;
     counts.token_renewals = after.1 - before.1;
@@ -252,10 +251,11 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
         let manifest = serde_json::json!({
             "run_id": run_id,
             "job": job.name,
-            "partitions": partitions
-                .iter()
-                .map(|p| serde_json::json!({"name": p.name, "query": p.first}))
-                .collect::<Vec<_>>(),
+            "strategy": report.strategy,
+            "watermark_before": report.watermark_before,
+            "watermark_after": report.watermark_after,
+            "reconciled": report.reconciled,
+            "partitions": report.partitions,
             "status": status,
             "counts": counts,
             "started_at": humantime::format_rfc3339_millis(started_at).to_string(),
@@ -295,33 +295,278 @@ fn snapshot(stats: &Stats) -> (u64, u64) {
     )
 }
 
-/// One pass over the job's search: every partition paged concurrently (under the API client's
-/// cap on requests in flight), each from its resume point if an earlier run left one, into one
-/// writer.
+/// What a job's passes did, for the run manifest.
+#[derive(Debug, Default)]
+struct PassReport {
+    strategy: Option<Strategy>,
+    watermark_before: Option<String>,
+    watermark_after: Option<String>,
+    reconciled: bool,
+    partitions: Vec<serde_json::Value>,
+}
+
+/// The job's sync pass (resumed if a killed run left one, else planned from the watermark),
+/// then its reconcile pass if one is asked for, due, or left unfinished.
+async fn passes(
+    context: &Context,
+    job: &Job,
+    lock: &mut JobLock,
+    run_id: &str,
+    counts: &mut Counts,
+    report: &mut PassReport,
+) -> Result<(), Error> {
+    let root = context.api.root();
+    let search_hash = search_hash(job);
+    let state = context.db.job_state(&job.name).await?;
+    let changed = state.as_ref().is_some_and(|s| s.query_hash != search_hash);
+    if changed {
+        tracing::info!(job = %job.name, "the job's search changed since its last run: starting over with a full pass");
+    }
+    let state = state.filter(|_| !changed).unwrap_or_default();
+    report.watermark_before = state.watermark.clone();
+    let mut caps = None;
+
+    let mut planned = if changed {
+        Vec::new()
+    } else {
+        context.db.planned(&job.name, PassKind::Sync).await?
+    };
+    if planned.is_empty() {
+        let watermark = state.watermark.as_deref();
+        let offered = if watermark.is_some() && job.incremental == Incremental::Auto {
+            capabilities(context, &mut caps).await?
+        } else {
+            Capabilities::default()
+        };
+        let strategy = plan::strategy(job, watermark, &offered);
+        let now = SystemTime::now();
+        let parts = plan::sync_parts(root, job, strategy, watermark, now);
+        store_plan(context, job, PassKind::Sync, &search_hash, changed, now, &parts).await?;
+        report.strategy = Some(strategy);
+        tracing::info!(job = %job.name, strategy = ?strategy, watermark = watermark.unwrap_or("none"),
+            partitions = parts.len(), "planned a sync pass");
+        planned = context.db.planned(&job.name, PassKind::Sync).await?;
+    } else {
+        tracing::info!(job = %job.name, partitions = planned.len(),
+            left = planned.iter().filter(|p| !p.done).count(), "resuming an unfinished sync pass");
+    }
+    pass(context, job, lock, run_id, &planned, Mode::Sync, counts, report).await?;
+    let started = context
+        .db
+        .job_state(&job.name)
+        .await?
+        .and_then(|s| s.pass_started_at)
+        .and_then(|at| plan::parse_instant(&at))
+        .unwrap_or_else(SystemTime::now);
+    let watermark = plan::next_watermark(started, job.safety_lag);
+    context.db.finish_sync_pass(&job.name, &watermark).await?;
+    report.watermark_after = Some(watermark);
+
+    let mut planned = context.db.planned(&job.name, PassKind::Reconcile).await?;
+    let due = context.reconcile
+        || job.reconcile_every.is_some_and(|every| {
+            state
+                .reconciled_at
+                .as_deref()
+                .and_then(plan::parse_instant)
+                .and_then(|at| at.elapsed().ok())
+                .is_none_or(|age| age >= every)
+        });
+    if planned.is_empty() && !due {
+        return Ok(());
+    }
+    if job.query.is_some() || job.filter.is_some() || job.intersects.is_some() {
+        return Err(Error::Config(format!(
+            "job {}: reconcile cannot tell which stored items a query, filter or intersects \
+             geometry selects, so it cannot tell what vanished; reconcile a job that selects \
+             by collection, datetime and bbox only",
+            job.name
+        )));
+    }
+    if planned.is_empty() {
+        let offered = capabilities(context, &mut caps).await?;
+        let now = SystemTime::now();
+        let parts = plan::reconcile_parts(root, job, offered.fields, now);
+        store_plan(context, job, PassKind::Reconcile, &search_hash, false, now, &parts).await?;
+        tracing::info!(job = %job.name, ids_only = offered.fields, partitions = parts.len(),
+            "planned a reconcile pass");
+        planned = context.db.planned(&job.name, PassKind::Reconcile).await?;
+    }
+    let ids_only = planned.iter().any(|p| asks_ids_only(&p.first));
+    let mode = Mode::Reconcile { ids_only };
+    pass(context, job, lock, run_id, &planned, mode, counts, report).await?;
+
+    let scopes = scopes(job);
+    let mut vanished = Vec::new();
+    for scope in &scopes {
+        vanished.extend(context.db.vanished(&job.name, scope).await?);
+    }
+    for (collection, id) in &vanished {
+        tracing::info!(job = %job.name, collection, id, "item deleted upstream: tombstoned");
+        if let (DeletedObjects::Delete, Some(objects)) = (job.deleted_objects, &context.objects) {
+            // Before the tombstones commit: a kill in between leaves live rows whose objects
+            // are gone, which the next reconcile finds again and finishes.
+            objects.delete_item(collection, id).await?;
+        }
+    }
+    lock.check().await?;
+    let now = plan::rfc3339(SystemTime::now());
+    context
+        .db
+        .finish_reconcile(&job.name, &scopes, &now)
+        .await?;
+    counts.deleted += vanished.len() as u64;
+    report.reconciled = true;
+    Ok(())
+}
+
+/// Stores a pass's plan.
+async fn store_plan(
+    context: &Context,
+    job: &Job,
+    kind: PassKind,
+    search_hash: &str,
+    search_changed: bool,
+    now: SystemTime,
+    parts: &[plan::Part],
+) -> Result<(), Error> {
+    let partitions: Vec<(String, String, Request)> = parts
+        .iter()
+        .map(|p| (p.name.clone(), p.collection.clone(), p.first.clone()))
+        .collect();
+    context
+        .db
+        .plan(PlanCommit {
+            job: &job.name,
+            kind,
+            search_hash,
+            search_changed,
+            started_at: &plan::rfc3339(now),
+            partitions: &partitions,
+        })
+        .await
+}
+
+/// What the server offers; asked once per run, and only when a plan needs it.
+async fn capabilities(
+    context: &Context,
+    cache: &mut Option<Capabilities>,
+) -> Result<Capabilities, Error> {
+    if let Some(caps) = cache {
+        return Ok(*caps);
+    }
+    let root = context.api.root().clone();
+    let json = |what: &'static str| {
+        move |body: bytes::Bytes| {
+            serde_json::from_slice::<serde_json::Value>(&body)
+                .map_err(|e| format!("the {what} is not JSON ({e})"))
+        }
+    };
+    let landing = context
+        .api
+        .fetch("landing page", &Request::get(root.clone()), json("landing page"))
+        .await?;
+    let mut caps = Capabilities::from_conformance(&landing);
+    if landing.get("conformsTo").is_none()
+        && let Ok(url) = root.join("conformance")
+    {
+        match context.api.fetch("conformance", &Request::get(url), json("conformance")).await {
+            Ok(doc) => caps = Capabilities::from_conformance(&doc),
+            Err(Error::Config(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if caps.sort
+        && caps.filter
+        && let Ok(url) = root.join("queryables")
+    {
+        match context.api.fetch("queryables", &Request::get(url), json("queryables")).await {
+            Ok(doc) => caps.updated_queryable = Capabilities::queryable_updated(&doc),
+            Err(Error::Config(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    tracing::info!(sort = caps.sort, filter = caps.filter, fields = caps.fields,
+        updated_queryable = caps.updated_queryable, "what the STAC API offers");
+    *cache = Some(caps);
+    Ok(caps)
+}
+
+/// Whether a request asks only for ids (Fields extension).
+fn asks_ids_only(request: &Request) -> bool {
+    match &request.body {
+        Some(body) => body.get("fields").is_some(),
+        None => request.url.query_pairs().any(|(k, _)| k == "fields"),
+    }
+}
+
+/// The stored items a reconcile of `job` answers for: per collection, within its datetime range
+/// and bbox.
+fn scopes(job: &Job) -> Vec<Scope<'_>> {
+    let (start, end) = match job.datetime.as_deref() {
+        None => (None, None),
+        Some(range) => match range.split_once('/') {
+            Some((s, e)) => (
+                (!matches!(s, "" | "..")).then_some(s),
+                (!matches!(e, "" | "..")).then_some(e),
+            ),
+            None => (Some(range), Some(range)),
+        },
+    };
+    let bbox = job.bbox.as_deref().and_then(|b| match b {
+        [x0, y0, x1, y1] | [x0, y0, _, x1, y1, _] => Some([*x0, *y0, *x1, *y1]),
+        _ => None,
+    });
+    job.collections
+        .iter()
+        .map(|collection| Scope {
+            collection,
+            start,
+            end,
+            bbox,
+        })
+        .collect()
+}
+
+/// Pages the unfinished partitions of a planned pass concurrently (under the API client's cap
+/// on requests in flight), each from its resume point, into one writer.
+#[allow(clippy::too_many_arguments)]
 async fn pass(
     context: &Context,
     job: &Job,
     lock: &mut JobLock,
     run_id: &str,
-    partitions: &[Partition],
+    planned: &[Planned],
+    mode: Mode,
     counts: &mut Counts,
+    report: &mut PassReport,
 ) -> Result<(), Error> {
+    let partitions: Vec<Partition> = planned
+        .iter()
+        .filter(|p| !p.done)
+        .map(|p| {
+            if let Some(resume) = &p.resume {
+                tracing::info!(job = %job.name, partition = %p.name,
+                    url = %http::display_url(&resume.url), "resuming a partition");
+            }
+            Partition {
+                name: p.name.clone(),
+                collection: p.collection.clone(),
+                query_hash: query_hash(&p.first),
+                start: p.resume.clone().unwrap_or_else(|| p.first.clone()),
+                first: p.first.clone(),
+            }
+        })
+        .collect();
+    report.partitions.extend(
+        planned
+            .iter()
+            .map(|p| serde_json::json!({"name": p.name, "query": p.first})),
+    );
     let (tx, mut rx) = mpsc::channel::<(usize, Request, Page)>(PAGES_BUFFERED);
     let mut pagers = Vec::with_capacity(partitions.len());
     for (index, partition) in partitions.iter().enumerate() {
-        let start = match context
-            .db
-            .resume_point(&job.name, &partition.name, &partition.query_hash)
-            .await?
-        {
-            Some(resume) => {
-                tracing::info!(job = %job.name, partition = %partition.name,
-                    url = %http::display_url(&resume.url), "resuming an unfinished pass");
-                resume
-            }
-            None => partition.first.clone(),
-        };
-        pagers.push(page_partition(context, index, partition, start, tx.clone()));
+        pagers.push(page_partition(context, index, partition, tx.clone()));
     }
     // Only the pagers hold senders now, so the writer sees the channel close when they end.
     drop(tx);
@@ -329,7 +574,7 @@ async fn pass(
         while let Some((index, request, page)) = rx.recv().await {
             lock.check().await?;
             let partition = &partitions[index];
-            write_page(context, job, run_id, partition, &request, &page, counts).await?;
+            write_page(context, job, run_id, partition, mode, &request, &page, counts).await?;
         }
         Ok::<(), Error>(())
     };
@@ -343,15 +588,14 @@ async fn pass(
     }
 }
 
-/// Pages one partition from `start` to its last page, handing each page to the writer.
+/// Pages one partition from its start to its last page, handing each page to the writer.
 async fn page_partition(
     context: &Context,
     index: usize,
     partition: &Partition,
-    start: Request,
     tx: mpsc::Sender<(usize, Request, Page)>,
 ) -> Result<(), Error> {
-    let mut request = start;
+    let mut request = partition.start.clone();
     let mut seen = HashSet::new();
     let mut number = 0u64;
     loop {
@@ -400,18 +644,37 @@ async fn page_partition(
     }
 }
 
-/// Writes one page: objects first, then rows + quarantine + resume point in one transaction.
+/// Writes one page: objects first, then rows + quarantine + resume point (+ the ids a
+/// reconcile saw) in one transaction.
+#[allow(clippy::too_many_arguments)]
 async fn write_page(
     context: &Context,
     job: &Job,
     run_id: &str,
     partition: &Partition,
+    mode: Mode,
     request: &Request,
     page: &Page,
     counts: &mut Counts,
 ) -> Result<(), Error> {
-    let known = context.db.classify(&page.items).await?;
-    let mut rejected = page.rejected.clone();
+    let seen: Vec<(&str, &str)> = match mode {
+        Mode::Sync => Vec::new(),
+        Mode::Reconcile { .. } => page
+            .items
+            .iter()
+            .map(|i| (i.collection.as_str(), i.id.as_str()))
+            .chain(page.rejected.iter().filter_map(|r| {
+                Some((r.collection.as_deref()?, r.id.as_deref()?))
+            }))
+            .collect(),
+    };
+    let store = mode != Mode::Reconcile { ids_only: true };
+    let known = if store {
+        context.db.classify(&page.items).await?
+    } else {
+        Vec::new()
+    };
+    let mut rejected = if store { page.rejected.clone() } else { Vec::new() };
     let mut changed = Vec::new();
     for (item, known) in page.items.iter().zip(&known) {
         if *known == Known::Unchanged {
@@ -446,6 +709,7 @@ async fn write_page(
             rejected: &rejected,
             page_url: &page_url,
             resume: page.next.as_ref(),
+            seen,
         })
         .await?;
     for feature in rejected.iter().chain(&refused) {
@@ -473,8 +737,19 @@ async fn write_page(
     }
     counts.pages += 1;
     counts.quarantined += (rejected.len() + refused.len()) as u64;
-    counts.duplicate += page.duplicates;
+    if store {
+        counts.duplicate += page.duplicates;
+    }
     Ok(())
+}
+
+/// Identifies a job's search (not its paging or page size): a change starts over with a full
+/// pass, since the watermark says nothing about items the old search did not select.
+fn search_hash(job: &Job) -> String {
+    let search = serde_json::json!([
+        job.collections, job.bbox, job.intersects, job.datetime, job.query, job.filter
+    ]);
+    blake3::hash(search.to_string().as_bytes()).to_hex()[..16].to_string()
 }
 
 /// Identifies a request for repeat detection: method, URL and body.

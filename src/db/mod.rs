@@ -16,6 +16,134 @@ use crate::api::Request;
 use crate::error::Error;
 use crate::page::{Item, Rejected};
 
+/// Runs `$body` with `$pool` bound to the backend's pool: the statement is written once and
+/// compiled for each backend (both accept `$N` placeholders and `CURRENT_TIMESTAMP`).
+macro_rules! on_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            Database::Sqlite(db) => {
+                let $pool = db.pool();
+                $body
+            }
+            Database::Postgres(db) => {
+                let $pool = db.pool();
+                $body
+            }
+        }
+    };
+}
+
+/// Stored items in a reconcile scope that the pass did not see. Binds: `$1` collection, `$2`
+/// job, `$3`/`$4` the job's datetime range, `$5`..`$8` its bbox. Datetimes are compared to the
+/// second and strictly, and an item counts as in the bbox only if its own bbox lies inside: an
+/// item at a boundary is never tombstoned by mistake (it may stay live after a deletion).
+macro_rules! vanished {
+    () => {
+        "collection = $1 AND deleted_at IS NULL \
+    AND NOT EXISTS (SELECT 1 FROM sync_seen s WHERE s.job = $2 AND s.collection = items.collection AND s.id = items.id) \
+    AND ($3 IS NULL OR substr(COALESCE(end_datetime, datetime), 1, 19) > substr($3, 1, 19)) \
+    AND ($4 IS NULL OR substr(COALESCE(start_datetime, datetime), 1, 19) < substr($4, 1, 19)) \
+    AND ($5 IS NULL OR (bbox_xmin >= $5 AND bbox_ymin >= $6 AND bbox_xmax <= $7 AND bbox_ymax <= $8))"
+    };
+}
+
+/// What a reconcile pass compares against: one collection, within the job's datetime range
+/// and bbox.
+#[derive(Debug, Clone)]
+pub struct Scope<'a> {
+    /// The collection.
+    pub collection: &'a str,
+    /// Start of the job's datetime range, if bounded.
+    pub start: Option<&'a str>,
+    /// End of the job's datetime range, if bounded.
+    pub end: Option<&'a str>,
+    /// The job's bbox `[xmin, ymin, xmax, ymax]`, if any.
+    pub bbox: Option<[f64; 4]>,
+}
+
+/// Binds a [`Scope`]'s parameters, in [`vanished!`]'s order, to a query of either kind.
+macro_rules! bind_scope {
+    ($query:expr, $scope:expr, $job:expr) => {{
+        let [x0, y0, x1, y1] = $scope.bbox.map(|b| b.map(Some)).unwrap_or([None; 4]);
+        $query
+            .bind($scope.collection)
+            .bind($job)
+            .bind($scope.start)
+            .bind($scope.end)
+            .bind(x0)
+            .bind(y0)
+            .bind(x1)
+            .bind(y1)
+    }};
+}
+
+/// The kinds of pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassKind {
+    /// Backfill or incremental: fetch and store items.
+    Sync,
+    /// Sweep the ids of the job's range and tombstone what vanished.
+    Reconcile,
+}
+
+impl PassKind {
+    /// As stored in `sync_state.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PassKind::Sync => "sync",
+            PassKind::Reconcile => "reconcile",
+        }
+    }
+}
+
+/// A job's own row in `sync_state`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobState {
+    /// Fingerprint of the job's search; a change restarts from a backfill.
+    pub query_hash: String,
+    /// Everything published before this instant (RFC 3339) is mirrored.
+    pub watermark: Option<String>,
+    /// When the current (or last) sync pass was planned.
+    pub pass_started_at: Option<String>,
+    /// When the last reconcile pass ended.
+    pub reconciled_at: Option<String>,
+}
+
+type JobRow = (String, Option<String>, Option<String>, Option<String>);
+type PlannedRow = (String, Option<String>, Option<String>, Option<String>, bool);
+
+/// A partition of a stored plan.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// Its name, unique in the job.
+    pub name: String,
+    /// The collection it pages.
+    pub collection: String,
+    /// Its first request.
+    pub first: Request,
+    /// Where to go on, if pages were committed.
+    pub resume: Option<Request>,
+    /// Every page committed.
+    pub done: bool,
+}
+
+/// A new pass's plan.
+#[derive(Debug)]
+pub struct PlanCommit<'a> {
+    /// The job.
+    pub job: &'a str,
+    /// Sync or reconcile.
+    pub kind: PassKind,
+    /// Fingerprint of the job's search.
+    pub search_hash: &'a str,
+    /// The stored fingerprint differs: drop the watermark and every unfinished pass.
+    pub search_changed: bool,
+    /// When the pass starts (RFC 3339).
+    pub started_at: &'a str,
+    /// `(name, collection, first request)` per partition.
+    pub partitions: &'a [(String, String, Request)],
+}
+
 /// Counts of one run, as stored in `sync_runs`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counts {
@@ -67,8 +195,10 @@ pub struct PageCommit<'a> {
     pub rejected: &'a [Rejected],
     /// The URL of the page they came from.
     pub page_url: &'a str,
-    /// The next request, or `None` when this page ends the pass.
+    /// The next request, or `None` when this page ends the partition.
     pub resume: Option<&'a Request>,
+    /// `(collection, id)` of every item on the page, during a reconcile pass.
+    pub seen: Vec<(&'a str, &'a str)>,
 }
 
 /// A job's single-runner lock, held until dropped.
@@ -154,30 +284,182 @@ impl Database {
         }
     }
 
-    /// The stored resume point of an unfinished pass of this exact query, if any.
-    pub async fn resume_point(
-        &self,
-        job: &str,
-        partition: &str,
-        query_hash: &str,
-    ) -> Result<Option<Request>, Error> {
-        let text = match self {
-            Database::Sqlite(db) => {
-                shared::resume_text(db.pool(), job, partition, query_hash).await
-            }
-            Database::Postgres(db) => {
-                shared::resume_text(db.pool(), job, partition, query_hash).await
-            }
+    /// The job's own row: its search fingerprint, watermark and pass times.
+    pub async fn job_state(&self, job: &str) -> Result<Option<JobState>, Error> {
+        let row: Option<JobRow> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT query_hash, watermark, pass_started_at, reconciled_at FROM sync_state \
+             WHERE job = $1 AND partition = ''",
+        )
+        .bind(job)
+        .fetch_optional(pool)
+        .await)
+        .map_err(self.fail("read the job's state"))?;
+        Ok(row.map(|(query_hash, watermark, pass_started_at, reconciled_at)| JobState {
+            query_hash,
+            watermark,
+            pass_started_at,
+            reconciled_at,
+        }))
+    }
+
+    /// The partitions of the job's unfinished pass of this kind, as planned (empty if none).
+    pub async fn planned(&self, job: &str, kind: PassKind) -> Result<Vec<Planned>, Error> {
+        let rows: Vec<PlannedRow> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT partition, collection, request, resume, done FROM sync_state \
+             WHERE job = $1 AND kind = $2 ORDER BY partition",
+        )
+        .bind(job)
+        .bind(kind.as_str())
+        .fetch_all(pool)
+        .await)
+        .map_err(self.fail("read the planned partitions"))?;
+        let mut planned = Vec::with_capacity(rows.len());
+        for (name, collection, request, resume, done) in rows {
+            let read = |text: Option<String>| -> Option<Request> {
+                let text = text?;
+                match serde_json::from_str(&text) {
+                    Ok(request) => Some(request),
+                    Err(e) => {
+                        tracing::warn!(job, partition = %name, error = %e, "unreadable stored request");
+                        None
+                    }
+                }
+            };
+            let (Some(collection), Some(first)) = (collection, read(request)) else {
+                // Unreadable: the caller plans the pass again.
+                return Ok(Vec::new());
+            };
+            planned.push(Planned {
+                name: name.clone(),
+                collection,
+                first,
+                resume: read(resume),
+                done,
+            });
         }
-        .map_err(self.fail("read the resume point"))?;
-        let Some(text) = text else { return Ok(None) };
-        match serde_json::from_str(&text) {
-            Ok(request) => Ok(Some(request)),
-            Err(e) => {
-                tracing::warn!(job, partition, error = %e, "unreadable resume point; starting the pass over");
-                Ok(None)
-            }
+        Ok(planned)
+    }
+
+    /// Stores a new pass's plan, replacing any earlier unfinished pass of that kind (and, when
+    /// the job's search changed, its watermark and every unfinished pass).
+    pub async fn plan(&self, plan: PlanCommit<'_>) -> Result<(), Error> {
+        let mut partitions = Vec::with_capacity(plan.partitions.len());
+        for (name, collection, first) in plan.partitions {
+            let first = serde_json::to_string(first)
+                .map_err(|e| Error::Internal(format!("cannot serialise a request: {e}")))?;
+            partitions.push((name.as_str(), collection.as_str(), first));
         }
+        let kind = plan.kind.as_str();
+        on_pool!(self, pool => async {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "DELETE FROM sync_state WHERE job = $1 AND partition <> '' \
+                 AND (kind = $2 OR kind IS NULL OR $3)",
+            )
+            .bind(plan.job)
+            .bind(kind)
+            .bind(plan.search_changed)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO sync_state (job, partition, kind, query_hash, updated_at) \
+                 VALUES ($1, '', 'job', $2, CURRENT_TIMESTAMP) ON CONFLICT (job, partition) DO UPDATE SET \
+                 watermark = CASE WHEN sync_state.query_hash = excluded.query_hash THEN sync_state.watermark END, \
+                 reconciled_at = CASE WHEN sync_state.query_hash = excluded.query_hash THEN sync_state.reconciled_at END, \
+                 query_hash = excluded.query_hash, kind = 'job', updated_at = excluded.updated_at",
+            )
+            .bind(plan.job)
+            .bind(plan.search_hash)
+            .execute(&mut *tx)
+            .await?;
+            if plan.kind == PassKind::Sync {
+                sqlx::query("UPDATE sync_state SET pass_started_at = $2 WHERE job = $1 AND partition = ''")
+                    .bind(plan.job)
+                    .bind(plan.started_at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if plan.kind == PassKind::Reconcile || plan.search_changed {
+                sqlx::query("DELETE FROM sync_seen WHERE job = $1")
+                    .bind(plan.job)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for (name, collection, first) in &partitions {
+                sqlx::query(
+                    "INSERT INTO sync_state (job, partition, kind, collection, query_hash, request, \
+                     resume, done, pages_done, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, NULL, FALSE, 0, CURRENT_TIMESTAMP)",
+                )
+                .bind(plan.job)
+                .bind(*name)
+                .bind(kind)
+                .bind(*collection)
+                .bind(plan.search_hash)
+                .bind(first.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await
+        }.await)
+        .map_err(self.fail("store the pass's plan"))
+    }
+
+    /// Ends a sync pass whose partitions are all done: the watermark moves to `watermark` and
+    /// the plan is removed, in one transaction.
+    pub async fn finish_sync_pass(&self, job: &str, watermark: &str) -> Result<(), Error> {
+        on_pool!(self, pool => async {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "UPDATE sync_state SET watermark = $2, updated_at = CURRENT_TIMESTAMP \
+                 WHERE job = $1 AND partition = ''",
+            )
+            .bind(job)
+            .bind(watermark)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM sync_state WHERE job = $1 AND kind = 'sync'")
+                .bind(job)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }.await)
+        .map_err(self.fail("advance the watermark"))
+    }
+
+    /// The stored, live items in `scope` that the job's reconcile pass has not seen: deleted
+    /// upstream.
+    pub async fn vanished(&self, job: &str, scope: &Scope<'_>) -> Result<Vec<(String, String)>, Error> {
+        let sql = concat!("SELECT collection, id FROM items WHERE ", vanished!(), " ORDER BY id");
+        on_pool!(self, pool => bind_scope!(sqlx::query_as(sql), scope, job).fetch_all(pool).await)
+            .map_err(self.fail("find items that vanished upstream"))
+    }
+
+    /// Ends a reconcile pass: tombstones what it did not see in `scopes` (one per collection),
+    /// forgets the ids it saw, records when, and removes its plan, in one transaction.
+    pub async fn finish_reconcile(&self, job: &str, scopes: &[Scope<'_>], at: &str) -> Result<(), Error> {
+        let sql = concat!("UPDATE items SET deleted_at = CURRENT_TIMESTAMP WHERE ", vanished!());
+        on_pool!(self, pool => async {
+            let mut tx = pool.begin().await?;
+            for scope in scopes {
+                bind_scope!(sqlx::query(sql), scope, job).execute(&mut *tx).await?;
+            }
+            sqlx::query("DELETE FROM sync_seen WHERE job = $1").bind(job).execute(&mut *tx).await?;
+            sqlx::query(
+                "UPDATE sync_state SET reconciled_at = $2, updated_at = CURRENT_TIMESTAMP \
+                 WHERE job = $1 AND partition = ''",
+            )
+            .bind(job)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM sync_state WHERE job = $1 AND kind = 'reconcile'")
+                .bind(job)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }.await)
+        .map_err(self.fail("record the deletions"))
     }
 
     /// Records the start of a run.

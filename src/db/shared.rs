@@ -4,7 +4,7 @@
 
 use super::{Counts, PageCommit, count, resume_json};
 use crate::page::Rejected;
-use sqlx::{Database, Decode, Encode, Executor, IntoArguments, Type};
+use sqlx::{Database, Encode, Executor, IntoArguments, Type};
 
 /// Starts a run's record.
 pub async fn start_run<'c, DB, E>(executor: E, run_id: &str, job: &str) -> Result<(), sqlx::Error>
@@ -64,32 +64,6 @@ where
     .map(|_| ())
 }
 
-/// The resume point (JSON) of an unfinished pass of this exact query, if any.
-pub async fn resume_text<'c, DB, E>(
-    executor: E,
-    job: &str,
-    partition: &str,
-    query_hash: &str,
-) -> Result<Option<String>, sqlx::Error>
-where
-    DB: Database,
-    E: Executor<'c, Database = DB>,
-    DB::Arguments: IntoArguments<DB>,
-    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
-    String: for<'r> Decode<'r, DB> + Type<DB>,
-    usize: sqlx::ColumnIndex<DB::Row>,
-{
-    sqlx::query_scalar(
-        "SELECT resume FROM sync_state WHERE job = $1 AND partition = $2 AND query_hash = $3 \
-         AND resume IS NOT NULL",
-    )
-    .bind(job)
-    .bind(partition)
-    .bind(query_hash)
-    .fetch_optional(executor)
-    .await
-}
-
 /// Every stored item as `(collection, id, content)`, ordered.
 pub async fn all_items<'c, DB, E>(executor: E) -> Result<Vec<(String, String, String)>, sqlx::Error>
 where
@@ -119,6 +93,7 @@ where
     for<'a> &'a str: Encode<'a, DB> + Type<DB>,
     for<'a> Option<&'a str>: Encode<'a, DB> + Type<DB>,
     String: for<'a> Encode<'a, DB> + Type<DB>,
+    bool: for<'a> Encode<'a, DB> + Type<DB>,
 {
     for rejected in page.rejected.iter().chain(refused) {
         sqlx::query(
@@ -136,18 +111,29 @@ where
         .execute(&mut *conn)
         .await?;
     }
+    for (collection, id) in &page.seen {
+        sqlx::query(
+            "INSERT INTO sync_seen (job, collection, id) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(page.job)
+        .bind(*collection)
+        .bind(*id)
+        .execute(&mut *conn)
+        .await?;
+    }
     let resume = resume_json(page.resume).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
     sqlx::query(
-        "INSERT INTO sync_state (job, partition, query_hash, resume, pages_done, updated_at) \
-         VALUES ($1, $2, $3, $4, 1, CURRENT_TIMESTAMP) ON CONFLICT (job, partition) DO UPDATE SET \
-         query_hash = excluded.query_hash, resume = excluded.resume, \
-         pages_done = CASE WHEN excluded.resume IS NULL THEN 0 ELSE sync_state.pages_done + 1 END, \
-         updated_at = excluded.updated_at",
+        "INSERT INTO sync_state (job, partition, query_hash, resume, done, pages_done, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, 1, CURRENT_TIMESTAMP) ON CONFLICT (job, partition) DO UPDATE SET \
+         resume = excluded.resume, done = excluded.done, \
+         pages_done = sync_state.pages_done + 1, updated_at = excluded.updated_at",
     )
     .bind(page.job)
     .bind(page.partition)
     .bind(page.query_hash)
     .bind(resume.as_deref())
+    .bind(page.resume.is_none())
     .execute(&mut *conn)
     .await?;
     Ok(())
