@@ -129,7 +129,8 @@ pub fn reconcile_parts(root: &Url, job: &Job, ids_only: bool, now: SystemTime) -
                 ids_only: true,
                 ..Shape::of(job)
             };
-            part.first = page::first_request(root, job, std::slice::from_ref(&part.collection), &shape);
+            part.first =
+                page::first_request(root, job, std::slice::from_ref(&part.collection), &shape);
         }
     }
     parts
@@ -137,7 +138,10 @@ pub fn reconcile_parts(root: &Url, job: &Job, ids_only: bool, now: SystemTime) -
 
 fn window_of(request: &Request) -> Option<String> {
     match &request.body {
-        Some(body) => body.get("datetime").and_then(Value::as_str).map(str::to_string),
+        Some(body) => body
+            .get("datetime")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         None => request
             .url
             .query_pairs()
@@ -154,7 +158,13 @@ fn part(root: &Url, job: &Job, collection: &str, shape: &Shape, name: String) ->
     }
 }
 
-fn windowed(root: &Url, job: &Job, lower: Option<SystemTime>, now: SystemTime, prefix: &str) -> Vec<Part> {
+fn windowed(
+    root: &Url,
+    job: &Job,
+    lower: Option<SystemTime>,
+    now: SystemTime,
+    prefix: &str,
+) -> Vec<Part> {
     let windows = windows(job.datetime.as_deref(), lower, job.window, now);
     let single = windows.len() == 1 && lower.is_none();
     let mut parts = Vec::new();
@@ -340,7 +350,12 @@ mod tests {
             vec![Some("../2020-01-01T00:00:00Z".into())]
         );
         assert_eq!(
-            windows(Some("2024-01-01T00:00:00+02:00/.."), None, Window::Year, now),
+            windows(
+                Some("2024-01-01T00:00:00+02:00/.."),
+                None,
+                Window::Year,
+                now
+            ),
             vec![Some("2024-01-01T00:00:00+02:00/..".into())]
         );
         assert_eq!(
@@ -369,9 +384,15 @@ mod tests {
         );
         let queryables = serde_json::json!({"properties": {"updated": {"type": "string"}}});
         let job = crate::config::tests::one_job();
-        assert_eq!(strategy(&job, Some("2026-01-01T00:00:00Z"), &caps), Strategy::Datetime);
+        assert_eq!(
+            strategy(&job, Some("2026-01-01T00:00:00Z"), &caps),
+            Strategy::Datetime
+        );
         caps.updated_queryable = Capabilities::queryable_updated(&queryables);
-        assert_eq!(strategy(&job, Some("2026-01-01T00:00:00Z"), &caps), Strategy::Updated);
+        assert_eq!(
+            strategy(&job, Some("2026-01-01T00:00:00Z"), &caps),
+            Strategy::Updated
+        );
         assert_eq!(strategy(&job, None, &caps), Strategy::Full);
     }
 }

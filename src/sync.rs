@@ -10,7 +10,9 @@ use crate::api::{ApiClient, Request};
 use crate::auth::TokenSource;
 use crate::clock::{Clock, MonotonicClock};
 use crate::config::{Config, DeletedObjects, Incremental, Job};
-use crate::db::{Counts, Database, JobLock, Known, PageCommit, PassKind, PlanCommit, Planned, Scope};
+use crate::db::{
+    Counts, Database, JobLock, Known, PageCommit, PassKind, PlanCommit, Planned, Scope,
+};
 use crate::error::{Error, Exit};
 use crate::http::{self, Stats};
 use crate::objects::ObjectSink;
@@ -341,7 +343,16 @@ async fn passes(
         let strategy = plan::strategy(job, watermark, &offered);
         let now = SystemTime::now();
         let parts = plan::sync_parts(root, job, strategy, watermark, now);
-        store_plan(context, job, PassKind::Sync, &search_hash, changed, now, &parts).await?;
+        store_plan(
+            context,
+            job,
+            PassKind::Sync,
+            &search_hash,
+            changed,
+            now,
+            &parts,
+        )
+        .await?;
         report.strategy = Some(strategy);
         tracing::info!(job = %job.name, strategy = ?strategy, watermark = watermark.unwrap_or("none"),
             partitions = parts.len(), "planned a sync pass");
@@ -350,7 +361,17 @@ async fn passes(
         tracing::info!(job = %job.name, partitions = planned.len(),
             left = planned.iter().filter(|p| !p.done).count(), "resuming an unfinished sync pass");
     }
-    pass(context, job, lock, run_id, &planned, Mode::Sync, counts, report).await?;
+    pass(
+        context,
+        job,
+        lock,
+        run_id,
+        &planned,
+        Mode::Sync,
+        counts,
+        report,
+    )
+    .await?;
     let started = context
         .db
         .job_state(&job.name)
@@ -387,7 +408,16 @@ async fn passes(
         let offered = capabilities(context, &mut caps).await?;
         let now = SystemTime::now();
         let parts = plan::reconcile_parts(root, job, offered.fields, now);
-        store_plan(context, job, PassKind::Reconcile, &search_hash, false, now, &parts).await?;
+        store_plan(
+            context,
+            job,
+            PassKind::Reconcile,
+            &search_hash,
+            false,
+            now,
+            &parts,
+        )
+        .await?;
         tracing::info!(job = %job.name, ids_only = offered.fields, partitions = parts.len(),
             "planned a reconcile pass");
         planned = context.db.planned(&job.name, PassKind::Reconcile).await?;
@@ -464,13 +494,21 @@ async fn capabilities(
     };
     let landing = context
         .api
-        .fetch("landing page", &Request::get(root.clone()), json("landing page"))
+        .fetch(
+            "landing page",
+            &Request::get(root.clone()),
+            json("landing page"),
+        )
         .await?;
     let mut caps = Capabilities::from_conformance(&landing);
     if landing.get("conformsTo").is_none()
         && let Ok(url) = root.join("conformance")
     {
-        match context.api.fetch("conformance", &Request::get(url), json("conformance")).await {
+        match context
+            .api
+            .fetch("conformance", &Request::get(url), json("conformance"))
+            .await
+        {
             Ok(doc) => caps = Capabilities::from_conformance(&doc),
             Err(Error::Config(_)) => {}
             Err(e) => return Err(e),
@@ -480,14 +518,23 @@ async fn capabilities(
         && caps.filter
         && let Ok(url) = root.join("queryables")
     {
-        match context.api.fetch("queryables", &Request::get(url), json("queryables")).await {
+        match context
+            .api
+            .fetch("queryables", &Request::get(url), json("queryables"))
+            .await
+        {
             Ok(doc) => caps.updated_queryable = Capabilities::queryable_updated(&doc),
             Err(Error::Config(_)) => {}
             Err(e) => return Err(e),
         }
     }
-    tracing::info!(sort = caps.sort, filter = caps.filter, fields = caps.fields,
-        updated_queryable = caps.updated_queryable, "what the STAC API offers");
+    tracing::info!(
+        sort = caps.sort,
+        filter = caps.filter,
+        fields = caps.fields,
+        updated_queryable = caps.updated_queryable,
+        "what the STAC API offers"
+    );
     *cache = Some(caps);
     Ok(caps)
 }
@@ -574,7 +621,10 @@ async fn pass(
         while let Some((index, request, page)) = rx.recv().await {
             lock.check().await?;
             let partition = &partitions[index];
-            write_page(context, job, run_id, partition, mode, &request, &page, counts).await?;
+            write_page(
+                context, job, run_id, partition, mode, &request, &page, counts,
+            )
+            .await?;
         }
         Ok::<(), Error>(())
     };
@@ -663,9 +713,11 @@ async fn write_page(
             .items
             .iter()
             .map(|i| (i.collection.as_str(), i.id.as_str()))
-            .chain(page.rejected.iter().filter_map(|r| {
-                Some((r.collection.as_deref()?, r.id.as_deref()?))
-            }))
+            .chain(
+                page.rejected
+                    .iter()
+                    .filter_map(|r| Some((r.collection.as_deref()?, r.id.as_deref()?))),
+            )
             .collect(),
     };
     let store = mode != Mode::Reconcile { ids_only: true };
@@ -674,7 +726,11 @@ async fn write_page(
     } else {
         Vec::new()
     };
-    let mut rejected = if store { page.rejected.clone() } else { Vec::new() };
+    let mut rejected = if store {
+        page.rejected.clone()
+    } else {
+        Vec::new()
+    };
     let mut changed = Vec::new();
     for (item, known) in page.items.iter().zip(&known) {
         if *known == Known::Unchanged {
@@ -747,7 +803,12 @@ async fn write_page(
 /// pass, since the watermark says nothing about items the old search did not select.
 fn search_hash(job: &Job) -> String {
     let search = serde_json::json!([
-        job.collections, job.bbox, job.intersects, job.datetime, job.query, job.filter
+        job.collections,
+        job.bbox,
+        job.intersects,
+        job.datetime,
+        job.query,
+        job.filter
     ]);
     blake3::hash(search.to_string().as_bytes()).to_hex()[..16].to_string()
 }

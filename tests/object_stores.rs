@@ -88,8 +88,10 @@ async fn postgres_and_s3_store_the_same_bytes_as_sqlite_and_a_folder() {
     )
     .await;
     let local_dir = tempfile::tempdir().expect("tempdir");
+    // Every run a full pass, so the rerun shows nothing is rewritten.
     let local = Setup {
         limit: 4,
+        job_extra: "incremental = \"off\"",
         ..Setup::new(
             &server.url,
             local_dir.path(),
@@ -231,8 +233,10 @@ async fn azure_blob_storage_holds_the_same_bytes_as_a_folder() {
     )
     .await;
     let local_dir = tempfile::tempdir().expect("tempdir");
+    // Every run a full pass, so the rerun shows nothing is rewritten.
     let local = Setup {
         limit: 4,
+        job_extra: "incremental = \"off\"",
         ..Setup::new(
             &server.url,
             local_dir.path(),

@@ -294,12 +294,14 @@ impl Database {
         .fetch_optional(pool)
         .await)
         .map_err(self.fail("read the job's state"))?;
-        Ok(row.map(|(query_hash, watermark, pass_started_at, reconciled_at)| JobState {
-            query_hash,
-            watermark,
-            pass_started_at,
-            reconciled_at,
-        }))
+        Ok(row.map(
+            |(query_hash, watermark, pass_started_at, reconciled_at)| JobState {
+                query_hash,
+                watermark,
+                pass_started_at,
+                reconciled_at,
+            },
+        ))
     }
 
     /// The partitions of the job's unfinished pass of this kind, as planned (empty if none).
@@ -429,16 +431,32 @@ impl Database {
 
     /// The stored, live items in `scope` that the job's reconcile pass has not seen: deleted
     /// upstream.
-    pub async fn vanished(&self, job: &str, scope: &Scope<'_>) -> Result<Vec<(String, String)>, Error> {
-        let sql = concat!("SELECT collection, id FROM items WHERE ", vanished!(), " ORDER BY id");
+    pub async fn vanished(
+        &self,
+        job: &str,
+        scope: &Scope<'_>,
+    ) -> Result<Vec<(String, String)>, Error> {
+        let sql = concat!(
+            "SELECT collection, id FROM items WHERE ",
+            vanished!(),
+            " ORDER BY id"
+        );
         on_pool!(self, pool => bind_scope!(sqlx::query_as(sql), scope, job).fetch_all(pool).await)
             .map_err(self.fail("find items that vanished upstream"))
     }
 
     /// Ends a reconcile pass: tombstones what it did not see in `scopes` (one per collection),
     /// forgets the ids it saw, records when, and removes its plan, in one transaction.
-    pub async fn finish_reconcile(&self, job: &str, scopes: &[Scope<'_>], at: &str) -> Result<(), Error> {
-        let sql = concat!("UPDATE items SET deleted_at = CURRENT_TIMESTAMP WHERE ", vanished!());
+    pub async fn finish_reconcile(
+        &self,
+        job: &str,
+        scopes: &[Scope<'_>],
+        at: &str,
+    ) -> Result<(), Error> {
+        let sql = concat!(
+            "UPDATE items SET deleted_at = CURRENT_TIMESTAMP WHERE ",
+            vanished!()
+        );
         on_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
             for scope in scopes {

@@ -47,6 +47,8 @@ pub struct Setup<'a> {
     pub method: &'a str,
     /// Extra TOML appended to the generated file (an `[auth]` or `[http]` table).
     pub extra: String,
+    /// Extra keys of the job (`incremental = "off"`).
+    pub job_extra: &'a str,
     pub env: EnvVars,
     /// Database URL; SQLite in `dir` when `None`.
     pub database: Option<String>,
@@ -64,6 +66,7 @@ impl<'a> Setup<'a> {
             limit: 3,
             method: "POST",
             extra: String::new(),
+            job_extra: "",
             env,
             database: None,
             objects: None,
@@ -104,6 +107,7 @@ name = "test"
 collections = {collections:?}
 limit = {limit}
 method = "{method}"
+{job_extra}
 {extra}
 "#,
             api = self.api_url,
@@ -113,6 +117,7 @@ method = "{method}"
             limit = self.limit,
             method = self.method,
             extra = self.extra,
+            job_extra = self.job_extra,
         );
         let file: FileConfig = toml::from_str(&toml).expect("test config parses");
         let overrides = Overrides {
