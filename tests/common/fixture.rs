@@ -8,7 +8,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, post};
+use axum::routing::{any, get, post};
 use serde_json::{Value, json};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -62,6 +62,26 @@ pub struct FixtureState {
     pub next_origin: Mutex<Option<String>>,
     /// Pages served in full, by index.
     pub served: Mutex<Vec<usize>>,
+    /// The landing page's `conformsTo`.
+    pub conformance: Mutex<Vec<String>>,
+    /// The `/queryables` document (404 when null).
+    pub queryables: Mutex<Value>,
+    /// Bodies (POST) or query strings (GET, as a JSON string) of the search requests received.
+    pub requests: Mutex<Vec<Value>>,
+    /// Search requests being answered now.
+    pub in_flight: AtomicUsize,
+    /// Per search request, in arrival order: the requests in flight when it arrived (itself
+    /// included), and whether it was answered with a fault.
+    pub arrivals: Mutex<Vec<(usize, bool)>>,
+}
+
+/// Counts a request out of `in_flight` however its handler returns.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct Fixture {
@@ -99,9 +119,19 @@ pub async fn start(pages: Vec<Vec<Value>>, paging: Paging, issuer: Arc<Issuer>) 
         delay: Mutex::new((0, Duration::ZERO)),
         next_origin: Mutex::new(None),
         served: Mutex::new(Vec::new()),
+        conformance: Mutex::new(vec![
+            "https://api.stacspec.org/v1.0.0/core".into(),
+            "https://api.stacspec.org/v1.0.0/item-search".into(),
+        ]),
+        queryables: Mutex::new(Value::Null),
+        requests: Mutex::new(Vec::new()),
+        in_flight: AtomicUsize::new(0),
+        arrivals: Mutex::new(Vec::new()),
     });
     let app = Router::new()
         .route("/search", any(search))
+        .route("/", get(landing))
+        .route("/queryables", get(queryables))
         .with_state(state.clone())
         .merge(
             Router::new()
@@ -118,6 +148,29 @@ pub async fn start(pages: Vec<Vec<Value>>, paging: Paging, issuer: Arc<Issuer>) 
     }
 }
 
+async fn landing(State(state): State<Arc<FixtureState>>, headers: HeaderMap) -> Response {
+    if !state.issuer.accepts(&headers) {
+        return state.issuer.refusal();
+    }
+    let conformance = state.conformance.lock().expect("lock").clone();
+    axum::Json(
+        json!({"type": "Catalog", "id": "fixture", "description": "fixture",
+        "stac_version": "1.0.0", "conformsTo": conformance, "links": []}),
+    )
+    .into_response()
+}
+
+async fn queryables(State(state): State<Arc<FixtureState>>, headers: HeaderMap) -> Response {
+    if !state.issuer.accepts(&headers) {
+        return state.issuer.refusal();
+    }
+    let doc = state.queryables.lock().expect("lock").clone();
+    if doc.is_null() {
+        return (StatusCode::NOT_FOUND, "no queryables").into_response();
+    }
+    axum::Json(doc).into_response()
+}
+
 async fn search(
     State(state): State<Arc<FixtureState>>,
     method: Method,
@@ -126,6 +179,8 @@ async fn search(
     body: Bytes,
 ) -> Response {
     state.searches.fetch_add(1, Ordering::SeqCst);
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    let _in_flight = InFlight(&state.in_flight);
     if headers.contains_key(header::AUTHORIZATION) {
         state.with_authorization.fetch_add(1, Ordering::SeqCst);
     }
@@ -134,6 +189,11 @@ async fn search(
     }
 
     let fault = state.faults.lock().expect("lock").pop_front();
+    state
+        .arrivals
+        .lock()
+        .expect("lock")
+        .push((now, !matches!(fault, None | Some(Fault::Pass))));
     let request_body: Value = if method == Method::POST {
         match serde_json::from_slice(&body) {
             Ok(v) => v,
@@ -142,6 +202,15 @@ async fn search(
     } else {
         Value::Null
     };
+    state
+        .requests
+        .lock()
+        .expect("lock")
+        .push(if method == Method::POST {
+            request_body.clone()
+        } else {
+            Value::String(query.clone().unwrap_or_default())
+        });
     if method == Method::POST && request_body.get("collections").is_none() {
         return (StatusCode::BAD_REQUEST, "POST body lost its collections").into_response();
     }

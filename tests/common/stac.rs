@@ -17,6 +17,16 @@ pub struct StacServer {
     pub token_url: String,
     pub issuer: Arc<Issuer>,
     pub backend: MemoryBackend,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StacServer {
+    /// Stops serving and frees the port (connections already open stay up; each run builds
+    /// its own HTTP client, so the next run connects anew).
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
 }
 
 /// Starts a server holding `items` (their collections are created).
@@ -60,10 +70,11 @@ pub async fn start_with(
                 .route("/token", post(tokens::token_endpoint))
                 .with_state(issuer.clone()),
         );
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
     StacServer {
+        task,
         token_url: format!("{url}token"),
         url,
         issuer,
