@@ -128,6 +128,12 @@ async fn a_run_killed_at_random_instants_converges_to_an_uninterrupted_one() {
 
     assert_eq!(last.code(), Some(0));
     let database = format!("sqlite://{}", dir.path().join("stac-sync.db").display());
+    let running = common::scalar(
+        &database,
+        "SELECT COUNT(*) FROM sync_runs WHERE status = 'running'",
+    )
+    .await;
+    assert_eq!(running, 0, "killed runs are recorded as abandoned");
     assert_eq!(
         stored_items(&database).await,
         stored_items(&reference.database_url()).await

@@ -22,3 +22,6 @@ CREATE TABLE sync_seen (
     id         TEXT NOT NULL,
     PRIMARY KEY (job, collection, id)
 );
+
+-- sync_runs.status gains 'abandoned': a run that was still 'running' when the next run of its
+-- job took the lock (the process was killed before it could record its end).

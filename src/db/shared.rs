@@ -10,10 +10,19 @@ use sqlx::{Database, Encode, Executor, IntoArguments, Type};
 pub async fn start_run<'c, DB, E>(executor: E, run_id: &str, job: &str) -> Result<(), sqlx::Error>
 where
     DB: Database,
-    E: Executor<'c, Database = DB>,
+    E: Executor<'c, Database = DB> + Copy,
     DB::Arguments: IntoArguments<DB>,
     for<'a> &'a str: Encode<'a, DB> + Type<DB>,
 {
+    // Runs of this job still marked running died without recording their end: this run holds
+    // the job's lock, so none of them is alive.
+    sqlx::query(
+        "UPDATE sync_runs SET status = 'abandoned', error = 'the process ended without recording \
+         the run (killed, or the machine stopped)' WHERE job = $1 AND status = 'running'",
+    )
+    .bind(job)
+    .execute(executor)
+    .await?;
     sqlx::query(
         "INSERT INTO sync_runs (run_id, job, started_at, status) \
          VALUES ($1, $2, CURRENT_TIMESTAMP, 'running')",
