@@ -31,7 +31,8 @@ struct Args {
     /// Lifetime of issued tokens, seconds.
     #[arg(long, default_value_t = 3600)]
     token_ttl: u64,
-    /// Share of API requests answered 429 (Retry-After: 1) or 503, half each.
+    /// Share of API requests answered 429 (Retry-After: 1), 503, or cut off mid-body (a
+    /// connection reset), a third each.
     #[arg(long, default_value_t = 0.0)]
     fault_rate: f64,
     /// Delay added to every API request, milliseconds.
@@ -53,7 +54,7 @@ async fn chaos(State(chaos): State<Chaos>, request: Request<Body>, next: Next) -
         tokio::time::sleep(chaos.delay).await;
     }
     let roll: f64 = rand::rng().random();
-    if roll < chaos.fault_rate / 2.0 {
+    if roll < chaos.fault_rate / 3.0 {
         return (
             StatusCode::TOO_MANY_REQUESTS,
             [("Retry-After", "1")],
@@ -61,10 +62,41 @@ async fn chaos(State(chaos): State<Chaos>, request: Request<Body>, next: Next) -
         )
             .into_response();
     }
-    if roll < chaos.fault_rate {
+    if roll < chaos.fault_rate * 2.0 / 3.0 {
         return (StatusCode::SERVICE_UNAVAILABLE, "unavailable").into_response();
     }
-    next.run(request).await
+    let response = next.run(request).await;
+    if roll < chaos.fault_rate {
+        // Half the body, then the connection dies.
+        let (parts, body) = response.into_parts();
+        let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "unreadable body").into_response();
+        };
+        let half = bytes.slice(..bytes.len() / 2);
+        let chunks: Vec<Result<axum::body::Bytes, std::io::Error>> =
+            vec![Ok(half), Err(std::io::Error::other("connection reset"))];
+        return Response::from_parts(parts, Body::from_stream(futures_util::stream::iter(chunks)));
+    }
+    response
+}
+
+/// Spreads items over ten years of acquisitions (2017 to 2026), several sharing a datetime,
+/// so that a job with a datetime range has yearly partitions to page in parallel.
+fn spread_over_years(items: &mut [serde_json::Value]) {
+    for (i, item) in items.iter_mut().enumerate() {
+        if let Some(properties) = item["properties"].as_object_mut() {
+            properties.remove("start_datetime");
+            properties.remove("end_datetime");
+            let datetime = format!(
+                "{}-{:02}-{:02}T10:{:02}:00Z",
+                2017 + i % 10,
+                1 + (i / 10) % 12,
+                1 + (i / 120) % 28,
+                (i / 3360) % 60
+            );
+            properties.insert("datetime".into(), datetime.into());
+        }
+    }
 }
 
 #[tokio::main]
@@ -90,6 +122,7 @@ async fn main() {
         "sentinel-1-grd",
         args.items - main_count,
     ));
+    spread_over_years(&mut items);
     let chaos_state = Chaos {
         fault_rate: args.fault_rate,
         delay: Duration::from_millis(args.delay_ms),
