@@ -718,6 +718,15 @@ fn validate_job(j: JobConfig, o: &Overrides, default_limit: u32) -> Result<Job, 
         validate_datetime(datetime)
             .map_err(|why| Error::Config(format!("job {name}: datetime {datetime:?}: {why}")))?;
     }
+    if j.reconcile_every.is_some()
+        && (j.query.is_some() || j.filter.is_some() || j.intersects.is_some())
+    {
+        return Err(Error::Config(format!(
+            "job {name}: reconcile_every: a job with query, filter or intersects cannot be \
+             reconciled (stac-sync cannot tell which stored items they select); remove \
+             reconcile_every or select by collection, datetime and bbox only"
+        )));
+    }
     // The CLI's --limit overrides every job's limit; a job's own limit beats the file default.
     let limit = o.limit.or(j.limit).unwrap_or(default_limit);
     if !(1..=10_000).contains(&limit) {
@@ -879,5 +888,20 @@ pub(crate) mod tests {
         assert!(validate_datetime("2020-01-01T00:00:00Z").is_ok());
         assert!(validate_datetime("../..").is_err());
         assert!(validate_datetime("last tuesday").is_err());
+    }
+
+    #[test]
+    fn a_job_that_cannot_be_reconciled_is_refused_a_reconcile_schedule() {
+        let toml = r#"
+            api_url = "http://127.0.0.1:1/"
+            [[jobs]]
+            name = "cloudless"
+            collections = ["c"]
+            query = { "eo:cloud_cover" = { lt = 10 } }
+            reconcile_every = "7d"
+        "#;
+        let file: FileConfig = toml::from_str(toml).expect("parses");
+        let error = Config::resolve(file, &Overrides::default()).expect_err("refused");
+        assert!(matches!(&error, Error::Config(m) if m.contains("job cloudless: reconcile_every")));
     }
 }

@@ -300,3 +300,51 @@ async fn the_cap_on_requests_in_flight_holds_and_a_429_shrinks_it() {
     assert_eq!(throttled[4].0, 1, "{throttled:?}");
     assert!(most(&throttled[4..7]) <= 2, "{throttled:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_asks_only_for_ids_where_offered_and_tombstones_what_vanished() {
+    let clock = Arc::new(ManualClock::default());
+    let pages: Vec<Vec<Value>> = (0..4)
+        .map(|p| {
+            (0..3)
+                .map(|i| item(p * 3 + i, SystemTime::now(), 1))
+                .collect()
+        })
+        .collect();
+    let server = fixture::start(
+        pages,
+        Paging::PostFull,
+        Issuer::new(clock.clone(), "id", "secret"),
+    )
+    .await;
+    server
+        .state
+        .conformance
+        .lock()
+        .expect("lock")
+        .push("https://api.stacspec.org/v1.0.0/item-search#fields".into());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup::new(&server.url, dir.path(), &["s2"], env(&server.token_url));
+    run(&setup, &clock, false).await;
+    // The last page's three items are withdrawn upstream.
+    server.state.pages.lock().expect("lock").truncate(3);
+    let before = server.state.requests.lock().expect("lock").len();
+
+    let reconciled = run(&setup, &clock, true).await;
+
+    let requests = server.state.requests.lock().expect("lock")[before..].to_vec();
+    let sweep: Vec<&Value> = requests
+        .iter()
+        .filter(|r| r.get("fields").is_some())
+        .collect();
+    assert_eq!(sweep.len(), 3, "{requests:?}");
+    assert_eq!(sweep[0]["fields"]["include"], json!(["id", "collection"]));
+    assert_eq!(reconciled.jobs[0].counts.deleted, 3);
+    let live = live_items(&setup.database_url()).await;
+    assert_eq!(live.len(), 9);
+    assert_eq!(stored_items(&setup.database_url()).await.len(), 12);
+    // Objects are kept by default.
+    assert_eq!(without_runs(&setup.objects_dir()).len(), 12);
+    let left = common::scalar(&setup.database_url(), "SELECT COUNT(*) FROM sync_seen").await;
+    assert_eq!(left, 0, "the sweep's ids are forgotten once it ends");
+}
