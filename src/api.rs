@@ -89,6 +89,11 @@ impl ApiClient {
         &self.root
     }
 
+    /// The token source.
+    pub fn tokens(&self) -> &TokenSource {
+        &self.tokens
+    }
+
     /// Fetches `request` and hands the body of a 2xx answer to `parse`; a parse failure is
     /// retried like a transport failure (a page cut short by a proxy parses badly).
     pub async fn fetch<T>(

@@ -32,6 +32,8 @@ const MAX_RENEW_MARGIN: Duration = Duration::from_secs(300);
 pub struct Token {
     /// The bearer value.
     pub value: SecretString,
+    /// Its lifetime as the token endpoint gave it (`None` for a static token).
+    pub lifetime: Option<Duration>,
     generation: u64,
 }
 
@@ -101,6 +103,7 @@ impl TokenSource {
             Auth::Bearer(value) => {
                 return Ok(Some(Token {
                     value: value.clone(),
+                    lifetime: None,
                     generation: 0,
                 }));
             }
@@ -122,6 +125,7 @@ impl TokenSource {
         let margin = (lifetime / 5).min(MAX_RENEW_MARGIN);
         let token = Token {
             value,
+            lifetime: Some(lifetime),
             generation: *generation,
         };
         tracing::debug!(lifetime = ?lifetime, generation = *generation, "obtained an access token");

@@ -54,3 +54,33 @@ impl Clock for ManualClock {
         Duration::from_millis(self.millis.load(Ordering::SeqCst))
     }
 }
+
+/// Wall-clock time, for the daemon's schedules (token lifetimes use the monotonic [`Clock`]).
+/// Tests inject a virtual one.
+pub trait WallClock: Send + Sync + std::fmt::Debug {
+    /// Now, UTC.
+    fn now(&self) -> chrono::DateTime<chrono::Utc>;
+    /// Resolves at `at` (at once if it is past).
+    fn sleep_until(
+        &self,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Default)]
+pub struct SystemWallClock;
+
+impl WallClock for SystemWallClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now()
+    }
+
+    fn sleep_until(
+        &self,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+        Box::pin(tokio::time::sleep(wait))
+    }
+}

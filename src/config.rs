@@ -43,6 +43,10 @@ pub struct FileConfig {
     pub limit: Option<u32>,
     /// Cap on API requests in flight.
     pub concurrency: Option<usize>,
+    /// Prometheus text file written after each run (node_exporter's textfile collector).
+    pub metrics_file: Option<PathBuf>,
+    /// Pushgateway to push each run's metrics to.
+    pub pushgateway_url: Option<String>,
     /// Options of the object store (object_store configuration keys, e.g. `aws_endpoint`).
     #[serde(default)]
     pub object_store: BTreeMap<String, String>,
@@ -255,6 +259,12 @@ pub struct Overrides {
     /// Cap on API requests in flight.
     #[arg(long, global = true, env = "STAC_SYNC_CONCURRENCY")]
     pub concurrency: Option<usize>,
+    /// Prometheus text file written after each run (for node_exporter's textfile collector).
+    #[arg(long, global = true, env = "STAC_SYNC_METRICS_FILE")]
+    pub metrics_file: Option<PathBuf>,
+    /// Pushgateway base URL to push each run's metrics to.
+    #[arg(long, global = true, env = "STAC_SYNC_PUSHGATEWAY_URL")]
+    pub pushgateway_url: Option<String>,
     /// Authentication kind [default: inferred from the credentials given].
     #[arg(long, global = true, env = "STAC_SYNC_AUTH", value_enum)]
     pub auth: Option<AuthKind>,
@@ -335,6 +345,10 @@ pub struct Config {
     pub object_store_url: Option<String>,
     /// Options for the object store.
     pub object_store_options: BTreeMap<String, String>,
+    /// Prometheus text file to write after each run.
+    pub metrics_file: Option<PathBuf>,
+    /// Pushgateway to push to after each run.
+    pub pushgateway_url: Option<Url>,
     /// The jobs to run, in order.
     pub jobs: Vec<Job>,
 }
@@ -528,6 +542,14 @@ impl Config {
         }
 
         let jobs = resolve_jobs(file.jobs, o, limit)?;
+        let pushgateway_url = match o.pushgateway_url.clone().or(file.pushgateway_url) {
+            Some(raw) => Some(Url::parse(&raw).map_err(|e| {
+                Error::Config(format!(
+                    "pushgateway_url {raw:?}: {e}; write it as http://HOST:9091"
+                ))
+            })?),
+            None => None,
+        };
         Ok(Config {
             api_root,
             auth,
@@ -537,6 +559,8 @@ impl Config {
             database_url,
             object_store_url,
             object_store_options: file.object_store,
+            metrics_file: o.metrics_file.clone().or(file.metrics_file),
+            pushgateway_url,
             jobs,
         })
     }
@@ -726,6 +750,10 @@ fn validate_job(j: JobConfig, o: &Overrides, default_limit: u32) -> Result<Job, 
              reconciled (stac-sync cannot tell which stored items they select); remove \
              reconcile_every or select by collection, datetime and bbox only"
         )));
+    }
+    if let Some(schedule) = &j.schedule {
+        crate::daemon::parse_schedule(schedule)
+            .map_err(|why| Error::Config(format!("job {name}: schedule {why}")))?;
     }
     // The CLI's --limit overrides every job's limit; a job's own limit beats the file default.
     let limit = o.limit.or(j.limit).unwrap_or(default_limit);

@@ -4,13 +4,17 @@
 
 pub mod api;
 pub mod auth;
+pub mod check;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod db;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod objects;
 pub mod page;
 pub mod plan;
+pub mod status;
 pub mod sync;
 pub mod telemetry;

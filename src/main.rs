@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use stac_sync::config::{Config, EnvVars, Overrides};
 use stac_sync::error::{Error, Exit};
 use stac_sync::sync::{self, RunOptions};
+use stac_sync::telemetry::LogFormat;
 use std::process::ExitCode;
 
 /// Keeps a faithful, current mirror of a STAC API's items in SQLite or Postgres and object
@@ -17,6 +18,15 @@ struct Cli {
     command: Command,
     #[command(flatten)]
     overrides: Overrides,
+    /// Log format: JSON lines when stderr is not a terminal, readable text when it is (auto).
+    #[arg(
+        long,
+        global = true,
+        env = "STAC_SYNC_LOG_FORMAT",
+        value_enum,
+        default_value = "auto"
+    )]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -31,6 +41,24 @@ enum Command {
         #[arg(long)]
         reconcile: bool,
     },
+    /// Run each job on its own `schedule` until SIGTERM.
+    Daemon,
+    /// Probe the token, the STAC API, each collection and each sink; say which incremental
+    /// strategy each job will use. Exit 0 only if everything passes.
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent runs, each job's watermark, items per collection and quarantined features.
+    Status {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        /// How many recent runs to show.
+        #[arg(long, default_value_t = 10)]
+        runs: i64,
+    },
     /// Apply the database schema migrations.
     Migrate,
 }
@@ -39,7 +67,9 @@ fn main() -> ExitCode {
     // A .env file (EDS lets users download one) fills variables that are not already set.
     let _ = dotenvy::dotenv();
     let mut cli = Cli::parse();
-    stac_sync::telemetry::init();
+    let progress =
+        matches!(cli.command, Command::Run { .. }) && LogFormat::shows_progress(cli.log_format);
+    stac_sync::telemetry::init(cli.log_format, progress);
     cli.overrides.env = EnvVars::from_env();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -91,17 +121,60 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
             let options = RunOptions {
                 migrate: !no_migrate,
                 reconcile,
+                progress: LogFormat::shows_progress(cli.log_format),
                 ..RunOptions::default()
             };
             stop_on_signals(options.stop.clone());
             let summary = sync::run(&config, options).await?;
-            let exit = summary.exit();
+            let reports: Vec<_> = summary.jobs.iter().collect();
+            stac_sync::metrics::write_configured(&config, &reports);
+            stac_sync::metrics::push_configured(&config, &reports).await;
             for job in &summary.jobs {
                 if let Some(error) = &job.error {
                     eprintln!("error: job {}: {error}", job.job);
                 }
             }
-            Ok(exit)
+            Ok(summary.exit())
+        }
+        Command::Daemon => {
+            let options = RunOptions::default();
+            stop_on_signals(options.stop.clone());
+            let wall = std::sync::Arc::new(stac_sync::clock::SystemWallClock);
+            let fired = stac_sync::daemon::daemon(&config, options, wall).await?;
+            let interrupted = fired
+                .iter()
+                .any(|f| matches!(f.report.error, Some(Error::Stopped)));
+            Ok(if interrupted {
+                Exit::Terminated
+            } else {
+                Exit::Success
+            })
+        }
+        Command::Check { json } => {
+            let report =
+                stac_sync::check::check(&config, stac_sync::clock::MonotonicClock::shared()).await;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(report.exit())
+        }
+        Command::Status { json, runs } => {
+            let db = stac_sync::db::Database::connect(&config.database_url).await?;
+            let status = stac_sync::status::read(&db, runs).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(Exit::Success)
         }
         Command::Migrate => {
             let db = stac_sync::db::Database::connect(&config.database_url).await?;

@@ -59,6 +59,8 @@ pub struct RunOptions {
     pub stop: CancellationToken,
     /// Reconcile every job after its sync pass (`run --reconcile`).
     pub reconcile: bool,
+    /// Show a progress display on stderr (a person is watching a terminal).
+    pub progress: bool,
 }
 
 impl Default for RunOptions {
@@ -68,6 +70,7 @@ impl Default for RunOptions {
             migrate: true,
             stop: CancellationToken::new(),
             reconcile: false,
+            progress: false,
         }
     }
 }
@@ -83,6 +86,14 @@ pub struct JobReport {
     pub counts: Counts,
     /// Why it failed, if it did.
     pub error: Option<Error>,
+    /// `succeeded`, `partial`, `failed`, `interrupted`, or `locked` (not run).
+    pub status: &'static str,
+    /// When it ended.
+    pub finished_at: SystemTime,
+    /// How long it took.
+    pub duration: std::time::Duration,
+    /// The job's watermark after the run, if it has one.
+    pub watermark: Option<String>,
 }
 
 /// The outcome of `stac-sync run`.
@@ -119,30 +130,19 @@ pub struct Context {
     stats: Arc<Stats>,
     stop: CancellationToken,
     reconcile: bool,
+    progress: bool,
 }
 
 impl Context {
     /// Opens the sinks and builds the API client. Fails before any page is fetched.
     pub async fn open(config: &Config, options: &RunOptions) -> Result<Context, Error> {
         let stats = Arc::new(Stats::default());
-        let client = http::client(&config.http)
-            .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
-        let tokens = TokenSource::new(
-            config.auth.clone(),
-            client.clone(),
-            config.http.retry.clone(),
+        let api = api_client(
+            config,
             options.clock.clone(),
             stats.clone(),
-        );
-        let api = ApiClient::new(
-            config.api_root.clone(),
-            client,
-            tokens,
             config.http.retry.clone(),
-            stats.clone(),
-            config.concurrency,
-            config.headers.clone(),
-        );
+        )?;
         let db = Database::connect(&config.database_url).await?;
         if options.migrate {
             db.migrate().await?;
@@ -164,6 +164,7 @@ impl Context {
             stats,
             stop: options.stop.clone(),
             reconcile: options.reconcile,
+            progress: options.progress,
         })
     }
 
@@ -171,6 +172,79 @@ impl Context {
     pub fn db(&self) -> &Database {
         &self.db
     }
+}
+
+/// What the server offers: the landing page's (or `/conformance`'s) classes, and whether
+/// `/queryables` lists `updated` (asked only when Sort and Filter are offered).
+pub async fn capabilities_of(api: &ApiClient) -> Result<Capabilities, Error> {
+    let root = api.root().clone();
+    let json = |what: &'static str| {
+        move |body: bytes::Bytes| {
+            serde_json::from_slice::<serde_json::Value>(&body)
+                .map_err(|e| format!("the {what} is not JSON ({e})"))
+        }
+    };
+    let landing = api
+        .fetch(
+            "landing page",
+            &Request::get(root.clone()),
+            json("landing page"),
+        )
+        .await?;
+    let mut caps = Capabilities::from_conformance(&landing);
+    if landing.get("conformsTo").is_none()
+        && let Ok(url) = root.join("conformance")
+    {
+        match api
+            .fetch("conformance", &Request::get(url), json("conformance"))
+            .await
+        {
+            Ok(doc) => caps = Capabilities::from_conformance(&doc),
+            Err(Error::Config(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if caps.sort
+        && caps.filter
+        && let Ok(url) = root.join("queryables")
+    {
+        match api
+            .fetch("queryables", &Request::get(url), json("queryables"))
+            .await
+        {
+            Ok(doc) => caps.updated_queryable = Capabilities::queryable_updated(&doc),
+            Err(Error::Config(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(caps)
+}
+
+/// The API client of a config, retrying per `policy`.
+pub fn api_client(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    stats: Arc<Stats>,
+    policy: http::RetryPolicy,
+) -> Result<ApiClient, Error> {
+    let client = http::client(&config.http)
+        .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
+    let tokens = TokenSource::new(
+        config.auth.clone(),
+        client.clone(),
+        policy.clone(),
+        clock,
+        stats.clone(),
+    );
+    Ok(ApiClient::new(
+        config.api_root.clone(),
+        client,
+        tokens,
+        policy,
+        stats,
+        config.concurrency,
+        config.headers.clone(),
+    ))
 }
 
 /// `stac-sync run`: one pass over every configured job.
@@ -207,6 +281,10 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
                 run_id,
                 counts: Counts::default(),
                 error: Some(error),
+                status: "locked",
+                finished_at: SystemTime::now(),
+                duration: started.elapsed(),
+                watermark: None,
             });
         }
     };
@@ -282,11 +360,35 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
         error = message.as_deref().unwrap_or(""),
         "run finished"
     );
+    let watermark = match &report.watermark_after {
+        Some(mark) => Some(mark.clone()),
+        None => report.watermark_before.clone(),
+    };
+    if context.progress {
+        eprintln!(
+            "{}: {status}: {} new, {} changed, {} unchanged, {} deleted, {} quarantined in {:.1} s ({rate:.0} items/s){}",
+            job.name,
+            counts.new,
+            counts.changed,
+            counts.unchanged,
+            counts.deleted,
+            counts.quarantined,
+            elapsed.as_secs_f64(),
+            message
+                .as_deref()
+                .map(|m| format!("; {m}"))
+                .unwrap_or_default()
+        );
+    }
     Ok(JobReport {
         job: job.name.clone(),
         run_id,
         counts,
         error,
+        status,
+        finished_at: SystemTime::now(),
+        duration: elapsed,
+        watermark,
     })
 }
 
@@ -485,49 +587,7 @@ async fn capabilities(
     if let Some(caps) = cache {
         return Ok(*caps);
     }
-    let root = context.api.root().clone();
-    let json = |what: &'static str| {
-        move |body: bytes::Bytes| {
-            serde_json::from_slice::<serde_json::Value>(&body)
-                .map_err(|e| format!("the {what} is not JSON ({e})"))
-        }
-    };
-    let landing = context
-        .api
-        .fetch(
-            "landing page",
-            &Request::get(root.clone()),
-            json("landing page"),
-        )
-        .await?;
-    let mut caps = Capabilities::from_conformance(&landing);
-    if landing.get("conformsTo").is_none()
-        && let Ok(url) = root.join("conformance")
-    {
-        match context
-            .api
-            .fetch("conformance", &Request::get(url), json("conformance"))
-            .await
-        {
-            Ok(doc) => caps = Capabilities::from_conformance(&doc),
-            Err(Error::Config(_)) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if caps.sort
-        && caps.filter
-        && let Ok(url) = root.join("queryables")
-    {
-        match context
-            .api
-            .fetch("queryables", &Request::get(url), json("queryables"))
-            .await
-        {
-            Ok(doc) => caps.updated_queryable = Capabilities::queryable_updated(&doc),
-            Err(Error::Config(_)) => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let caps = capabilities_of(&context.api).await?;
     tracing::info!(
         sort = caps.sort,
         filter = caps.filter,
@@ -611,9 +671,17 @@ async fn pass(
             .map(|p| serde_json::json!({"name": p.name, "query": p.first})),
     );
     let (tx, mut rx) = mpsc::channel::<(usize, Request, Page)>(PAGES_BUFFERED);
+    let finished = std::sync::atomic::AtomicUsize::new(planned.len() - partitions.len());
+    let bar = context.progress.then(|| progress_bar(job, mode));
     let mut pagers = Vec::with_capacity(partitions.len());
     for (index, partition) in partitions.iter().enumerate() {
-        pagers.push(page_partition(context, index, partition, tx.clone()));
+        let finished = &finished;
+        let tx = tx.clone();
+        pagers.push(async move {
+            let paged = page_partition(context, index, partition, tx).await;
+            finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            paged
+        });
     }
     // Only the pagers hold senders now, so the writer sees the channel close when they end.
     drop(tx);
@@ -625,10 +693,21 @@ async fn pass(
                 context, job, run_id, partition, mode, &request, &page, counts,
             )
             .await?;
+            if let Some(bar) = &bar {
+                bar.inc(page.items.len() as u64);
+                bar.set_message(format!(
+                    "{}/{} partitions done",
+                    finished.load(std::sync::atomic::Ordering::Relaxed),
+                    planned.len()
+                ));
+            }
         }
         Ok::<(), Error>(())
     };
     let (paged, written) = tokio::join!(futures_util::future::join_all(pagers), writer);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     written?;
     let mut errors: Vec<Error> = paged.into_iter().filter_map(Result::err).collect();
     match errors.iter().position(|e| matches!(e, Error::Stopped)) {
@@ -636,6 +715,22 @@ async fn pass(
         None if errors.is_empty() => Ok(()),
         None => Err(errors.swap_remove(0)),
     }
+}
+
+/// A spinner with items, items/s and partitions done, for a person at a terminal.
+fn progress_bar(job: &Job, mode: Mode) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    let style = indicatif::ProgressStyle::with_template(
+        "{spinner} {prefix}: {human_pos} items, {per_sec}, {msg} [{elapsed}]",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+    bar.set_style(style);
+    bar.set_prefix(match mode {
+        Mode::Sync => job.name.clone(),
+        Mode::Reconcile { .. } => format!("{} (reconcile)", job.name),
+    });
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
 }
 
 /// Pages one partition from its start to its last page, handing each page to the writer.

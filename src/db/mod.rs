@@ -112,6 +112,38 @@ pub struct JobState {
 type JobRow = (String, Option<String>, Option<String>, Option<String>);
 type PlannedRow = (String, Option<String>, Option<String>, Option<String>, bool);
 
+/// A run as `status` shows it.
+pub type RunRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+);
+
+/// A job's state as `status` shows it: job, watermark, pass start, last reconcile, partitions
+/// left in unfinished passes.
+pub type JobStateRow = (String, Option<String>, Option<String>, Option<String>, i64);
+
+/// A quarantined feature as `status` shows it: job, collection, id, reason, page, when.
+pub type QuarantineRow = (
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    String,
+    Option<String>,
+);
+
 /// A partition of a stored plan.
 #[derive(Debug, Clone)]
 pub struct Planned {
@@ -478,6 +510,91 @@ impl Database {
             tx.commit().await
         }.await)
         .map_err(self.fail("record the deletions"))
+    }
+
+    /// The most recent runs, newest first (for `status`).
+    pub async fn recent_runs(&self, limit: i64) -> Result<Vec<RunRow>, Error> {
+        on_pool!(self, pool => sqlx::query_as(
+            "SELECT run_id, job, CAST(started_at AS TEXT), CAST(finished_at AS TEXT), status, \
+             pages, items_new, items_changed, items_unchanged, items_deleted, items_quarantined, \
+             retries, token_renewals, error FROM sync_runs ORDER BY started_at DESC, run_id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(pool)
+        .await)
+        .map_err(self.fail("read the runs"))
+    }
+
+    /// Every job's watermark, last reconcile and unfinished partitions (for `status`).
+    pub async fn job_states(&self) -> Result<Vec<JobStateRow>, Error> {
+        on_pool!(self, pool => sqlx::query_as(
+            "SELECT j.job, j.watermark, j.pass_started_at, j.reconciled_at, \
+             (SELECT COUNT(*) FROM sync_state p WHERE p.job = j.job AND p.kind IN ('sync', 'reconcile') \
+             AND NOT p.done) FROM sync_state j WHERE j.partition = '' ORDER BY j.job",
+        )
+        .fetch_all(pool)
+        .await)
+        .map_err(self.fail("read the jobs' state"))
+    }
+
+    /// Per collection: live items and tombstones (for `status`).
+    pub async fn collection_counts(&self) -> Result<Vec<(String, i64, i64)>, Error> {
+        on_pool!(self, pool => sqlx::query_as(
+            "SELECT collection, SUM(CASE WHEN deleted_at IS NULL THEN 1 ELSE 0 END), \
+             SUM(CASE WHEN deleted_at IS NULL THEN 0 ELSE 1 END) FROM items GROUP BY collection \
+             ORDER BY collection",
+        )
+        .fetch_all(pool)
+        .await)
+        .map_err(self.fail("count items"))
+    }
+
+    /// The most recent quarantined features, newest first, and how many there are in all.
+    pub async fn quarantine(&self, limit: i64) -> Result<(i64, Vec<QuarantineRow>), Error> {
+        on_pool!(self, pool => async {
+            let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM quarantine").fetch_one(pool).await?;
+            let rows = sqlx::query_as(
+                "SELECT job, collection, item_id, reason, page_url, CAST(quarantined_at AS TEXT) \
+                 FROM quarantine ORDER BY seq DESC LIMIT $1",
+            )
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+            Ok::<_, sqlx::Error>((total, rows))
+        }.await)
+        .map_err(self.fail("read the quarantine"))
+    }
+
+    /// Migrations applied and known to this binary: `(applied, known)`.
+    pub async fn migrations(&self) -> Result<(usize, usize), Error> {
+        let (applied, known) = match self {
+            Database::Sqlite(db) => (
+                sqlx::query_scalar::<_, i64>("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(db.pool())
+                    .await,
+                sqlx::migrate!("migrations/sqlite").iter().count(),
+            ),
+            Database::Postgres(db) => (
+                sqlx::query_scalar::<_, i64>("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(db.pool())
+                    .await,
+                sqlx::migrate!("migrations/postgres").iter().count(),
+            ),
+        };
+        // No table yet: nothing applied.
+        Ok((applied.map(|v| v.len()).unwrap_or(0), known))
+    }
+
+    /// Checks that the database takes a write, without leaving one: a transaction that writes
+    /// and rolls back.
+    pub async fn probe_write(&self) -> Result<(), Error> {
+        on_pool!(self, pool => async {
+            let mut tx = pool.begin().await?;
+            sqlx::query("CREATE TEMPORARY TABLE stac_sync_probe (x INTEGER)").execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO stac_sync_probe VALUES (1)").execute(&mut *tx).await?;
+            tx.rollback().await
+        }.await)
+        .map_err(self.fail("write (a test write, rolled back)"))
     }
 
     /// Records the start of a run.

@@ -1,0 +1,299 @@
+//! `stac-sync check`: the config was already validated without I/O (loading it does that);
+//! this probes everything a run needs, in the order a run needs it, and says which incremental
+//! strategy each job will use. Nothing is written (the database probe rolls back; the object
+//! store probe deletes what it wrote) and no migration is applied.
+
+use crate::api::Request;
+use crate::clock::Clock;
+use crate::config::{Auth, Config};
+use crate::db::Database;
+use crate::error::{Error, Exit};
+use crate::http::{self, RetryPolicy, Stats};
+use crate::objects::ObjectSink;
+use crate::plan::{self, Capabilities};
+use crate::status::table;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One probe's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    /// What was checked.
+    pub check: String,
+    /// `pass`, `fail`, or `info` (a fact that is not a failure, such as a missing extension).
+    pub result: &'static str,
+    /// What was found, or what is wrong and what to do.
+    pub detail: String,
+    /// The exit code this failure stands for.
+    #[serde(skip)]
+    exit: Option<Exit>,
+}
+
+/// Everything `check` found.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Every probe, in order.
+    pub probes: Vec<Probe>,
+    /// Whether every probe passed.
+    pub ok: bool,
+}
+
+impl Report {
+    fn push(&mut self, check: impl Into<String>, outcome: Result<String, Error>) {
+        let probe = match outcome {
+            Ok(detail) => Probe {
+                check: check.into(),
+                result: "pass",
+                detail,
+                exit: None,
+            },
+            Err(error) => Probe {
+                check: check.into(),
+                result: "fail",
+                exit: Some(error.exit()),
+                detail: error.to_string(),
+            },
+        };
+        self.probes.push(probe);
+    }
+
+    fn info(&mut self, check: impl Into<String>, detail: impl Into<String>) {
+        self.probes.push(Probe {
+            check: check.into(),
+            result: "info",
+            detail: detail.into(),
+            exit: None,
+        });
+    }
+
+    /// 0 if every probe passed, else the code of the first failure.
+    pub fn exit(&self) -> Exit {
+        self.probes
+            .iter()
+            .find_map(|p| p.exit)
+            .unwrap_or(Exit::Success)
+    }
+
+    /// The report as a table.
+    pub fn render(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .probes
+            .iter()
+            .map(|p| vec![p.result.to_uppercase(), p.check.clone(), p.detail.clone()])
+            .collect();
+        let mut out = table(&["result", "check", "detail"], &rows);
+        out += if self.ok {
+            "\nEverything a run needs is in place.\n"
+        } else {
+            "\nSome checks failed: see FAIL above.\n"
+        };
+        out
+    }
+}
+
+/// Probes the API, the sinks and the jobs. A probe retries at most once and briefly: `check`
+/// answers in seconds, not after a run's retry budget.
+pub async fn check(config: &Config, clock: Arc<dyn Clock>) -> Report {
+    let mut report = Report {
+        probes: Vec::new(),
+        ok: false,
+    };
+    let policy = RetryPolicy {
+        max_retries: config.http.retry.max_retries.min(1),
+        budget: Duration::from_secs(5),
+        ..config.http.retry.clone()
+    };
+    report.info("config", format!("{} job(s), valid", config.jobs.len()));
+    let api = match crate::sync::api_client(config, clock, Arc::new(Stats::default()), policy) {
+        Ok(api) => api,
+        Err(error) => {
+            report.push("HTTP client", Err(error));
+            return finish(report);
+        }
+    };
+    let token = match &config.auth {
+        Auth::None => {
+            report.info("token", "none: the API is called without authentication");
+            true
+        }
+        _ => {
+            let outcome = api.tokens().token().await.map(|token| match token {
+                Some(token) => match token.lifetime {
+                    Some(lifetime) => format!(
+                        "obtained; lifetime {}",
+                        humantime::format_duration(lifetime)
+                    ),
+                    None => "static bearer token (not checked until the API answers)".into(),
+                },
+                None => "none".into(),
+            });
+            let ok = outcome.is_ok();
+            report.push("token", outcome);
+            ok
+        }
+    };
+    let caps = if token {
+        let root = api.root().clone();
+        let landing = api
+            .fetch("landing page", &Request::get(root.clone()), |body| {
+                serde_json::from_slice::<serde_json::Value>(&body)
+                    .map_err(|e| format!("the landing page is not JSON ({e})"))
+            })
+            .await
+            .map_err(|e| explain_root(e, &root));
+        let ok = landing.is_ok();
+        report.push(
+            "STAC root",
+            landing.map(|doc| {
+                let title = doc
+                    .get("title")
+                    .or_else(|| doc.get("id"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("untitled");
+                format!("{} ({title})", http::display_url(&root))
+            }),
+        );
+        if ok {
+            match crate::sync::capabilities_of(&api).await {
+                Ok(caps) => Some(caps),
+                Err(error) => {
+                    report.push("conformance", Err(error));
+                    None
+                }
+            }
+        } else {
+            None
+        }
+    } else {
+        None
+    };
+    if let Some(caps) = &caps {
+        conformance(&mut report, caps);
+        for collection in config.jobs.iter().flat_map(|j| &j.collections) {
+            let url = api.root().join(&format!("collections/{collection}"));
+            let outcome = match url {
+                Ok(url) => api
+                    .fetch("collection", &Request::get(url.clone()), |_| Ok(()))
+                    .await
+                    .map(|()| "exists".to_string())
+                    .map_err(|e| match e {
+                        Error::Config(why) => Error::Config(format!(
+                            "{why}. Is the id spelled as the API lists it at {}?",
+                            api.root()
+                                .join("collections")
+                                .map_or_else(|_| String::new(), |u| u.to_string())
+                        )),
+                        other => other,
+                    }),
+                Err(e) => Err(Error::Config(format!("collection id {collection:?}: {e}"))),
+            };
+            report.push(format!("collection {collection}"), outcome);
+        }
+    }
+    let db = match Database::connect(&config.database_url).await {
+        Ok(db) => {
+            report.push(
+                "database",
+                db.probe_write().await.map(|()| {
+                    format!(
+                        "{}: reachable, writable",
+                        crate::config::redact_url(&config.database_url)
+                    )
+                }),
+            );
+            let migrations = db.migrations().await.and_then(|(applied, known)| {
+                if applied >= known {
+                    Ok(format!("{applied} of {known} applied"))
+                } else {
+                    Err(Error::Sink(format!(
+                        "{applied} of {known} applied: run `stac-sync migrate` (or let `stac-sync run` apply them)"
+                    )))
+                }
+            });
+            report.push("migrations", migrations);
+            Some(db)
+        }
+        Err(error) => {
+            report.push("database", Err(error));
+            None
+        }
+    };
+    match config.object_store_url.as_deref() {
+        None => report.info("object store", "none: items go to the database only"),
+        Some(url) => {
+            let outcome = match ObjectSink::from_url(url, &config.object_store_options) {
+                Ok(sink) => sink
+                    .probe()
+                    .await
+                    .map(|()| format!("{url}: reachable, writable")),
+                Err(e) => Err(e),
+            };
+            report.push("object store", outcome);
+        }
+    }
+    for job in &config.jobs {
+        let watermark = match &db {
+            Some(db) => db
+                .job_state(&job.name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|s| s.watermark),
+            None => None,
+        };
+        let detail = strategy(job, watermark.as_deref(), caps.as_ref());
+        report.info(format!("job {}", job.name), detail);
+    }
+    finish(report)
+}
+
+fn finish(mut report: Report) -> Report {
+    report.ok = report.probes.iter().all(|p| p.result != "fail");
+    report
+}
+
+fn conformance(report: &mut Report, caps: &Capabilities) {
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    report.info(
+        "conformance",
+        format!(
+            "sort {}, filter {}, fields {}; `updated` queryable {}",
+            yes_no(caps.sort),
+            yes_no(caps.filter),
+            yes_no(caps.fields),
+            yes_no(caps.updated_queryable)
+        ),
+    );
+}
+
+/// Which strategy a job's next pass uses, in words.
+fn strategy(
+    job: &crate::config::Job,
+    watermark: Option<&str>,
+    caps: Option<&Capabilities>,
+) -> String {
+    let Some(caps) = caps else {
+        return "strategy unknown: the API could not be probed".into();
+    };
+    let later = match plan::strategy(job, Some("1970-01-01T00:00:00Z"), caps) {
+        plan::Strategy::Updated => "`updated >= watermark - overlap`, sorted by updated",
+        plan::Strategy::Datetime => "datetime windows from `watermark - lookback`",
+        plan::Strategy::Full => "a full pass every time (incremental = \"off\")",
+    };
+    match watermark {
+        None => format!("next run: full pass (no watermark yet); then {later}"),
+        Some(mark) => format!("watermark {mark}; next run: {later}"),
+    }
+}
+
+/// A wrong API URL, in words a person acts on.
+fn explain_root(error: Error, root: &url::Url) -> Error {
+    match error {
+        Error::Config(why) | Error::Upstream(why) => Error::Config(format!(
+            "{why}. {root} does not answer as a STAC API root: check api_url / EDS_API_URL \
+             (for EDS, https://api.earthdaily.com or https://api.earthdaily.com/platform/v1/stac)"
+        )),
+        other => other,
+    }
+}
