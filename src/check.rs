@@ -202,16 +202,23 @@ pub async fn check(config: &Config, clock: Arc<dyn Clock>) -> Report {
                     )
                 }),
             );
-            let migrations = db.migrations().await.and_then(|(applied, known)| {
-                if applied >= known {
-                    Ok(format!("{applied} of {known} applied"))
-                } else {
-                    Err(Error::Sink(format!(
-                        "{applied} of {known} applied: run `stac-sync migrate` (or let `stac-sync run` apply them)"
-                    )))
+            match db.migrations().await {
+                Ok((0, _)) => report.info(
+                    "migrations",
+                    "empty database: `stac-sync run` (or `stac-sync migrate`) creates the tables",
+                ),
+                Ok((applied, known)) if applied >= known => {
+                    report.push("migrations", Ok(format!("{applied} of {known} applied")));
                 }
-            });
-            report.push("migrations", migrations);
+                Ok((applied, known)) => report.push(
+                    "migrations",
+                    Err(Error::Sink(format!(
+                        "{applied} of {known} applied: run `stac-sync migrate` (or a `stac-sync run` \
+                         without --no-migrate) before running with --no-migrate"
+                    ))),
+                ),
+                Err(error) => report.push("migrations", Err(error)),
+            }
             Some(db)
         }
         Err(error) => {
@@ -290,9 +297,12 @@ fn strategy(
 /// A wrong API URL, in words a person acts on.
 fn explain_root(error: Error, root: &url::Url) -> Error {
     match error {
-        Error::Config(why) | Error::Upstream(why) => Error::Config(format!(
-            "{why}. {root} does not answer as a STAC API root: check api_url / EDS_API_URL \
-             (for EDS, https://api.earthdaily.com or https://api.earthdaily.com/platform/v1/stac)"
+        Error::Config(why) => Error::Config(format!(
+            "{why}. {root} must be a STAC API's landing page (for EDS: \
+             https://api.earthdaily.com or https://api.earthdaily.com/platform/v1/stac)"
+        )),
+        Error::Upstream(why) => Error::Upstream(format!(
+            "{why}. If this persists, check api_url / EDS_API_URL and the network"
         )),
         other => other,
     }
