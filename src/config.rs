@@ -242,7 +242,7 @@ pub const DEFAULT_SAFETY_LAG: Duration = Duration::from_secs(300);
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct Overrides {
     /// Configuration file [default: stac-sync.toml if present].
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE", env = "STAC_SYNC_CONFIG")]
     pub config: Option<PathBuf>,
     /// STAC API root (or EDS base host) [env: STAC_SYNC_API_URL, EDS_API_URL].
     #[arg(long, global = true, env = "STAC_SYNC_API_URL", hide_env = true)]

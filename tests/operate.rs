@@ -366,3 +366,31 @@ async fn a_run_pushes_its_metrics_to_a_real_pushgateway() {
     assert!(line.contains("job_name=\"test\""), "{line}");
     assert!(line.ends_with(" 4"), "{line}");
 }
+
+#[test]
+fn the_config_shipped_in_the_kubernetes_configmap_is_valid() {
+    let manifest = std::fs::read_to_string("deploy/k8s/configmap.yaml").expect("the ConfigMap");
+    // The block scalar after `stac-sync.toml: |`, without its indentation.
+    let toml: String = manifest
+        .lines()
+        .skip_while(|line| !line.trim_start().starts_with("stac-sync.toml: |"))
+        .skip(1)
+        .map(|line| line.strip_prefix("    ").unwrap_or(line.trim()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(toml.contains("[[jobs]]"), "{toml}");
+    let file: FileConfig = toml::from_str(&toml).expect("the shipped TOML parses");
+    let overrides = Overrides {
+        env: EnvVars {
+            eds_api_url: Some("https://api.earthdaily.com".into()),
+            ..env("https://auth.example.test/token", "secret")
+        },
+        ..Overrides::default()
+    };
+    let config = Config::resolve(file, &overrides).expect("the shipped config is valid");
+    assert_eq!(config.jobs[0].name, "s2-europe");
+    assert_eq!(
+        config.api_root.as_str(),
+        "https://api.earthdaily.com/platform/v1/stac/"
+    );
+}
