@@ -203,3 +203,68 @@ async fn sigterm_during_a_slow_page_commits_what_was_fetched_and_exits_143() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_stops_on_sigterm_while_idle_and_while_a_run_is_slow() {
+    let clock = Arc::new(ManualClock::default());
+    let pages: Vec<Vec<serde_json::Value>> = common::make_items("c", 4)
+        .chunks(2)
+        .map(<[serde_json::Value]>::to_vec)
+        .collect();
+    let server = fixture::start(pages, Paging::PostFull, Issuer::new(clock, "id", "right")).await;
+    let daemon = |schedule: &str| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("stac-sync.toml"),
+            format!("[[jobs]]\nname = \"c\"\ncollections = [\"c\"]\nschedule = \"{schedule}\"\n"),
+        )
+        .expect("config");
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin!("stac-sync"))
+            .current_dir(dir.path())
+            .env_clear()
+            .env("RUST_LOG", "warn")
+            .env("STAC_SYNC_API_URL", &server.url)
+            .env("EDS_AUTH_URL", &server.token_url)
+            .env("EDS_CLIENT_ID", "id")
+            .env("EDS_SECRET", "right")
+            .arg("daemon")
+            .spawn()
+            .expect("spawns");
+        (dir, child)
+    };
+    // Signals once `ready` holds, and times the exit.
+    let stop_when = |mut child: std::process::Child, ready: Box<dyn Fn() -> bool + Send>| {
+        tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !ready() {
+                assert!(std::time::Instant::now() < deadline, "never ready");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let signalled = std::time::Instant::now();
+            std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("kill");
+            let status = child.wait().expect("exits");
+            (status.code(), signalled.elapsed())
+        })
+    };
+
+    // Idle, waiting for a yearly schedule once its database is open: a clean stop.
+    let (dir, child) = daemon("0 0 0 1 1 *");
+    let database = dir.path().join("stac-sync.db");
+    let (code, took) = stop_when(child, Box::new(move || database.exists()))
+        .await
+        .expect("join");
+    assert_eq!(code, Some(0));
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+
+    // In the middle of a run whose page takes a minute: the run is interrupted, 143.
+    *server.state.delay.lock().expect("lock") = (0, std::time::Duration::from_secs(60));
+    let (_dir, child) = daemon("* * * * * *");
+    let state = server.state.clone();
+    let asked = move || state.searches.load(std::sync::atomic::Ordering::SeqCst) >= 1;
+    let (code, took) = stop_when(child, Box::new(asked)).await.expect("join");
+    assert_eq!(code, Some(143));
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+}
