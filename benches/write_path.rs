@@ -23,20 +23,16 @@ use std::time::Instant;
 
 const PER_PAGE: usize = 1000;
 
-/// Items of about 15 KB: the EDS items (about 6 KB) with their assets repeated under new keys.
+/// A page of realistic items (about 15 KB each, see `common::realistic_item`).
 fn realistic_page(number: usize) -> Bytes {
-    let mut items = common::make_items("sentinel-2-l2a", PER_PAGE);
-    for (i, item) in items.iter_mut().enumerate() {
-        item["id"] = json!(format!("S2-bench-{number:04}-{i:04}"));
-        let assets = item["assets"].as_object().cloned().unwrap_or_default();
-        let mut grown = assets.clone();
-        for round in 0..4 {
-            for (key, asset) in &assets {
-                grown.insert(format!("{key}-r{round}"), asset.clone());
-            }
-        }
-        item["assets"] = Value::Object(grown);
-    }
+    let base = common::eds_items();
+    let items: Vec<Value> = (0..PER_PAGE)
+        .map(|i| {
+            let item = &base[i % base.len()];
+            let datetime = item["properties"]["datetime"].as_str().unwrap_or("2024-01-01T00:00:00Z");
+            common::realistic_item(item, &format!("S2-bench-{number:04}-{i:04}"), "sentinel-2-l2a", datetime)
+        })
+        .collect();
     Bytes::from(
         serde_json::to_vec(&json!({"type": "FeatureCollection", "features": items, "links": []}))
             .unwrap_or_default(),

@@ -38,6 +38,30 @@ pub fn make_items(collection: &str, n: usize) -> Vec<Value> {
         .collect()
 }
 
+/// A Sentinel-2 L2A-like item of about 15 KB for benchmarks: a real EDS item (about 6 KB, with
+/// its assets, roles, types, bands and projection fields) whose assets are repeated under new
+/// keys (about 20 in all), with id `id` in `collection`, acquired at `datetime`.
+pub fn realistic_item(base: &Value, id: &str, collection: &str, datetime: &str) -> Value {
+    let mut item = base.clone();
+    item["id"] = Value::String(id.to_string());
+    item["collection"] = Value::String(collection.to_string());
+    item["links"] = Value::Array(Vec::new());
+    if let Some(properties) = item["properties"].as_object_mut() {
+        properties.remove("start_datetime");
+        properties.remove("end_datetime");
+        properties.insert("datetime".into(), Value::String(datetime.to_string()));
+    }
+    let assets = item["assets"].as_object().cloned().unwrap_or_default();
+    let mut grown = assets.clone();
+    for round in 0..4 {
+        for (key, asset) in &assets {
+            grown.insert(format!("{key}-r{round}"), asset.clone());
+        }
+    }
+    item["assets"] = Value::Object(grown);
+    item
+}
+
 /// Settings of a test run.
 pub struct Setup<'a> {
     pub api_url: &'a str,

@@ -1,0 +1,284 @@
+//! The benchmark's STAC API: N realistic items (Sentinel-2 L2A-like, about 15 KB of JSON each,
+//! generated deterministically from the real EDS items), in several collections, acquired over
+//! 2017-2026 with several items sharing each datetime, behind the tests' OAuth2 token layer.
+//! It serves item search (POST and GET; `collections`, `datetime`, `limit`, and a `token` in
+//! the next link, as Planetary Computer does) from pre-serialised items, so that the server
+//! costs little next to the clients measured; an optional delay per request stands for a
+//! remote API, and short token lifetimes force renewals.
+//!
+//! ```text
+//! cargo run --release --example bench_api -- --items 30000 --delay-ms 100 --port 18300
+//! ```
+//! It prints the environment for stac-sync and the baseline client, then serves until killed.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(unused)]
+mod common;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use clap::Parser;
+use common::tokens::{self, Issuer};
+use serde_json::{Value, json};
+use stac_sync::clock::ManualClock;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Items to serve.
+    #[arg(long, default_value_t = 30_000)]
+    items: usize,
+    /// Collections they are spread over.
+    #[arg(long, default_value_t = 4)]
+    collections: usize,
+    /// Delay added to every search request, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Lifetime of issued tokens, seconds.
+    #[arg(long, default_value_t = 3600)]
+    token_ttl: u64,
+    /// Port (0: any free one).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+}
+
+/// One collection's items, sorted by datetime: (datetime, serialised item).
+struct Collection {
+    name: String,
+    items: Vec<(SystemTime, Bytes)>,
+}
+
+struct Api {
+    url: String,
+    issuer: Arc<Issuer>,
+    collections: Vec<Collection>,
+    delay: Duration,
+}
+
+fn collection_name(i: usize) -> String {
+    format!("sentinel-2-l2a-{}", (b'a' + i as u8) as char)
+}
+
+fn build(args: &Args) -> Vec<Collection> {
+    let base = common::eds_items();
+    let mut collections: Vec<Collection> = (0..args.collections)
+        .map(|i| Collection {
+            name: collection_name(i),
+            items: Vec::new(),
+        })
+        .collect();
+    for n in 0..args.items {
+        // Three items per datetime (tiles of one acquisition), over ten years.
+        let acquisition = n / 3;
+        let datetime = format!(
+            "{}-{:02}-{:02}T10:{:02}:{:02}Z",
+            2017 + acquisition % 10,
+            1 + (acquisition / 10) % 12,
+            1 + (acquisition / 120) % 28,
+            (acquisition / 3360) % 60,
+            (acquisition / 201_600) % 60
+        );
+        let c = n % args.collections;
+        let item = common::realistic_item(
+            &base[n % base.len()],
+            &format!("S2-bench-{n:07}"),
+            &collections[c].name,
+            &datetime,
+        );
+        let at = stac_sync::plan::parse_instant(&datetime).unwrap_or(SystemTime::UNIX_EPOCH);
+        let bytes = serde_json::to_vec(&item).unwrap_or_default();
+        collections[c].items.push((at, Bytes::from(bytes)));
+    }
+    for collection in &mut collections {
+        collection.items.sort_by_key(|(at, _)| *at);
+    }
+    collections
+}
+
+/// The search parameters, from a POST body or a GET query.
+fn params(method: &Method, query: Option<&str>, body: &[u8]) -> Result<Value, String> {
+    if *method == Method::POST {
+        return serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"));
+    }
+    let mut out = serde_json::Map::new();
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let value = match key.as_ref() {
+            "collections" => json!(value.split(',').collect::<Vec<_>>()),
+            "limit" => json!(value.parse::<u64>().unwrap_or(10)),
+            _ => json!(value),
+        };
+        out.insert(key.into_owned(), value);
+    }
+    Ok(Value::Object(out))
+}
+
+fn bound(text: Option<&str>) -> Option<SystemTime> {
+    text.filter(|t| !matches!(*t, "" | ".."))
+        .and_then(stac_sync::plan::parse_instant)
+}
+
+async fn search(
+    State(api): State<Arc<Api>>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !api.issuer.accepts(&headers) {
+        return api.issuer.refusal();
+    }
+    if !api.delay.is_zero() {
+        tokio::time::sleep(api.delay).await;
+    }
+    let params = match params(&method, query.as_deref(), &body) {
+        Ok(p) => p,
+        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    let limit = params["limit"].as_u64().unwrap_or(10).clamp(1, 10_000) as usize;
+    let skip: usize = params["token"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    let wanted: Vec<&str> = params["collections"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let (start, end) = match params["datetime"].as_str() {
+        Some(range) => match range.split_once('/') {
+            Some((s, e)) => (bound(Some(s)), bound(Some(e))),
+            None => (bound(Some(range)), bound(Some(range))),
+        },
+        None => (None, None),
+    };
+    // The matching items, collection after collection, each a sorted slice.
+    let mut matched: Vec<&[(SystemTime, Bytes)]> = Vec::new();
+    for collection in &api.collections {
+        if !wanted.is_empty() && !wanted.contains(&collection.name.as_str()) {
+            continue;
+        }
+        let items = &collection.items[..];
+        let from = start.map_or(0, |s| items.partition_point(|(at, _)| *at < s));
+        let to = end.map_or(items.len(), |e| items.partition_point(|(at, _)| *at <= e));
+        if from < to {
+            matched.push(&items[from..to]);
+        }
+    }
+    let total: usize = matched.iter().map(|m| m.len()).sum();
+    let mut page = Vec::with_capacity(limit * 16_000);
+    page.extend_from_slice(br#"{"type":"FeatureCollection","features":["#);
+    let mut index = 0;
+    let mut written = 0;
+    'outer: for slice in &matched {
+        if index + slice.len() <= skip {
+            index += slice.len();
+            continue;
+        }
+        for (_, item) in slice.iter().skip(skip.saturating_sub(index)) {
+            if written == limit {
+                break 'outer;
+            }
+            if written > 0 {
+                page.push(b',');
+            }
+            page.extend_from_slice(item);
+            written += 1;
+        }
+        index += slice.len();
+    }
+    page.extend_from_slice(br#"],"links":["#);
+    let root = json!({"rel": "root", "href": api.url});
+    page.extend_from_slice(root.to_string().as_bytes());
+    if skip + written < total {
+        let mut next = params.clone();
+        next["token"] = json!((skip + written).to_string());
+        let link = json!({"rel": "next", "href": format!("{}search", api.url),
+            "method": "POST", "body": next, "type": "application/geo+json"});
+        page.push(b',');
+        page.extend_from_slice(link.to_string().as_bytes());
+    }
+    page.extend_from_slice(format!(r#"],"numberMatched":{total}}}"#).as_bytes());
+    ([(header::CONTENT_TYPE, "application/geo+json")], page).into_response()
+}
+
+async fn landing(State(api): State<Arc<Api>>) -> Response {
+    axum::Json(json!({"type": "Catalog", "id": "bench", "description": "stac-sync benchmark API",
+        "stac_version": "1.0.0", "links": [],
+        "conformsTo": ["https://api.stacspec.org/v1.0.0/core",
+                       "https://api.stacspec.org/v1.0.0/item-search"],
+        "title": api.url}))
+    .into_response()
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let clock = Arc::new(ManualClock::default());
+    let ticker = clock.clone();
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            interval.tick().await;
+            ticker.advance(Duration::from_millis(100));
+        }
+    });
+    let issuer = Issuer::new(clock, "bench-client", "bench-secret");
+    issuer
+        .ttl
+        .store(args.token_ttl, std::sync::atomic::Ordering::SeqCst);
+    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("cannot listen on port {}: {e}", args.port);
+            std::process::exit(1);
+        }
+    };
+    let url = match listener.local_addr() {
+        Ok(address) => format!("http://{address}/"),
+        Err(e) => {
+            eprintln!("no local address: {e}");
+            std::process::exit(1);
+        }
+    };
+    let collections = build(&args);
+    let names: Vec<String> = collections.iter().map(|c| c.name.clone()).collect();
+    let bytes: usize = collections
+        .iter()
+        .flat_map(|c| c.items.iter().map(|(_, b)| b.len()))
+        .sum();
+    let api = Arc::new(Api {
+        url: url.clone(),
+        issuer: issuer.clone(),
+        collections,
+        delay: Duration::from_millis(args.delay_ms),
+    });
+    let app = Router::new()
+        .route("/", get(landing))
+        .route("/search", any(search))
+        .with_state(api)
+        .merge(
+            Router::new()
+                .route("/token", post(tokens::token_endpoint))
+                .with_state(issuer),
+        );
+    println!("STAC_SYNC_API_URL={url}");
+    println!("EDS_AUTH_URL={url}token");
+    println!("EDS_CLIENT_ID=bench-client");
+    println!("EDS_SECRET=bench-secret");
+    println!("BENCH_COLLECTIONS={}", names.join(","));
+    println!(
+        "# serving {} items ({:.1} KB each on average) in {} collections; delay {} ms; token lifetime {} s",
+        args.items,
+        bytes as f64 / args.items.max(1) as f64 / 1000.0,
+        names.len(),
+        args.delay_ms,
+        args.token_ttl
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        eprintln!("server stopped: {e}");
+    }
+}
