@@ -29,8 +29,15 @@ fn realistic_page(number: usize) -> Bytes {
     let items: Vec<Value> = (0..PER_PAGE)
         .map(|i| {
             let item = &base[i % base.len()];
-            let datetime = item["properties"]["datetime"].as_str().unwrap_or("2024-01-01T00:00:00Z");
-            common::realistic_item(item, &format!("S2-bench-{number:04}-{i:04}"), "sentinel-2-l2a", datetime)
+            let datetime = item["properties"]["datetime"]
+                .as_str()
+                .unwrap_or("2024-01-01T00:00:00Z");
+            common::realistic_item(
+                item,
+                &format!("S2-bench-{number:04}-{i:04}"),
+                "sentinel-2-l2a",
+                datetime,
+            )
         })
         .collect();
     Bytes::from(

@@ -206,11 +206,13 @@ async fn search(
 }
 
 async fn landing(State(api): State<Arc<Api>>) -> Response {
-    axum::Json(json!({"type": "Catalog", "id": "bench", "description": "stac-sync benchmark API",
+    axum::Json(
+        json!({"type": "Catalog", "id": "bench", "description": "stac-sync benchmark API",
         "stac_version": "1.0.0", "links": [],
         "conformsTo": ["https://api.stacspec.org/v1.0.0/core",
                        "https://api.stacspec.org/v1.0.0/item-search"],
-        "title": api.url}))
+        "title": api.url}),
+    )
     .into_response()
 }
 
