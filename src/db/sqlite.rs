@@ -34,7 +34,14 @@ impl SqliteDb {
             // NORMAL in WAL mode is durable across process crashes (only power loss can drop
             // the last transactions), which is the failure this tool must survive.
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30));
+            .busy_timeout(Duration::from_secs(30))
+            // Items are about 15 KB: with 32 KB pages (set when the file is created) one fits
+            // a page instead of spilling over four 4 KB overflow pages. On a 30,000-item
+            // backfill this took SQLite's pwrite calls from 490,000 to 65,000 and the run from
+            // 9.1 s to 5.0 s (strace -c; README, Performance).
+            .page_size(32_768)
+            // Reads of the file go through the page cache mapping instead of a pread each.
+            .pragma("mmap_size", "268435456");
         let filename = options.get_filename();
         let path = (!filename.as_os_str().is_empty() && filename.as_os_str() != ":memory:")
             .then(|| filename.to_path_buf());
