@@ -24,7 +24,6 @@ use axum::routing::{any, get, post};
 use clap::Parser;
 use common::tokens::{self, Issuer};
 use serde_json::{Value, json};
-use stac_sync::clock::ManualClock;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -219,19 +218,7 @@ async fn landing(State(api): State<Arc<Api>>) -> Response {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let clock = Arc::new(ManualClock::default());
-    let ticker = clock.clone();
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            interval.tick().await;
-            ticker.advance(Duration::from_millis(100));
-        }
-    });
-    let issuer = Issuer::new(clock, "bench-client", "bench-secret");
-    issuer
-        .ttl
-        .store(args.token_ttl, std::sync::atomic::Ordering::SeqCst);
+    let issuer = Issuer::real_time("bench-client", "bench-secret", args.token_ttl);
     let listener = match tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await {
         Ok(listener) => listener,
         Err(e) => {

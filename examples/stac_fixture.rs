@@ -19,8 +19,6 @@ use axum::response::{IntoResponse, Response};
 use clap::Parser;
 use common::tokens::Issuer;
 use rand::Rng;
-use stac_sync::clock::ManualClock;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
@@ -102,20 +100,7 @@ fn spread_over_years(items: &mut [serde_json::Value]) {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let clock = Arc::new(ManualClock::default());
-    // The token layer runs on a manual clock; here it follows real time.
-    let ticker = clock.clone();
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            interval.tick().await;
-            ticker.advance(Duration::from_millis(100));
-        }
-    });
-    let issuer = Issuer::new(clock, "fixture-client", "fixture-secret");
-    issuer
-        .ttl
-        .store(args.token_ttl, std::sync::atomic::Ordering::SeqCst);
+    let issuer = Issuer::real_time("fixture-client", "fixture-secret", args.token_ttl);
     let main_count = args.items * 3 / 4;
     let mut items = common::make_items("sentinel-2-l2a", main_count);
     items.extend(common::make_items(

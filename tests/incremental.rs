@@ -39,6 +39,23 @@ fn item(number: usize, datetime: SystemTime, version: u32) -> Value {
     item
 }
 
+/// The fixture API serving `pages` pages of `per_page` items of collection s2.
+async fn fixture_with(pages: usize, per_page: usize, clock: &Arc<ManualClock>) -> fixture::Fixture {
+    let pages: Vec<Vec<Value>> = (0..pages)
+        .map(|p| {
+            (0..per_page)
+                .map(|i| item(p * per_page + i, SystemTime::now(), 1))
+                .collect()
+        })
+        .collect();
+    fixture::start(
+        pages,
+        Paging::PostFull,
+        Issuer::new(clock.clone(), "id", "secret"),
+    )
+    .await
+}
+
 /// Live rows (not tombstoned) by (collection, id).
 async fn live_items(database_url: &str) -> BTreeMap<(String, String), String> {
     let sql = "SELECT collection, id, CAST(content AS TEXT) FROM items WHERE deleted_at IS NULL";
@@ -176,19 +193,7 @@ async fn later_runs_fetch_only_what_changed_and_reconcile_tombstones_what_vanish
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_sort_filter_and_an_updated_queryable_later_passes_ask_only_for_updates() {
     let clock = Arc::new(ManualClock::default());
-    let pages: Vec<Vec<Value>> = (0..2)
-        .map(|p| {
-            (0..3)
-                .map(|i| item(p * 3 + i, SystemTime::now(), 1))
-                .collect()
-        })
-        .collect();
-    let server = fixture::start(
-        pages,
-        Paging::PostFull,
-        Issuer::new(clock.clone(), "id", "secret"),
-    )
-    .await;
+    let server = fixture_with(2, 3, &clock).await;
     *server.state.conformance.lock().expect("lock") = vec![
         "https://api.stacspec.org/v1.0.0/item-search".into(),
         "https://api.stacspec.org/v1.0.0/item-search#sort".into(),
@@ -247,23 +252,10 @@ async fn watermark(database_url: &str) -> String {
 async fn the_cap_on_requests_in_flight_holds_and_a_429_shrinks_it() {
     let clock = Arc::new(ManualClock::default());
     let collections = ["a", "b", "c", "d", "e", "f", "g", "h"];
-    let pages: Vec<Vec<Value>> = (0..3)
-        .map(|p| {
-            (0..2)
-                .map(|i| item(p * 2 + i, SystemTime::now(), 1))
-                .collect()
-        })
-        .collect();
     let arrivals = |throttle: bool| {
-        let pages = pages.clone();
         let clock = clock.clone();
         async move {
-            let server = fixture::start(
-                pages,
-                Paging::PostFull,
-                Issuer::new(clock.clone(), "id", "secret"),
-            )
-            .await;
+            let server = fixture_with(3, 2, &clock).await;
             // A slow API, so that the partitions' requests overlap.
             *server.state.delay.lock().expect("lock") = (0, Duration::from_millis(40));
             if throttle {
@@ -304,19 +296,7 @@ async fn the_cap_on_requests_in_flight_holds_and_a_429_shrinks_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconcile_asks_only_for_ids_where_offered_and_tombstones_what_vanished() {
     let clock = Arc::new(ManualClock::default());
-    let pages: Vec<Vec<Value>> = (0..4)
-        .map(|p| {
-            (0..3)
-                .map(|i| item(p * 3 + i, SystemTime::now(), 1))
-                .collect()
-        })
-        .collect();
-    let server = fixture::start(
-        pages,
-        Paging::PostFull,
-        Issuer::new(clock.clone(), "id", "secret"),
-    )
-    .await;
+    let server = fixture_with(4, 3, &clock).await;
     server
         .state
         .conformance

@@ -34,6 +34,23 @@ pub struct Issuer {
 }
 
 impl Issuer {
+    /// An issuer whose clock follows real time (for the example servers run by hand), issuing
+    /// tokens that live `ttl_seconds`. Needs a Tokio runtime.
+    pub fn real_time(client_id: &str, client_secret: &str, ttl_seconds: u64) -> Arc<Issuer> {
+        let clock = Arc::new(ManualClock::default());
+        let ticker = clock.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(std::time::Duration::from_millis(100));
+            loop {
+                interval.tick().await;
+                ticker.advance(std::time::Duration::from_millis(100));
+            }
+        });
+        let issuer = Issuer::new(clock, client_id, client_secret);
+        issuer.ttl.store(ttl_seconds, Ordering::SeqCst);
+        issuer
+    }
+
     pub fn new(clock: Arc<ManualClock>, client_id: &str, client_secret: &str) -> Arc<Issuer> {
         Arc::new(Issuer {
             clock,
