@@ -685,16 +685,31 @@ async fn pass(
     }
     // Only the pagers hold senders now, so the writer sees the channel close when they end.
     drop(tx);
-    let writer = async {
+    // Two stages, so that the objects of one page are written while the page before commits.
+    let (ready_tx, mut ready_rx) = mpsc::channel::<Prepared>(1);
+    let preparer = async move {
+        let mut ahead = Ahead::new();
         while let Some((index, request, page)) = rx.recv().await {
+            // A page is prepared only once the committer has room for it: one page ahead at
+            // most, so objects run ahead of the rows they belong to by one page.
+            let Ok(slot) = ready_tx.reserve().await else {
+                // The committer stopped (and reports why).
+                break;
+            };
+            slot.send(prepare_page(context, mode, index, request, page, &mut ahead).await?);
+        }
+        Ok::<(), Error>(())
+    };
+    // Each stage owns its receiver, so that a stage that fails drops it and the stage before
+    // stops instead of waiting forever to hand over a page.
+    let (partitions, shown, finished) = (&partitions, bar.as_ref(), &finished);
+    let committer = async move {
+        while let Some(prepared) = ready_rx.recv().await {
             lock.check().await?;
-            let partition = &partitions[index];
-            write_page(
-                context, job, run_id, partition, mode, &request, &page, counts,
-            )
-            .await?;
-            if let Some(bar) = &bar {
-                bar.inc(page.items.len() as u64);
+            let partition = &partitions[prepared.index];
+            commit_prepared(context, job, run_id, partition, mode, &prepared, counts).await?;
+            if let Some(bar) = shown {
+                bar.inc(prepared.page.items.len() as u64);
                 bar.set_message(format!(
                     "{}/{} partitions done",
                     finished.load(std::sync::atomic::Ordering::Relaxed),
@@ -704,11 +719,13 @@ async fn pass(
         }
         Ok::<(), Error>(())
     };
-    let (paged, written) = tokio::join!(futures_util::future::join_all(pagers), writer);
-    if let Some(bar) = bar {
+    let (paged, prepared, written) =
+        tokio::join!(futures_util::future::join_all(pagers), preparer, committer);
+    if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
     written?;
+    prepared?;
     let mut errors: Vec<Error> = paged.into_iter().filter_map(Result::err).collect();
     match errors.iter().position(|e| matches!(e, Error::Stopped)) {
         Some(stopped) => Err(errors.swap_remove(stopped)),
@@ -789,19 +806,109 @@ async fn page_partition(
     }
 }
 
-/// Writes one page: objects first, then rows + quarantine + resume point (+ the ids a
-/// reconcile saw) in one transaction.
-#[allow(clippy::too_many_arguments)]
-async fn write_page(
+/// A page whose objects are written, ready to commit.
+struct Prepared {
+    index: usize,
+    request: Request,
+    page: Page,
+    /// New and changed items: their index in `page.items`, and what the database held.
+    changed: Vec<(usize, Known)>,
+    /// Features to quarantine.
+    rejected: Vec<Rejected>,
+    /// Items stored already with this exact content.
+    unchanged: u64,
+}
+
+/// The first half of writing a page: classifies its items and writes the objects of the new
+/// and changed ones. It runs while the page before commits, so the object store and the
+/// database work at the same time; a page's objects still precede its commit.
+async fn prepare_page(
+    context: &Context,
+    mode: Mode,
+    index: usize,
+    request: Request,
+    page: Page,
+    ahead: &mut Ahead,
+) -> Result<Prepared, Error> {
+    let mut prepared = Prepared {
+        index,
+        request,
+        changed: Vec::new(),
+        rejected: Vec::new(),
+        unchanged: 0,
+        page,
+    };
+    if mode == (Mode::Reconcile { ids_only: true }) {
+        // Only ids were asked for: nothing to store.
+        return Ok(prepared);
+    }
+    let page = &prepared.page;
+    let mut known = context.db.classify(&page.items).await?;
+    // The page before may not have committed yet: what it writes counts as stored.
+    for (item, known) in page.items.iter().zip(known.iter_mut()) {
+        if let Some(hash) = ahead.get(&(item.collection.clone(), item.id.clone())) {
+            *known = if *hash == item.hash {
+                Known::Unchanged
+            } else {
+                Known::Changed
+            };
+        }
+    }
+    prepared.rejected = page.rejected.clone();
+    for (at, (item, known)) in page.items.iter().zip(known).enumerate() {
+        if known == Known::Unchanged {
+            prepared.unchanged += 1;
+            continue;
+        }
+        // Refused before its object is written, so a refused item leaves nothing behind.
+        if let Some(reason) = context.db.refuses(item) {
+            prepared.rejected.push(Rejected {
+                content: item.content.clone(),
+                reason,
+                collection: Some(item.collection.clone()),
+                id: Some(item.id.clone()),
+            });
+            continue;
+        }
+        prepared.changed.push((at, known));
+    }
+    if let Some(objects) = &context.objects {
+        let changed: Vec<(&Item, Known)> = prepared
+            .changed
+            .iter()
+            .map(|(at, known)| (&page.items[*at], *known))
+            .collect();
+        objects.put_items(&changed).await?;
+    }
+    *ahead = prepared
+        .changed
+        .iter()
+        .map(|(at, _)| {
+            let item = &page.items[*at];
+            (
+                (item.collection.clone(), item.id.clone()),
+                item.hash.clone(),
+            )
+        })
+        .collect();
+    Ok(prepared)
+}
+
+/// `(collection, id)` → content hash of the items the page being committed writes.
+type Ahead = std::collections::HashMap<(String, String), String>;
+
+/// The second half: rows + quarantine + resume point (+ the ids a reconcile saw) in one
+/// transaction, then the counts.
+async fn commit_prepared(
     context: &Context,
     job: &Job,
     run_id: &str,
     partition: &Partition,
     mode: Mode,
-    request: &Request,
-    page: &Page,
+    prepared: &Prepared,
     counts: &mut Counts,
 ) -> Result<(), Error> {
+    let page = &prepared.page;
     let seen: Vec<(&str, &str)> = match mode {
         Mode::Sync => Vec::new(),
         Mode::Reconcile { .. } => page
@@ -815,40 +922,12 @@ async fn write_page(
             )
             .collect(),
     };
-    let store = mode != Mode::Reconcile { ids_only: true };
-    let known = if store {
-        context.db.classify(&page.items).await?
-    } else {
-        Vec::new()
-    };
-    let mut rejected = if store {
-        page.rejected.clone()
-    } else {
-        Vec::new()
-    };
-    let mut changed = Vec::new();
-    for (item, known) in page.items.iter().zip(&known) {
-        if *known == Known::Unchanged {
-            counts.unchanged += 1;
-            continue;
-        }
-        // Refused before its object is written, so a refused item leaves nothing behind.
-        if let Some(reason) = context.db.refuses(item) {
-            rejected.push(Rejected {
-                content: item.content.clone(),
-                reason,
-                collection: Some(item.collection.clone()),
-                id: Some(item.id.clone()),
-            });
-            continue;
-        }
-        changed.push((item, *known));
-    }
-    if let Some(objects) = &context.objects {
-        objects.put_items(&changed).await?;
-    }
-    let to_write: Vec<&Item> = changed.iter().map(|(item, _)| *item).collect();
-    let page_url = http::display_url(&request.url);
+    let changed: Vec<(&Item, Known)> = prepared
+        .changed
+        .iter()
+        .map(|(at, known)| (&page.items[*at], *known))
+        .collect();
+    let page_url = http::display_url(&prepared.request.url);
     let refused = context
         .db
         .commit_page(PageCommit {
@@ -856,14 +935,14 @@ async fn write_page(
             job: &job.name,
             partition: &partition.name,
             query_hash: &partition.query_hash,
-            items: to_write,
-            rejected: &rejected,
+            items: changed.iter().map(|(item, _)| *item).collect(),
+            rejected: &prepared.rejected,
             page_url: &page_url,
             resume: page.next.as_ref(),
             seen,
         })
         .await?;
-    for feature in rejected.iter().chain(&refused) {
+    for feature in prepared.rejected.iter().chain(&refused) {
         tracing::warn!(job = %job.name, page = %page_url,
             collection = feature.collection.as_deref().unwrap_or(""),
             id = feature.id.as_deref().unwrap_or(""), reason = %feature.reason, "feature quarantined");
@@ -887,8 +966,9 @@ async fn write_page(
         }
     }
     counts.pages += 1;
-    counts.quarantined += (rejected.len() + refused.len()) as u64;
-    if store {
+    counts.unchanged += prepared.unchanged;
+    counts.quarantined += (prepared.rejected.len() + refused.len()) as u64;
+    if mode != (Mode::Reconcile { ids_only: true }) {
         counts.duplicate += page.duplicates;
     }
     Ok(())

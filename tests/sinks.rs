@@ -324,9 +324,11 @@ async fn a_run_killed_between_objects_and_commit_converges(backend: Backend) {
 
     assert_eq!(failed.exit(), Exit::Sink, "{:?}", failed.jobs[0].error);
     assert!(rows_after_failure.is_empty(), "the failed commit left rows");
-    assert_eq!(
-        objects_after_failure, 3,
-        "the first page's objects precede its commit"
+    // The first page's objects precede its commit; the next page's may be written too, while
+    // the first commits, but no further.
+    assert!(
+        (3..=6).contains(&objects_after_failure),
+        "{objects_after_failure} objects"
     );
     assert_eq!(
         recovered.exit(),
