@@ -135,35 +135,29 @@ pub async fn check(config: &Config, clock: Arc<dyn Clock>) -> Report {
     };
     let caps = if token {
         let root = api.root().clone();
-        let landing = api
-            .fetch("landing page", &Request::get(root.clone()), |body| {
-                serde_json::from_slice::<serde_json::Value>(&body)
-                    .map_err(|e| format!("the landing page is not JSON ({e})"))
-            })
-            .await
-            .map_err(|e| explain_root(e, &root));
-        let ok = landing.is_ok();
-        report.push(
-            "STAC root",
-            landing.map(|doc| {
+        match crate::sync::landing_page(&api).await {
+            Ok(doc) => {
                 let title = doc
                     .get("title")
                     .or_else(|| doc.get("id"))
                     .and_then(|t| t.as_str())
                     .unwrap_or("untitled");
-                format!("{} ({title})", http::display_url(&root))
-            }),
-        );
-        if ok {
-            match crate::sync::capabilities_of(&api).await {
-                Ok(caps) => Some(caps),
-                Err(error) => {
-                    report.push("conformance", Err(error));
-                    None
+                report.push(
+                    "STAC root",
+                    Ok(format!("{} ({title})", http::display_url(&root))),
+                );
+                match crate::sync::capabilities_from(&api, &doc).await {
+                    Ok(caps) => Some(caps),
+                    Err(error) => {
+                        report.push("conformance", Err(error));
+                        None
+                    }
                 }
             }
-        } else {
-            None
+            Err(error) => {
+                report.push("STAC root", Err(explain_root(error, &root)));
+                None
+            }
         }
     } else {
         None
@@ -203,21 +197,20 @@ pub async fn check(config: &Config, clock: Arc<dyn Clock>) -> Report {
                 }),
             );
             match db.migrations().await {
-                Ok((0, _)) => report.info(
+                (0, _) => report.info(
                     "migrations",
                     "empty database: `stac-sync run` (or `stac-sync migrate`) creates the tables",
                 ),
-                Ok((applied, known)) if applied >= known => {
+                (applied, known) if applied >= known => {
                     report.push("migrations", Ok(format!("{applied} of {known} applied")));
                 }
-                Ok((applied, known)) => report.push(
+                (applied, known) => report.push(
                     "migrations",
                     Err(Error::Sink(format!(
                         "{applied} of {known} applied: run `stac-sync migrate` (or a `stac-sync run` \
                          without --no-migrate) before running with --no-migrate"
                     ))),
                 ),
-                Err(error) => report.push("migrations", Err(error)),
             }
             Some(db)
         }

@@ -111,43 +111,20 @@ pub fn sync_parts(
         }
         (Strategy::Datetime, Some(mark)) => {
             let lower = mark.checked_sub(job.lookback).unwrap_or(mark);
-            windowed(root, job, Some(lower), now, "")
+            windowed(root, job, Some(lower), now, "", &Shape::of(job))
         }
-        _ => windowed(root, job, None, now, ""),
+        _ => windowed(root, job, None, now, "", &Shape::of(job)),
     }
 }
 
 /// The partitions of a reconcile pass: the job's whole range, ids only where the server offers
 /// the Fields extension.
 pub fn reconcile_parts(root: &Url, job: &Job, ids_only: bool, now: SystemTime) -> Vec<Part> {
-    let mut parts = windowed(root, job, None, now, "reconcile ");
-    if ids_only {
-        for part in &mut parts {
-            let window = window_of(&part.first);
-            let shape = Shape {
-                datetime: window,
-                ids_only: true,
-                ..Shape::of(job)
-            };
-            part.first =
-                page::first_request(root, job, std::slice::from_ref(&part.collection), &shape);
-        }
-    }
-    parts
-}
-
-fn window_of(request: &Request) -> Option<String> {
-    match &request.body {
-        Some(body) => body
-            .get("datetime")
-            .and_then(Value::as_str)
-            .map(str::to_string),
-        None => request
-            .url
-            .query_pairs()
-            .find(|(k, _)| k == "datetime")
-            .map(|(_, v)| v.into_owned()),
-    }
+    let shape = Shape {
+        ids_only,
+        ..Shape::of(job)
+    };
+    windowed(root, job, None, now, "reconcile ", &shape)
 }
 
 fn part(root: &Url, job: &Job, collection: &str, shape: &Shape, name: String) -> Part {
@@ -158,12 +135,15 @@ fn part(root: &Url, job: &Job, collection: &str, shape: &Shape, name: String) ->
     }
 }
 
+/// One part per collection and window of the job's range (from `lower` on), each shaped like
+/// `base` with its window as the datetime.
 fn windowed(
     root: &Url,
     job: &Job,
     lower: Option<SystemTime>,
     now: SystemTime,
     prefix: &str,
+    base: &Shape,
 ) -> Vec<Part> {
     let windows = windows(job.datetime.as_deref(), lower, job.window, now);
     let single = windows.len() == 1 && lower.is_none();
@@ -176,7 +156,7 @@ fn windowed(
             };
             let shape = Shape {
                 datetime: window.clone(),
-                ..Shape::of(job)
+                ..base.clone()
             };
             parts.push(part(root, job, collection, &shape, name));
         }

@@ -177,21 +177,35 @@ impl Context {
 /// What the server offers: the landing page's (or `/conformance`'s) classes, and whether
 /// `/queryables` lists `updated` (asked only when Sort and Filter are offered).
 pub async fn capabilities_of(api: &ApiClient) -> Result<Capabilities, Error> {
-    let root = api.root().clone();
-    let json = |what: &'static str| {
-        move |body: bytes::Bytes| {
-            serde_json::from_slice::<serde_json::Value>(&body)
-                .map_err(|e| format!("the {what} is not JSON ({e})"))
-        }
-    };
-    let landing = api
-        .fetch(
-            "landing page",
-            &Request::get(root.clone()),
-            json("landing page"),
-        )
-        .await?;
-    let mut caps = Capabilities::from_conformance(&landing);
+    let landing = landing_page(api).await?;
+    capabilities_from(api, &landing).await
+}
+
+/// Reads a JSON document for [`ApiClient::fetch`].
+fn json(what: &'static str) -> impl FnMut(bytes::Bytes) -> Result<serde_json::Value, String> {
+    move |body| {
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .map_err(|e| format!("the {what} is not JSON ({e})"))
+    }
+}
+
+/// The API's landing page.
+pub async fn landing_page(api: &ApiClient) -> Result<serde_json::Value, Error> {
+    api.fetch(
+        "landing page",
+        &Request::get(api.root().clone()),
+        json("landing page"),
+    )
+    .await
+}
+
+/// What the server offers, given its landing page.
+pub async fn capabilities_from(
+    api: &ApiClient,
+    landing: &serde_json::Value,
+) -> Result<Capabilities, Error> {
+    let root = api.root();
+    let mut caps = Capabilities::from_conformance(landing);
     if landing.get("conformsTo").is_none()
         && let Ok(url) = root.join("conformance")
     {

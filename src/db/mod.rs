@@ -566,23 +566,18 @@ impl Database {
     }
 
     /// Migrations applied and known to this binary: `(applied, known)`.
-    pub async fn migrations(&self) -> Result<(usize, usize), Error> {
-        let (applied, known) = match self {
-            Database::Sqlite(db) => (
-                sqlx::query_scalar::<_, i64>("SELECT version FROM _sqlx_migrations WHERE success")
-                    .fetch_all(db.pool())
-                    .await,
-                sqlx::migrate!("migrations/sqlite").iter().count(),
-            ),
-            Database::Postgres(db) => (
-                sqlx::query_scalar::<_, i64>("SELECT version FROM _sqlx_migrations WHERE success")
-                    .fetch_all(db.pool())
-                    .await,
-                sqlx::migrate!("migrations/postgres").iter().count(),
-            ),
+    pub async fn migrations(&self) -> (usize, usize) {
+        let known = match self {
+            Database::Sqlite(_) => sqlite::MIGRATOR.iter().count(),
+            Database::Postgres(_) => postgres::MIGRATOR.iter().count(),
         };
+        let applied: Result<Vec<i64>, sqlx::Error> = on_pool!(self, pool => sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success",
+        )
+        .fetch_all(pool)
+        .await);
         // No table yet: nothing applied.
-        Ok((applied.map(|v| v.len()).unwrap_or(0), known))
+        (applied.map(|v| v.len()).unwrap_or(0), known)
     }
 
     /// Checks that the database takes a write, without leaving one: a transaction that writes

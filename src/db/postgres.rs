@@ -16,6 +16,9 @@ use sqlx::{Acquire, ConnectOptions, Connection};
 use std::str::FromStr;
 use std::time::Duration;
 
+/// The schema migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
 /// The Postgres database.
 #[derive(Debug, Clone)]
 pub struct PostgresDb {
@@ -136,7 +139,7 @@ impl PostgresDb {
 
     /// Applies the schema migrations.
     pub async fn migrate(&self) -> Result<(), Error> {
-        sqlx::migrate!("migrations/postgres")
+        MIGRATOR
             .run(&self.pool)
             .await
             .map_err(|e| Error::Sink(format!("database {}: migrations failed: {e}", self.shown)))

@@ -15,6 +15,9 @@ use sqlx::sqlite::{
 use std::str::FromStr;
 use std::time::Duration;
 
+/// The schema migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+
 /// The SQLite database.
 #[derive(Debug, Clone)]
 pub struct SqliteDb {
@@ -101,7 +104,7 @@ impl SqliteDb {
 
     /// Applies the schema migrations.
     pub async fn migrate(&self) -> Result<(), Error> {
-        sqlx::migrate!("migrations/sqlite")
+        MIGRATOR
             .run(&self.pool)
             .await
             .map_err(|e| Error::Sink(format!("database {}: migrations failed: {e}", self.shown)))
