@@ -1,7 +1,8 @@
 //! `stac-sync check`: the config was already validated without I/O (loading it does that);
 //! this probes everything a run needs, in the order a run needs it, and says which incremental
-//! strategy each job will use. Nothing is written (the database probe rolls back; the object
-//! store probe deletes what it wrote) and no migration is applied.
+//! strategy each job will use. Nothing is left behind but an empty SQLite file where none was
+//! (the database probe rolls back; the object store probe deletes what it wrote), and no
+//! migration is applied.
 
 use crate::api::Request;
 use crate::clock::Clock;
