@@ -85,6 +85,7 @@ async fn stac_sync_pass(db: &Database, pages: &[Bytes], request: &Request) -> f6
             page_url: "http://bench/search",
             resume: Some(request),
             seen: Vec::new(),
+            lease: None,
         })
         .await
         .unwrap_or_else(|e| panic!("{e}"));

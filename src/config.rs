@@ -22,6 +22,9 @@ pub const EDS_STAC_PATH: &str = "/platform/v1/stac";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://stac-sync.db";
 /// The default object store: a local folder in the working directory.
 pub const DEFAULT_OBJECT_STORE_URL: &str = "file://./stac-sync-items";
+/// Default worker lease: a worker renews it every third of it, so a minute rides out database
+/// hiccups, and a dead worker's partitions wait at most a minute for another.
+pub const DEFAULT_WORKER_LEASE: Duration = Duration::from_secs(60);
 /// The default configuration file, read if present.
 pub const DEFAULT_CONFIG_FILE: &str = "stac-sync.toml";
 /// Default page size: large pages mean fewer round trips; most APIs cap it anyway.
@@ -47,6 +50,9 @@ pub struct FileConfig {
     pub metrics_file: Option<PathBuf>,
     /// Pushgateway to push each run's metrics to.
     pub pushgateway_url: Option<String>,
+    /// How long a worker's claim on a partition holds without renewal (`run --worker`).
+    #[serde(default, with = "humantime_serde")]
+    pub worker_lease: Option<Duration>,
     /// Options of the object store (object_store configuration keys, e.g. `aws_endpoint`).
     #[serde(default)]
     pub object_store: BTreeMap<String, String>,
@@ -265,6 +271,9 @@ pub struct Overrides {
     /// Pushgateway base URL to push each run's metrics to.
     #[arg(long, global = true, env = "STAC_SYNC_PUSHGATEWAY_URL")]
     pub pushgateway_url: Option<String>,
+    /// How long a worker's claim on a partition holds without renewal [default: 1m].
+    #[arg(long, global = true, env = "STAC_SYNC_WORKER_LEASE", value_parser = humantime::parse_duration)]
+    pub worker_lease: Option<Duration>,
     /// Authentication kind [default: inferred from the credentials given].
     #[arg(long, global = true, env = "STAC_SYNC_AUTH", value_enum)]
     pub auth: Option<AuthKind>,
@@ -349,6 +358,8 @@ pub struct Config {
     pub metrics_file: Option<PathBuf>,
     /// Pushgateway to push to after each run.
     pub pushgateway_url: Option<Url>,
+    /// How long a worker's claim on a partition holds without renewal.
+    pub worker_lease: Duration,
     /// The jobs to run, in order.
     pub jobs: Vec<Job>,
 }
@@ -542,6 +553,16 @@ impl Config {
         }
 
         let jobs = resolve_jobs(file.jobs, o, limit)?;
+        let worker_lease = o
+            .worker_lease
+            .or(file.worker_lease)
+            .unwrap_or(DEFAULT_WORKER_LEASE);
+        if worker_lease < Duration::from_secs(1) {
+            return Err(Error::Config(format!(
+                "worker_lease = {}: must be at least 1s (a worker renews it three times per period)",
+                humantime::format_duration(worker_lease)
+            )));
+        }
         let pushgateway_url = match o.pushgateway_url.clone().or(file.pushgateway_url) {
             Some(raw) => Some(Url::parse(&raw).map_err(|e| {
                 Error::Config(format!(
@@ -561,6 +582,7 @@ impl Config {
             object_store_options: file.object_store,
             metrics_file: o.metrics_file.clone().or(file.metrics_file),
             pushgateway_url,
+            worker_lease,
             jobs,
         })
     }

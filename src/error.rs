@@ -58,6 +58,16 @@ pub enum Error {
         /// Who holds it, as far as we know.
         detail: String,
     },
+    /// A worker's lease on a partition expired and another worker claimed it; this worker's
+    /// page was not committed, and the other goes on from the last committed page.
+    #[error(
+        "another worker took over partition {partition}: this worker's lease on it expired \
+         (it was paused or cut off from the database for longer than worker_lease)"
+    )]
+    LeaseLost {
+        /// The partition.
+        partition: String,
+    },
     /// Stopped by SIGTERM (or Ctrl-C) after committing what was fetched.
     #[error(
         "stopped by a termination signal; pages fetched so far are committed and the next run resumes"
@@ -76,7 +86,7 @@ impl Error {
             Error::Auth(_) => Exit::Auth,
             Error::Upstream(_) => Exit::Upstream,
             Error::Sink(_) => Exit::Sink,
-            Error::Locked { .. } => Exit::Locked,
+            Error::Locked { .. } | Error::LeaseLost { .. } => Exit::Locked,
             Error::Stopped => Exit::Terminated,
             Error::Internal(_) => Exit::Internal,
         }

@@ -40,6 +40,11 @@ enum Command {
         /// the items that vanished upstream.
         #[arg(long)]
         reconcile: bool,
+        /// Share each job with other `run --worker` processes (on any machines) through the
+        /// Postgres database: claim its partitions under leases, take over those of workers
+        /// that died. Needs Postgres.
+        #[arg(long)]
+        worker: bool,
     },
     /// Run each job on its own `schedule` until SIGTERM.
     Daemon,
@@ -117,10 +122,12 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
         Command::Run {
             no_migrate,
             reconcile,
+            worker,
         } => {
             let options = RunOptions {
                 migrate: !no_migrate,
                 reconcile,
+                worker,
                 progress: LogFormat::shows_progress(cli.log_format),
                 ..RunOptions::default()
             };

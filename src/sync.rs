@@ -11,7 +11,7 @@ use crate::auth::TokenSource;
 use crate::clock::{Clock, MonotonicClock};
 use crate::config::{Config, DeletedObjects, Incremental, Job};
 use crate::db::{
-    Counts, Database, JobLock, Known, PageCommit, PassKind, PlanCommit, Planned, Scope,
+    Counts, Database, JobLock, Known, Lease, PageCommit, PassKind, PlanCommit, Planned, Scope,
 };
 use crate::error::{Error, Exit};
 use crate::http::{self, Stats};
@@ -19,8 +19,10 @@ use crate::objects::ObjectSink;
 use crate::page::{self, Item, Page, Rejected};
 use crate::plan::{self, Capabilities, Strategy};
 use rand::Rng;
+use futures_util::StreamExt;
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +38,26 @@ struct Partition {
     first: Request,
     start: Request,
     query_hash: String,
+    /// Cancelled when another worker took the partition over: this one stops paging it.
+    lost: CancellationToken,
+}
+
+impl Partition {
+    /// A planned partition, to be paged from its resume point (or its first request).
+    fn of(job: &Job, planned: &Planned) -> Partition {
+        if let Some(resume) = &planned.resume {
+            tracing::info!(job = %job.name, partition = %planned.name,
+                url = %http::display_url(&resume.url), "resuming a partition");
+        }
+        Partition {
+            name: planned.name.clone(),
+            collection: planned.collection.clone(),
+            query_hash: query_hash(&planned.first),
+            start: planned.resume.clone().unwrap_or_else(|| planned.first.clone()),
+            first: planned.first.clone(),
+            lost: CancellationToken::new(),
+        }
+    }
 }
 
 /// What a pass does with its pages.
@@ -61,6 +83,8 @@ pub struct RunOptions {
     pub reconcile: bool,
     /// Show a progress display on stderr (a person is watching a terminal).
     pub progress: bool,
+    /// Share each job with other `run --worker` processes through Postgres leases.
+    pub worker: bool,
 }
 
 impl Default for RunOptions {
@@ -71,6 +95,7 @@ impl Default for RunOptions {
             stop: CancellationToken::new(),
             reconcile: false,
             progress: false,
+            worker: false,
         }
     }
 }
@@ -131,11 +156,22 @@ pub struct Context {
     stop: CancellationToken,
     reconcile: bool,
     progress: bool,
+    /// The lease period, when this process is one of a job's workers.
+    worker: Option<std::time::Duration>,
+    /// Partitions a worker pages at once: the cap on requests in flight.
+    slots: usize,
 }
 
 impl Context {
     /// Opens the sinks and builds the API client. Fails before any page is fetched.
     pub async fn open(config: &Config, options: &RunOptions) -> Result<Context, Error> {
+        if options.worker && options.reconcile {
+            return Err(Error::Config(
+                "run --worker --reconcile: workers share sync passes only; reconcile with one \
+                 `stac-sync run --reconcile` (without --worker), which runs once no worker does"
+                    .into(),
+            ));
+        }
         let stats = Arc::new(Stats::default());
         let api = api_client(
             config,
@@ -144,6 +180,10 @@ impl Context {
             config.http.retry.clone(),
         )?;
         let db = Database::connect(&config.database_url).await?;
+        if options.worker {
+            // Refused before anything is written.
+            db.workers()?;
+        }
         if options.migrate {
             db.migrate().await?;
         }
@@ -165,6 +205,8 @@ impl Context {
             stop: options.stop.clone(),
             reconcile: options.reconcile,
             progress: options.progress,
+            worker: options.worker.then_some(config.worker_lease),
+            slots: config.concurrency,
         })
     }
 
@@ -286,7 +328,8 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
     let started = Instant::now();
     let started_at = SystemTime::now();
     // Taken before anything is written: a second run of the job exits 7 and writes nothing.
-    let mut lock = match context.db.lock(&job.name).await {
+    let worker = context.worker.is_some();
+    let mut lock = match context.db.lock(&job.name, worker).await {
         Ok(lock) => lock,
         Err(error) => {
             tracing::warn!(job = %job.name, error = %error, "job not run");
@@ -302,8 +345,9 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
             });
         }
     };
-    context.db.start_run(&run_id, &job.name).await?;
-    if let Some(objects) = context.objects.clone() {
+    context.db.start_run(&run_id, &job.name, !worker).await?;
+    // Other workers may be writing objects right now: only a single run may sweep.
+    if let Some(objects) = context.objects.clone().filter(|_| !worker) {
         // A directory walk: kept off the async workers.
         let collections = job.collections.clone();
         let swept = tokio::task::spawn_blocking(move || objects.sweep_staging(&collections)).await;
@@ -322,6 +366,17 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
     let mut counts = Counts::default();
     let mut report = PassReport::default();
     let result = passes(context, job, &mut lock, &run_id, &mut counts, &mut report).await;
+    if worker {
+        // Partitions this worker leaves unfinished (it failed or was stopped) go to the other
+        // workers now rather than when the lease expires.
+        match context.db.release(&job.name, &run_id).await {
+            Ok(0) => {}
+            Ok(released) => {
+                tracing::info!(job = %job.name, released, "gave up unfinished partitions to other workers")
+            }
+            Err(e) => tracing::warn!(job = %job.name, error = %e, "could not give up the partition leases; they expire"),
+        }
+    }
     let after = snapshot(&context.stats);
     counts.retries = after.0 - before.0;
     counts.token_renewals = after.1 - before.1;
@@ -435,6 +490,12 @@ async fn passes(
 ) -> Result<(), Error> {
     let root = context.api.root();
     let search_hash = search_hash(job);
+    let worker = context.worker.is_some();
+    if worker {
+        // Workers plan one at a time: the first plans the pass, the others find it planned.
+        // (Should this fail, the lock goes with the job lock's connection when the run ends.)
+        lock.lock_planner().await?;
+    }
     let state = context.db.job_state(&job.name).await?;
     let changed = state.as_ref().is_some_and(|s| s.query_hash != search_hash);
     if changed {
@@ -477,17 +538,23 @@ async fn passes(
         tracing::info!(job = %job.name, partitions = planned.len(),
             left = planned.iter().filter(|p| !p.done).count(), "resuming an unfinished sync pass");
     }
+    if worker {
+        lock.unlock_planner().await?;
+    }
     pass(
         context,
         job,
         lock,
         run_id,
         &planned,
-        Mode::Sync,
+        (PassKind::Sync, Mode::Sync),
         counts,
         report,
     )
     .await?;
+    if worker {
+        lock.lock_planner().await?;
+    }
     let started = context
         .db
         .job_state(&job.name)
@@ -496,8 +563,23 @@ async fn passes(
         .and_then(|at| plan::parse_instant(&at))
         .unwrap_or_else(SystemTime::now);
     let watermark = plan::next_watermark(started, job.safety_lag);
-    context.db.finish_sync_pass(&job.name, &watermark).await?;
-    report.watermark_after = Some(watermark);
+    let ended = context.db.finish_sync_pass(&job.name, &watermark).await?;
+    if worker {
+        lock.unlock_planner().await?;
+    }
+    if ended {
+        report.watermark_after = Some(watermark);
+    } else {
+        tracing::info!(job = %job.name,
+            "the pass's last partitions were another worker's: that worker ends the pass");
+    }
+    if worker {
+        if context.reconcile || job.reconcile_every.is_some() {
+            tracing::info!(job = %job.name, "workers do not reconcile: reconcile with one \
+                `stac-sync run --reconcile` without --worker");
+        }
+        return Ok(());
+    }
 
     let mut planned = context.db.planned(&job.name, PassKind::Reconcile).await?;
     let due = context.reconcile
@@ -540,7 +622,8 @@ async fn passes(
     }
     let ids_only = planned.iter().any(|p| asks_ids_only(&p.first));
     let mode = Mode::Reconcile { ids_only };
-    pass(context, job, lock, run_id, &planned, mode, counts, report).await?;
+    let kind = (PassKind::Reconcile, mode);
+    pass(context, job, lock, run_id, &planned, kind, counts, report).await?;
 
     let scopes = scopes(job);
     let mut vanished = Vec::new();
@@ -650,7 +733,8 @@ fn scopes(job: &Job) -> Vec<Scope<'_>> {
 }
 
 /// Pages the unfinished partitions of a planned pass concurrently (under the API client's cap
-/// on requests in flight), each from its resume point, into one writer.
+/// on requests in flight), each from its resume point, into one writer. A worker pages only the
+/// partitions it claims (see [`page_leased`]).
 #[allow(clippy::too_many_arguments)]
 async fn pass(
     context: &Context,
@@ -658,94 +742,183 @@ async fn pass(
     lock: &mut JobLock,
     run_id: &str,
     planned: &[Planned],
-    mode: Mode,
+    (kind, mode): (PassKind, Mode),
     counts: &mut Counts,
     report: &mut PassReport,
 ) -> Result<(), Error> {
-    let partitions: Vec<Partition> = planned
-        .iter()
-        .filter(|p| !p.done)
-        .map(|p| {
-            if let Some(resume) = &p.resume {
-                tracing::info!(job = %job.name, partition = %p.name,
-                    url = %http::display_url(&resume.url), "resuming a partition");
-            }
-            Partition {
-                name: p.name.clone(),
-                collection: p.collection.clone(),
-                query_hash: query_hash(&p.first),
-                start: p.resume.clone().unwrap_or_else(|| p.first.clone()),
-                first: p.first.clone(),
-            }
-        })
-        .collect();
     report.partitions.extend(
         planned
             .iter()
             .map(|p| serde_json::json!({"name": p.name, "query": p.first})),
     );
-    let (tx, mut rx) = mpsc::channel::<(usize, Request, Page)>(PAGES_BUFFERED);
-    let finished = std::sync::atomic::AtomicUsize::new(planned.len() - partitions.len());
+    let lease = context.worker.map(|ttl| Lease { owner: run_id, ttl });
+    let (tx, mut rx) = mpsc::channel::<Fetched>(PAGES_BUFFERED);
+    let finished = AtomicUsize::new(planned.iter().filter(|p| p.done).count());
     let bar = context.progress.then(|| progress_bar(job, mode));
-    let mut pagers = Vec::with_capacity(partitions.len());
-    for (index, partition) in partitions.iter().enumerate() {
-        let finished = &finished;
-        let tx = tx.clone();
-        pagers.push(async move {
-            let paged = page_partition(context, index, partition, tx).await;
-            finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            paged
-        });
-    }
-    // Only the pagers hold senders now, so the writer sees the channel close when they end.
-    drop(tx);
+    let finished = &finished;
+    // The pagers' driver owns the sender, so the writer sees the channel close when it ends.
+    let pagers = async move {
+        match lease {
+            None => page_all(context, job, planned, tx, finished).await,
+            Some(lease) => page_leased(context, job, kind, lease, tx, finished).await,
+        }
+    };
     // Two stages, so that the objects of one page are written while the page before commits.
     let (ready_tx, mut ready_rx) = mpsc::channel::<Prepared>(1);
     let preparer = async move {
         let mut ahead = Ahead::new();
-        while let Some((index, request, page)) = rx.recv().await {
+        while let Some((partition, request, page)) = rx.recv().await {
             // A page is prepared only once the committer has room for it: one page ahead at
             // most, so objects run ahead of the rows they belong to by one page.
             let Ok(slot) = ready_tx.reserve().await else {
                 // The committer stopped (and reports why).
                 break;
             };
-            slot.send(prepare_page(context, mode, index, request, page, &mut ahead).await?);
+            slot.send(prepare_page(context, mode, partition, request, page, &mut ahead).await?);
         }
         Ok::<(), Error>(())
     };
     // Each stage owns its receiver, so that a stage that fails drops it and the stage before
     // stops instead of waiting forever to hand over a page.
-    let (partitions, shown, finished) = (&partitions, bar.as_ref(), &finished);
+    let shown = bar.as_ref();
     let committer = async move {
         while let Some(prepared) = ready_rx.recv().await {
+            if prepared.partition.lost.is_cancelled() {
+                continue;
+            }
             lock.check().await?;
-            let partition = &partitions[prepared.index];
-            commit_prepared(context, job, run_id, partition, mode, &prepared, counts).await?;
+            match commit_prepared(context, job, run_id, lease, mode, &prepared, counts).await {
+                Err(Error::LeaseLost { partition }) => {
+                    tracing::warn!(job = %job.name, partition = %partition,
+                        "another worker took this partition over (this worker's lease on it \
+                         expired); it goes on from the last committed page");
+                    prepared.partition.lost.cancel();
+                    continue;
+                }
+                committed => committed?,
+            }
             if let Some(bar) = shown {
                 bar.inc(prepared.page.items.len() as u64);
                 bar.set_message(format!(
                     "{}/{} partitions done",
-                    finished.load(std::sync::atomic::Ordering::Relaxed),
+                    finished.load(Ordering::Relaxed),
                     planned.len()
                 ));
             }
         }
         Ok::<(), Error>(())
     };
-    let (paged, prepared, written) =
-        tokio::join!(futures_util::future::join_all(pagers), preparer, committer);
+    let (mut errors, prepared, written) = tokio::join!(pagers, preparer, committer);
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
     written?;
     prepared?;
-    let mut errors: Vec<Error> = paged.into_iter().filter_map(Result::err).collect();
     match errors.iter().position(|e| matches!(e, Error::Stopped)) {
         Some(stopped) => Err(errors.swap_remove(stopped)),
         None if errors.is_empty() => Ok(()),
         None => Err(errors.swap_remove(0)),
     }
+}
+
+/// A fetched page, on its way to the writer.
+type Fetched = (Arc<Partition>, Request, Page);
+
+/// Pages every unfinished partition of the plan at once (a single run holds the job alone);
+/// returns the pagers' errors.
+async fn page_all(
+    context: &Context,
+    job: &Job,
+    planned: &[Planned],
+    tx: mpsc::Sender<Fetched>,
+    finished: &AtomicUsize,
+) -> Vec<Error> {
+    let pagers = planned.iter().filter(|p| !p.done).map(|planned| {
+        let tx = tx.clone();
+        async move {
+            let paged = page_partition(context, Arc::new(Partition::of(job, planned)), tx).await;
+            finished.fetch_add(1, Ordering::Relaxed);
+            paged
+        }
+    });
+    let paged = futures_util::future::join_all(pagers).await;
+    paged.into_iter().filter_map(Result::err).collect()
+}
+
+/// A worker's pagers: claims partitions of the pass under `lease`, as many at a time as the cap
+/// on requests in flight, renews the lease (every third of its period, or second), and takes over partitions
+/// whose worker let the lease expire. Ends when every partition is done or is this worker's
+/// (its last pages then wait only for the writer); after an error, claims nothing more.
+async fn page_leased(
+    context: &Context,
+    job: &Job,
+    kind: PassKind,
+    lease: Lease<'_>,
+    tx: mpsc::Sender<Fetched>,
+    finished: &AtomicUsize,
+) -> Vec<Error> {
+    let mut running = futures_util::stream::FuturesUnordered::new();
+    let mut errors = Vec::new();
+    // Renews well inside the lease, and looks for expired leases (or the pass's end) at least
+    // every second.
+    let mut tick = tokio::time::interval((lease.ttl / 3).min(std::time::Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        while errors.is_empty() && running.len() < context.slots && !context.stop.is_cancelled() {
+            match context.db.claim(&job.name, kind, &lease).await {
+                Ok(Some(planned)) => {
+                    tracing::info!(job = %job.name, partition = %planned.name,
+                        resumed = planned.resume.is_some(), "claimed a partition");
+                    let partition = Arc::new(Partition::of(job, &planned));
+                    let tx = tx.clone();
+                    running.push(async move {
+                        let paged = page_partition(context, partition, tx).await;
+                        finished.fetch_add(1, Ordering::Relaxed);
+                        paged
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => errors.push(e),
+            }
+        }
+        if running.is_empty() {
+            if !errors.is_empty() {
+                break;
+            }
+            match context
+                .db
+                .unfinished_elsewhere(&job.name, kind, lease.owner)
+                .await
+            {
+                Ok(0) => break,
+                Ok(left) => tracing::debug!(job = %job.name, left,
+                    "waiting on other workers' partitions (taken over if their lease expires)"),
+                Err(e) => {
+                    errors.push(e);
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            Some(paged) = running.next(), if !running.is_empty() => {
+                if let Err(e) = paged {
+                    errors.push(e);
+                }
+            }
+            _ = tick.tick() => {
+                if let Err(e) = context.db.renew(&job.name, &lease).await {
+                    // Commits check the lease themselves; a worker that cannot renew for a
+                    // whole period loses its partitions to others, and nothing is written twice.
+                    tracing::warn!(job = %job.name, error = %e, "could not renew the partition leases");
+                }
+            }
+            () = context.stop.cancelled(), if running.is_empty() => {
+                errors.push(Error::Stopped);
+                break;
+            }
+        }
+    }
+    errors
 }
 
 /// A spinner with items, items/s and partitions done, for a person at a terminal.
@@ -767,9 +940,8 @@ fn progress_bar(job: &Job, mode: Mode) -> indicatif::ProgressBar {
 /// Pages one partition from its start to its last page, handing each page to the writer.
 async fn page_partition(
     context: &Context,
-    index: usize,
-    partition: &Partition,
-    tx: mpsc::Sender<(usize, Request, Page)>,
+    partition: Arc<Partition>,
+    tx: mpsc::Sender<Fetched>,
 ) -> Result<(), Error> {
     let mut request = partition.start.clone();
     let mut seen = HashSet::new();
@@ -792,6 +964,8 @@ async fn page_partition(
         let page = tokio::select! {
             biased;
             () = context.stop.cancelled() => return Err(Error::Stopped),
+            // Another worker has it now.
+            () = partition.lost.cancelled() => return Ok(()),
             page = fetch => page,
         };
         let page = match page {
@@ -809,7 +983,7 @@ async fn page_partition(
             other => other?,
         };
         let next = page.next.clone();
-        if tx.send((index, request, page)).await.is_err() {
+        if tx.send((partition.clone(), request, page)).await.is_err() {
             // The writer stopped (and reports why).
             return Ok(());
         }
@@ -822,7 +996,7 @@ async fn page_partition(
 
 /// A page whose objects are written, ready to commit.
 struct Prepared {
-    index: usize,
+    partition: Arc<Partition>,
     request: Request,
     page: Page,
     /// New and changed items: their index in `page.items`, and what the database held.
@@ -839,13 +1013,13 @@ struct Prepared {
 async fn prepare_page(
     context: &Context,
     mode: Mode,
-    index: usize,
+    partition: Arc<Partition>,
     request: Request,
     page: Page,
     ahead: &mut Ahead,
 ) -> Result<Prepared, Error> {
     let mut prepared = Prepared {
-        index,
+        partition,
         request,
         changed: Vec::new(),
         rejected: Vec::new(),
@@ -917,12 +1091,13 @@ async fn commit_prepared(
     context: &Context,
     job: &Job,
     run_id: &str,
-    partition: &Partition,
+    lease: Option<Lease<'_>>,
     mode: Mode,
     prepared: &Prepared,
     counts: &mut Counts,
 ) -> Result<(), Error> {
     let page = &prepared.page;
+    let partition = &prepared.partition;
     let seen: Vec<(&str, &str)> = match mode {
         Mode::Sync => Vec::new(),
         Mode::Reconcile { .. } => page
@@ -954,6 +1129,7 @@ async fn commit_prepared(
             page_url: &page_url,
             resume: page.next.as_ref(),
             seen,
+            lease,
         })
         .await?;
     for feature in prepared.rejected.iter().chain(&refused) {

@@ -348,7 +348,7 @@ async fn a_second_run_of_a_locked_job_exits_7_without_writing(backend: Backend) 
     let db = Database::connect(&case.database).await.expect("db");
     db.migrate().await.expect("migrate");
     let lock = db
-        .lock("test")
+        .lock("test", false)
         .await
         .expect("the first runner takes the lock");
 

@@ -110,7 +110,40 @@ pub struct JobState {
 }
 
 type JobRow = (String, Option<String>, Option<String>, Option<String>);
+/// `sync_state` columns of a partition: partition, collection, request, resume, done.
 type PlannedRow = (String, Option<String>, Option<String>, Option<String>, bool);
+
+/// A partition from its row; `None` if its stored request cannot be read (the caller plans the
+/// pass again).
+fn planned_row(job: &str, row: PlannedRow) -> Option<Planned> {
+    let (name, collection, request, resume, done) = row;
+    let read = |text: Option<String>| -> Option<Request> {
+        let text = text?;
+        match serde_json::from_str(&text) {
+            Ok(request) => Some(request),
+            Err(e) => {
+                tracing::warn!(job, partition = %name, error = %e, "unreadable stored request");
+                None
+            }
+        }
+    };
+    Some(Planned {
+        collection: collection?,
+        first: read(request)?,
+        resume: read(resume),
+        done,
+        name,
+    })
+}
+
+/// A worker's hold on the partitions it claims (`run --worker`, Postgres only).
+#[derive(Debug, Clone, Copy)]
+pub struct Lease<'a> {
+    /// The worker: its run id.
+    pub owner: &'a str,
+    /// How long a claim or renewal holds without the next one.
+    pub ttl: std::time::Duration,
+}
 
 /// A run as `status` shows it.
 pub type RunRow = (
@@ -231,6 +264,9 @@ pub struct PageCommit<'a> {
     pub resume: Option<&'a Request>,
     /// `(collection, id)` of every item on the page, during a reconcile pass.
     pub seen: Vec<(&'a str, &'a str)>,
+    /// A worker's lease on the partition: the page commits only if the lease is still its own
+    /// (and renews it), else fails with [`Error::LeaseLost`].
+    pub lease: Option<Lease<'a>>,
 }
 
 /// A job's single-runner lock, held until dropped.
@@ -251,6 +287,22 @@ impl JobLock {
         match self {
             JobLock::None | JobLock::File(_) => Ok(()),
             JobLock::Postgres(lock) => lock.check().await,
+        }
+    }
+
+    /// Waits for the job's planner lock (workers only: a single run holds the job alone).
+    pub async fn lock_planner(&mut self) -> Result<(), Error> {
+        match self {
+            JobLock::None | JobLock::File(_) => Ok(()),
+            JobLock::Postgres(lock) => lock.lock_planner().await,
+        }
+    }
+
+    /// Releases the job's planner lock.
+    pub async fn unlock_planner(&mut self) -> Result<(), Error> {
+        match self {
+            JobLock::None | JobLock::File(_) => Ok(()),
+            JobLock::Postgres(lock) => lock.unlock_planner().await,
         }
     }
 }
@@ -282,12 +334,52 @@ impl Database {
         }
     }
 
-    /// Takes the job's single-runner lock, or fails with [`Error::Locked`].
-    pub async fn lock(&self, job: &str) -> Result<JobLock, Error> {
+    /// Takes the job's single-runner lock, or fails with [`Error::Locked`]. Workers
+    /// (`worker`) share it with each other, never with a single run; they need Postgres.
+    pub async fn lock(&self, job: &str, worker: bool) -> Result<JobLock, Error> {
         match self {
+            Database::Sqlite(_) if worker => Err(Error::Config(WORKERS_NEED_POSTGRES.into())),
             Database::Sqlite(db) => db.lock(job),
-            Database::Postgres(db) => db.lock(job).await,
+            Database::Postgres(db) => db.lock(job, worker).await,
         }
+    }
+
+    /// The Postgres database, for what only workers do.
+    pub(crate) fn workers(&self) -> Result<&PostgresDb, Error> {
+        match self {
+            Database::Sqlite(_) => Err(Error::Config(WORKERS_NEED_POSTGRES.into())),
+            Database::Postgres(db) => Ok(db),
+        }
+    }
+
+    /// Claims an unfinished partition of the job's pass for a worker; see [`PostgresDb::claim`].
+    pub async fn claim(
+        &self,
+        job: &str,
+        kind: PassKind,
+        lease: &Lease<'_>,
+    ) -> Result<Option<Planned>, Error> {
+        self.workers()?.claim(job, kind, lease).await
+    }
+
+    /// Extends a worker's leases; returns how many it still holds.
+    pub async fn renew(&self, job: &str, lease: &Lease<'_>) -> Result<u64, Error> {
+        self.workers()?.renew(job, lease).await
+    }
+
+    /// Gives up a worker's leases on unfinished partitions.
+    pub async fn release(&self, job: &str, owner: &str) -> Result<u64, Error> {
+        self.workers()?.release(job, owner).await
+    }
+
+    /// Unfinished partitions of the job's pass that `owner` does not hold.
+    pub async fn unfinished_elsewhere(
+        &self,
+        job: &str,
+        kind: PassKind,
+        owner: &str,
+    ) -> Result<i64, Error> {
+        self.workers()?.unfinished_elsewhere(job, kind, owner).await
     }
 
     /// Why this backend would refuse an item, if it would: checked before the item's object is
@@ -348,28 +440,12 @@ impl Database {
         .await)
         .map_err(self.fail("read the planned partitions"))?;
         let mut planned = Vec::with_capacity(rows.len());
-        for (name, collection, request, resume, done) in rows {
-            let read = |text: Option<String>| -> Option<Request> {
-                let text = text?;
-                match serde_json::from_str(&text) {
-                    Ok(request) => Some(request),
-                    Err(e) => {
-                        tracing::warn!(job, partition = %name, error = %e, "unreadable stored request");
-                        None
-                    }
-                }
-            };
-            let (Some(collection), Some(first)) = (collection, read(request)) else {
+        for row in rows {
+            let Some(partition) = planned_row(job, row) else {
                 // Unreadable: the caller plans the pass again.
                 return Ok(Vec::new());
             };
-            planned.push(Planned {
-                name: name.clone(),
-                collection,
-                first,
-                resume: read(resume),
-                done,
-            });
+            planned.push(partition);
         }
         Ok(planned)
     }
@@ -439,24 +515,32 @@ impl Database {
         .map_err(self.fail("store the pass's plan"))
     }
 
-    /// Ends a sync pass whose partitions are all done: the watermark moves to `watermark` and
-    /// the plan is removed, in one transaction.
-    pub async fn finish_sync_pass(&self, job: &str, watermark: &str) -> Result<(), Error> {
+    /// Ends the job's sync pass if it is planned and every partition is done: the watermark
+    /// moves to `watermark` and the plan is removed, in one transaction. Returns whether it did
+    /// (a worker may find the pass unfinished by others, or already ended by another worker).
+    pub async fn finish_sync_pass(&self, job: &str, watermark: &str) -> Result<bool, Error> {
         on_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
-            sqlx::query(
+            let moved = sqlx::query(
                 "UPDATE sync_state SET watermark = $2, updated_at = CURRENT_TIMESTAMP \
-                 WHERE job = $1 AND partition = ''",
+                 WHERE job = $1 AND partition = '' \
+                 AND EXISTS (SELECT 1 FROM sync_state p WHERE p.job = $1 AND p.kind = 'sync') \
+                 AND NOT EXISTS (SELECT 1 FROM sync_state p WHERE p.job = $1 AND p.kind = 'sync' AND NOT p.done)",
             )
             .bind(job)
             .bind(watermark)
             .execute(&mut *tx)
-            .await?;
-            sqlx::query("DELETE FROM sync_state WHERE job = $1 AND kind = 'sync'")
-                .bind(job)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await
+            .await?
+            .rows_affected()
+                > 0;
+            if moved {
+                sqlx::query("DELETE FROM sync_state WHERE job = $1 AND kind = 'sync'")
+                    .bind(job)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(moved)
         }.await)
         .map_err(self.fail("advance the watermark"))
     }
@@ -592,11 +676,13 @@ impl Database {
         .map_err(self.fail("write (a test write, rolled back)"))
     }
 
-    /// Records the start of a run.
-    pub async fn start_run(&self, run_id: &str, job: &str) -> Result<(), Error> {
+    /// Records the start of a run; a single run (`alone`) also marks the job's runs still
+    /// recorded as running `abandoned`, since it holds the job's lock and none of them can be
+    /// alive. (Workers run side by side, so they leave that to the next single run.)
+    pub async fn start_run(&self, run_id: &str, job: &str, alone: bool) -> Result<(), Error> {
         match self {
-            Database::Sqlite(db) => shared::start_run(db.pool(), run_id, job).await,
-            Database::Postgres(db) => shared::start_run(db.pool(), run_id, job).await,
+            Database::Sqlite(db) => shared::start_run(db.pool(), run_id, job, alone).await,
+            Database::Postgres(db) => shared::start_run(db.pool(), run_id, job, alone).await,
         }
         .map_err(self.fail("record the run"))
     }
@@ -655,6 +741,10 @@ fn known(items: &[Item], rows: Vec<(i64, String, bool)>) -> Vec<Known> {
     }
     known
 }
+
+const WORKERS_NEED_POSTGRES: &str = "run --worker needs a Postgres database_url: workers on \
+    several machines share a job through Postgres leases, and SQLite is one file on one machine. \
+    Use postgres://..., or drop --worker (one process pages a job's partitions concurrently)";
 
 /// Turns a database error into a sink error naming the database and the operation.
 fn sink_error<'a>(shown: &'a str, what: &str) -> impl Fn(sqlx::Error) -> Error + 'a {

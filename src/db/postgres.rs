@@ -6,8 +6,12 @@
 //! requires of a multi-row upsert). If Postgres refuses the batch, each item is retried alone
 //! under a savepoint and the ones it still refuses are quarantined; the rest of the page is
 //! stored. The single-runner lock is a session advisory lock on a dedicated connection.
+//!
+//! Workers (`run --worker`) share a job instead: each holds the job's advisory lock in shared
+//! mode (so a single run and a worker never both write), one at a time plans under a second,
+//! exclusive lock, and they claim partitions with leases (see [`PostgresDb::claim`]).
 
-use super::{JobLock, Known, PageCommit, shared};
+use super::{JobLock, Known, Lease, PageCommit, PassKind, Planned, PlannedRow, shared};
 use crate::config::redact_url;
 use crate::error::Error;
 use crate::page::{Item, Rejected};
@@ -33,6 +37,14 @@ pub struct AdvisoryLock {
     conn: PgConnection,
     key: i64,
     job: String,
+}
+
+/// The advisory lock key of `what` (a job's run lock, or its planner lock).
+fn lock_key(what: &str) -> i64 {
+    let digest = blake3::hash(what.as_bytes());
+    let mut key_bytes = [0u8; 8];
+    key_bytes.copy_from_slice(&digest.as_bytes()[..8]);
+    i64::from_be_bytes(key_bytes)
 }
 
 impl AdvisoryLock {
@@ -63,7 +75,47 @@ impl AdvisoryLock {
             })
         }
     }
+
+    /// Waits for the job's planner lock: workers plan a pass, and end one, one at a time.
+    pub async fn lock_planner(&mut self) -> Result<(), Error> {
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(lock_key(&format!("stac-sync plan {}", self.job)))
+            .execute(&mut self.conn)
+            .await
+            .map_err(|e| Error::Sink(format!("cannot take job {}'s planner lock: {e}", self.job)))
+            .map(|_| ())
+    }
+
+    /// Releases the job's planner lock.
+    pub async fn unlock_planner(&mut self) -> Result<(), Error> {
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(lock_key(&format!("stac-sync plan {}", self.job)))
+            .execute(&mut self.conn)
+            .await
+            .map_err(|e| {
+                Error::Sink(format!(
+                    "cannot release job {}'s planner lock: {e}",
+                    self.job
+                ))
+            })
+            .map(|_| ())
+    }
 }
+
+/// Takes `lease`'s partition back for another lease period, if it is still this worker's: the
+/// first statement of a page's transaction, whose row lock keeps other workers from claiming
+/// the partition until the page commits.
+const FENCE: &str = "UPDATE sync_state SET lease_until = clock_timestamp() + make_interval(secs => $4) \
+    WHERE job = $1 AND partition = $2 AND lease_owner = $3";
+
+/// Claims the first unfinished partition of a pass that no live lease holds.
+const CLAIM: &str = "UPDATE sync_state s SET lease_owner = $3, \
+    lease_until = clock_timestamp() + make_interval(secs => $4) \
+    FROM (SELECT job, partition FROM sync_state WHERE job = $1 AND kind = $2 AND NOT done \
+          AND (lease_until IS NULL OR lease_until < clock_timestamp()) \
+          ORDER BY partition LIMIT 1 FOR UPDATE SKIP LOCKED) c \
+    WHERE s.job = c.job AND s.partition = c.partition \
+    RETURNING s.partition, s.collection, s.request, s.resume, s.done";
 
 const UPSERT: &str = "INSERT INTO items (collection, id, content, content_hash, datetime, \
     start_datetime, end_datetime, updated, bbox_xmin, bbox_ymin, bbox_xmax, bbox_ymax, first_seen_at, last_seen_at) \
@@ -145,27 +197,40 @@ impl PostgresDb {
             .map_err(|e| Error::Sink(format!("database {}: migrations failed: {e}", self.shown)))
     }
 
-    /// Takes the job's advisory lock on a connection of its own, held for the whole run.
-    pub async fn lock(&self, job: &str) -> Result<JobLock, Error> {
+    /// Takes the job's advisory lock on a connection of its own, held for the whole run:
+    /// exclusively for a single run, shared by the workers of a job (`shared`).
+    pub async fn lock(&self, job: &str, shared: bool) -> Result<JobLock, Error> {
         let mut conn = PgConnection::connect_with(&self.options)
             .await
             .map_err(self.fail("connect for the job lock"))?;
-        let digest = blake3::hash(format!("stac-sync job {job}").as_bytes());
-        let mut key_bytes = [0u8; 8];
-        key_bytes.copy_from_slice(&digest.as_bytes()[..8]);
-        let key = i64::from_be_bytes(key_bytes);
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        let key = lock_key(&format!("stac-sync job {job}"));
+        let take = if shared {
+            "SELECT pg_try_advisory_lock_shared($1)"
+        } else {
+            "SELECT pg_try_advisory_lock($1)"
+        };
+        let got: bool = sqlx::query_scalar(take)
             .bind(key)
             .fetch_one(&mut conn)
             .await
             .map_err(self.fail("take the job lock"))?;
         if !got {
+            let detail = if shared {
+                format!(
+                    "a single (non-worker) stac-sync run holds its advisory lock in {}; \
+                     workers start when it has finished",
+                    self.shown
+                )
+            } else {
+                format!(
+                    "another stac-sync run (or its workers) holds its advisory lock in {}; \
+                     wait for it to finish",
+                    self.shown
+                )
+            };
             return Err(Error::Locked {
                 job: job.to_string(),
-                detail: format!(
-                    "another stac-sync run holds its advisory lock in {}; wait for it to finish",
-                    self.shown
-                ),
+                detail,
             });
         }
         Ok(JobLock::Postgres(Box::new(AdvisoryLock {
@@ -199,6 +264,22 @@ impl PostgresDb {
             .begin()
             .await
             .map_err(self.fail("begin transaction"))?;
+        if let Some(lease) = &page.lease {
+            let held = sqlx::query(FENCE)
+                .bind(page.job)
+                .bind(page.partition)
+                .bind(lease.owner)
+                .bind(lease.ttl.as_secs_f64())
+                .execute(&mut *tx)
+                .await
+                .map_err(self.fail("check the partition's lease"))?
+                .rows_affected();
+            if held == 0 {
+                return Err(Error::LeaseLost {
+                    partition: page.partition.to_string(),
+                });
+            }
+        }
         let mut refused = Vec::new();
         let batch = {
             let mut savepoint = tx.begin().await.map_err(self.fail("begin a savepoint"))?;
@@ -242,6 +323,76 @@ impl PostgresDb {
             .map_err(self.fail("quarantine features and store the resume point"))?;
         tx.commit().await.map_err(self.fail("commit a page"))?;
         Ok(refused)
+    }
+
+    /// Claims an unfinished partition of the job's `kind` pass for `lease`: one that no worker
+    /// holds, or whose worker let its lease expire (it died, or lost the database). Skips rows
+    /// other workers are claiming or committing right now, so claims never wait on each other.
+    pub async fn claim(
+        &self,
+        job: &str,
+        kind: PassKind,
+        lease: &Lease<'_>,
+    ) -> Result<Option<Planned>, Error> {
+        let row: Option<PlannedRow> = sqlx::query_as(CLAIM)
+            .bind(job)
+            .bind(kind.as_str())
+            .bind(lease.owner)
+            .bind(lease.ttl.as_secs_f64())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(self.fail("claim a partition"))?;
+        Ok(row.and_then(|row| super::planned_row(job, row)))
+    }
+
+    /// Extends every lease `lease.owner` holds on the job's unfinished partitions; returns how
+    /// many it still holds.
+    pub async fn renew(&self, job: &str, lease: &Lease<'_>) -> Result<u64, Error> {
+        sqlx::query(
+            "UPDATE sync_state SET lease_until = clock_timestamp() + make_interval(secs => $3) \
+             WHERE job = $1 AND lease_owner = $2 AND NOT done",
+        )
+        .bind(job)
+        .bind(lease.owner)
+        .bind(lease.ttl.as_secs_f64())
+        .execute(&self.pool)
+        .await
+        .map(|done| done.rows_affected())
+        .map_err(self.fail("renew the partition leases"))
+    }
+
+    /// Gives up `owner`'s leases on unfinished partitions, so other workers take them over at
+    /// once instead of after the lease expires.
+    pub async fn release(&self, job: &str, owner: &str) -> Result<u64, Error> {
+        sqlx::query(
+            "UPDATE sync_state SET lease_owner = NULL, lease_until = NULL \
+             WHERE job = $1 AND lease_owner = $2 AND NOT done",
+        )
+        .bind(job)
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map(|done| done.rows_affected())
+        .map_err(self.fail("release the partition leases"))
+    }
+
+    /// Unfinished partitions of the job's `kind` pass that `owner` does not hold.
+    pub async fn unfinished_elsewhere(
+        &self,
+        job: &str,
+        kind: PassKind,
+        owner: &str,
+    ) -> Result<i64, Error> {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sync_state WHERE job = $1 AND kind = $2 AND NOT done \
+             AND lease_owner IS DISTINCT FROM $3",
+        )
+        .bind(job)
+        .bind(kind.as_str())
+        .bind(owner)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(self.fail("count unfinished partitions"))
     }
 
     /// The URL, without its password, for messages.

@@ -7,22 +7,29 @@ use crate::page::Rejected;
 use sqlx::{Database, Encode, Executor, IntoArguments, Type};
 
 /// Starts a run's record.
-pub async fn start_run<'c, DB, E>(executor: E, run_id: &str, job: &str) -> Result<(), sqlx::Error>
+pub async fn start_run<'c, DB, E>(
+    executor: E,
+    run_id: &str,
+    job: &str,
+    alone: bool,
+) -> Result<(), sqlx::Error>
 where
     DB: Database,
     E: Executor<'c, Database = DB> + Copy,
     DB::Arguments: IntoArguments<DB>,
     for<'a> &'a str: Encode<'a, DB> + Type<DB>,
 {
-    // Runs of this job still marked running died without recording their end: this run holds
-    // the job's lock, so none of them is alive.
-    sqlx::query(
-        "UPDATE sync_runs SET status = 'abandoned', error = 'the process ended without recording \
-         the run (killed, or the machine stopped)' WHERE job = $1 AND status = 'running'",
-    )
-    .bind(job)
-    .execute(executor)
-    .await?;
+    if alone {
+        // Runs of this job still marked running died without recording their end: this run
+        // holds the job's lock alone, so none of them is alive.
+        sqlx::query(
+            "UPDATE sync_runs SET status = 'abandoned', error = 'the process ended without \
+             recording the run (killed, or the machine stopped)' WHERE job = $1 AND status = 'running'",
+        )
+        .bind(job)
+        .execute(executor)
+        .await?;
+    }
     sqlx::query(
         "INSERT INTO sync_runs (run_id, job, started_at, status) \
          VALUES ($1, $2, CURRENT_TIMESTAMP, 'running')",

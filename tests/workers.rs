@@ -1,0 +1,363 @@
+//! Scale-out: several `stac-sync run --worker` processes share one job through Postgres leases,
+//! against a real STAC API (stac-server) that answers each search in 150 ms. Each test's result
+//! is compared with an uninterrupted single run of the same job into another database.
+
+mod common;
+
+use common::tokens::Issuer;
+use common::{Setup, fresh_postgres, stored_items, stored_objects};
+use secrecy::SecretString;
+use serde_json::Value;
+use stac_sync::clock::ManualClock;
+use stac_sync::config::EnvVars;
+use stac_sync::error::Exit;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const COLLECTIONS: [&str; 2] = ["sentinel-2-l2a", "landsat-c2-l2"];
+/// Eight yearly windows per collection: 16 partitions.
+const DATETIME: &str = "2017-01-01T00:00:00Z/2024-12-31T23:59:59Z";
+/// Items per collection and year: four pages of 25 per partition.
+const PER_YEAR: usize = 100;
+const LIMIT: u32 = 25;
+
+/// A search request as the server saw it: when it arrived, and its body (POST).
+#[derive(Debug, Clone)]
+struct Seen {
+    at: SystemTime,
+    body: Value,
+}
+
+type Log = Arc<Mutex<Vec<Seen>>>;
+
+/// Answers each search 150 ms late (a remote API), and logs the ones answered.
+async fn slow_and_logged(
+    axum::extract::State(log): axum::extract::State<Log>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let at = SystemTime::now();
+    let search = request.uri().path().ends_with("/search");
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let body_json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if search {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let response = next
+        .run(axum::extract::Request::from_parts(
+            parts,
+            axum::body::Body::from(bytes),
+        ))
+        .await;
+    if search && response.status().is_success() {
+        log.lock().expect("lock").push(Seen {
+            at,
+            body: body_json,
+        });
+    }
+    response
+}
+
+fn items() -> Vec<Value> {
+    let base = common::eds_items();
+    let mut items = Vec::new();
+    for collection in COLLECTIONS {
+        for year in 2017..2025 {
+            for n in 0..PER_YEAR {
+                let datetime = format!("{year}-{:02}-{:02}T10:00:00Z", 1 + n % 12, 1 + n % 28);
+                items.push(common::realistic_item(
+                    &base[n % base.len()],
+                    &format!("{collection}-{year}-{n:03}"),
+                    collection,
+                    &datetime,
+                ));
+            }
+        }
+    }
+    items
+}
+
+struct World {
+    server: common::stac::StacServer,
+    log: Log,
+    env: EnvVars,
+    clock: Arc<ManualClock>,
+}
+
+async fn world() -> World {
+    let clock = Arc::new(ManualClock::default());
+    let log: Log = Arc::default();
+    let layer_log = log.clone();
+    let server = common::stac::start_with(
+        &items(),
+        Issuer::new(clock.clone(), "id", "secret"),
+        0,
+        move |router| {
+            router.layer(axum::middleware::from_fn_with_state(
+                layer_log,
+                slow_and_logged,
+            ))
+        },
+    )
+    .await;
+    let env = EnvVars {
+        token_url: Some(server.token_url.clone()),
+        client_id: Some("id".into()),
+        client_secret: Some(SecretString::from("secret")),
+        ..EnvVars::default()
+    };
+    World {
+        server,
+        log,
+        env,
+        clock,
+    }
+}
+
+/// An uninterrupted single run of the job: its rows and objects, and the pages it fetched.
+async fn reference(world: &World, dir: &Path) -> (BTreeMap<(String, String), String>, usize) {
+    let setup = Setup {
+        limit: LIMIT,
+        job_extra: "datetime = \"2017-01-01T00:00:00Z/2024-12-31T23:59:59Z\"",
+        database: Some(fresh_postgres().await),
+        ..Setup::new(&world.server.url, dir, &COLLECTIONS, world.env.clone())
+    };
+    let summary = setup.run(world.clock.clone()).await;
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    let pages = summary.jobs[0].counts.pages as usize;
+    (stored_items(&setup.database_url()).await, pages)
+}
+
+/// Writes the workers' config into `dir` (objects in `dir/objects`).
+fn worker_config(world: &World, dir: &Path, database: &str, extra: &str) {
+    std::fs::write(
+        dir.join("stac-sync.toml"),
+        format!(
+            "api_url = \"{}\"\ndatabase_url = \"{database}\"\nobject_store_url = \"file://{}\"\n{extra}\n\
+             [[jobs]]\nname = \"test\"\ncollections = {COLLECTIONS:?}\nlimit = {LIMIT}\n\
+             datetime = \"{DATETIME}\"\n",
+            world.server.url,
+            dir.join("objects").display(),
+        ),
+    )
+    .expect("config");
+}
+
+fn spawn_worker(world: &World, dir: &Path) -> Child {
+    Command::new(assert_cmd::cargo::cargo_bin!("stac-sync"))
+        .current_dir(dir)
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .env("EDS_AUTH_URL", &world.server.token_url)
+        .env("EDS_CLIENT_ID", "id")
+        .env("EDS_SECRET", "secret")
+        .args(["run", "--worker"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawns")
+}
+
+/// Waits for a worker; its exit code and stderr.
+async fn finish(child: Child) -> (Option<i32>, String) {
+    tokio::task::spawn_blocking(move || {
+        let output = child.wait_with_output().expect("exits");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    })
+    .await
+    .expect("join")
+}
+
+/// Objects below `dir`, without the run manifests.
+fn objects(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut objects = stored_objects(dir);
+    objects.retain(|key, _| !key.starts_with("_runs/"));
+    objects
+}
+
+/// How many times each search body was answered.
+fn repeats(log: &[Seen]) -> Vec<(String, usize)> {
+    let mut counts = BTreeMap::<String, usize>::new();
+    for seen in log {
+        *counts.entry(seen.body.to_string()).or_default() += 1;
+    }
+    counts.into_iter().filter(|(_, n)| *n > 1).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_workers_share_a_job_and_store_every_item_once() {
+    let world = world().await;
+    let reference_dir = tempfile::tempdir().expect("tempdir");
+    let (expected, pages) = reference(&world, reference_dir.path()).await;
+    assert_eq!(expected.len(), COLLECTIONS.len() * 8 * PER_YEAR);
+    assert_eq!(pages, 16 * 4, "16 partitions of 4 pages");
+    world.log.lock().expect("lock").clear();
+
+    let database = fresh_postgres().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Two partitions at a time per worker: 8 requests in flight in all.
+    worker_config(&world, dir.path(), &database, "concurrency = 2");
+    let workers: Vec<Child> = (0..4).map(|_| spawn_worker(&world, dir.path())).collect();
+    for worker in workers {
+        let (code, stderr) = finish(worker).await;
+        assert_eq!(code, Some(0), "a worker failed: {stderr}");
+    }
+
+    assert_eq!(stored_items(&database).await, expected);
+    assert_eq!(
+        objects(&dir.path().join("objects")),
+        objects(&reference_dir.path().join("objects"))
+    );
+    let log = world.log.lock().expect("lock").clone();
+    assert_eq!(repeats(&log), Vec::new(), "a page was fetched twice");
+    assert_eq!(log.len(), pages, "every page fetched once");
+
+    let db = stac_sync::db::Database::connect(&database)
+        .await
+        .expect("db");
+    let stac_sync::db::Database::Postgres(pool) = &db else {
+        panic!("postgres")
+    };
+    let runs: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT status, pages, items_new, items_changed FROM sync_runs ORDER BY run_id",
+    )
+    .fetch_all(pool.pool())
+    .await
+    .expect("runs");
+    assert_eq!(runs.len(), 4);
+    assert!(
+        runs.iter().all(|(status, pages, ..)| status == "succeeded" && *pages > 0),
+        "every worker did part of the work: {runs:?}"
+    );
+    assert_eq!(
+        runs.iter().map(|r| r.1).sum::<i64>(),
+        pages as i64,
+        "each page committed once: {runs:?}"
+    );
+    assert_eq!(
+        runs.iter().map(|r| r.2).sum::<i64>(),
+        expected.len() as i64,
+        "each item stored new once: {runs:?}"
+    );
+    assert_eq!(runs.iter().map(|r| r.3).sum::<i64>(), 0);
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sync_state WHERE partition <> ''")
+        .fetch_one(pool.pool())
+        .await
+        .expect("state");
+    assert_eq!(left, 0, "the pass ended and its plan was removed");
+    let watermark: Option<String> =
+        sqlx::query_scalar("SELECT watermark FROM sync_state WHERE job = 'test' AND partition = ''")
+            .fetch_one(pool.pool())
+            .await
+            .expect("state");
+    assert!(watermark.is_some(), "the watermark advanced once the pass was done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_partitions_are_taken_over_after_its_lease_expires() {
+    let world = world().await;
+    let reference_dir = tempfile::tempdir().expect("tempdir");
+    let (expected, _) = reference(&world, reference_dir.path()).await;
+    world.log.lock().expect("lock").clear();
+
+    let database = fresh_postgres().await;
+    let db = stac_sync::db::Database::connect(&database)
+        .await
+        .expect("db");
+    let stac_sync::db::Database::Postgres(db) = &db else {
+        panic!("postgres")
+    };
+    let pool = db.pool();
+    let dir = tempfile::tempdir().expect("tempdir");
+    worker_config(
+        &world,
+        dir.path(),
+        &database,
+        "concurrency = 2\nworker_lease = \"2s\"",
+    );
+
+    // The first worker pages until one of its partitions has a page committed, and dies.
+    let mut first = spawn_worker(&world, dir.path());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let started: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sync_state WHERE kind = 'sync' AND NOT done AND pages_done >= 1 \
+             AND lease_owner IS NOT NULL",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0);
+        if started > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first worker committed nothing");
+        assert!(
+            first.try_wait().expect("wait").is_none(),
+            "the first worker ended before it could be killed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill().expect("SIGKILL");
+    let _ = first.wait();
+    let killed_at = SystemTime::now();
+    // What the dead worker held: partitions, their resume points and when the leases expire.
+    let held: Vec<(String, String, String, f64)> = sqlx::query_as(
+        "SELECT partition, request, resume, EXTRACT(EPOCH FROM lease_until)::float8 FROM sync_state \
+         WHERE kind = 'sync' AND NOT done AND pages_done >= 1 AND lease_owner IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("leases");
+    assert!(!held.is_empty());
+
+    // Two more workers finish the job.
+    let others: Vec<Child> = (0..2).map(|_| spawn_worker(&world, dir.path())).collect();
+    for worker in others {
+        let (code, stderr) = finish(worker).await;
+        assert_eq!(code, Some(0), "a worker failed: {stderr}");
+    }
+
+    assert_eq!(stored_items(&database).await, expected);
+    assert_eq!(
+        objects(&dir.path().join("objects")),
+        objects(&reference_dir.path().join("objects"))
+    );
+    let log = world.log.lock().expect("lock").clone();
+    for (partition, first, resume, expires) in &held {
+        let first: Value = serde_json::from_str(first).expect("a stored request");
+        let resume: Value = serde_json::from_str(resume).expect("a stored request");
+        let firsts = log.iter().filter(|seen| seen.body == first["body"]).count();
+        assert_eq!(firsts, 1, "partition {partition} was paged again from its start");
+        let expires = UNIX_EPOCH + Duration::from_secs_f64(*expires);
+        let after_kill: Vec<SystemTime> = log
+            .iter()
+            .filter(|seen| seen.body == resume["body"] && seen.at > killed_at)
+            .map(|seen| seen.at)
+            .collect();
+        assert!(
+            !after_kill.is_empty(),
+            "partition {partition} was not resumed from its committed resume point"
+        );
+        // Database and test read the same system clock; 50 ms for rounding between them.
+        assert!(
+            after_kill
+                .iter()
+                .all(|at| *at + Duration::from_millis(50) >= expires),
+            "partition {partition} was taken over before its lease expired"
+        );
+    }
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sync_state WHERE partition <> ''")
+        .fetch_one(pool)
+        .await
+        .expect("state");
+    assert_eq!(left, 0, "the pass ended");
+}
