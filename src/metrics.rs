@@ -140,9 +140,10 @@ pub fn write_textfile(path: &Path, reports: &[&JobReport]) -> std::io::Result<()
     std::fs::rename(&temporary, path)
 }
 
-/// Pushes one job's run to a Pushgateway, grouped by `job="stac_sync"` and the job's name.
-/// POST replaces only the metrics pushed, so the last success of an earlier run stays when
-/// this one failed.
+/// Pushes one job's run to a Pushgateway, grouped by `job="stac_sync"` and the job's name, and
+/// for a worker also by `worker`: its Indexed Job index (`JOB_COMPLETION_INDEX`), else its host
+/// name, so the workers of a job do not overwrite each other. POST replaces only the metrics
+/// pushed, so the last success of an earlier run stays when this one failed.
 pub async fn push(
     client: &reqwest::Client,
     base: &url::Url,
@@ -153,6 +154,15 @@ pub async fn push(
         .map_err(|()| format!("pushgateway_url {base} cannot take a path"))?
         .pop_if_empty()
         .extend(["metrics", "job", "stac_sync", "job_name", &report.job]);
+    if report.worker {
+        let worker = ["JOB_COMPLETION_INDEX", "HOSTNAME"]
+            .iter()
+            .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+            .unwrap_or_else(|| "unnamed".into());
+        url.path_segments_mut()
+            .map_err(|()| format!("pushgateway_url {base} cannot take a path"))?
+            .extend(["worker", &worker]);
+    }
     let body = render(&[report], "");
     let response = client
         .post(url.clone())
@@ -220,6 +230,7 @@ mod tests {
             finished_at: UNIX_EPOCH + Duration::from_secs(at),
             duration: Duration::from_millis(1500),
             watermark: Some("2026-11-28T09:00:00Z".into()),
+            worker: false,
         }
     }
 

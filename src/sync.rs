@@ -18,8 +18,8 @@ use crate::http::{self, Stats};
 use crate::objects::ObjectSink;
 use crate::page::{self, Item, Page, Rejected};
 use crate::plan::{self, Capabilities, Strategy};
-use rand::Rng;
 use futures_util::StreamExt;
+use rand::Rng;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,7 +53,10 @@ impl Partition {
             name: planned.name.clone(),
             collection: planned.collection.clone(),
             query_hash: query_hash(&planned.first),
-            start: planned.resume.clone().unwrap_or_else(|| planned.first.clone()),
+            start: planned
+                .resume
+                .clone()
+                .unwrap_or_else(|| planned.first.clone()),
             first: planned.first.clone(),
             lost: CancellationToken::new(),
         }
@@ -119,6 +122,8 @@ pub struct JobReport {
     pub duration: std::time::Duration,
     /// The job's watermark after the run, if it has one.
     pub watermark: Option<String>,
+    /// Run as one of the job's workers (`run --worker`).
+    pub worker: bool,
 }
 
 /// The outcome of `stac-sync run`.
@@ -179,11 +184,11 @@ impl Context {
             stats.clone(),
             config.http.retry.clone(),
         )?;
-        let db = Database::connect(&config.database_url).await?;
-        if options.worker {
-            // Refused before anything is written.
-            db.workers()?;
+        if options.worker && !crate::db::is_postgres(&config.database_url) {
+            // Refused before the database is opened (which creates a SQLite file).
+            return Err(Error::Config(crate::db::WORKERS_NEED_POSTGRES.into()));
         }
+        let db = Database::connect(&config.database_url).await?;
         if options.migrate {
             db.migrate().await?;
         }
@@ -342,6 +347,7 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
                 finished_at: SystemTime::now(),
                 duration: started.elapsed(),
                 watermark: None,
+                worker,
             });
         }
     };
@@ -374,7 +380,9 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
             Ok(released) => {
                 tracing::info!(job = %job.name, released, "gave up unfinished partitions to other workers")
             }
-            Err(e) => tracing::warn!(job = %job.name, error = %e, "could not give up the partition leases; they expire"),
+            Err(e) => {
+                tracing::warn!(job = %job.name, error = %e, "could not give up the partition leases; they expire")
+            }
         }
     }
     let after = snapshot(&context.stats);
@@ -393,6 +401,11 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
         .db
         .finish_run(&run_id, status, &counts, message.as_deref())
         .await?;
+    // Now rather than when the server notices the connection close: a daemon's next run of
+    // the job may start at once.
+    if let Err(e) = lock.release().await {
+        tracing::warn!(job = %job.name, error = %e, "could not release the job's lock; it goes with the connection");
+    }
     let elapsed = started.elapsed();
     let items = counts.new + counts.changed + counts.unchanged;
     let rate = items as f64 / elapsed.as_secs_f64().max(1e-9);
@@ -458,6 +471,7 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
         finished_at: SystemTime::now(),
         duration: elapsed,
         watermark,
+        worker,
     })
 }
 

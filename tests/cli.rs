@@ -45,6 +45,45 @@ fn a_client_id_without_a_secret_is_a_configuration_error() {
 }
 
 #[test]
+fn workers_need_postgres_and_leave_reconcile_to_a_single_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| {
+        stac_sync(dir.path())
+            .env("STAC_SYNC_API_URL", "https://stac.example.test/")
+            .args(["run", "--collection", "sentinel-2-l2a"])
+            .args(args)
+            .output()
+            .expect("runs")
+    };
+
+    let output = run(&["--worker"]);
+    assert_eq!(output.status.code(), Some(3));
+    assert!(
+        first_error_line(&output)
+            .starts_with("error: configuration error: run --worker needs a Postgres database_url"),
+        "{}",
+        first_error_line(&output)
+    );
+    assert!(
+        !dir.path().join("stac-sync.db").exists(),
+        "nothing is created"
+    );
+
+    let output = run(&[
+        "--worker",
+        "--reconcile",
+        "--database-url",
+        "postgres://postgres@127.0.0.1:1/none",
+    ]);
+    assert_eq!(output.status.code(), Some(3));
+    assert!(
+        first_error_line(&output).contains("reconcile with one `stac-sync run --reconcile`"),
+        "{}",
+        first_error_line(&output)
+    );
+}
+
+#[test]
 fn an_unknown_config_key_is_named_with_its_file_and_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(

@@ -354,7 +354,7 @@ async fn a_second_run_of_a_locked_job_exits_7_without_writing(backend: Backend) 
 
     let blocked = case.run().await;
     let runs = common::scalar(&case.database, "SELECT COUNT(*) FROM sync_runs").await;
-    drop(lock);
+    lock.release().await.expect("released");
     let after = case.run().await;
 
     assert_eq!(blocked.exit(), Exit::Locked);

@@ -235,7 +235,8 @@ async fn four_workers_share_a_job_and_store_every_item_once() {
     .expect("runs");
     assert_eq!(runs.len(), 4);
     assert!(
-        runs.iter().all(|(status, pages, ..)| status == "succeeded" && *pages > 0),
+        runs.iter()
+            .all(|(status, pages, ..)| status == "succeeded" && *pages > 0),
         "every worker did part of the work: {runs:?}"
     );
     assert_eq!(
@@ -254,12 +255,16 @@ async fn four_workers_share_a_job_and_store_every_item_once() {
         .await
         .expect("state");
     assert_eq!(left, 0, "the pass ended and its plan was removed");
-    let watermark: Option<String> =
-        sqlx::query_scalar("SELECT watermark FROM sync_state WHERE job = 'test' AND partition = ''")
-            .fetch_one(pool.pool())
-            .await
-            .expect("state");
-    assert!(watermark.is_some(), "the watermark advanced once the pass was done");
+    let watermark: Option<String> = sqlx::query_scalar(
+        "SELECT watermark FROM sync_state WHERE job = 'test' AND partition = ''",
+    )
+    .fetch_one(pool.pool())
+    .await
+    .expect("state");
+    assert!(
+        watermark.is_some(),
+        "the watermark advanced once the pass was done"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,7 +304,10 @@ async fn a_killed_workers_partitions_are_taken_over_after_its_lease_expires() {
         if started > 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the first worker committed nothing");
+        assert!(
+            Instant::now() < deadline,
+            "the first worker committed nothing"
+        );
         assert!(
             first.try_wait().expect("wait").is_none(),
             "the first worker ended before it could be killed"
@@ -336,7 +344,10 @@ async fn a_killed_workers_partitions_are_taken_over_after_its_lease_expires() {
         let first: Value = serde_json::from_str(first).expect("a stored request");
         let resume: Value = serde_json::from_str(resume).expect("a stored request");
         let firsts = log.iter().filter(|seen| seen.body == first["body"]).count();
-        assert_eq!(firsts, 1, "partition {partition} was paged again from its start");
+        assert_eq!(
+            firsts, 1,
+            "partition {partition} was paged again from its start"
+        );
         let expires = UNIX_EPOCH + Duration::from_secs_f64(*expires);
         let after_kill: Vec<SystemTime> = log
             .iter()
@@ -360,4 +371,39 @@ async fn a_killed_workers_partitions_are_taken_over_after_its_lease_expires() {
         .await
         .expect("state");
     assert_eq!(left, 0, "the pass ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_share_the_job_lock_with_each_other_and_never_with_a_single_run() {
+    let database = fresh_postgres().await;
+    let db = stac_sync::db::Database::connect(&database)
+        .await
+        .expect("db");
+    let exit = |taken: &Result<stac_sync::db::JobLock, stac_sync::error::Error>| {
+        taken.as_ref().err().map(|e| e.exit())
+    };
+
+    let first = db.lock("test", true).await;
+    let second = db.lock("test", true).await;
+    assert!(first.is_ok() && second.is_ok(), "workers share the lock");
+    assert_eq!(
+        exit(&db.lock("test", false).await),
+        Some(Exit::Locked),
+        "a single run waits for the workers"
+    );
+    assert!(db.lock("other", false).await.is_ok(), "other jobs are free");
+    for lock in [first, second] {
+        lock.expect("held").release().await.expect("released");
+    }
+
+    let single = db.lock("test", false).await;
+    assert!(single.is_ok());
+    let worker = db.lock("test", true).await;
+    assert_eq!(
+        exit(&worker),
+        Some(Exit::Locked),
+        "workers wait for a single run"
+    );
+    let message = worker.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("single (non-worker)"), "{message}");
 }

@@ -290,6 +290,15 @@ impl JobLock {
         }
     }
 
+    /// Releases the lock now (dropping it releases it too, once the server sees the
+    /// connection close).
+    pub async fn release(self) -> Result<(), Error> {
+        match self {
+            JobLock::None | JobLock::File(_) => Ok(()),
+            JobLock::Postgres(lock) => lock.release().await,
+        }
+    }
+
     /// Waits for the job's planner lock (workers only: a single run holds the job alone).
     pub async fn lock_planner(&mut self) -> Result<(), Error> {
         match self {
@@ -319,7 +328,7 @@ pub enum Database {
 impl Database {
     /// Opens the database named by `url`.
     pub async fn connect(url: &str) -> Result<Database, Error> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        if is_postgres(url) {
             Ok(Database::Postgres(PostgresDb::connect(url).await?))
         } else {
             Ok(Database::Sqlite(SqliteDb::connect(url).await?))
@@ -345,7 +354,7 @@ impl Database {
     }
 
     /// The Postgres database, for what only workers do.
-    pub(crate) fn workers(&self) -> Result<&PostgresDb, Error> {
+    fn workers(&self) -> Result<&PostgresDb, Error> {
         match self {
             Database::Sqlite(_) => Err(Error::Config(WORKERS_NEED_POSTGRES.into())),
             Database::Postgres(db) => Ok(db),
@@ -742,7 +751,13 @@ fn known(items: &[Item], rows: Vec<(i64, String, bool)>) -> Vec<Known> {
     known
 }
 
-const WORKERS_NEED_POSTGRES: &str = "run --worker needs a Postgres database_url: workers on \
+/// Whether a database URL names Postgres.
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Why `run --worker` refuses SQLite.
+pub const WORKERS_NEED_POSTGRES: &str = "run --worker needs a Postgres database_url: workers on \
     several machines share a job through Postgres leases, and SQLite is one file on one machine. \
     Use postgres://..., or drop --worker (one process pages a job's partitions concurrently)";
 

@@ -76,6 +76,16 @@ impl AdvisoryLock {
         }
     }
 
+    /// Releases every lock this session holds, and closes it.
+    pub async fn release(mut self) -> Result<(), Error> {
+        sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut self.conn)
+            .await
+            .map_err(|e| Error::Sink(format!("cannot release job {}'s lock: {e}", self.job)))?;
+        let _ = self.conn.close().await;
+        Ok(())
+    }
+
     /// Waits for the job's planner lock: workers plan a pass, and end one, one at a time.
     pub async fn lock_planner(&mut self) -> Result<(), Error> {
         sqlx::query("SELECT pg_advisory_lock($1)")
