@@ -145,16 +145,7 @@ const UPSERT: &str = "INSERT INTO items (collection, id, content, content_hash, 
 /// JSON can carry as the escape `\u0000`.
 pub fn refuses(item: &Item) -> Option<String> {
     let content = &item.content[..];
-    let escaped_nul = content.windows(6).enumerate().any(|(at, window)| {
-        window == br"\u0000"
-            && content[..=at]
-                .iter()
-                .rev()
-                .take_while(|&&b| b == b'\\')
-                .count()
-                % 2
-                == 1
-    });
+    let escaped_nul = escapes_nul(content);
     let nul_in_field = [
         Some(&item.id),
         Some(&item.collection),
@@ -166,6 +157,22 @@ pub fn refuses(item: &Item) -> Option<String> {
     .any(|s| s.contains('\0'));
     (escaped_nul || nul_in_field).then(|| {
         "the item contains the NUL character (\\u0000), which Postgres cannot store".to_string()
+    })
+}
+
+/// Whether JSON text holds the escape `\u0000` (a backslash-u-0000 preceded by an even number
+/// of other backslashes; `\\u0000` is a backslash followed by the text `u0000`).
+fn escapes_nul(content: &[u8]) -> bool {
+    // memmem finds the rare candidates with SIMD; `windows(6)` over every byte of every item
+    // was 4 % of a backfill's CPU in `perf`.
+    memchr::memmem::find_iter(content, br"\u0000").any(|at| {
+        content[..=at]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count()
+            % 2
+            == 1
     })
 }
 
@@ -448,4 +455,15 @@ async fn upsert(conn: &mut PgConnection, items: &[&Item]) -> Result<(), sqlx::Er
         .execute(conn)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_a_real_nul_escape_is_refused() {
+        assert!(super::escapes_nul(br#"{"a":"x\u0000y"}"#));
+        assert!(super::escapes_nul(br#"{"a":"\\\u0000"}"#));
+        assert!(!super::escapes_nul(br#"{"a":"\\u0000"}"#));
+        assert!(!super::escapes_nul(br#"{"a":"u0000"}"#));
+    }
 }
