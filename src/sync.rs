@@ -24,11 +24,73 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
-/// Pages buffered between the pager and the writer.
+/// Pages buffered between the pagers and the writer (within the byte budget below).
 const PAGES_BUFFERED: usize = 4;
+/// Bytes of pages (KiB) a pass holds at once, from the request to the commit: pages fetched,
+/// buffered, being prepared and being committed. A pager takes its page's share before the
+/// request, guessed from its partition's last page, so memory stays near this whatever the
+/// page size and the number of partitions; a page larger than the whole budget is fetched
+/// alone.
+const PAGE_BUDGET_KIB: usize = 32 * 1024;
+/// First guess of a page's size per item (KiB), before any page of the pass arrived.
+const GUESS_KIB_PER_ITEM: usize = 8;
+
+/// The byte budget of a pass's pages.
+#[derive(Debug)]
+struct Budget {
+    /// One permit per KiB.
+    permits: Arc<tokio::sync::Semaphore>,
+    /// The size (KiB) of the last page that arrived, the guess for a partition's first page.
+    last: AtomicUsize,
+}
+
+impl Budget {
+    fn new(limit: u32) -> Budget {
+        Budget {
+            permits: Arc::new(tokio::sync::Semaphore::new(PAGE_BUDGET_KIB)),
+            last: AtomicUsize::new(limit as usize * GUESS_KIB_PER_ITEM),
+        }
+    }
+
+    /// Waits for `kib` of the budget (all of it if more).
+    async fn take(&self, kib: usize) -> Result<OwnedSemaphorePermit, Error> {
+        let kib = kib.clamp(1, PAGE_BUDGET_KIB);
+        self.permits
+            .clone()
+            .acquire_many_owned(u32::try_from(kib).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| Error::Internal("the page budget was closed".into()))
+    }
+
+    /// Fits `held` to a page of `kib` that arrived: gives back what it did not need, or takes
+    /// what it needs more if that is free now (never waits: a pager holding a page must not
+    /// wait on pages that wait on it; the overshoot is one page's guess at most).
+    fn fit(&self, held: &mut OwnedSemaphorePermit, kib: usize) {
+        self.last.store(kib, Ordering::Relaxed);
+        let want = kib.clamp(1, PAGE_BUDGET_KIB);
+        let have = held.num_permits();
+        if want < have {
+            drop(held.split(have - want));
+        } else if want > have
+            && let Ok(more) = self
+                .permits
+                .clone()
+                .try_acquire_many_owned(u32::try_from(want - have).unwrap_or(u32::MAX))
+        {
+            held.merge(more);
+        }
+    }
+}
+
+/// A page's size in KiB: the bytes of its features.
+fn page_kib(page: &Page) -> usize {
+    let bytes: usize = page.items.iter().map(|i| i.content.len()).sum::<usize>()
+        + page.rejected.iter().map(|r| r.content.len()).sum::<usize>();
+    bytes.div_ceil(1024)
+}
 /// A partition being paged in this run: a slice of a job's search with its own resume point,
 /// paged concurrently with the others (see [`crate::plan`]).
 #[derive(Debug)]
@@ -766,6 +828,7 @@ async fn pass(
             .map(|p| serde_json::json!({"name": p.name, "query": p.first})),
     );
     let lease = context.worker.map(|ttl| Lease { owner: run_id, ttl });
+    let budget = &Budget::new(job.limit);
     let (tx, mut rx) = mpsc::channel::<Fetched>(PAGES_BUFFERED);
     let finished = AtomicUsize::new(planned.iter().filter(|p| p.done).count());
     let bar = context.progress.then(|| progress_bar(job, mode));
@@ -773,22 +836,25 @@ async fn pass(
     // The pagers' driver owns the sender, so the writer sees the channel close when it ends.
     let pagers = async move {
         match lease {
-            None => page_all(context, job, planned, tx, finished).await,
-            Some(lease) => page_leased(context, job, kind, lease, tx, finished).await,
+            None => page_all(context, job, planned, budget, tx, finished).await,
+            Some(lease) => page_leased(context, job, kind, lease, budget, tx, finished).await,
         }
     };
     // Two stages, so that the objects of one page are written while the page before commits.
-    let (ready_tx, mut ready_rx) = mpsc::channel::<Prepared>(1);
+    let (ready_tx, mut ready_rx) = mpsc::channel::<(Prepared, OwnedSemaphorePermit)>(1);
     let preparer = async move {
         let mut ahead = Ahead::new();
-        while let Some((partition, request, page)) = rx.recv().await {
+        while let Some((partition, request, page, held)) = rx.recv().await {
             // A page is prepared only once the committer has room for it: one page ahead at
             // most, so objects run ahead of the rows they belong to by one page.
             let Ok(slot) = ready_tx.reserve().await else {
                 // The committer stopped (and reports why).
                 break;
             };
-            slot.send(prepare_page(context, mode, partition, request, page, &mut ahead).await?);
+            let prepared =
+                prepare_page(context, mode, partition, request, page, &mut ahead).await?;
+            // The page's share of the budget goes with it, and back when it has committed.
+            slot.send((prepared, held));
         }
         Ok::<(), Error>(())
     };
@@ -796,7 +862,7 @@ async fn pass(
     // stops instead of waiting forever to hand over a page.
     let shown = bar.as_ref();
     let committer = async move {
-        while let Some(prepared) = ready_rx.recv().await {
+        while let Some((prepared, _held)) = ready_rx.recv().await {
             if prepared.partition.lost.is_cancelled() {
                 continue;
             }
@@ -835,8 +901,8 @@ async fn pass(
     }
 }
 
-/// A fetched page, on its way to the writer.
-type Fetched = (Arc<Partition>, Request, Page);
+/// A fetched page, on its way to the writer, with its share of the budget.
+type Fetched = (Arc<Partition>, Request, Page, OwnedSemaphorePermit);
 
 /// Pages every unfinished partition of the plan at once (a single run holds the job alone);
 /// returns the pagers' errors.
@@ -844,13 +910,15 @@ async fn page_all(
     context: &Context,
     job: &Job,
     planned: &[Planned],
+    budget: &Budget,
     tx: mpsc::Sender<Fetched>,
     finished: &AtomicUsize,
 ) -> Vec<Error> {
     let pagers = planned.iter().filter(|p| !p.done).map(|planned| {
         let tx = tx.clone();
         async move {
-            let paged = page_partition(context, Arc::new(Partition::of(job, planned)), tx).await;
+            let partition = Arc::new(Partition::of(job, planned));
+            let paged = page_partition(context, partition, budget, tx).await;
             finished.fetch_add(1, Ordering::Relaxed);
             paged
         }
@@ -868,6 +936,7 @@ async fn page_leased(
     job: &Job,
     kind: PassKind,
     lease: Lease<'_>,
+    budget: &Budget,
     tx: mpsc::Sender<Fetched>,
     finished: &AtomicUsize,
 ) -> Vec<Error> {
@@ -886,7 +955,7 @@ async fn page_leased(
                     let partition = Arc::new(Partition::of(job, &planned));
                     let tx = tx.clone();
                     running.push(async move {
-                        let paged = page_partition(context, partition, tx).await;
+                        let paged = page_partition(context, partition, budget, tx).await;
                         finished.fetch_add(1, Ordering::Relaxed);
                         paged
                     });
@@ -955,9 +1024,11 @@ fn progress_bar(job: &Job, mode: Mode) -> indicatif::ProgressBar {
 async fn page_partition(
     context: &Context,
     partition: Arc<Partition>,
+    budget: &Budget,
     tx: mpsc::Sender<Fetched>,
 ) -> Result<(), Error> {
     let mut request = partition.start.clone();
+    let mut guess = budget.last.load(Ordering::Relaxed);
     let mut seen = HashSet::new();
     let mut number = 0u64;
     loop {
@@ -970,17 +1041,26 @@ async fn page_partition(
                 http::display_url(&request.url)
             )));
         }
-        let fetch = context.api.fetch("search page", &request, |body| {
-            page::parse_page(&body, &request, Some(&partition.collection))
-        });
+        let fetch = async {
+            // The page's share of the budget, before the request: a pager waiting for it
+            // holds no page.
+            let held = budget.take(guess).await?;
+            let page = context
+                .api
+                .fetch("search page", &request, |body| {
+                    page::parse_page(&body, &request, Some(&partition.collection))
+                })
+                .await;
+            Ok::<_, Error>((page, held))
+        };
         // On SIGTERM the page in flight is abandoned (its retries too); pages already
         // fetched are still committed by the writer.
-        let page = tokio::select! {
+        let (page, mut held) = tokio::select! {
             biased;
             () = context.stop.cancelled() => return Err(Error::Stopped),
             // Another worker has it now.
             () = partition.lost.cancelled() => return Ok(()),
-            page = fetch => page,
+            fetched = fetch => fetched?,
         };
         let page = match page {
             // Paging tokens go stale (the boundary item was deleted, the server restarted): a
@@ -996,8 +1076,14 @@ async fn page_partition(
             }
             other => other?,
         };
+        guess = page_kib(&page);
+        budget.fit(&mut held, guess);
         let next = page.next.clone();
-        if tx.send((partition.clone(), request, page)).await.is_err() {
+        if tx
+            .send((partition.clone(), request, page, held))
+            .await
+            .is_err()
+        {
             // The writer stopped (and reports why).
             return Ok(());
         }
@@ -1217,4 +1303,38 @@ fn new_run_id(job: &str) -> String {
         .replace([':', '-'], "");
     let suffix: u32 = rand::rng().random();
     format!("{stamp}-{job}-{suffix:08x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Budget, PAGE_BUDGET_KIB};
+    use std::sync::atomic::Ordering;
+
+    #[tokio::test]
+    async fn the_page_budget_takes_a_guess_then_fits_the_page_without_waiting() {
+        let budget = Budget::new(100);
+        let free = || budget.permits.available_permits();
+        // The first guess: 8 KiB per item of the job's page size.
+        let mut first = budget
+            .take(budget.last.load(Ordering::Relaxed))
+            .await
+            .expect("budget");
+        assert_eq!(first.num_permits(), 800);
+        // Smaller than guessed: the rest goes back, and the size is the next guess.
+        budget.fit(&mut first, 300);
+        assert_eq!((first.num_permits(), free()), (300, PAGE_BUDGET_KIB - 300));
+        assert_eq!(budget.last.load(Ordering::Relaxed), 300);
+        // Larger than guessed, with room: it takes the rest of its size.
+        budget.fit(&mut first, 1000);
+        assert_eq!(first.num_permits(), 1000);
+        // Larger than guessed with no room: it does not wait (pages ahead of it may be what
+        // the room waits for), and goes over.
+        let rest = budget.take(PAGE_BUDGET_KIB - 1000).await.expect("budget");
+        budget.fit(&mut first, 5000);
+        assert_eq!((first.num_permits(), free()), (1000, 0));
+        drop((first, rest));
+        // A page larger than the whole budget takes all of it: it is fetched alone.
+        let big = budget.take(PAGE_BUDGET_KIB * 4).await.expect("budget");
+        assert_eq!((big.num_permits(), free()), (PAGE_BUDGET_KIB, 0));
+    }
 }
