@@ -359,7 +359,19 @@ impl PostgresDb {
             .fetch_optional(&self.pool)
             .await
             .map_err(self.fail("claim a partition"))?;
-        Ok(row.and_then(|row| super::planned_row(job, row)))
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let name = row.0.clone();
+        match super::planned_row(job, row) {
+            Some(planned) => Ok(Some(planned)),
+            // Claimed but unusable: paging nothing would leave it leased forever.
+            None => Err(Error::Sink(format!(
+                "database {}: partition {name} of job {job} has no readable first request; \
+                 the next run (worker or not) plans the pass again",
+                self.shown
+            ))),
+        }
     }
 
     /// Extends every lease `lease.owner` holds on the job's unfinished partitions; returns how
