@@ -396,3 +396,56 @@ conformance!(
     a_run_killed_between_objects_and_commit_converges,
     a_second_run_of_a_locked_job_exits_7_without_writing,
 );
+
+/// Postgres writes a page in statements of at most 8 MiB of content: a page of 700 items of
+/// about 15 KB (10 MB) takes two, in one transaction with its resume point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_larger_than_one_upsert_statement_is_stored_whole_on_postgres() {
+    let database = common::fresh_postgres().await;
+    let db = Database::connect(&database).await.expect("db");
+    db.migrate().await.expect("migrate");
+    let base = common::eds_items();
+    let features: Vec<Value> = (0..700)
+        .map(|i| {
+            common::realistic_item(
+                &base[i % base.len()],
+                &format!("big-{i:03}"),
+                "sentinel-2-l2a",
+                "2024-05-01T10:00:00Z",
+            )
+        })
+        .collect();
+    let body = bytes::Bytes::from(
+        serde_json::to_vec(&json!({"type": "FeatureCollection", "features": features}))
+            .expect("json"),
+    );
+    assert!(body.len() > 9 << 20, "{} bytes", body.len());
+    let request =
+        stac_sync::api::Request::get(url::Url::parse("http://127.0.0.1:9/search").expect("url"));
+    let page = stac_sync::page::parse_page(&body, &request, None).expect("page");
+    let refused = db
+        .commit_page(stac_sync::db::PageCommit {
+            run_id: "r",
+            job: "test",
+            partition: "p",
+            query_hash: "q",
+            items: page.items.iter().collect(),
+            rejected: &[],
+            page_url: "http://127.0.0.1:9/search",
+            resume: Some(&request),
+            seen: Vec::new(),
+            lease: None,
+        })
+        .await
+        .expect("committed");
+
+    assert!(refused.is_empty());
+    let stored = stored_items(&database).await;
+    assert_eq!(stored.len(), 700);
+    let resume = common::scalar(
+        &database,
+        "SELECT COUNT(*) FROM sync_state WHERE partition = 'p' AND resume IS NOT NULL",
+    )
+    .await;
+    assert_eq!(resume, 1);
+}

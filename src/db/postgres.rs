@@ -430,8 +430,28 @@ impl PostgresDb {
     }
 }
 
-/// One multi-row upsert of `items` from arrays.
+/// Item bytes per upsert statement: sqlx encodes a statement's arguments into one buffer, so a
+/// page of 10,000 items (150 MB) as one statement would be held a second time.
+const UPSERT_BYTES: usize = 8 << 20;
+
+/// Upserts `items` in statements of at most [`UPSERT_BYTES`] of content each (at least one item).
 async fn upsert(conn: &mut PgConnection, items: &[&Item]) -> Result<(), sqlx::Error> {
+    let mut start = 0;
+    while start < items.len() {
+        let mut end = start + 1;
+        let mut bytes = items[start].content.len();
+        while end < items.len() && bytes + items[end].content.len() <= UPSERT_BYTES {
+            bytes += items[end].content.len();
+            end += 1;
+        }
+        upsert_batch(conn, &items[start..end]).await?;
+        start = end;
+    }
+    Ok(())
+}
+
+/// One multi-row upsert of `items` from arrays.
+async fn upsert_batch(conn: &mut PgConnection, items: &[&Item]) -> Result<(), sqlx::Error> {
     if items.is_empty() {
         return Ok(());
     }
