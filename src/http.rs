@@ -294,7 +294,7 @@ pub async fn send<T>(
                         let hint = retry_after(response.headers(), SystemTime::now());
                         (format!("HTTP {status}"), Some(status), hint)
                     } else {
-                        match response.bytes().await {
+                        match read_body(response).await {
                             Err(e) => {
                                 (format!("HTTP {status}, body: {}", describe(&e)), None, None)
                             }
@@ -351,6 +351,26 @@ fn describe(error: &reqwest::Error) -> String {
     }
     text
 }
+
+/// Reads a body into one buffer, sized from `Content-Length` when the server sends it.
+/// (`Response::bytes` collects the chunks and then copies them into one buffer, so a large page
+/// was held twice for a moment.) Growing without a length is left to the allocator.
+async fn read_body(mut response: reqwest::Response) -> Result<bytes::Bytes, reqwest::Error> {
+    let expected = response
+        .content_length()
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0)
+        // A length is a promise, not a fact: never reserve more than this up front.
+        .min(MAX_RESERVED_BODY);
+    let mut body = bytes::BytesMut::with_capacity(expected);
+    while let Some(chunk) = response.chunk().await? {
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// The most a response's `Content-Length` reserves before its bytes arrive.
+const MAX_RESERVED_BODY: usize = 512 << 20;
 
 #[cfg(test)]
 mod tests {
