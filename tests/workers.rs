@@ -407,3 +407,89 @@ async fn workers_share_the_job_lock_with_each_other_and_never_with_a_single_run(
     let message = worker.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(message.contains("single (non-worker)"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_lease_was_taken_over_cannot_commit_the_partition() {
+    use stac_sync::db::{Lease, PageCommit, PassKind, PlanCommit};
+    let database = fresh_postgres().await;
+    let db = stac_sync::db::Database::connect(&database)
+        .await
+        .expect("db");
+    db.migrate().await.expect("migrate");
+    let first = stac_sync::api::Request::get(
+        url::Url::parse("http://127.0.0.1:9/search?collections=a").expect("url"),
+    );
+    db.plan(PlanCommit {
+        job: "test",
+        kind: PassKind::Sync,
+        search_hash: "h",
+        search_changed: false,
+        started_at: "2026-11-28T00:00:00Z",
+        partitions: &[("a".into(), "a".into(), first.clone())],
+    })
+    .await
+    .expect("planned");
+    let minute = Duration::from_secs(60);
+    let a = Lease {
+        owner: "worker-a",
+        ttl: minute,
+    };
+    let b = Lease {
+        owner: "worker-b",
+        ttl: minute,
+    };
+    let commit = |lease: Lease<'static>| {
+        let db = db.clone();
+        let first = first.clone();
+        async move {
+            db.commit_page(PageCommit {
+                run_id: lease.owner,
+                job: "test",
+                partition: "a",
+                query_hash: "q",
+                items: Vec::new(),
+                rejected: &[],
+                page_url: "http://127.0.0.1:9/search",
+                resume: Some(&first),
+                seen: Vec::new(),
+                lease: Some(lease),
+            })
+            .await
+        }
+    };
+
+    let claimed = db.claim("test", PassKind::Sync, &a).await.expect("claim");
+    assert_eq!(claimed.map(|p| p.name), Some("a".to_string()));
+    assert!(
+        db.claim("test", PassKind::Sync, &b)
+            .await
+            .expect("claim")
+            .is_none(),
+        "a live lease is not claimable"
+    );
+    commit(a).await.expect("the holder commits");
+    // Worker a stalls past its lease (its expiry is moved, not waited for); b takes over.
+    common::execute(
+        &database,
+        "UPDATE sync_state SET lease_until = now() - interval '1 second' WHERE partition = 'a'",
+    )
+    .await;
+    let taken = db.claim("test", PassKind::Sync, &b).await.expect("claim");
+    assert_eq!(
+        taken.and_then(|p| p.resume).map(|r| r.url),
+        Some(first.url.clone()),
+        "the taker resumes from the committed point"
+    );
+    let refused = commit(a).await;
+    assert!(
+        matches!(refused, Err(stac_sync::error::Error::LeaseLost { .. })),
+        "{refused:?}"
+    );
+    let pages: i64 = common::scalar(
+        &database,
+        "SELECT pages_done FROM sync_state WHERE partition = 'a'",
+    )
+    .await;
+    assert_eq!(pages, 1, "the stale worker's page was not committed");
+    commit(b).await.expect("the new holder commits");
+}
