@@ -7,9 +7,7 @@ mod common;
 use common::tokens::Issuer;
 use common::{Setup, make_items, stored_items, stored_objects};
 use rand::Rng;
-use secrecy::SecretString;
 use stac_sync::clock::ManualClock;
-use stac_sync::config::EnvVars;
 use stac_sync::error::Exit;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,12 +46,7 @@ async fn a_run_killed_at_random_instants_converges_to_an_uninterrupted_one() {
         },
     )
     .await;
-    let env = EnvVars {
-        token_url: Some(server.token_url.clone()),
-        client_id: Some("id".into()),
-        client_secret: Some(SecretString::from("secret")),
-        ..EnvVars::default()
-    };
+    let env = common::credentials(&server.token_url, "id", "secret");
     let reference_dir = tempfile::tempdir().expect("tempdir");
     let reference = Setup {
         limit: 25,

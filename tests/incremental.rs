@@ -6,7 +6,6 @@ mod common;
 use common::fixture::{self, Fault, Paging};
 use common::tokens::Issuer;
 use common::{Setup, make_items, stored_items, stored_objects};
-use secrecy::SecretString;
 use serde_json::{Value, json};
 use stac_sync::clock::ManualClock;
 use stac_sync::config::EnvVars;
@@ -19,12 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 fn env(token_url: &str) -> EnvVars {
-    EnvVars {
-        token_url: Some(token_url.to_string()),
-        client_id: Some("id".into()),
-        client_secret: Some(SecretString::from("secret".to_string())),
-        ..EnvVars::default()
-    }
+    common::credentials(token_url, "id", "secret")
 }
 
 /// An EDS item with this id number, acquisition time and a version mark in its properties.

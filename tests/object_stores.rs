@@ -13,7 +13,6 @@ use object_store::ObjectStore;
 use object_store::ObjectStoreExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
-use secrecy::SecretString;
 use serde_json::Value;
 use stac_sync::clock::ManualClock;
 use stac_sync::config::EnvVars;
@@ -22,12 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 fn env(token_url: &str) -> EnvVars {
-    EnvVars {
-        token_url: Some(token_url.to_string()),
-        client_id: Some("id".into()),
-        client_secret: Some(SecretString::from("secret")),
-        ..EnvVars::default()
-    }
+    common::credentials(token_url, "id", "secret")
 }
 
 fn pages() -> Vec<Vec<Value>> {

@@ -6,7 +6,6 @@ mod common;
 use chrono::{DateTime, Utc};
 use common::tokens::Issuer;
 use common::{Setup, make_items};
-use secrecy::SecretString;
 use stac_sync::check;
 use stac_sync::clock::{ManualClock, WallClock};
 use stac_sync::config::{Config, EnvVars, FileConfig, Overrides};
@@ -19,12 +18,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 fn env(token_url: &str, secret: &str) -> EnvVars {
-    EnvVars {
-        token_url: Some(token_url.to_string()),
-        client_id: Some("id".into()),
-        client_secret: Some(SecretString::from(secret.to_string())),
-        ..EnvVars::default()
-    }
+    common::credentials(token_url, "id", secret)
 }
 
 type Sleeper = (DateTime<Utc>, oneshot::Sender<()>);

@@ -6,10 +6,8 @@ mod common;
 use common::fixture::{self, Fault, Paging};
 use common::tokens::Issuer;
 use common::{Setup, make_items, stored_items, stored_objects};
-use secrecy::SecretString;
 use serde_json::{Value, json};
 use stac_sync::clock::ManualClock;
-use stac_sync::config::EnvVars;
 use stac_sync::db::Database;
 use stac_sync::error::Exit;
 use std::sync::Arc;
@@ -60,12 +58,7 @@ impl Case {
                 &self.server.url,
                 self.dir.path(),
                 &["c"],
-                EnvVars {
-                    token_url: Some(self.server.token_url.clone()),
-                    client_id: Some("id".into()),
-                    client_secret: Some(SecretString::from("secret")),
-                    ..EnvVars::default()
-                },
+                common::credentials(&self.server.token_url, "id", "secret"),
             )
         }
     }

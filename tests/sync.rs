@@ -6,7 +6,6 @@ mod common;
 use common::fixture::{self, Fault, Paging};
 use common::tokens::Issuer;
 use common::{Setup, make_items, stored_items, stored_objects};
-use secrecy::SecretString;
 use serde_json::{Value, json};
 use stac::api::ItemsClient;
 use stac_sync::clock::ManualClock;
@@ -20,12 +19,7 @@ const ID: &str = "client-id";
 const SECRET: &str = "s3cret";
 
 fn env(token_url: &str, secret: &str) -> EnvVars {
-    EnvVars {
-        token_url: Some(token_url.to_string()),
-        client_id: Some(ID.to_string()),
-        client_secret: Some(SecretString::from(secret.to_string())),
-        ..EnvVars::default()
-    }
+    common::credentials(token_url, ID, secret)
 }
 
 fn without_links(mut value: Value) -> Value {

@@ -6,7 +6,6 @@ mod common;
 
 use common::tokens::Issuer;
 use common::{Setup, fresh_postgres, stored_items, stored_objects};
-use secrecy::SecretString;
 use serde_json::Value;
 use stac_sync::clock::ManualClock;
 use stac_sync::config::EnvVars;
@@ -106,12 +105,7 @@ async fn world() -> World {
         },
     )
     .await;
-    let env = EnvVars {
-        token_url: Some(server.token_url.clone()),
-        client_id: Some("id".into()),
-        client_secret: Some(SecretString::from("secret")),
-        ..EnvVars::default()
-    };
+    let env = common::credentials(&server.token_url, "id", "secret");
     World {
         server,
         log,
@@ -164,17 +158,45 @@ fn spawn_worker(world: &World, dir: &Path) -> Child {
         .expect("spawns")
 }
 
-/// Waits for a worker; its exit code and stderr.
-async fn finish(child: Child) -> (Option<i32>, String) {
-    tokio::task::spawn_blocking(move || {
-        let output = child.wait_with_output().expect("exits");
-        (
+/// Waits for the workers; each must exit 0.
+async fn finish_all(workers: Vec<Child>) {
+    for child in workers {
+        let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .expect("join")
+            .expect("exits");
+        assert_eq!(
             output.status.code(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    })
-    .await
-    .expect("join")
+            Some(0),
+            "a worker failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// The mirror in `database` and `dir/objects` equals the reference run's.
+async fn assert_mirrors_reference(
+    database: &str,
+    dir: &Path,
+    expected: &BTreeMap<(String, String), String>,
+    reference_dir: &Path,
+) {
+    assert_eq!(&stored_items(database).await, expected);
+    assert_eq!(
+        objects(&dir.join("objects")),
+        objects(&reference_dir.join("objects"))
+    );
+}
+
+/// The Postgres pool of a test database.
+async fn postgres_pool(database: &str) -> sqlx::PgPool {
+    match stac_sync::db::Database::connect(database)
+        .await
+        .expect("db")
+    {
+        stac_sync::db::Database::Postgres(db) => db.pool().clone(),
+        stac_sync::db::Database::Sqlite(_) => panic!("a Postgres database"),
+    }
 }
 
 /// Objects below `dir`, without the run manifests.
@@ -206,31 +228,18 @@ async fn four_workers_share_a_job_and_store_every_item_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Two partitions at a time per worker: 8 requests in flight in all.
     worker_config(&world, dir.path(), &database, "concurrency = 2");
-    let workers: Vec<Child> = (0..4).map(|_| spawn_worker(&world, dir.path())).collect();
-    for worker in workers {
-        let (code, stderr) = finish(worker).await;
-        assert_eq!(code, Some(0), "a worker failed: {stderr}");
-    }
+    finish_all((0..4).map(|_| spawn_worker(&world, dir.path())).collect()).await;
 
-    assert_eq!(stored_items(&database).await, expected);
-    assert_eq!(
-        objects(&dir.path().join("objects")),
-        objects(&reference_dir.path().join("objects"))
-    );
+    assert_mirrors_reference(&database, dir.path(), &expected, reference_dir.path()).await;
     let log = world.log.lock().expect("lock").clone();
     assert_eq!(repeats(&log), Vec::new(), "a page was fetched twice");
     assert_eq!(log.len(), pages, "every page fetched once");
 
-    let db = stac_sync::db::Database::connect(&database)
-        .await
-        .expect("db");
-    let stac_sync::db::Database::Postgres(pool) = &db else {
-        panic!("postgres")
-    };
+    let pool = &postgres_pool(&database).await;
     let runs: Vec<(String, i64, i64, i64)> = sqlx::query_as(
         "SELECT status, pages, items_new, items_changed FROM sync_runs ORDER BY run_id",
     )
-    .fetch_all(pool.pool())
+    .fetch_all(pool)
     .await
     .expect("runs");
     assert_eq!(runs.len(), 4);
@@ -251,14 +260,14 @@ async fn four_workers_share_a_job_and_store_every_item_once() {
     );
     assert_eq!(runs.iter().map(|r| r.3).sum::<i64>(), 0);
     let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sync_state WHERE partition <> ''")
-        .fetch_one(pool.pool())
+        .fetch_one(pool)
         .await
         .expect("state");
     assert_eq!(left, 0, "the pass ended and its plan was removed");
     let watermark: Option<String> = sqlx::query_scalar(
         "SELECT watermark FROM sync_state WHERE job = 'test' AND partition = ''",
     )
-    .fetch_one(pool.pool())
+    .fetch_one(pool)
     .await
     .expect("state");
     assert!(
@@ -275,13 +284,7 @@ async fn a_killed_workers_partitions_are_taken_over_after_its_lease_expires() {
     world.log.lock().expect("lock").clear();
 
     let database = fresh_postgres().await;
-    let db = stac_sync::db::Database::connect(&database)
-        .await
-        .expect("db");
-    let stac_sync::db::Database::Postgres(db) = &db else {
-        panic!("postgres")
-    };
-    let pool = db.pool();
+    let pool = &postgres_pool(&database).await;
     let dir = tempfile::tempdir().expect("tempdir");
     worker_config(
         &world,
@@ -328,17 +331,9 @@ async fn a_killed_workers_partitions_are_taken_over_after_its_lease_expires() {
     assert!(!held.is_empty());
 
     // Two more workers finish the job.
-    let others: Vec<Child> = (0..2).map(|_| spawn_worker(&world, dir.path())).collect();
-    for worker in others {
-        let (code, stderr) = finish(worker).await;
-        assert_eq!(code, Some(0), "a worker failed: {stderr}");
-    }
+    finish_all((0..2).map(|_| spawn_worker(&world, dir.path())).collect()).await;
 
-    assert_eq!(stored_items(&database).await, expected);
-    assert_eq!(
-        objects(&dir.path().join("objects")),
-        objects(&reference_dir.path().join("objects"))
-    );
+    assert_mirrors_reference(&database, dir.path(), &expected, reference_dir.path()).await;
     let log = world.log.lock().expect("lock").clone();
     for (partition, first, resume, expires) in &held {
         let first: Value = serde_json::from_str(first).expect("a stored request");

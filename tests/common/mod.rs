@@ -62,6 +62,16 @@ pub fn realistic_item(base: &Value, id: &str, collection: &str, datetime: &str) 
     item
 }
 
+/// Client credentials for the test token endpoints (`tokens::Issuer`), at `token_url`.
+pub fn credentials(token_url: &str, id: &str, secret: &str) -> EnvVars {
+    EnvVars {
+        token_url: Some(token_url.to_string()),
+        client_id: Some(id.to_string()),
+        client_secret: Some(secrecy::SecretString::from(secret.to_string())),
+        ..EnvVars::default()
+    }
+}
+
 /// Settings of a test run.
 pub struct Setup<'a> {
     pub api_url: &'a str,
