@@ -31,8 +31,6 @@ pub struct ObjectSink {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     shown: String,
-    /// The folder, for `file://` stores.
-    local_root: Option<std::path::PathBuf>,
     /// The same store, for `file://` stores: it maps keys to file paths.
     local: Option<Arc<LocalFileSystem>>,
 }
@@ -62,7 +60,6 @@ impl ObjectSink {
                 store,
                 prefix: String::new(),
                 shown: url.to_string(),
-                local_root: Some(std::path::PathBuf::from(path)),
             });
         }
         let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
@@ -110,23 +107,26 @@ impl ObjectSink {
                 .collect::<Vec<_>>()
                 .join("/"),
             shown: url.to_string(),
-            local_root: None,
             local: None,
         })
     }
 
     /// Removes what a killed run left in a local folder: objects are written to `KEY#N` and
-    /// renamed to `KEY` (by [`write_whole`], as by `LocalFileSystem`), so a process killed between the two leaves `KEY#N` behind. Our keys
-    /// never contain `#` (it is percent-encoded), so every such file in the job's collection
-    /// folders is a leftover. Called with the job's lock held, so no run of this job is
-    /// writing them; returns how many were removed.
+    /// renamed to `KEY` (by [`write_whole`], as by `LocalFileSystem`), so a process killed
+    /// between the two leaves `KEY#N` behind. Our keys never contain `#` (it is
+    /// percent-encoded), so every such file in the job's collection folders is a leftover.
+    /// Called with the job's lock held, so no run of this job is writing them; returns how many
+    /// were removed.
     pub fn sweep_staging(&self, collections: &[String]) -> Result<usize, Error> {
-        let Some(root) = &self.local_root else {
+        let Some(local) = &self.local else {
             return Ok(0);
         };
         let mut removed = 0;
         for collection in collections {
-            let folder = root.join(encode_collection(collection));
+            let Ok(folder) = local.path_to_filesystem(&self.key(&encode_collection(collection)))
+            else {
+                continue;
+            };
             let Ok(entries) = std::fs::read_dir(&folder) else {
                 continue;
             };
@@ -382,5 +382,26 @@ mod tests {
         assert_eq!(encode_segment("é\n"), "%C3%A9%0A");
         assert_eq!(encode_collection("_runs"), "%5Fruns");
         assert_ne!(encode_segment("a b"), encode_segment("a+b"));
+    }
+
+    #[test]
+    fn a_half_written_object_is_swept_and_a_whole_one_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().display());
+        let sink = ObjectSink::from_url(&url, &BTreeMap::new()).expect("sink");
+        let whole = sink
+            .local
+            .as_ref()
+            .expect("a folder")
+            .path_to_filesystem(&sink.item_key("s2", "a"))
+            .expect("path");
+        write_whole(&whole, b"{}").expect("written");
+        let mut staged = whole.clone().into_os_string();
+        staged.push("#1");
+        std::fs::write(&staged, b"{").expect("staged");
+
+        assert_eq!(sink.sweep_staging(&["s2".into()]).expect("swept"), 1);
+        assert!(!std::path::Path::new(&staged).exists());
+        assert_eq!(std::fs::read(&whole).expect("kept"), b"{}");
     }
 }

@@ -67,7 +67,8 @@ impl Budget {
 
     /// Fits `held` to a page of `kib` that arrived: gives back what it did not need, or takes
     /// what it needs more if that is free now (never waits: a pager holding a page must not
-    /// wait on pages that wait on it; the overshoot is one page's guess at most).
+    /// wait on pages that wait on it, so each pager may go over by what its page exceeds its
+    /// guess).
     fn fit(&self, held: &mut OwnedSemaphorePermit, kib: usize) {
         self.last.store(kib, Ordering::Relaxed);
         let want = kib.clamp(1, PAGE_BUDGET_KIB);
