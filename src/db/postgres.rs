@@ -88,23 +88,24 @@ impl AdvisoryLock {
 
     /// Waits for the job's planner lock: workers plan a pass, and end one, one at a time.
     pub async fn lock_planner(&mut self) -> Result<(), Error> {
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(lock_key(&format!("stac-sync plan {}", self.job)))
-            .execute(&mut self.conn)
-            .await
-            .map_err(|e| Error::Sink(format!("cannot take job {}'s planner lock: {e}", self.job)))
-            .map(|_| ())
+        self.planner("SELECT pg_advisory_lock($1)", "take").await
     }
 
     /// Releases the job's planner lock.
     pub async fn unlock_planner(&mut self) -> Result<(), Error> {
-        sqlx::query("SELECT pg_advisory_unlock($1)")
+        self.planner("SELECT pg_advisory_unlock($1)", "release")
+            .await
+    }
+
+    /// Calls `sql` on the job's planner lock key.
+    async fn planner(&mut self, sql: &'static str, what: &str) -> Result<(), Error> {
+        sqlx::query(sql)
             .bind(lock_key(&format!("stac-sync plan {}", self.job)))
             .execute(&mut self.conn)
             .await
             .map_err(|e| {
                 Error::Sink(format!(
-                    "cannot release job {}'s planner lock: {e}",
+                    "cannot {what} job {}'s planner lock: {e}",
                     self.job
                 ))
             })
