@@ -1,7 +1,7 @@
 //! STAC API item-search paging: the first request of a job, and a page's items and `next` link.
 //!
-//! Items are kept as the bytes received ([`Item::content`] shares the page's buffer; nothing is
-//! copied or re-serialised); only the indexed fields are parsed. Paging follows `rel="next"`
+//! A page is read as it arrives ([`PageReader`]): each feature is kept as the bytes received
+//! ([`Item::content`]; nothing is re-serialised) and only its indexed fields are parsed. Paging follows `rel="next"`
 //! honouring `method`, `body`, `headers` and `merge`
 //! (<https://github.com/radiantearth/stac-api-spec/tree/release/v1.0.0/item-search#pagination>).
 //! An item that cannot be stored becomes a [`Rejected`] with the reason; the rest of the page
@@ -9,7 +9,7 @@
 
 use crate::api::Request;
 use crate::config::{Job, SearchMethod};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -55,7 +55,7 @@ pub struct Rejected {
 }
 
 /// One page of search results.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Page {
     /// Storable items, one per `(collection, id)` (the last wins within a page).
     pub items: Vec<Item>,
@@ -65,14 +65,9 @@ pub struct Page {
     pub duplicates: u64,
     /// The next page's request; `None` only when the page had no `next` link.
     pub next: Option<Request>,
-}
-
-#[derive(Deserialize)]
-struct PageDoc<'a> {
-    #[serde(borrow)]
-    features: Vec<&'a RawValue>,
-    #[serde(default)]
-    links: Vec<Link>,
+    /// `false` for a part of a page read before its end: it has no `next`, and its commit
+    /// keeps the resume point at this page.
+    pub whole: bool,
 }
 
 #[derive(Deserialize)]
@@ -232,61 +227,299 @@ pub fn first_request(root: &Url, job: &Job, collections: &[String], shape: &Shap
     }
 }
 
-/// Parses a page. `Err` means the page as a whole is unreadable (not JSON, no `features`): the
-/// caller retries it. `default_collection` is given to items without `collection` (the search
-/// named that one collection).
+/// Bytes a reader holds before it looks for whole features in them: a feature cut by the end
+/// of the bytes is scanned again when more arrive, so it waits for a good many of them.
+const READ_AHEAD: usize = 256 * 1024;
+
+/// Where a [`PageReader`] is in the page's JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    /// Before the page's `{`.
+    Start,
+    /// Before a member's key, or the page's `}` if `first`.
+    Key { first: bool },
+    /// Between a key and its `:`.
+    Colon,
+    /// Before the value of the key just read.
+    Value,
+    /// After a member: before `,` or `}`.
+    AfterMember,
+    /// Inside `features`: before a feature, or `]` if `first`.
+    Feature { first: bool },
+    /// After a feature: before `,` or `]`.
+    AfterFeature,
+    /// After the page's `}`.
+    End,
+}
+
+/// Reads a page as its bytes arrive: each feature becomes an item (or a [`Rejected`]) as soon
+/// as its JSON is complete, so a page is never held whole, and [`PageReader::take_part`] hands
+/// the items read so far to the writer while the rest of the page is still arriving.
+#[derive(Debug)]
+pub struct PageReader {
+    default_collection: Option<String>,
+    /// Bytes received and not yet read.
+    buf: BytesMut,
+    /// Bytes split off `buf` so far (for error positions).
+    read: usize,
+    /// No new attempt to read a value before `buf` holds this many bytes.
+    wait: usize,
+    /// [`READ_AHEAD`], smaller in tests.
+    read_ahead: usize,
+    at: At,
+    key: String,
+    features: bool,
+    links: Option<Bytes>,
+    part: Page,
+    /// The bytes of the features in `part`.
+    part_bytes: usize,
+    /// Every `(collection, id)` of the page so far: its index in `part`, or `None` if an
+    /// earlier part took it.
+    seen: HashMap<(String, String), Option<usize>>,
+}
+
+impl PageReader {
+    /// A reader of one page; `default_collection` is given to items without `collection` (the
+    /// search named that one collection).
+    pub fn new(default_collection: Option<&str>) -> PageReader {
+        PageReader {
+            default_collection: default_collection.map(str::to_string),
+            buf: BytesMut::new(),
+            read: 0,
+            wait: 0,
+            read_ahead: READ_AHEAD,
+            at: At::Start,
+            key: String::new(),
+            features: false,
+            links: None,
+            part: Page::default(),
+            part_bytes: 0,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Takes the next bytes of the page. `Err`: the page cannot be a STAC ItemCollection.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.buf.extend_from_slice(bytes);
+        self.advance(false)
+    }
+
+    /// The bytes of the features read and not yet taken.
+    pub fn part_bytes(&self) -> usize {
+        self.part_bytes
+    }
+
+    /// The items and rejected features read since the last part, as a page that is not
+    /// `whole`: committing it must keep the resume point at this page.
+    pub fn take_part(&mut self) -> Page {
+        for at in self.seen.values_mut() {
+            *at = None;
+        }
+        self.part_bytes = 0;
+        std::mem::take(&mut self.part)
+    }
+
+    /// Ends the page (all its bytes were pushed): the last part, `whole`, with the request its
+    /// `next` link asks for. `request` is the request that fetched the page.
+    pub fn finish(mut self, request: &Request) -> Result<Page, String> {
+        self.advance(true)?;
+        if self.at != At::End {
+            return Err(format!(
+                "the page ended after {} bytes, before its JSON did (cut short?)",
+                self.read + self.buf.len()
+            ));
+        }
+        if !self.features {
+            return Err("the page is not a STAC ItemCollection (it has no `features`)".into());
+        }
+        let links: Vec<Link> = match &self.links {
+            Some(raw) => serde_json::from_slice(raw)
+                .map_err(|e| format!("the page's links cannot be read ({e})"))?,
+            None => Vec::new(),
+        };
+        let mut page = self.take_part();
+        page.next = next_request(&links, request)?;
+        page.whole = true;
+        Ok(page)
+    }
+
+    fn fail(&self, what: &str) -> String {
+        format!(
+            "the page is not a STAC ItemCollection: {what} at byte {}",
+            self.read + 1
+        )
+    }
+
+    /// Reads as far as the bytes go; `end`: no more will come.
+    fn advance(&mut self, end: bool) -> Result<(), String> {
+        loop {
+            let blank = self
+                .buf
+                .iter()
+                .take_while(|b| b.is_ascii_whitespace())
+                .count();
+            self.consume(blank);
+            let Some(&next) = self.buf.first() else {
+                return Ok(());
+            };
+            match (self.at, next) {
+                (At::Start, b'{') => self.step(At::Key { first: true }),
+                (At::Start, _) => return Err(self.fail("it is not a JSON object")),
+                (At::Key { first: true }, b'}') | (At::AfterMember, b'}') => self.step(At::End),
+                (At::Key { .. }, b'"') => {
+                    let Some(key) = self.value(end)? else {
+                        return Ok(());
+                    };
+                    self.key = serde_json::from_slice(&key)
+                        .map_err(|e| self.fail(&format!("a key cannot be read ({e})")))?;
+                    self.at = At::Colon;
+                }
+                (At::Colon, b':') => self.step(At::Value),
+                (At::Value, b'[') if self.key == "features" && !self.features => {
+                    self.features = true;
+                    self.step(At::Feature { first: true });
+                }
+                (At::Value, _) if self.key == "features" => {
+                    return Err(self.fail(if self.features {
+                        "`features` is given twice"
+                    } else {
+                        "`features` is not an array"
+                    }));
+                }
+                (At::Value, _) => {
+                    let Some(value) = self.value(end)? else {
+                        return Ok(());
+                    };
+                    if self.key == "links" {
+                        self.links = Some(value);
+                    }
+                    self.at = At::AfterMember;
+                }
+                (At::AfterMember, b',') => self.step(At::Key { first: false }),
+                (At::Feature { first: true }, b']') | (At::AfterFeature, b']') => {
+                    self.step(At::AfterMember);
+                }
+                (At::Feature { .. }, _) => {
+                    let Some(feature) = self.value(end)? else {
+                        return Ok(());
+                    };
+                    self.add(feature);
+                    self.at = At::AfterFeature;
+                }
+                (At::AfterFeature, b',') => self.step(At::Feature { first: false }),
+                (At::End, _) => return Err(self.fail("there is more after the page's JSON")),
+                (_, other) => {
+                    return Err(self.fail(&format!(
+                        "unexpected {:?}",
+                        char::from(other).escape_default().to_string()
+                    )));
+                }
+            }
+        }
+    }
+
+    fn consume(&mut self, n: usize) {
+        bytes::Buf::advance(&mut self.buf, n);
+        self.read += n;
+    }
+
+    fn step(&mut self, at: At) {
+        self.consume(1);
+        self.at = at;
+    }
+
+    /// The JSON value at the front of the bytes, split off, or `None` if it may not be
+    /// complete yet.
+    fn value(&mut self, end: bool) -> Result<Option<Bytes>, String> {
+        if !end && self.buf.len() < self.wait {
+            return Ok(None);
+        }
+        let mut values = serde_json::Deserializer::from_slice(&self.buf).into_iter::<&RawValue>();
+        match values.next() {
+            Some(Ok(_)) => {
+                let n = values.byte_offset();
+                // A number or `true` may go on in the next bytes.
+                let closed = matches!(self.buf.get(n - 1), Some(b'}' | b']' | b'"'));
+                if !end && n == self.buf.len() && !closed {
+                    self.wait = n + 1;
+                    return Ok(None);
+                }
+                self.wait = 0;
+                let value = self.buf.split_to(n).freeze();
+                self.read += n;
+                Ok(Some(value))
+            }
+            Some(Err(e)) if e.is_eof() && !end => {
+                // Try again once there are twice the bytes (a big feature is not rescanned at
+                // every chunk), and a good many more in any case.
+                self.wait = (self.buf.len() * 2).max(self.read_ahead);
+                Ok(None)
+            }
+            Some(Err(e)) => Err(self.fail(&format!("invalid JSON ({e})"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads one feature into the part.
+    fn add(&mut self, content: Bytes) {
+        self.part_bytes += content.len();
+        let item = std::str::from_utf8(&content)
+            .map_err(|e| (format!("the feature is not UTF-8 ({e})"), None, None))
+            .and_then(|text| read_item(text, content.clone(), self.default_collection.as_deref()));
+        let item = match item {
+            Ok(item) => item,
+            Err((reason, collection, id)) => {
+                self.part.rejected.push(Rejected {
+                    content,
+                    reason,
+                    collection,
+                    id,
+                });
+                return;
+            }
+        };
+        let part = &mut self.part;
+        match self.seen.entry((item.collection.clone(), item.id.clone())) {
+            // The last of a page wins: within a part it replaces the earlier one; the part
+            // after an earlier one's commits after it.
+            Entry::Occupied(mut at) => {
+                part.duplicates += 1;
+                match *at.get() {
+                    Some(i) => part.items[i] = item,
+                    None => {
+                        at.insert(Some(part.items.len()));
+                        part.items.push(item);
+                    }
+                }
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(Some(part.items.len()));
+                part.items.push(item);
+            }
+        }
+    }
+}
+
+/// Parses a page held whole. `Err` means the page as a whole is unreadable (not JSON, no
+/// `features`): the caller retries it. `default_collection` is given to items without
+/// `collection` (the search named that one collection).
 pub fn parse_page(
-    body: &Bytes,
+    body: &[u8],
     request: &Request,
     default_collection: Option<&str>,
 ) -> Result<Page, String> {
-    let doc: PageDoc<'_> = serde_json::from_slice(body)
-        .map_err(|e| format!("the page is not a STAC ItemCollection ({e})"))?;
-    let mut items: Vec<Item> = Vec::with_capacity(doc.features.len());
-    let mut rejected = Vec::new();
-    let mut seen: HashMap<(String, String), usize> = HashMap::with_capacity(doc.features.len());
-    let mut duplicates = 0;
-    for raw in doc.features {
-        let content = body.slice_ref(raw.get().as_bytes());
-        match read_item(raw, content.clone(), default_collection) {
-            Ok(item) => match seen.entry((item.collection.clone(), item.id.clone())) {
-                Entry::Occupied(at) => {
-                    duplicates += 1;
-                    items[*at.get()] = item;
-                }
-                Entry::Vacant(slot) => {
-                    slot.insert(items.len());
-                    items.push(item);
-                }
-            },
-            Err((reason, collection, id)) => rejected.push(Rejected {
-                content,
-                reason,
-                collection,
-                id,
-            }),
-        }
-    }
-    let next = next_request(&doc.links, request)?;
-    Ok(Page {
-        items,
-        rejected,
-        duplicates,
-        next,
-    })
+    let mut reader = PageReader::new(default_collection);
+    reader.push(body)?;
+    reader.finish(request)
 }
 
 type Refusal = (String, Option<String>, Option<String>);
 
-fn read_item(
-    raw: &RawValue,
-    content: Bytes,
-    default_collection: Option<&str>,
-) -> Result<Item, Refusal> {
-    if !raw.get().starts_with('{') {
+fn read_item(raw: &str, content: Bytes, default_collection: Option<&str>) -> Result<Item, Refusal> {
+    if !raw.starts_with('{') {
         return Err(("the feature is not a JSON object".into(), None, None));
     }
-    let head: Head<'_> = serde_json::from_str(raw.get()).map_err(|e| {
+    let head: Head<'_> = serde_json::from_str(raw).map_err(|e| {
         (
             format!("the feature is not a readable STAC item ({e})"),
             None,
@@ -432,5 +665,143 @@ mod tests {
             ["the feature is not a JSON object", "the item has no id"]
         );
         assert!(page.next.is_none());
+    }
+
+    /// A page read in chunks of `size` bytes, with a part taken whenever one has `part` bytes.
+    fn read_in_chunks(body: &[u8], size: usize, part: usize) -> Result<Vec<Page>, String> {
+        read_ahead_in_chunks(body, size, part, 1)
+    }
+
+    fn read_ahead_in_chunks(
+        body: &[u8],
+        size: usize,
+        part: usize,
+        read_ahead: usize,
+    ) -> Result<Vec<Page>, String> {
+        let request = post(serde_json::json!({}));
+        let mut reader = PageReader::new(Some("c"));
+        reader.read_ahead = read_ahead;
+        let mut parts = Vec::new();
+        for chunk in body.chunks(size) {
+            reader.push(chunk)?;
+            if reader.part_bytes() >= part {
+                parts.push(reader.take_part());
+            }
+        }
+        parts.push(reader.finish(&request)?);
+        Ok(parts)
+    }
+
+    fn ids(parts: &[Page]) -> Vec<String> {
+        parts
+            .iter()
+            .flat_map(|p| {
+                p.items
+                    .iter()
+                    .map(|i| format!("{}:{}", i.id, i.content.len()))
+            })
+            .collect()
+    }
+
+    fn page_of_40(padding: usize) -> String {
+        let features: Vec<String> = (0..40)
+            .map(|i| {
+                format!(
+                    r#"{{"id":"i{i}","bbox":[1,2,3,{i}],"properties":{{"datetime":"2024-01-01T00:00:00Z","note":"a \" and \\ and ] and }} {}"}}}}"#,
+                    "x".repeat(i * padding)
+                )
+            })
+            .collect();
+        format!(
+            r#" {{ "type" : "FeatureCollection", "numberReturned": 40, "features" : [ {} ] , "links":[{{"rel":"next","href":"search?page=2"}}], "numberMatched": 12345 }} "#,
+            features.join(" ,\n ")
+        )
+    }
+
+    #[test]
+    fn a_page_read_in_chunks_of_any_size_gives_the_same_items_and_next_link() {
+        let body = page_of_40(37);
+        let whole = parse_page(body.as_bytes(), &post(serde_json::json!({})), Some("c"))
+            .expect("whole page");
+        assert_eq!(whole.items.len(), 40);
+        assert!(whole.whole);
+        let expected = ids(std::slice::from_ref(&whole));
+        for size in [1, 2, 3, 7, 64, 1000, 4096, body.len()] {
+            for part in [1, 5_000, usize::MAX] {
+                let parts = read_in_chunks(body.as_bytes(), size, part)
+                    .unwrap_or_else(|e| panic!("chunks of {size}: {e}"));
+                assert_eq!(ids(&parts), expected, "chunks of {size}, parts of {part}");
+                let last = parts.last().expect("last part");
+                assert!(last.whole && parts[..parts.len() - 1].iter().all(|p| !p.whole));
+                assert!(parts[..parts.len() - 1].iter().all(|p| p.next.is_none()));
+                assert_eq!(
+                    last.next.as_ref().map(|n| n.url.as_str()),
+                    Some("https://api.test/stac/search?page=2")
+                );
+                if part == 1 && size < body.len() {
+                    assert!(parts.len() > 1, "parts were taken");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_big_page_is_read_in_parts_with_the_real_read_ahead() {
+        let body = page_of_40(1_000);
+        assert!(body.len() > 2 * READ_AHEAD);
+        let whole = parse_page(body.as_bytes(), &post(serde_json::json!({})), Some("c"))
+            .expect("whole page");
+        for size in [1_000, 16_384] {
+            let parts = read_ahead_in_chunks(body.as_bytes(), size, 1, READ_AHEAD).expect("page");
+            assert_eq!(ids(&parts), ids(std::slice::from_ref(&whole)));
+            assert!(parts.len() > 2, "{} parts", parts.len());
+        }
+    }
+
+    #[test]
+    fn a_number_cut_by_a_chunk_is_read_whole() {
+        let body = br#"{"features":[12345, {"id":"a"}]}"#;
+        let parts = read_in_chunks(body, 16, usize::MAX).expect("page");
+        let page = parts.last().expect("page");
+        assert_eq!(&page.rejected[0].content[..], b"12345");
+        assert_eq!(page.items[0].id, "a");
+    }
+
+    #[test]
+    fn a_duplicate_in_a_later_part_still_wins() {
+        let body = br#"{"features":[{"id":"a","v":1},{"id":"b"},{"id":"a","v":2}]}"#;
+        let parts = read_in_chunks(body, 1, 1).expect("page");
+        let a: Vec<&[u8]> = parts
+            .iter()
+            .flat_map(|p| p.items.iter())
+            .filter(|i| i.id == "a")
+            .map(|i| &i.content[..])
+            .collect();
+        assert_eq!(a, [&br#"{"id":"a","v":1}"#[..], br#"{"id":"a","v":2}"#]);
+        assert_eq!(parts.iter().map(|p| p.duplicates).sum::<u64>(), 1);
+    }
+
+    #[test]
+    fn a_broken_page_is_an_error_whichever_the_chunks() {
+        let broken: [&[u8]; 9] = [
+            br#"{"features":[{"id":"a"}"#,
+            br#"{"features":[{"id":"a"} {"id":"b"}]}"#,
+            br#"{"features":[{"id":"a"},]}"#,
+            br#"{"features":{"id":"a"}}"#,
+            br#"{"features":[{"id":"a"]}"#,
+            br#"{"features":[]} x"#,
+            br#"{"type":"FeatureCollection"}"#,
+            br#"{"features":[],"features":[]}"#,
+            br#"[{"id":"a"}]"#,
+        ];
+        for body in broken {
+            for size in [1, 5, body.len()] {
+                assert!(
+                    read_in_chunks(body, size, usize::MAX).is_err(),
+                    "{} in chunks of {size}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
     }
 }
