@@ -449,15 +449,32 @@ impl PageReader {
                 self.read += n;
                 Ok(Some(value))
             }
-            Some(Err(e)) if e.is_eof() && !end => {
+            // A number cut by the end of the bytes is "invalid", not "EOF": an error in the last
+            // few bytes may go away with the next ones.
+            Some(Err(e)) if !end && (e.is_eof() || self.offset_of(&e) + 16 >= self.buf.len()) => {
                 // Try again once there are twice the bytes (a big feature is not rescanned at
                 // every chunk), and a good many more in any case.
                 self.wait = (self.buf.len() * 2).max(self.read_ahead);
                 Ok(None)
             }
-            Some(Err(e)) => Err(self.fail(&format!("invalid JSON ({e})"))),
+            Some(Err(e)) => Err(format!(
+                "the page is not a STAC ItemCollection: invalid JSON at byte {} ({})",
+                self.read + self.offset_of(&e) + 1,
+                e.to_string().split(" at line ").next().unwrap_or_default()
+            )),
             None => Ok(None),
         }
+    }
+
+    /// Where in `buf` a JSON error was found.
+    fn offset_of(&self, error: &serde_json::Error) -> usize {
+        let line_start = match error.line() {
+            0 | 1 => 0,
+            line => memchr::memchr_iter(b'\n', &self.buf)
+                .nth(line - 2)
+                .map_or(self.buf.len(), |newline| newline + 1),
+        };
+        line_start + error.column().saturating_sub(1)
     }
 
     /// Reads one feature into the part.
@@ -768,6 +785,17 @@ mod tests {
     }
 
     #[test]
+    fn a_number_inside_a_feature_cut_by_a_chunk_is_read_whole() {
+        let body = b"{\"features\":[{\"id\":\"a\",\n\"bbox\":[1.25e1,2,3,4]}]}";
+        for size in 1..body.len() {
+            let parts = read_in_chunks(body, size, usize::MAX)
+                .unwrap_or_else(|e| panic!("chunks of {size}: {e}"));
+            let item = &parts.last().expect("page").items[0];
+            assert_eq!(item.bbox, Some([12.5, 2.0, 3.0, 4.0]), "chunks of {size}");
+        }
+    }
+
+    #[test]
     fn a_duplicate_in_a_later_part_still_wins() {
         let body = br#"{"features":[{"id":"a","v":1},{"id":"b"},{"id":"a","v":2}]}"#;
         let parts = read_in_chunks(body, 1, 1).expect("page");
@@ -794,6 +822,12 @@ mod tests {
             br#"{"features":[],"features":[]}"#,
             br#"[{"id":"a"}]"#,
         ];
+        // Where, in the page's bytes (1-based), whatever the chunks.
+        let body = b"{\"features\":[\n{\"id\":\"a\",}]}";
+        for size in [1, 5, body.len()] {
+            let error = read_in_chunks(body, size, usize::MAX).expect_err("broken");
+            assert!(error.contains("invalid JSON at byte 25 "), "{error}");
+        }
         for body in broken {
             for size in [1, 5, body.len()] {
                 assert!(
