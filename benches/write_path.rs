@@ -84,6 +84,7 @@ async fn stac_sync_pass(db: &Database, pages: &[Bytes], request: &Request) -> f6
             rejected: &[],
             page_url: "http://bench/search",
             resume: Some(request),
+            ends_page: true,
             seen: Vec::new(),
             lease: None,
         })

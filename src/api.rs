@@ -8,8 +8,9 @@
 
 use crate::auth::TokenSource;
 use crate::error::Error;
-use crate::http::{self, HttpError, RetryPolicy, Stats, Verdict};
+use crate::http::{self, HttpError, ReadBody, RetryPolicy, Stats, Verdict};
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use reqwest::StatusCode;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
@@ -96,11 +97,24 @@ impl ApiClient {
 
     /// Fetches `request` and hands the body of a 2xx answer to `parse`; a parse failure is
     /// retried like a transport failure (a page cut short by a proxy parses badly).
-    pub async fn fetch<T>(
+    pub async fn fetch<T: Send>(
         &self,
         what: &'static str,
         request: &Request,
-        mut parse: impl FnMut(Bytes) -> Result<T, String>,
+        mut parse: impl FnMut(Bytes) -> Result<T, String> + Send,
+    ) -> Result<T, Error> {
+        self.fetch_streamed(what, request, &mut Parse(&mut parse))
+            .await
+    }
+
+    /// [`ApiClient::fetch`], with `read` reading the body of a 2xx answer as it arrives. An
+    /// `Err` from it is retried (a transport failure mid-body, a page cut short), so it must
+    /// be safe to read the same answer again.
+    pub async fn fetch_streamed<T: Send>(
+        &self,
+        what: &'static str,
+        request: &Request,
+        read: &mut impl ReadBody<Output = Result<T, String>>,
     ) -> Result<T, Error> {
         let same_origin = request.url.origin() == self.root.origin();
         if !same_origin {
@@ -131,26 +145,17 @@ impl ApiClient {
                 }
                 builder
             };
-            let answer = http::send(
+            let answer = http::send_streamed(
                 what,
                 &shown,
                 &self.policy,
                 &self.stats,
                 Some(&self.permits),
                 build,
-                |r| {
-                    if r.status == StatusCode::UNAUTHORIZED
-                        || is_gateway_forbidden(r.status, &r.body)
-                    {
-                        Verdict::Done(Answer::Refused(r.status))
-                    } else if r.status.is_success() {
-                        match parse(r.body) {
-                            Ok(value) => Verdict::Done(Answer::Ok(value)),
-                            Err(why) => Verdict::Retry(why),
-                        }
-                    } else {
-                        Verdict::Done(Answer::Failed(rejected(what, &shown, r.status, &r.body)))
-                    }
+                &mut Answering {
+                    read: &mut *read,
+                    what,
+                    shown: &shown,
                 },
             )
             .await
@@ -186,6 +191,59 @@ impl ApiClient {
                 }
             }
         }
+    }
+}
+
+/// Reads a whole body, then hands it to a function.
+struct Parse<'f, F>(&'f mut F);
+
+impl<T: Send, F: FnMut(Bytes) -> Result<T, String> + Send> ReadBody for Parse<'_, F> {
+    type Output = Result<T, String>;
+    fn read(&mut self, response: reqwest::Response) -> BoxFuture<'_, Result<T, String>> {
+        Box::pin(async move {
+            let body = http::read_body(response)
+                .await
+                .map_err(|e| format!("body: {}", http::describe(&e)))?;
+            (self.0)(body)
+        })
+    }
+}
+
+/// Sorts an answer: a refused token, a body for `read`, or a refusal in the server's words.
+struct Answering<'a, R> {
+    read: &'a mut R,
+    what: &'static str,
+    shown: &'a str,
+}
+
+impl<T: Send, R: ReadBody<Output = Result<T, String>>> ReadBody for Answering<'_, R> {
+    type Output = Verdict<Answer<T>>;
+    fn read(&mut self, response: reqwest::Response) -> BoxFuture<'_, Verdict<Answer<T>>> {
+        Box::pin(async move {
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED {
+                return Verdict::Done(Answer::Refused(status));
+            }
+            if status.is_success() {
+                return match self.read.read(response).await {
+                    Ok(value) => Verdict::Done(Answer::Ok(value)),
+                    Err(why) => Verdict::Retry(why),
+                };
+            }
+            let body = match http::read_body(response).await {
+                Ok(body) => body,
+                Err(e) => {
+                    return Verdict::Retry(format!("HTTP {status}, body: {}", http::describe(&e)));
+                }
+            };
+            if is_gateway_forbidden(status, &body) {
+                Verdict::Done(Answer::Refused(status))
+            } else {
+                Verdict::Done(Answer::Failed(rejected(
+                    self.what, self.shown, status, &body,
+                )))
+            }
+        })
     }
 }
 

@@ -8,6 +8,7 @@
 
 use crate::config::HttpSettings;
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use rand::Rng;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{RequestBuilder, StatusCode};
@@ -256,14 +257,64 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 /// Sends a request built by `build` until `accept` takes a response, retrying what is
 /// retryable. `url` names the request in messages. `permits` caps requests in flight; a permit
 /// is held per attempt, not while waiting to retry.
-pub async fn send<T>(
+pub async fn send<T: Send>(
     what: &'static str,
     url: &str,
     policy: &RetryPolicy,
     stats: &Stats,
     permits: Option<&Cap>,
     build: impl Fn() -> RequestBuilder,
-    mut accept: impl FnMut(Fetched) -> Verdict<T>,
+    mut accept: impl FnMut(Fetched) -> Verdict<T> + Send,
+) -> Result<T, HttpError> {
+    send_streamed(
+        what,
+        url,
+        policy,
+        stats,
+        permits,
+        build,
+        &mut Whole(&mut accept),
+    )
+    .await
+}
+
+/// Reads the body of a response (one whose status is not retried) as it arrives.
+///
+/// A trait with a boxed future, not an async closure: the future of an `AsyncFnMut` cannot be
+/// shown to be `Send` for every borrow of the closure, and callers spawn these requests.
+pub trait ReadBody: Send {
+    /// What reading gives.
+    type Output: Send;
+    /// Reads `response`.
+    fn read(&mut self, response: reqwest::Response) -> BoxFuture<'_, Self::Output>;
+}
+
+/// Reads a whole body, then hands it to a function.
+struct Whole<'f, F>(&'f mut F);
+
+impl<T: Send, F: FnMut(Fetched) -> Verdict<T> + Send> ReadBody for Whole<'_, F> {
+    type Output = Verdict<T>;
+    fn read(&mut self, response: reqwest::Response) -> BoxFuture<'_, Verdict<T>> {
+        Box::pin(async move {
+            let status = response.status();
+            match read_body(response).await {
+                Err(e) => Verdict::Retry(format!("HTTP {status}, body: {}", describe(&e))),
+                Ok(body) => (self.0)(Fetched { status, body }),
+            }
+        })
+    }
+}
+
+/// [`send`], with `accept` reading the body of a response that is not retried by its status,
+/// as it arrives (the permit is held until it returns).
+pub async fn send_streamed<T: Send>(
+    what: &'static str,
+    url: &str,
+    policy: &RetryPolicy,
+    stats: &Stats,
+    permits: Option<&Cap>,
+    build: impl Fn() -> RequestBuilder,
+    accept: &mut impl ReadBody<Output = Verdict<T>>,
 ) -> Result<T, HttpError> {
     let mut retries = 0u32;
     let mut waited = Duration::ZERO;
@@ -294,19 +345,14 @@ pub async fn send<T>(
                         let hint = retry_after(response.headers(), SystemTime::now());
                         (format!("HTTP {status}"), Some(status), hint)
                     } else {
-                        match read_body(response).await {
-                            Err(e) => {
-                                (format!("HTTP {status}, body: {}", describe(&e)), None, None)
-                            }
-                            Ok(body) => match accept(Fetched { status, body }) {
-                                Verdict::Done(value) => {
-                                    if let Some(cap) = permits {
-                                        cap.succeeded();
-                                    }
-                                    return Ok(value);
+                        match accept.read(response).await {
+                            Verdict::Done(value) => {
+                                if let Some(cap) = permits {
+                                    cap.succeeded();
                                 }
-                                Verdict::Retry(why) => (why, Some(status), None),
-                            },
+                                return Ok(value);
+                            }
+                            Verdict::Retry(why) => (why, Some(status), None),
                         }
                     }
                 }
@@ -341,7 +387,7 @@ pub fn display_url(url: &url::Url) -> String {
 }
 
 /// A transport error with its causes, which reqwest keeps in the source chain.
-fn describe(error: &reqwest::Error) -> String {
+pub fn describe(error: &reqwest::Error) -> String {
     let mut text = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
@@ -355,7 +401,7 @@ fn describe(error: &reqwest::Error) -> String {
 /// Reads a body into one buffer, sized from `Content-Length` when the server sends it.
 /// (`Response::bytes` collects the chunks and then copies them into one buffer, so a large page
 /// was held twice for a moment.) Growing without a length is left to the allocator.
-async fn read_body(mut response: reqwest::Response) -> Result<bytes::Bytes, reqwest::Error> {
+pub async fn read_body(mut response: reqwest::Response) -> Result<bytes::Bytes, reqwest::Error> {
     let expected = response
         .content_length()
         .and_then(|n| usize::try_from(n).ok())

@@ -16,7 +16,7 @@ use crate::db::{
 use crate::error::{Error, Exit};
 use crate::http::{self, Stats};
 use crate::objects::ObjectSink;
-use crate::page::{self, Item, Page, Rejected};
+use crate::page::{Item, Page, PageReader, Rejected};
 use crate::plan::{self, Capabilities, Strategy};
 use futures_util::StreamExt;
 use rand::Rng;
@@ -27,31 +27,30 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
-/// Pages buffered between the pagers and the writer (within the byte budget below).
-const PAGES_BUFFERED: usize = 4;
-/// Bytes of pages (KiB) a pass holds at once, from the request to the commit: pages fetched,
-/// buffered, being prepared and being committed. A pager takes its page's share before the
-/// request, guessed from its partition's last page, so memory stays near this whatever the
-/// page size and the number of partitions; a page larger than the whole budget is fetched
-/// alone.
+/// Parts of pages buffered between the pagers and the writer (within the byte budget below).
+const PARTS_BUFFERED: usize = 4;
+/// A pager hands the features it has read to the writer once they hold this many bytes,
+/// before its page has ended, so that no page is held whole (a page of 10,000 items is about
+/// 150 MB). Each part commits with the resume point left at its page.
+const PART_BYTES: usize = 2 << 20;
+/// Bytes of features (KiB) a pass holds at once between the pagers and the commit: parts
+/// buffered, being prepared and being committed. A pager takes its part's share before it
+/// hands the part over, and the share is released when the part has committed; with a
+/// pager's part being read this bounds a pass's pages whatever the page size and the number
+/// of partitions. A part larger than the whole budget waits for all of it.
 const PAGE_BUDGET_KIB: usize = 32 * 1024;
-/// First guess of a page's size per item (KiB), before any page of the pass arrived.
-const GUESS_KIB_PER_ITEM: usize = 8;
 
 /// The byte budget of a pass's pages.
 #[derive(Debug)]
 struct Budget {
     /// One permit per KiB.
     permits: Arc<tokio::sync::Semaphore>,
-    /// The size (KiB) of the last page that arrived, the guess for a partition's first page.
-    last: AtomicUsize,
 }
 
 impl Budget {
-    fn new(limit: u32) -> Budget {
+    fn new() -> Budget {
         Budget {
             permits: Arc::new(tokio::sync::Semaphore::new(PAGE_BUDGET_KIB)),
-            last: AtomicUsize::new(limit as usize * GUESS_KIB_PER_ITEM),
         }
     }
 
@@ -64,26 +63,6 @@ impl Budget {
             .await
             .map_err(|_| Error::Internal("the page budget was closed".into()))
     }
-
-    /// Fits `held` to a page of `kib` that arrived: gives back what it did not need, or takes
-    /// what it needs more if that is free now (never waits: a pager holding a page must not
-    /// wait on pages that wait on it, so each pager may go over by what its page exceeds its
-    /// guess).
-    fn fit(&self, held: &mut OwnedSemaphorePermit, kib: usize) {
-        self.last.store(kib, Ordering::Relaxed);
-        let want = kib.clamp(1, PAGE_BUDGET_KIB);
-        let have = held.num_permits();
-        if want < have {
-            drop(held.split(have - want));
-        } else if want > have
-            && let Ok(more) = self
-                .permits
-                .clone()
-                .try_acquire_many_owned(u32::try_from(want - have).unwrap_or(u32::MAX))
-        {
-            held.merge(more);
-        }
-    }
 }
 
 /// A page's size in KiB: the bytes of its features.
@@ -92,6 +71,7 @@ fn page_kib(page: &Page) -> usize {
         + page.rejected.iter().map(|r| r.content.len()).sum::<usize>();
     bytes.div_ceil(1024)
 }
+
 /// A partition being paged in this run: a slice of a job's search with its own resume point,
 /// paged concurrently with the others (see [`crate::plan`]).
 #[derive(Debug)]
@@ -829,8 +809,8 @@ async fn pass(
             .map(|p| serde_json::json!({"name": p.name, "query": p.first})),
     );
     let lease = context.worker.map(|ttl| Lease { owner: run_id, ttl });
-    let budget = &Budget::new(job.limit);
-    let (tx, mut rx) = mpsc::channel::<Fetched>(PAGES_BUFFERED);
+    let budget = &Budget::new();
+    let (tx, mut rx) = mpsc::channel::<Fetched>(PARTS_BUFFERED);
     let finished = AtomicUsize::new(planned.iter().filter(|p| p.done).count());
     let bar = context.progress.then(|| progress_bar(job, mode));
     let finished = &finished;
@@ -1021,7 +1001,8 @@ fn progress_bar(job: &Job, mode: Mode) -> indicatif::ProgressBar {
     bar
 }
 
-/// Pages one partition from its start to its last page, handing each page to the writer.
+/// Pages one partition from its start to its last page, handing each page to the writer in
+/// parts as it arrives.
 async fn page_partition(
     context: &Context,
     partition: Arc<Partition>,
@@ -1029,7 +1010,6 @@ async fn page_partition(
     tx: mpsc::Sender<Fetched>,
 ) -> Result<(), Error> {
     let mut request = partition.start.clone();
-    let mut guess = budget.last.load(Ordering::Relaxed);
     let mut seen = HashSet::new();
     let mut number = 0u64;
     loop {
@@ -1042,26 +1022,24 @@ async fn page_partition(
                 http::display_url(&request.url)
             )));
         }
-        let fetch = async {
-            // The page's share of the budget, before the request: a pager waiting for it
-            // holds no page.
-            let held = budget.take(guess).await?;
-            let page = context
-                .api
-                .fetch("search page", &request, |body| {
-                    page::parse_page(&body, &request, Some(&partition.collection))
-                })
-                .await;
-            Ok::<_, Error>((page, held))
+        let mut reading = PageRead {
+            budget,
+            tx: &tx,
+            partition: &partition,
+            request: &request,
         };
-        // On SIGTERM the page in flight is abandoned (its retries too); pages already
-        // fetched are still committed by the writer.
-        let (page, mut held) = tokio::select! {
+        // `None`: the writer stopped (and reports why).
+        let fetch = context
+            .api
+            .fetch_streamed("search page", &request, &mut reading);
+        // On SIGTERM the page in flight is abandoned (its retries too); parts already handed
+        // over are still committed by the writer.
+        let page = tokio::select! {
             biased;
             () = context.stop.cancelled() => return Err(Error::Stopped),
             // Another worker has it now.
             () = partition.lost.cancelled() => return Ok(()),
-            fetched = fetch => fetched?,
+            page = fetch => page,
         };
         let page = match page {
             // Paging tokens go stale (the boundary item was deleted, the server restarted): a
@@ -1077,21 +1055,66 @@ async fn page_partition(
             }
             other => other?,
         };
-        guess = page_kib(&page);
-        budget.fit(&mut held, guess);
+        let Some(page) = page else {
+            return Ok(());
+        };
         let next = page.next.clone();
-        if tx
-            .send((partition.clone(), request, page, held))
-            .await
-            .is_err()
-        {
-            // The writer stopped (and reports why).
+        if !reading.hand_over(page).await {
             return Ok(());
         }
         match next {
             Some(next) => request = next,
             None => return Ok(()),
         }
+    }
+}
+
+/// Reads a page as it arrives and hands it to the writer in parts.
+struct PageRead<'a> {
+    budget: &'a Budget,
+    tx: &'a mpsc::Sender<Fetched>,
+    partition: &'a Arc<Partition>,
+    request: &'a Request,
+}
+
+impl PageRead<'_> {
+    /// Hands a page, or a part of it, to the writer with its share of the budget; `false` if
+    /// the writer stopped.
+    async fn hand_over(&self, page: Page) -> bool {
+        let Ok(held) = self.budget.take(page_kib(&page)).await else {
+            return false;
+        };
+        self.tx
+            .send((self.partition.clone(), self.request.clone(), page, held))
+            .await
+            .is_ok()
+    }
+}
+
+impl http::ReadBody for PageRead<'_> {
+    /// The page's last part, or `None` if the writer stopped.
+    type Output = Result<Option<Page>, String>;
+
+    fn read(
+        &mut self,
+        mut response: reqwest::Response,
+    ) -> futures_util::future::BoxFuture<'_, Self::Output> {
+        Box::pin(async move {
+            // A retry reads the page again from its start, and hands over its first parts
+            // again: their items are then unchanged.
+            let mut reader = PageReader::new(Some(&self.partition.collection));
+            loop {
+                match response.chunk().await {
+                    Ok(Some(bytes)) => reader.push(&bytes)?,
+                    Ok(None) => break,
+                    Err(e) => return Err(format!("body: {}", http::describe(&e))),
+                }
+                if reader.part_bytes() >= PART_BYTES && !self.hand_over(reader.take_part()).await {
+                    return Ok(None);
+                }
+            }
+            reader.finish(self.request).map(Some)
+        })
     }
 }
 
@@ -1228,7 +1251,13 @@ async fn commit_prepared(
             items: changed.iter().map(|(item, _)| *item).collect(),
             rejected: &prepared.rejected,
             page_url: &page_url,
-            resume: page.next.as_ref(),
+            // A part of a page: a restart fetches the page again.
+            resume: if page.whole {
+                page.next.as_ref()
+            } else {
+                Some(&prepared.request)
+            },
+            ends_page: page.whole,
             seen,
             lease,
         })
@@ -1256,7 +1285,7 @@ async fn commit_prepared(
             (true, _) => counts.changed += 1,
         }
     }
-    counts.pages += 1;
+    counts.pages += u64::from(page.whole);
     counts.unchanged += prepared.unchanged;
     counts.quarantined += (prepared.rejected.len() + refused.len()) as u64;
     if mode != (Mode::Reconcile { ids_only: true }) {
@@ -1309,33 +1338,19 @@ fn new_run_id(job: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::{Budget, PAGE_BUDGET_KIB};
-    use std::sync::atomic::Ordering;
+    use futures_util::FutureExt;
 
     #[tokio::test]
-    async fn the_page_budget_takes_a_guess_then_fits_the_page_without_waiting() {
-        let budget = Budget::new(100);
-        let free = || budget.permits.available_permits();
-        // The first guess: 8 KiB per item of the job's page size.
-        let mut first = budget
-            .take(budget.last.load(Ordering::Relaxed))
-            .await
-            .expect("budget");
-        assert_eq!(first.num_permits(), 800);
-        // Smaller than guessed: the rest goes back, and the size is the next guess.
-        budget.fit(&mut first, 300);
-        assert_eq!((first.num_permits(), free()), (300, PAGE_BUDGET_KIB - 300));
-        assert_eq!(budget.last.load(Ordering::Relaxed), 300);
-        // Larger than guessed, with room: it takes the rest of its size.
-        budget.fit(&mut first, 1000);
-        assert_eq!(first.num_permits(), 1000);
-        // Larger than guessed with no room: it does not wait (pages ahead of it may be what
-        // the room waits for), and goes over.
-        let rest = budget.take(PAGE_BUDGET_KIB - 1000).await.expect("budget");
-        budget.fit(&mut first, 5000);
-        assert_eq!((first.num_permits(), free()), (1000, 0));
-        drop((first, rest));
-        // A page larger than the whole budget takes all of it: it is fetched alone.
+    async fn a_part_waits_for_its_share_and_a_huge_part_takes_the_whole_budget() {
+        let budget = Budget::new();
         let big = budget.take(PAGE_BUDGET_KIB * 4).await.expect("budget");
-        assert_eq!((big.num_permits(), free()), (PAGE_BUDGET_KIB, 0));
+        assert_eq!(big.num_permits(), PAGE_BUDGET_KIB);
+        let mut next = std::pin::pin!(budget.take(1));
+        assert!(
+            (&mut next).now_or_never().is_none(),
+            "waits while all is held"
+        );
+        drop(big);
+        assert_eq!(next.await.expect("budget").num_permits(), 1);
     }
 }

@@ -426,6 +426,7 @@ async fn a_page_larger_than_one_upsert_statement_is_stored_whole_on_postgres() {
             rejected: &[],
             page_url: "http://127.0.0.1:9/search",
             resume: Some(&request),
+            ends_page: true,
             seen: Vec::new(),
             lease: None,
         })

@@ -446,6 +446,7 @@ async fn a_worker_whose_lease_was_taken_over_cannot_commit_the_partition() {
                 rejected: &[],
                 page_url: "http://127.0.0.1:9/search",
                 resume: Some(&first),
+                ends_page: true,
                 seen: Vec::new(),
                 lease: Some(lease),
             })

@@ -260,8 +260,12 @@ pub struct PageCommit<'a> {
     pub rejected: &'a [Rejected],
     /// The URL of the page they came from.
     pub page_url: &'a str,
-    /// The next request, or `None` when this page ends the partition.
+    /// The next request, or `None` when this page ends the partition. A part of a page read
+    /// before its end keeps the page's own request here, so that a restart fetches it again.
     pub resume: Option<&'a Request>,
+    /// Whether this commit ends its page (counted in `pages_done`), rather than being a part of
+    /// it read before its end.
+    pub ends_page: bool,
     /// `(collection, id)` of every item on the page, during a reconcile pass.
     pub seen: Vec<(&'a str, &'a str)>,
     /// A worker's lease on the partition: the page commits only if the lease is still its own

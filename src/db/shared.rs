@@ -141,15 +141,17 @@ where
     let resume = resume_json(page.resume).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
     sqlx::query(
         "INSERT INTO sync_state (job, partition, query_hash, resume, done, pages_done, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, 1, CURRENT_TIMESTAMP) ON CONFLICT (job, partition) DO UPDATE SET \
+         VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN 1 ELSE 0 END, CURRENT_TIMESTAMP) \
+         ON CONFLICT (job, partition) DO UPDATE SET \
          resume = excluded.resume, done = excluded.done, \
-         pages_done = sync_state.pages_done + 1, updated_at = excluded.updated_at",
+         pages_done = sync_state.pages_done + excluded.pages_done, updated_at = excluded.updated_at",
     )
     .bind(page.job)
     .bind(page.partition)
     .bind(page.query_hash)
     .bind(resume.as_deref())
     .bind(page.resume.is_none())
+    .bind(page.ends_page)
     .execute(&mut *conn)
     .await?;
     Ok(())
