@@ -282,9 +282,9 @@ async fn rate_limits_unavailability_resets_and_truncated_pages_are_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_larger_than_a_part_commits_in_parts_and_a_reset_mid_page_loses_nothing() {
-    // One page of 1,000 items of about 6 KB: more than two parts (2 MiB each), and the reset
-    // comes half-way, after the first part was handed over.
-    let env = fixture_env(pages(1, 1000), Paging::PostMerge).await;
+    // One page of 2,000 items of about 6 KB: five parts of 2 MiB and the rest; the reset
+    // comes half-way, after the first parts were handed over.
+    let env = fixture_env(pages(1, 2000), Paging::PostMerge).await;
     env.server.fault(Fault::Reset);
 
     let summary = env.setup().run(env.clock.clone()).await;
@@ -294,15 +294,15 @@ async fn a_page_larger_than_a_part_commits_in_parts_and_a_reset_mid_page_loses_n
     assert_eq!((counts.retries, counts.pages), (1, 1), "{counts:?}");
     // Every item was new once. The part read before the reset was committed: reading the page
     // again found its items stored, unchanged.
-    assert_eq!(counts.new, 1000, "{counts:?}");
+    assert_eq!(counts.new, 2000, "{counts:?}");
     assert!(
-        counts.unchanged > 0 && counts.unchanged < 1000,
+        counts.unchanged > 0 && counts.unchanged < 2000,
         "{counts:?}"
     );
     assert_eq!(counts.changed, 0, "{counts:?}");
-    assert_eq!(stored_items(&env.setup().database_url()).await.len(), 1000);
+    assert_eq!(stored_items(&env.setup().database_url()).await.len(), 2000);
     let objects = stored_objects(&env.setup().objects_dir());
-    assert_eq!(objects.keys().filter(|k| k.starts_with("c/")).count(), 1000);
+    assert_eq!(objects.keys().filter(|k| k.starts_with("c/")).count(), 2000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,33 @@ use std::time::Duration;
 /// The schema migrations, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
+/// Rows per upsert statement: 32 × 12 parameters, well inside SQLite's limit of 32,766, and
+/// at most 32 statements for sqlx to keep prepared.
+const ROWS_PER_STATEMENT: usize = 32;
+
+/// The upserts of 1 to [`ROWS_PER_STATEMENT`] rows.
+static UPSERTS: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| (1..=ROWS_PER_STATEMENT).map(upsert_sql).collect());
+
+/// The upsert of `rows` items (12 parameters each). A row whose content hash is unchanged (and
+/// that is not a tombstone) is left as it is.
+fn upsert_sql(rows: usize) -> String {
+    let row = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, NULL)";
+    format!(
+        "INSERT INTO items (collection, id, content, content_hash, datetime, start_datetime, \
+         end_datetime, updated, bbox_xmin, bbox_ymin, bbox_xmax, bbox_ymax, first_seen_at, \
+         last_seen_at, deleted_at) VALUES {} \
+         ON CONFLICT (collection, id) DO UPDATE SET content = excluded.content, \
+         content_hash = excluded.content_hash, datetime = excluded.datetime, \
+         start_datetime = excluded.start_datetime, end_datetime = excluded.end_datetime, \
+         updated = excluded.updated, bbox_xmin = excluded.bbox_xmin, bbox_ymin = excluded.bbox_ymin, \
+         bbox_xmax = excluded.bbox_xmax, bbox_ymax = excluded.bbox_ymax, \
+         last_seen_at = excluded.last_seen_at, deleted_at = NULL \
+         WHERE items.content_hash <> excluded.content_hash OR items.deleted_at IS NOT NULL",
+        vec![row; rows].join(", ")
+    )
+}
+
 /// The SQLite database.
 #[derive(Debug, Clone)]
 pub struct SqliteDb {
@@ -153,40 +180,35 @@ impl SqliteDb {
     ) -> Result<Vec<Rejected>, sqlx::Error> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut refused = Vec::new();
-        for item in &page.items {
-            let content =
-                std::str::from_utf8(&item.content).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        // Rows go in statements of many rows: each statement is a round trip to sqlx's SQLite
+        // thread. Careful, each item goes alone under a savepoint.
+        let rows = if careful { 1 } else { ROWS_PER_STATEMENT };
+        for items in page.items.chunks(rows) {
             if careful {
                 sqlx::query("SAVEPOINT item").execute(&mut *tx).await?;
             }
-            let [bbox_xmin, bbox_ymin, bbox_xmax, bbox_ymax] =
-                item.bbox.map(|b| b.map(Some)).unwrap_or([None; 4]);
-            let statement = sqlx::query(
-                "INSERT INTO items (collection, id, content, content_hash, datetime, \
-                 start_datetime, end_datetime, updated, bbox_xmin, bbox_ymin, bbox_xmax, bbox_ymax, first_seen_at, \
-                 last_seen_at, deleted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, CURRENT_TIMESTAMP, \
-                 CURRENT_TIMESTAMP, NULL) \
-                 ON CONFLICT (collection, id) DO UPDATE SET content = excluded.content, \
-                 content_hash = excluded.content_hash, datetime = excluded.datetime, \
-                 start_datetime = excluded.start_datetime, end_datetime = excluded.end_datetime, \
-                 updated = excluded.updated, bbox_xmin = excluded.bbox_xmin, bbox_ymin = excluded.bbox_ymin, \
-                 bbox_xmax = excluded.bbox_xmax, bbox_ymax = excluded.bbox_ymax, last_seen_at = excluded.last_seen_at, \
-                 deleted_at = NULL \
-                 WHERE items.content_hash <> excluded.content_hash OR items.deleted_at IS NOT NULL",
-            )
-            .bind(&item.collection)
-            .bind(&item.id)
-            .bind(content)
-            .bind(&item.hash)
-            .bind(&item.datetime)
-            .bind(&item.start_datetime)
-            .bind(&item.end_datetime)
-            .bind(&item.updated)
-            .bind(bbox_xmin)
-            .bind(bbox_ymin)
-            .bind(bbox_xmax)
-            .bind(bbox_ymax)
-            ;
+            // Built from constants only.
+            let sql = UPSERTS.get(items.len() - 1).map_or("", String::as_str);
+            let mut statement = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for item in items {
+                let content = std::str::from_utf8(&item.content)
+                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+                let [bbox_xmin, bbox_ymin, bbox_xmax, bbox_ymax] =
+                    item.bbox.map(|b| b.map(Some)).unwrap_or([None; 4]);
+                statement = statement
+                    .bind(&item.collection)
+                    .bind(&item.id)
+                    .bind(content)
+                    .bind(&item.hash)
+                    .bind(&item.datetime)
+                    .bind(&item.start_datetime)
+                    .bind(&item.end_datetime)
+                    .bind(&item.updated)
+                    .bind(bbox_xmin)
+                    .bind(bbox_ymin)
+                    .bind(bbox_xmax)
+                    .bind(bbox_ymax);
+            }
             match statement.execute(&mut *tx).await {
                 Ok(_) if careful => {
                     sqlx::query("RELEASE item").execute(&mut *tx).await?;
@@ -195,12 +217,14 @@ impl SqliteDb {
                 Err(sqlx::Error::Database(e)) if careful => {
                     sqlx::query("ROLLBACK TO item").execute(&mut *tx).await?;
                     sqlx::query("RELEASE item").execute(&mut *tx).await?;
-                    refused.push(Rejected {
-                        content: item.content.clone(),
-                        reason: format!("SQLite refused the item: {}", e.message()),
-                        collection: Some(item.collection.clone()),
-                        id: Some(item.id.clone()),
-                    });
+                    for item in items {
+                        refused.push(Rejected {
+                            content: item.content.clone(),
+                            reason: format!("SQLite refused the item: {}", e.message()),
+                            collection: Some(item.collection.clone()),
+                            id: Some(item.id.clone()),
+                        });
+                    }
                 }
                 Err(e) => return Err(e),
             }
