@@ -223,7 +223,7 @@ impl ObjectSink {
         items: &[(&Item, Known)],
     ) -> Result<(), Error> {
         let mut files = Vec::with_capacity(items.len());
-        for (item, _) in items {
+        for (item, known) in items {
             let key = self.item_key(&item.collection, &item.id);
             let path = local.path_to_filesystem(&key).map_err(|e| {
                 Error::Sink(format!(
@@ -231,12 +231,12 @@ impl ObjectSink {
                     self.shown, item.collection, item.id
                 ))
             })?;
-            files.push((path, item.content.clone()));
+            files.push((path, item.content.clone(), *known == Known::New));
         }
         let shown = self.shown.clone();
         tokio::task::spawn_blocking(move || {
-            for (path, content) in &files {
-                write_whole(path, content).map_err(|e| {
+            for (path, content, new) in &files {
+                write_whole(path, content, *new).map_err(|e| {
                     Error::Sink(format!(
                         "object store {shown}: cannot write {}: {e}",
                         path.display()
@@ -332,9 +332,51 @@ pub fn encode_collection(raw: &str) -> String {
     }
 }
 
-/// Writes `content` to `path` whole: to a new `PATH#N` (the first free N), renamed over `PATH`.
-/// Creates the folder if needed.
-fn write_whole(path: &std::path::Path, content: &[u8]) -> std::io::Result<()> {
+/// Writes `content` to `path` whole. A `new` file is written on Linux unnamed (`O_TMPFILE`) and
+/// linked in under its name once complete: one directory entry is made, where a staging name
+/// renamed over the key costs two more operations on the folder (about a sixth of a folder
+/// backfill's CPU under `perf`), and a crash leaves nothing behind. Otherwise (the file exists,
+/// the folder does not yet, the filesystem cannot) it goes to a new `PATH#N` (the first free
+/// N), renamed over `PATH`. Creates the folder if needed.
+fn write_whole(path: &std::path::Path, content: &[u8], new: bool) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if new && link_whole(path, content)? {
+        return Ok(());
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = new;
+    write_renamed(path, content)
+}
+
+/// Writes `content` to a file without a name in `path`'s folder, then links it in as `path`;
+/// `false` if that cannot be done here (no such folder, no `O_TMPFILE`, no `/proc`, or `path`
+/// exists), and nothing was made.
+#[cfg(target_os = "linux")]
+fn link_whole(path: &std::path::Path, content: &[u8]) -> std::io::Result<bool> {
+    use rustix::fs::{AtFlags, CWD, Mode, OFlags};
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let Some(folder) = path.parent() else {
+        return Ok(false);
+    };
+    let Ok(fd) = rustix::fs::open(
+        folder,
+        OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o666),
+    ) else {
+        return Ok(false);
+    };
+    let mut file = std::fs::File::from(fd);
+    file.write_all(content)?;
+    // The file's own descriptor, named through /proc: linking by descriptor alone
+    // (`AT_EMPTY_PATH`) needs a capability that a process in a container rarely has.
+    let named = format!("/proc/self/fd/{}", file.as_raw_fd());
+    Ok(rustix::fs::linkat(CWD, named.as_str(), CWD, path, AtFlags::SYMLINK_FOLLOW).is_ok())
+}
+
+/// Writes `content` to a new `PATH#N` (the first free N), renamed over `PATH`. Creates the
+/// folder if needed.
+fn write_renamed(path: &std::path::Path, content: &[u8]) -> std::io::Result<()> {
     use std::io::{ErrorKind, Write};
     let mut n = 1u32;
     let mut created_folder = false;
@@ -385,6 +427,26 @@ mod tests {
     }
 
     #[test]
+    fn a_file_is_written_whole_in_a_new_folder_and_over_an_old_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c").join("a.json");
+        // The folder does not exist yet.
+        write_whole(&path, b"{\"v\":1}", true).expect("written");
+        // Said to be new, but there: another writer made it first.
+        write_whole(&path, b"{\"v\":2}", true).expect("written");
+        let other = dir.path().join("c").join("b.json");
+        write_whole(&other, b"{}", true).expect("written");
+        write_whole(&other, b"{\"v\":3}", false).expect("written");
+        assert_eq!(std::fs::read(&path).expect("read"), b"{\"v\":2}");
+        assert_eq!(std::fs::read(&other).expect("read"), b"{\"v\":3}");
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("c"))
+            .expect("folder")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
     fn a_half_written_object_is_swept_and_a_whole_one_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("file://{}", dir.path().display());
@@ -395,7 +457,7 @@ mod tests {
             .expect("a folder")
             .path_to_filesystem(&sink.item_key("s2", "a"))
             .expect("path");
-        write_whole(&whole, b"{}").expect("written");
+        write_whole(&whole, b"{}", true).expect("written");
         let mut staged = whole.clone().into_os_string();
         staged.push("#1");
         std::fs::write(&staged, b"{").expect("staged");
