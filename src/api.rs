@@ -6,12 +6,12 @@
 //! error. The token is sent only to the API's own origin (RFC 6750 §5.3: bearer tokens must not
 //! leak), never to a host a `next` link points elsewhere.
 
-use crate::auth::TokenSource;
+use crate::auth::{Token, TokenSource};
 use crate::error::Error;
-use crate::http::{self, HttpError, ReadBody, RetryPolicy, Stats, Verdict};
+use crate::http::{self, Exchange, HttpError, ReadBody, RetryPolicy, Stats, Verdict};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use reqwest::StatusCode;
+use reqwest::{RequestBuilder, StatusCode};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -124,26 +124,14 @@ impl ApiClient {
         let shown = http::display_url(&request.url);
         let mut replayed = false;
         loop {
-            let token = if same_origin {
-                self.tokens.token().await?
-            } else {
-                None
-            };
-            let build = || {
-                let mut builder = match request.method.as_str() {
-                    "POST" => self.client.post(request.url.clone()),
-                    _ => self.client.get(request.url.clone()),
-                };
-                for (name, value) in self.headers.iter().chain(&request.headers) {
-                    builder = builder.header(name, value);
-                }
-                if let Some(token) = &token {
-                    builder = builder.bearer_auth(token.value.expose_secret());
-                }
-                if let Some(body) = &request.body {
-                    builder = builder.json(body);
-                }
-                builder
+            let mut exchange = Answering {
+                api: self,
+                request,
+                same_origin,
+                token: None,
+                read: &mut *read,
+                what,
+                shown: &shown,
             };
             let answer = http::send_streamed(
                 what,
@@ -151,12 +139,7 @@ impl ApiClient {
                 &self.policy,
                 &self.stats,
                 Some(&self.permits),
-                build,
-                &mut Answering {
-                    read: &mut *read,
-                    what,
-                    shown: &shown,
-                },
+                &mut exchange,
             )
             .await
             .map_err(|e| match e {
@@ -170,7 +153,7 @@ impl ApiClient {
                 Answer::Failed(error) => return Err(error),
                 Answer::Refused(status) => {
                     let can_replay = !replayed && self.tokens.can_renew();
-                    match (&token, can_replay) {
+                    match (&exchange.token, can_replay) {
                         (Some(token), true) => {
                             tracing::info!(url = %shown, %status, "token refused; renewing it and replaying the request");
                             self.tokens.refused(token).await;
@@ -209,11 +192,48 @@ impl<T: Send, F: FnMut(Bytes) -> Result<T, String> + Send> ReadBody for Parse<'_
     }
 }
 
-/// Sorts an answer: a refused token, a body for `read`, or a refusal in the server's words.
+/// One request to the API: built with a token taken once the request's permit is held, and its
+/// answer sorted into a refused token, a body for `read`, or a refusal in the server's words.
 struct Answering<'a, R> {
+    api: &'a ApiClient,
+    request: &'a Request,
+    same_origin: bool,
+    /// The token of the last attempt.
+    token: Option<Token>,
     read: &'a mut R,
     what: &'static str,
     shown: &'a str,
+}
+
+impl<T: Send, R: ReadBody<Output = Result<T, String>>> Exchange for Answering<'_, R> {
+    fn request(&mut self) -> BoxFuture<'_, Result<RequestBuilder, Verdict<Answer<T>>>> {
+        Box::pin(async move {
+            let api = self.api;
+            let request = self.request;
+            self.token = if self.same_origin {
+                api.tokens
+                    .token()
+                    .await
+                    .map_err(|e| Verdict::Done(Answer::Failed(e)))?
+            } else {
+                None
+            };
+            let mut builder = match request.method.as_str() {
+                "POST" => api.client.post(request.url.clone()),
+                _ => api.client.get(request.url.clone()),
+            };
+            for (name, value) in api.headers.iter().chain(&request.headers) {
+                builder = builder.header(name, value);
+            }
+            if let Some(token) = &self.token {
+                builder = builder.bearer_auth(token.value.expose_secret());
+            }
+            if let Some(body) = &request.body {
+                builder = builder.json(body);
+            }
+            Ok(builder)
+        })
+    }
 }
 
 impl<T: Send, R: ReadBody<Output = Result<T, String>>> ReadBody for Answering<'_, R> {

@@ -263,7 +263,7 @@ pub async fn send<T: Send>(
     policy: &RetryPolicy,
     stats: &Stats,
     permits: Option<&Cap>,
-    build: impl Fn() -> RequestBuilder,
+    build: impl Fn() -> RequestBuilder + Send,
     mut accept: impl FnMut(Fetched) -> Verdict<T> + Send,
 ) -> Result<T, HttpError> {
     send_streamed(
@@ -272,8 +272,10 @@ pub async fn send<T: Send>(
         policy,
         stats,
         permits,
-        build,
-        &mut Whole(&mut accept),
+        &mut Whole {
+            build,
+            accept: &mut accept,
+        },
     )
     .await
 }
@@ -289,41 +291,74 @@ pub trait ReadBody: Send {
     fn read(&mut self, response: reqwest::Response) -> BoxFuture<'_, Self::Output>;
 }
 
-/// Reads a whole body, then hands it to a function.
-struct Whole<'f, F>(&'f mut F);
+/// One exchange of [`send_streamed`]: the request of each attempt, and the reading of the
+/// response.
+pub trait Exchange: ReadBody {
+    /// The request of one attempt, built once its permit is held (so that a token in it is as
+    /// fresh as can be however long the wait was), or the outcome without sending it.
+    fn request(&mut self) -> BoxFuture<'_, Result<RequestBuilder, Self::Output>>;
+}
 
-impl<T: Send, F: FnMut(Fetched) -> Verdict<T> + Send> ReadBody for Whole<'_, F> {
+/// Builds each attempt with a function, and reads a whole body, then hands it to another.
+struct Whole<'f, B, F> {
+    build: B,
+    accept: &'f mut F,
+}
+
+impl<T: Send, B: Fn() -> RequestBuilder + Send, F: FnMut(Fetched) -> Verdict<T> + Send> ReadBody
+    for Whole<'_, B, F>
+{
     type Output = Verdict<T>;
     fn read(&mut self, response: reqwest::Response) -> BoxFuture<'_, Verdict<T>> {
         Box::pin(async move {
             let status = response.status();
             match read_body(response).await {
                 Err(e) => Verdict::Retry(format!("HTTP {status}, body: {}", describe(&e))),
-                Ok(body) => (self.0)(Fetched { status, body }),
+                Ok(body) => (self.accept)(Fetched { status, body }),
             }
         })
     }
 }
 
-/// [`send`], with `accept` reading the body of a response that is not retried by its status,
-/// as it arrives (the permit is held until it returns).
+impl<T: Send, B: Fn() -> RequestBuilder + Send, F: FnMut(Fetched) -> Verdict<T> + Send> Exchange
+    for Whole<'_, B, F>
+{
+    fn request(&mut self) -> BoxFuture<'_, Result<RequestBuilder, Verdict<T>>> {
+        Box::pin(async move { Ok((self.build)()) })
+    }
+}
+
+/// [`send`], with `exchange` building each attempt's request once its permit is held, and
+/// reading the body of a response that is not retried by its status as it arrives (the permit
+/// is held until it returns).
 pub async fn send_streamed<T: Send>(
     what: &'static str,
     url: &str,
     policy: &RetryPolicy,
     stats: &Stats,
     permits: Option<&Cap>,
-    build: impl Fn() -> RequestBuilder,
-    accept: &mut impl ReadBody<Output = Verdict<T>>,
+    exchange: &mut impl Exchange<Output = Verdict<T>>,
 ) -> Result<T, HttpError> {
     let mut retries = 0u32;
     let mut waited = Duration::ZERO;
     loop {
-        let request = build();
         let (last, status, hint) = {
             let _permit = match permits {
                 Some(cap) => cap.acquire().await,
                 None => None,
+            };
+            let request = match exchange.request().await {
+                Ok(request) => request,
+                Err(Verdict::Done(value)) => return Ok(value),
+                Err(Verdict::Retry(why)) => {
+                    return Err(HttpError::Exhausted {
+                        what,
+                        url: url.to_string(),
+                        last: why,
+                        attempts: retries + 1,
+                        status: None,
+                    });
+                }
             };
             match request.send().await {
                 Err(e) if is_retryable_error(&e) => (describe(&e), None, None),
@@ -345,7 +380,7 @@ pub async fn send_streamed<T: Send>(
                         let hint = retry_after(response.headers(), SystemTime::now());
                         (format!("HTTP {status}"), Some(status), hint)
                     } else {
-                        match accept.read(response).await {
+                        match exchange.read(response).await {
                             Verdict::Done(value) => {
                                 if let Some(cap) = permits {
                                     cap.succeeded();

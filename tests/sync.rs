@@ -198,6 +198,34 @@ async fn a_token_expiring_mid_run_is_renewed_ahead_without_a_single_refused_page
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_its_turn_takes_its_token_when_it_goes() {
+    // One request at a time over two partitions, and each page "takes" 61 minutes of a
+    // one-hour token: a request that took its token before waiting for the other's page would
+    // send it expired.
+    let env = fixture_env(pages(1, 2), Paging::PostFull).await;
+    *env.server.state.advance_per_page.lock().expect("lock") = Duration::from_secs(61 * 60);
+    let mut setup = env.setup();
+    setup.collections = vec!["c".into(), "d".into()];
+    let mut config = setup.config();
+    config.concurrency = 1;
+
+    let summary = stac_sync::sync::run(
+        &config,
+        stac_sync::sync::RunOptions {
+            clock: env.clock.clone(),
+            migrate: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("the run is recorded");
+
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    assert_eq!(env.server.served(), vec![0, 0]);
+    assert_eq!(env.server.state.issuer.refused.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_mid_paging_is_renewed_and_that_page_replayed() {
     for eds_style in [false, true] {
         let env = fixture_env(pages(4, 2), Paging::PostFull).await;
