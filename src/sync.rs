@@ -35,10 +35,12 @@ const PARTS_BUFFERED: usize = 4;
 const PART_BYTES: usize = 2 << 20;
 /// Bytes of features (KiB) a pass holds at once between the pagers and the commit: parts
 /// buffered, being prepared and being committed. A pager takes its part's share before it
-/// hands the part over, and the share is released when the part has committed; with a
-/// pager's part being read this bounds a pass's pages whatever the page size and the number
-/// of partitions. A part larger than the whole budget waits for all of it.
-const PAGE_BUDGET_KIB: usize = 32 * 1024;
+/// hands the part over, and the share is released when the part has committed. Each request
+/// in flight also holds the part it is reading (up to [`PART_BYTES`]), so a pass holds about
+/// this plus `concurrency` × 2 MiB of pages, whatever the page size and the number of
+/// partitions. 16 MiB is eight parts: enough to keep the writer busy. A part larger than the
+/// whole budget waits for all of it.
+const PAGE_BUDGET_KIB: usize = 16 * 1024;
 
 /// The byte budget of a pass's pages.
 #[derive(Debug)]
@@ -1028,20 +1030,19 @@ async fn page_partition(
             partition: &partition,
             request: &request,
         };
-        // `None`: the writer stopped (and reports why).
         let fetch = context
             .api
             .fetch_streamed("search page", &request, &mut reading);
         // On SIGTERM the page in flight is abandoned (its retries too); parts already handed
         // over are still committed by the writer.
-        let page = tokio::select! {
+        let handed = tokio::select! {
             biased;
             () = context.stop.cancelled() => return Err(Error::Stopped),
             // Another worker has it now.
             () = partition.lost.cancelled() => return Ok(()),
-            page = fetch => page,
+            handed = fetch => handed,
         };
-        let page = match page {
+        let handed = match handed {
             // Paging tokens go stale (the boundary item was deleted, the server restarted): a
             // refused resume point restarts the partition from its beginning, which idempotent
             // writes make safe.
@@ -1055,16 +1056,10 @@ async fn page_partition(
             }
             other => other?,
         };
-        let Some(page) = page else {
-            return Ok(());
-        };
-        let next = page.next.clone();
-        if !reading.hand_over(page).await {
-            return Ok(());
-        }
-        match next {
-            Some(next) => request = next,
-            None => return Ok(()),
+        match handed {
+            // The writer stopped (and reports why), or that was the partition's last page.
+            None | Some(None) => return Ok(()),
+            Some(Some(next)) => request = next,
         }
     }
 }
@@ -1092,8 +1087,9 @@ impl PageRead<'_> {
 }
 
 impl http::ReadBody for PageRead<'_> {
-    /// The page's last part, or `None` if the writer stopped.
-    type Output = Result<Option<Page>, String>;
+    /// Once the whole page is handed over: the request its `next` link asks for (`None` at the
+    /// partition's end). `None` if the writer stopped.
+    type Output = Result<Option<Option<Request>>, String>;
 
     fn read(
         &mut self,
@@ -1113,7 +1109,11 @@ impl http::ReadBody for PageRead<'_> {
                     return Ok(None);
                 }
             }
-            reader.finish(self.request).map(Some)
+            // The last part is handed over with the request's permit still held, like the
+            // others: a pager without a permit then holds no page, however many wait.
+            let last = reader.finish(self.request)?;
+            let next = last.next.clone();
+            Ok(self.hand_over(last).await.then_some(next))
         })
     }
 }
