@@ -884,7 +884,8 @@ async fn pass(
     }
 }
 
-/// A fetched page, on its way to the writer, with its share of the budget.
+/// A page, or a part of one, on its way to the writer with the request that fetched it and its
+/// share of the budget.
 type Fetched = (Arc<Partition>, Request, Page, OwnedSemaphorePermit);
 
 /// Pages every unfinished partition of the plan at once (a single run holds the job alone);
