@@ -183,12 +183,7 @@ struct Parse<'f, F>(&'f mut F);
 impl<T: Send, F: FnMut(Bytes) -> Result<T, String> + Send> ReadBody for Parse<'_, F> {
     type Output = Result<T, String>;
     fn read(&mut self, response: reqwest::Response) -> BoxFuture<'_, Result<T, String>> {
-        Box::pin(async move {
-            let body = http::read_body(response)
-                .await
-                .map_err(|e| format!("body: {}", http::describe(&e)))?;
-            (self.0)(body)
-        })
+        Box::pin(async move { (self.0)(http::read_body(response).await?) })
     }
 }
 
@@ -252,9 +247,7 @@ impl<T: Send, R: ReadBody<Output = Result<T, String>>> ReadBody for Answering<'_
             }
             let body = match http::read_body(response).await {
                 Ok(body) => body,
-                Err(e) => {
-                    return Verdict::Retry(format!("HTTP {status}, body: {}", http::describe(&e)));
-                }
+                Err(why) => return Verdict::Retry(why),
             };
             if is_gateway_forbidden(status, &body) {
                 Verdict::Done(Answer::Refused(status))

@@ -313,7 +313,7 @@ impl<T: Send, B: Fn() -> RequestBuilder + Send, F: FnMut(Fetched) -> Verdict<T> 
         Box::pin(async move {
             let status = response.status();
             match read_body(response).await {
-                Err(e) => Verdict::Retry(format!("HTTP {status}, body: {}", describe(&e))),
+                Err(why) => Verdict::Retry(why),
                 Ok(body) => (self.accept)(Fetched { status, body }),
             }
         })
@@ -342,7 +342,7 @@ pub async fn send_streamed<T: Send>(
     let mut retries = 0u32;
     let mut waited = Duration::ZERO;
     loop {
-        let (last, status, hint) = {
+        let (last, status, hint) = 'attempt: {
             let _permit = match permits {
                 Some(cap) => cap.acquire().await,
                 None => None,
@@ -350,15 +350,8 @@ pub async fn send_streamed<T: Send>(
             let request = match exchange.request().await {
                 Ok(request) => request,
                 Err(Verdict::Done(value)) => return Ok(value),
-                Err(Verdict::Retry(why)) => {
-                    return Err(HttpError::Exhausted {
-                        what,
-                        url: url.to_string(),
-                        last: why,
-                        attempts: retries + 1,
-                        status: None,
-                    });
-                }
+                // Retried like a transport failure.
+                Err(Verdict::Retry(why)) => break 'attempt (why, None, None),
             };
             match request.send().await {
                 Err(e) if is_retryable_error(&e) => (describe(&e), None, None),
@@ -435,8 +428,16 @@ pub fn describe(error: &reqwest::Error) -> String {
 
 /// Reads a body into one buffer, sized from `Content-Length` when the server sends it.
 /// (`Response::bytes` collects the chunks and then copies them into one buffer, so a large page
-/// was held twice for a moment.) Growing without a length is left to the allocator.
-pub async fn read_body(mut response: reqwest::Response) -> Result<bytes::Bytes, reqwest::Error> {
+/// was held twice for a moment.) Growing without a length is left to the allocator. A failure
+/// is described for a retry message.
+pub async fn read_body(response: reqwest::Response) -> Result<bytes::Bytes, String> {
+    let status = response.status();
+    read_chunks(response)
+        .await
+        .map_err(|e| format!("HTTP {status}, body: {}", describe(&e)))
+}
+
+async fn read_chunks(mut response: reqwest::Response) -> Result<bytes::Bytes, reqwest::Error> {
     let expected = response
         .content_length()
         .and_then(|n| usize::try_from(n).ok())
