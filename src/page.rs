@@ -68,6 +68,8 @@ pub struct Page {
     /// `false` for a part of a page read before its end: it has no `next`, and its commit
     /// keeps the resume point at this page.
     pub whole: bool,
+    /// The bytes of the features read into it (what it holds in memory).
+    pub bytes: usize,
 }
 
 #[derive(Deserialize)]
@@ -271,8 +273,6 @@ pub struct PageReader {
     features: bool,
     links: Option<Bytes>,
     part: Page,
-    /// The bytes of the features in `part`.
-    part_bytes: usize,
     /// Every `(collection, id)` of the page so far: its index in `part`, or `None` if an
     /// earlier part took it.
     seen: HashMap<(String, String), Option<usize>>,
@@ -293,7 +293,6 @@ impl PageReader {
             features: false,
             links: None,
             part: Page::default(),
-            part_bytes: 0,
             seen: HashMap::new(),
         }
     }
@@ -306,7 +305,7 @@ impl PageReader {
 
     /// The bytes of the features read and not yet taken.
     pub fn part_bytes(&self) -> usize {
-        self.part_bytes
+        self.part.bytes
     }
 
     /// The items and rejected features read since the last part, as a page that is not
@@ -315,7 +314,6 @@ impl PageReader {
         for at in self.seen.values_mut() {
             *at = None;
         }
-        self.part_bytes = 0;
         std::mem::take(&mut self.part)
     }
 
@@ -479,7 +477,7 @@ impl PageReader {
 
     /// Reads one feature into the part.
     fn add(&mut self, content: Bytes) {
-        self.part_bytes += content.len();
+        self.part.bytes += content.len();
         let item = std::str::from_utf8(&content)
             .map_err(|e| (format!("the feature is not UTF-8 ({e})"), None, None))
             .and_then(|text| read_item(text, content.clone(), self.default_collection.as_deref()));

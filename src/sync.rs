@@ -67,13 +67,6 @@ impl Budget {
     }
 }
 
-/// A page's size in KiB: the bytes of its features.
-fn page_kib(page: &Page) -> usize {
-    let bytes: usize = page.items.iter().map(|i| i.content.len()).sum::<usize>()
-        + page.rejected.iter().map(|r| r.content.len()).sum::<usize>();
-    bytes.div_ceil(1024)
-}
-
 /// A partition being paged in this run: a slice of a job's search with its own resume point,
 /// paged concurrently with the others (see [`crate::plan`]).
 #[derive(Debug)]
@@ -1077,7 +1070,7 @@ impl PageRead<'_> {
     /// Hands a page, or a part of it, to the writer with its share of the budget; `false` if
     /// the writer stopped.
     async fn hand_over(&self, page: Page) -> bool {
-        let Ok(held) = self.budget.take(page_kib(&page)).await else {
+        let Ok(held) = self.budget.take(page.bytes.div_ceil(1024)).await else {
             return false;
         };
         self.tx
