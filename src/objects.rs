@@ -3,9 +3,9 @@
 //!
 //! Keys are built with [`encode_segment`], which is injective and cannot produce `/`, `.` or
 //! `..`: no id can escape the prefix and two ids never share a key. Item objects in a local folder
-//! are written like `object_store`'s `LocalFileSystem` writes them (a temporary `KEY#N`, renamed
-//! over `KEY`, so a killed run never leaves half an object), but a page's worth in a few blocking
-//! tasks instead of one hand-off per object.
+//! are written a page's worth in one blocking task ([`write_whole`]): a new one unnamed and
+//! linked in once complete, otherwise like `object_store`'s `LocalFileSystem` writes them (a
+//! temporary `KEY#N` renamed over `KEY`); either way a killed run never leaves half an object.
 
 use crate::db::Known;
 use crate::error::Error;
@@ -111,9 +111,9 @@ impl ObjectSink {
         })
     }
 
-    /// Removes what a killed run left in a local folder: objects are written to `KEY#N` and
-    /// renamed to `KEY` (by [`write_whole`], as by `LocalFileSystem`), so a process killed
-    /// between the two leaves `KEY#N` behind. Our keys never contain `#` (it is
+    /// Removes what a killed run left in a local folder: objects that are not written unnamed
+    /// go to `KEY#N`, renamed to `KEY` (by [`write_whole`], as by `LocalFileSystem`), so a
+    /// process killed between the two leaves `KEY#N` behind. Our keys never contain `#` (it is
     /// percent-encoded), so every such file in the job's collection folders is a leftover.
     /// Called with the job's lock held, so no run of this job is writing them; returns how many
     /// were removed.
