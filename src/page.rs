@@ -100,6 +100,24 @@ struct Head<'a> {
     properties: Option<Properties<'a>>,
 }
 
+impl Head<'_> {
+    /// The same fields, no longer borrowed from the page's bytes.
+    fn into_owned(self) -> Head<'static> {
+        let own = |s: Option<Cow<'_, str>>| s.map(|s| Cow::Owned(s.into_owned()));
+        Head {
+            id: own(self.id),
+            collection: own(self.collection),
+            bbox: self.bbox,
+            properties: self.properties.map(|p| Properties {
+                datetime: own(p.datetime),
+                start_datetime: own(p.start_datetime),
+                end_datetime: own(p.end_datetime),
+                updated: own(p.updated),
+            }),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct Properties<'a> {
     #[serde(borrow, default)]
@@ -398,10 +416,14 @@ impl PageReader {
                     self.step(At::AfterMember);
                 }
                 (At::Feature { .. }, _) => {
-                    let Some(feature) = self.value(end)? else {
-                        return Ok(());
-                    };
-                    self.add(feature);
+                    if let Some((feature, head)) = self.head(end) {
+                        self.add(feature, Some(head));
+                    } else {
+                        let Some(feature) = self.value(end)? else {
+                            return Ok(());
+                        };
+                        self.add(feature, None);
+                    }
                     self.at = At::AfterFeature;
                 }
                 (At::AfterFeature, b',') => self.step(At::Feature { first: false }),
@@ -424,6 +446,22 @@ impl PageReader {
     fn step(&mut self, at: At) {
         self.consume(1);
         self.at = at;
+    }
+
+    /// The feature at the front of the bytes, split off, with its indexed fields: one pass of
+    /// serde_json finds both. `None` if it may not be complete yet, or is not a readable STAC
+    /// item: [`PageReader::value`] then reads it as any JSON value, and says why.
+    fn head(&mut self, end: bool) -> Option<(Bytes, Head<'static>)> {
+        if (!end && self.buf.len() < self.wait) || self.buf.first() != Some(&b'{') {
+            return None;
+        }
+        let mut heads = serde_json::Deserializer::from_slice(&self.buf).into_iter::<Head>();
+        let head = heads.next()?.ok()?.into_owned();
+        let n = heads.byte_offset();
+        self.wait = 0;
+        let feature = self.buf.split_to(n).freeze();
+        self.read += n;
+        Some((feature, head))
     }
 
     /// The JSON value at the front of the bytes, split off, or `None` if it may not be
@@ -475,12 +513,17 @@ impl PageReader {
         line_start + error.column().saturating_sub(1)
     }
 
-    /// Reads one feature into the part.
-    fn add(&mut self, content: Bytes) {
+    /// Reads one feature into the part, with its indexed fields if they were read already.
+    fn add(&mut self, content: Bytes, head: Option<Head<'_>>) {
         self.part.bytes += content.len();
+        // serde_json does not check the UTF-8 of strings it skips.
         let item = std::str::from_utf8(&content)
             .map_err(|e| (format!("the feature is not UTF-8 ({e})"), None, None))
-            .and_then(|text| read_item(text, content.clone(), self.default_collection.as_deref()));
+            .and_then(|text| match head {
+                Some(head) => Ok(head),
+                None => read_head(text),
+            })
+            .and_then(|head| read_item(head, content.clone(), self.default_collection.as_deref()));
         let item = match item {
             Ok(item) => item,
             Err((reason, collection, id)) => {
@@ -530,17 +573,25 @@ pub fn parse_page(
 
 type Refusal = (String, Option<String>, Option<String>);
 
-fn read_item(raw: &str, content: Bytes, default_collection: Option<&str>) -> Result<Item, Refusal> {
+/// A feature's indexed fields, or why it is not a STAC item.
+fn read_head(raw: &str) -> Result<Head<'_>, Refusal> {
     if !raw.starts_with('{') {
         return Err(("the feature is not a JSON object".into(), None, None));
     }
-    let head: Head<'_> = serde_json::from_str(raw).map_err(|e| {
+    serde_json::from_str(raw).map_err(|e| {
         (
             format!("the feature is not a readable STAC item ({e})"),
             None,
             None,
         )
-    })?;
+    })
+}
+
+fn read_item(
+    head: Head<'_>,
+    content: Bytes,
+    default_collection: Option<&str>,
+) -> Result<Item, Refusal> {
     let collection = head
         .collection
         .map(Cow::into_owned)
