@@ -834,6 +834,22 @@ mod tests {
     }
 
     #[test]
+    fn a_feature_with_bytes_that_are_not_utf8_is_rejected_and_its_page_kept() {
+        let mut body = br#"{"features":[{"id":"a","assets":{"x":"#.to_vec();
+        body.extend_from_slice(b"\"\xff\xfe\"}},");
+        body.extend_from_slice(br#"{"id":"b"}],"links":[]}"#);
+        let page = parse_page(&body, &post(serde_json::json!({})), Some("c")).expect("page");
+        assert_eq!(page.items.len(), 1);
+        assert_eq!(page.items[0].id, "b");
+        assert_eq!(page.rejected.len(), 1);
+        assert!(
+            page.rejected[0].reason.contains("not UTF-8"),
+            "{}",
+            page.rejected[0].reason
+        );
+    }
+
+    #[test]
     fn a_number_inside_a_feature_cut_by_a_chunk_is_read_whole() {
         let body = b"{\"features\":[{\"id\":\"a\",\n\"bbox\":[1.25e1,2,3,4]}]}";
         for size in 1..body.len() {
