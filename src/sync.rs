@@ -816,10 +816,12 @@ async fn pass(
             Some(lease) => page_leased(context, job, kind, lease, budget, tx, finished).await,
         }
     };
+    let at_once = commits_at_once(&context.db, mode);
     // Two stages, so that the objects of one page are written while the page before commits.
     let (ready_tx, mut ready_rx) = mpsc::channel::<(Prepared, OwnedSemaphorePermit)>(1);
     let preparer = async move {
-        let mut ahead = Ahead::new();
+        // Pages prepared and not yet committed: those committing, and one waiting its turn.
+        let mut ahead = Ahead::new(at_once + 1);
         while let Some((partition, request, page, held)) = rx.recv().await {
             // A page is prepared only once the committer has room for it: one page ahead at
             // most, so objects run ahead of the rows they belong to by one page.
@@ -837,13 +839,54 @@ async fn pass(
     // Each stage owns its receiver, so that a stage that fails drops it and the stage before
     // stops instead of waiting forever to hand over a page.
     let shown = bar.as_ref();
+    let commit = |prepared: Prepared, held: OwnedSemaphorePermit, claim: u64| async move {
+        let mut added = Counts::default();
+        let committed =
+            commit_prepared(context, job, run_id, lease, mode, &prepared, &mut added).await;
+        (claim, committed, added, prepared, held)
+    };
     let committer = async move {
-        while let Some((prepared, _held)) = ready_rx.recv().await {
-            if prepared.partition.lost.is_cancelled() {
-                continue;
+        let mut running = futures_util::stream::FuturesUnordered::new();
+        let mut claims: Vec<Claim> = Vec::new();
+        // A page taken from the preparer that waits for a commit in progress to end.
+        let mut waiting: Option<(Prepared, OwnedSemaphorePermit)> = None;
+        let mut open = true;
+        let mut claimed = 0;
+        loop {
+            if let Some((prepared, held)) = waiting.take() {
+                let claim = Claim::of(claimed, &prepared);
+                if prepared.partition.lost.is_cancelled() {
+                    // Dropped: the partition goes on elsewhere from its last commit.
+                } else if claims.len() < at_once && !claims.iter().any(|c| c.meets(&claim)) {
+                    lock.check().await?;
+                    running.push(commit(prepared, held, claimed));
+                    claims.push(claim);
+                    claimed += 1;
+                } else {
+                    waiting = Some((prepared, held));
+                }
             }
-            lock.check().await?;
-            match commit_prepared(context, job, run_id, lease, mode, &prepared, counts).await {
+            let done = if waiting.is_none() && open {
+                tokio::select! {
+                    ready = ready_rx.recv() => {
+                        match ready {
+                            Some(ready) => waiting = Some(ready),
+                            None => open = false,
+                        }
+                        continue;
+                    }
+                    Some(done) = running.next() => done,
+                }
+            } else {
+                match running.next().await {
+                    Some(done) => done,
+                    None if waiting.is_none() => break,
+                    None => continue,
+                }
+            };
+            let (claim, committed, added, prepared, _held) = done;
+            claims.retain(|c| c.id != claim);
+            match committed {
                 Err(Error::LeaseLost { partition }) => {
                     tracing::warn!(job = %job.name, partition = %partition,
                         "another worker took this partition over (this worker's lease on it \
@@ -853,6 +896,7 @@ async fn pass(
                 }
                 committed => committed?,
             }
+            *counts += &added;
             if let Some(bar) = shown {
                 bar.inc(prepared.page.items.len() as u64);
                 bar.set_message(format!(
@@ -874,6 +918,51 @@ async fn pass(
         Some(stopped) => Err(errors.swap_remove(stopped)),
         None if errors.is_empty() => Ok(()),
         None => Err(errors.swap_remove(0)),
+    }
+}
+
+/// Pages committed at once. Postgres parses each item into `jsonb` on the backend that commits
+/// it, so two commits keep two backends (and cores) busy. SQLite has one writer, and the pages
+/// of a reconcile all insert into `sync_seen`, so they commit one at a time.
+fn commits_at_once(db: &Database, mode: Mode) -> usize {
+    match (db, mode) {
+        (Database::Postgres(_), Mode::Sync) => 2,
+        _ => 1,
+    }
+}
+
+/// What a commit in progress writes: pages of one partition commit in order, so that its resume
+/// point only moves on, and pages that write the same item commit in order, so that its row
+/// ends as its object does and the two transactions never wait on each other.
+struct Claim {
+    id: u64,
+    partition: Arc<Partition>,
+    /// The written items' `(collection, id)`, hashed: a collision only makes a page wait.
+    items: HashSet<u64>,
+}
+
+impl Claim {
+    fn of(id: u64, prepared: &Prepared) -> Claim {
+        let items = prepared
+            .changed
+            .iter()
+            .map(|(at, _)| {
+                let item = &prepared.page.items[*at];
+                let mut hasher = std::hash::DefaultHasher::new();
+                std::hash::Hash::hash(&(&item.collection, &item.id), &mut hasher);
+                std::hash::Hasher::finish(&hasher)
+            })
+            .collect();
+        Claim {
+            id,
+            partition: prepared.partition.clone(),
+            items,
+        }
+    }
+
+    /// Whether the two must commit one after the other.
+    fn meets(&self, other: &Claim) -> bool {
+        Arc::ptr_eq(&self.partition, &other.partition) || !self.items.is_disjoint(&other.items)
     }
 }
 
@@ -1150,7 +1239,7 @@ async fn prepare_page(
     }
     let page = &prepared.page;
     let mut known = context.db.classify(&page.items).await?;
-    // The page before may not have committed yet: what it writes counts as stored.
+    // The pages before may not have committed yet: what they write counts as stored.
     for (item, known) in page.items.iter().zip(known.iter_mut()) {
         if let Some(hash) = ahead.get(&(item.collection.clone(), item.id.clone())) {
             *known = if *hash == item.hash {
@@ -1186,22 +1275,49 @@ async fn prepare_page(
             .collect();
         objects.put_items(&changed).await?;
     }
-    *ahead = prepared
-        .changed
-        .iter()
-        .map(|(at, _)| {
-            let item = &page.items[*at];
-            (
-                (item.collection.clone(), item.id.clone()),
-                item.hash.clone(),
-            )
-        })
-        .collect();
+    ahead.push(
+        prepared
+            .changed
+            .iter()
+            .map(|(at, _)| {
+                let item = &page.items[*at];
+                (
+                    (item.collection.clone(), item.id.clone()),
+                    item.hash.clone(),
+                )
+            })
+            .collect(),
+    );
     Ok(prepared)
 }
 
-/// `(collection, id)` → content hash of the items the page being committed writes.
-type Ahead = std::collections::HashMap<(String, String), String>;
+/// What the last pages prepared write, `(collection, id)` → content hash: those that may not
+/// have committed yet.
+struct Ahead {
+    pages: std::collections::VecDeque<std::collections::HashMap<(String, String), String>>,
+    kept: usize,
+}
+
+impl Ahead {
+    fn new(kept: usize) -> Ahead {
+        Ahead {
+            pages: std::collections::VecDeque::with_capacity(kept + 1),
+            kept,
+        }
+    }
+
+    /// The hash the latest of those pages writes for `key`.
+    fn get(&self, key: &(String, String)) -> Option<&String> {
+        self.pages.iter().rev().find_map(|page| page.get(key))
+    }
+
+    fn push(&mut self, page: std::collections::HashMap<(String, String), String>) {
+        self.pages.push_back(page);
+        if self.pages.len() > self.kept {
+            self.pages.pop_front();
+        }
+    }
+}
 
 /// The second half: rows + quarantine + resume point (+ the ids a reconcile saw) in one
 /// transaction, then the counts.

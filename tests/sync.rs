@@ -13,7 +13,7 @@ use stac_sync::config::EnvVars;
 use stac_sync::error::Exit;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const ID: &str = "client-id";
 const SECRET: &str = "s3cret";
@@ -638,4 +638,95 @@ async fn a_stale_resume_point_restarts_the_partition_from_its_beginning() {
     assert_eq!(env.server.served(), vec![0, 1, 0, 1]);
     assert_eq!(second.jobs[0].counts.unchanged, 4);
     assert_eq!(stored_items(&env.setup().database_url()).await.len(), 4);
+}
+
+/// On Postgres two partitions' pages commit at once (each backend parses its items into
+/// `jsonb`): while a page of partition `a` cannot commit (a trigger waits on a lock this test
+/// holds), pages of partition `b` go on committing. One commit at a time, `b` would stop too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_partition_commits_while_another_partitions_commit_waits() {
+    use sqlx::Connection;
+    let clock = Arc::new(ManualClock::default());
+    let mut items = make_items("a", 3);
+    items.extend(make_items("b", 200));
+    let server = common::stac::start(&items, Issuer::new(clock.clone(), ID, SECRET)).await;
+    let database = common::fresh_postgres().await;
+    let db = stac_sync::db::Database::connect(&database)
+        .await
+        .expect("db");
+    db.migrate().await.expect("migrate");
+    common::execute(
+        &database,
+        "CREATE FUNCTION wait_for_test() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.collection = 'a' THEN PERFORM pg_advisory_xact_lock_shared(4242); END IF; \
+         RETURN NEW; END $$",
+    )
+    .await;
+    common::execute(
+        &database,
+        "CREATE TRIGGER wait_for_test BEFORE INSERT ON items \
+         FOR EACH ROW EXECUTE FUNCTION wait_for_test()",
+    )
+    .await;
+    let mut holder = sqlx::PgConnection::connect(&database)
+        .await
+        .expect("connect");
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut holder)
+        .await
+        .expect("lock");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup {
+        limit: 10,
+        database: Some(database.clone()),
+        job_extra: "incremental = \"off\"",
+        ..Setup::new(
+            &server.url,
+            dir.path(),
+            &["a", "b"],
+            env(&server.token_url, SECRET),
+        )
+    };
+    let count = |sql: &'static str| common::scalar(&database, sql);
+    let blocked = "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    let stored_b = "SELECT COUNT(*) FROM items WHERE collection = 'b'";
+    // Watches for a commit of `b` after `a`'s waits, then lets `a` go.
+    let watch = async {
+        let mut b_when_a_waited = None;
+        let mut went_on = false;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let a_waits = count(blocked).await > 0;
+            let b = count(stored_b).await;
+            match b_when_a_waited {
+                None if a_waits => b_when_a_waited = Some(b),
+                Some(before) if a_waits && b > before => {
+                    went_on = true;
+                    break;
+                }
+                _ if b == 200 => break,
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sqlx::query("SELECT pg_advisory_unlock(4242)")
+            .execute(&mut holder)
+            .await
+            .expect("unlock");
+        (b_when_a_waited, went_on)
+    };
+
+    let (summary, (b_when_a_waited, went_on)) = tokio::join!(setup.run(clock.clone()), watch);
+
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    assert!(
+        b_when_a_waited.is_some_and(|b| b < 200),
+        "a's commit never waited before b ended ({b_when_a_waited:?}); the test proves nothing"
+    );
+    assert!(
+        went_on,
+        "no page of b committed while a's commit waited ({b_when_a_waited:?} of b's items were stored)"
+    );
+    assert_eq!(summary.jobs[0].counts.new, 203);
+    assert_eq!(stored_items(&database).await.len(), 203);
 }

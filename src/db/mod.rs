@@ -232,6 +232,20 @@ pub struct Counts {
     pub token_renewals: u64,
 }
 
+impl std::ops::AddAssign<&Counts> for Counts {
+    fn add_assign(&mut self, other: &Counts) {
+        self.pages += other.pages;
+        self.new += other.new;
+        self.changed += other.changed;
+        self.unchanged += other.unchanged;
+        self.deleted += other.deleted;
+        self.quarantined += other.quarantined;
+        self.duplicate += other.duplicate;
+        self.retries += other.retries;
+        self.token_renewals += other.token_renewals;
+    }
+}
+
 /// What the database already holds for an item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Known {
