@@ -866,7 +866,7 @@ async fn pass(
                     waiting = Some((prepared, held));
                 }
             }
-            let done = if waiting.is_none() && open {
+            let done = if waiting.is_none() && open && claims.len() < at_once {
                 tokio::select! {
                     ready = ready_rx.recv() => {
                         match ready {
