@@ -931,12 +931,15 @@ fn commits_at_once(db: &Database, mode: Mode) -> usize {
     }
 }
 
-/// What a commit in progress writes: pages of one partition commit in order, so that its resume
-/// point only moves on, and pages that write the same item commit in order, so that its row
-/// ends as its object does and the two transactions never wait on each other.
+/// What a commit in progress writes. Pages of one partition commit in order, so that its resume
+/// point only moves on; only the parts of one page before its last may commit at once (each
+/// leaves the resume point at that page). Pages that write the same item commit in order, so
+/// that its row ends as its object does and the two transactions never wait on each other.
 struct Claim {
     id: u64,
     partition: Arc<Partition>,
+    /// The last part of its page (or the whole page): it moves the resume point on.
+    ends_page: bool,
     /// The written items' `(collection, id)`, hashed: a collision only makes a page wait.
     items: HashSet<u64>,
 }
@@ -956,13 +959,15 @@ impl Claim {
         Claim {
             id,
             partition: prepared.partition.clone(),
+            ends_page: prepared.page.whole,
             items,
         }
     }
 
     /// Whether the two must commit one after the other.
     fn meets(&self, other: &Claim) -> bool {
-        Arc::ptr_eq(&self.partition, &other.partition) || !self.items.is_disjoint(&other.items)
+        (Arc::ptr_eq(&self.partition, &other.partition) && (self.ends_page || other.ends_page))
+            || !self.items.is_disjoint(&other.items)
     }
 }
 

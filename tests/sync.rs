@@ -730,3 +730,99 @@ async fn on_postgres_a_partition_commits_while_another_partitions_commit_waits()
     assert_eq!(summary.jobs[0].counts.new, 203);
     assert_eq!(stored_items(&database).await.len(), 203);
 }
+
+/// On Postgres the parts of one page (every 2 MiB of items) commit two at a time, all but its
+/// last, which moves the resume point on: while the first part's commit waits (a trigger waits
+/// on a lock this test holds), the second part commits. One at a time, nothing would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_the_parts_of_one_page_commit_at_once() {
+    use sqlx::Connection;
+    let clock = Arc::new(ManualClock::default());
+    let base = common::eds_items();
+    let items: Vec<Value> = (0..400)
+        .map(|i| {
+            common::realistic_item(
+                &base[i % base.len()],
+                &format!("part-{i:03}"),
+                "c",
+                "2024-05-01T10:00:00Z",
+            )
+        })
+        .collect();
+    let page_bytes = serde_json::to_vec(&items).expect("json").len();
+    assert!(
+        page_bytes > 5 << 20,
+        "{page_bytes} bytes: three parts at least"
+    );
+    let server = common::stac::start(&items, Issuer::new(clock.clone(), ID, SECRET)).await;
+    let database = common::fresh_postgres().await;
+    let db = stac_sync::db::Database::connect(&database)
+        .await
+        .expect("db");
+    db.migrate().await.expect("migrate");
+    // The first transaction to store an item waits for the test's lock; the others do not.
+    common::execute(
+        &database,
+        "CREATE FUNCTION wait_for_test() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF pg_try_advisory_xact_lock(1) THEN PERFORM pg_advisory_xact_lock_shared(4242); END IF; \
+         RETURN NEW; END $$",
+    )
+    .await;
+    common::execute(
+        &database,
+        "CREATE TRIGGER wait_for_test BEFORE INSERT ON items \
+         FOR EACH ROW EXECUTE FUNCTION wait_for_test()",
+    )
+    .await;
+    let mut holder = sqlx::PgConnection::connect(&database)
+        .await
+        .expect("connect");
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut holder)
+        .await
+        .expect("lock");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup {
+        limit: 400,
+        database: Some(database.clone()),
+        job_extra: "incremental = \"off\"",
+        ..Setup::new(
+            &server.url,
+            dir.path(),
+            &["c"],
+            env(&server.token_url, SECRET),
+        )
+    };
+    let count = |sql: &'static str| common::scalar(&database, sql);
+    let blocked = "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    // Watches for items stored while the first part's commit waits, then lets it go.
+    let watch = async {
+        let mut first_waited = false;
+        let mut stored_meanwhile = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && stored_meanwhile == 0 {
+            first_waited = first_waited || count(blocked).await > 0;
+            if first_waited {
+                stored_meanwhile = count("SELECT COUNT(*) FROM items").await;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sqlx::query("SELECT pg_advisory_unlock(4242)")
+            .execute(&mut holder)
+            .await
+            .expect("unlock");
+        (first_waited, stored_meanwhile)
+    };
+
+    let (summary, (first_waited, stored_meanwhile)) = tokio::join!(setup.run(clock.clone()), watch);
+
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    assert!(first_waited, "the first commit never waited");
+    assert!(
+        stored_meanwhile > 0 && stored_meanwhile < 400,
+        "{stored_meanwhile} items stored while the first part's commit waited"
+    );
+    assert_eq!(summary.jobs[0].counts.new, 400);
+    assert_eq!(summary.jobs[0].counts.pages, 1);
+    assert_eq!(stored_items(&database).await.len(), 400);
+}
