@@ -819,18 +819,22 @@ async fn pass(
     let at_once = commits_at_once(&context.db, mode);
     // Two stages, so that the objects of one page are written while the page before commits.
     let (ready_tx, mut ready_rx) = mpsc::channel::<(Prepared, OwnedSemaphorePermit)>(1);
+    // What the pages prepared and not yet committed write.
+    let ahead = &Ahead::default();
     let preparer = async move {
-        // Pages prepared and not yet committed: those committing, and one waiting its turn.
-        let mut ahead = Ahead::new(at_once + 1);
+        let mut seq = 0;
         while let Some((partition, request, page, held)) = rx.recv().await {
             // A page is prepared only once the committer has room for it: one page ahead at
-            // most, so objects run ahead of the rows they belong to by one page.
+            // most, so objects run ahead of the rows they belong to by one page (by two on
+            // Postgres, where the committer may hold a page until its partition's page before
+            // has committed).
             let Ok(slot) = ready_tx.reserve().await else {
                 // The committer stopped (and reports why).
                 break;
             };
             let prepared =
-                prepare_page(context, mode, partition, request, page, &mut ahead).await?;
+                prepare_page(context, mode, partition, request, page, ahead, seq).await?;
+            seq += 1;
             // The page's share of the budget goes with it, and back when it has committed.
             slot.send((prepared, held));
         }
@@ -851,17 +855,16 @@ async fn pass(
         // A page taken from the preparer that waits for a commit in progress to end.
         let mut waiting: Option<(Prepared, OwnedSemaphorePermit)> = None;
         let mut open = true;
-        let mut claimed = 0;
         loop {
             if let Some((prepared, held)) = waiting.take() {
-                let claim = Claim::of(claimed, &prepared);
+                let claim = Claim::of(&prepared);
                 if prepared.partition.lost.is_cancelled() {
                     // Dropped: the partition goes on elsewhere from its last commit.
+                    ahead.forget(prepared.seq);
                 } else if claims.len() < at_once && !claims.iter().any(|c| c.meets(&claim)) {
                     lock.check().await?;
-                    running.push(commit(prepared, held, claimed));
+                    running.push(commit(prepared, held, claim.id));
                     claims.push(claim);
-                    claimed += 1;
                 } else {
                     waiting = Some((prepared, held));
                 }
@@ -886,6 +889,7 @@ async fn pass(
             };
             let (claim, committed, added, prepared, _held) = done;
             claims.retain(|c| c.id != claim);
+            ahead.forget(claim);
             match committed {
                 Err(Error::LeaseLost { partition }) => {
                     tracing::warn!(job = %job.name, partition = %partition,
@@ -936,6 +940,7 @@ fn commits_at_once(db: &Database, mode: Mode) -> usize {
 /// leaves the resume point at that page). Pages that write the same item commit in order, so
 /// that its row ends as its object does and the two transactions never wait on each other.
 struct Claim {
+    /// The page's [`Prepared::seq`].
     id: u64,
     partition: Arc<Partition>,
     /// The last part of its page (or the whole page): it moves the resume point on.
@@ -945,7 +950,7 @@ struct Claim {
 }
 
 impl Claim {
-    fn of(id: u64, prepared: &Prepared) -> Claim {
+    fn of(prepared: &Prepared) -> Claim {
         let items = prepared
             .changed
             .iter()
@@ -957,7 +962,7 @@ impl Claim {
             })
             .collect();
         Claim {
-            id,
+            id: prepared.seq,
             partition: prepared.partition.clone(),
             ends_page: prepared.page.whole,
             items,
@@ -1208,6 +1213,8 @@ impl http::ReadBody for PageRead<'_> {
 
 /// A page whose objects are written, ready to commit.
 struct Prepared {
+    /// Its place in the order pages were prepared.
+    seq: u64,
     partition: Arc<Partition>,
     request: Request,
     page: Page,
@@ -1228,9 +1235,11 @@ async fn prepare_page(
     partition: Arc<Partition>,
     request: Request,
     page: Page,
-    ahead: &mut Ahead,
+    ahead: &Ahead,
+    seq: u64,
 ) -> Result<Prepared, Error> {
     let mut prepared = Prepared {
+        seq,
         partition,
         request,
         changed: Vec::new(),
@@ -1247,7 +1256,7 @@ async fn prepare_page(
     // The pages before may not have committed yet: what they write counts as stored.
     for (item, known) in page.items.iter().zip(known.iter_mut()) {
         if let Some(hash) = ahead.get(&(item.collection.clone(), item.id.clone())) {
-            *known = if *hash == item.hash {
+            *known = if hash == item.hash {
                 Known::Unchanged
             } else {
                 Known::Changed
@@ -1280,7 +1289,8 @@ async fn prepare_page(
             .collect();
         objects.put_items(&changed).await?;
     }
-    ahead.push(
+    ahead.insert(
+        seq,
         prepared
             .changed
             .iter()
@@ -1296,31 +1306,37 @@ async fn prepare_page(
     Ok(prepared)
 }
 
-/// What the last pages prepared write, `(collection, id)` → content hash: those that may not
-/// have committed yet.
-struct Ahead {
-    pages: std::collections::VecDeque<std::collections::HashMap<(String, String), String>>,
-    kept: usize,
-}
+/// What each page prepared and not yet committed writes, `(collection, id)` → content hash, by
+/// [`Prepared::seq`]: the preparer adds a page, the committer forgets it once committed (pages may
+/// commit out of order on Postgres).
+#[derive(Default)]
+struct Ahead(std::sync::Mutex<std::collections::BTreeMap<u64, Written>>);
+
+type Written = std::collections::HashMap<(String, String), String>;
 
 impl Ahead {
-    fn new(kept: usize) -> Ahead {
-        Ahead {
-            pages: std::collections::VecDeque::with_capacity(kept + 1),
-            kept,
-        }
+    fn pages(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, Written>> {
+        // Never held across an await, nor by code that can panic: a poisoned lock holds data
+        // as good as any.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The hash the latest of those pages writes for `key`.
-    fn get(&self, key: &(String, String)) -> Option<&String> {
-        self.pages.iter().rev().find_map(|page| page.get(key))
+    fn get(&self, key: &(String, String)) -> Option<String> {
+        self.pages()
+            .values()
+            .rev()
+            .find_map(|page| page.get(key).cloned())
     }
 
-    fn push(&mut self, page: std::collections::HashMap<(String, String), String>) {
-        self.pages.push_back(page);
-        if self.pages.len() > self.kept {
-            self.pages.pop_front();
-        }
+    fn insert(&self, seq: u64, page: Written) {
+        self.pages().insert(seq, page);
+    }
+
+    fn forget(&self, seq: u64) {
+        self.pages().remove(&seq);
     }
 }
 
@@ -1452,8 +1468,27 @@ fn new_run_id(job: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{Budget, PAGE_BUDGET_KIB};
+    use super::{Ahead, Budget, PAGE_BUDGET_KIB};
     use futures_util::FutureExt;
+
+    /// Pages commit out of order on Postgres: what a page still committing writes is known
+    /// however many pages were prepared after it, and forgotten once it has committed.
+    #[test]
+    fn what_an_uncommitted_page_writes_is_known_until_it_commits() {
+        let key = |id: &str| ("c".to_string(), id.to_string());
+        let ahead = Ahead::default();
+        ahead.insert(0, [(key("x"), "old".to_string())].into());
+        for seq in 1..10 {
+            ahead.insert(seq, [(key(&format!("y{seq}")), "h".to_string())].into());
+            ahead.forget(seq);
+        }
+        assert_eq!(ahead.get(&key("x")).as_deref(), Some("old"));
+        ahead.insert(10, [(key("x"), "new".to_string())].into());
+        assert_eq!(ahead.get(&key("x")).as_deref(), Some("new"));
+        ahead.forget(10);
+        ahead.forget(0);
+        assert_eq!(ahead.get(&key("x")), None);
+    }
 
     #[tokio::test]
     async fn a_part_waits_for_its_share_and_a_huge_part_takes_the_whole_budget() {
