@@ -640,41 +640,47 @@ async fn a_stale_resume_point_restarts_the_partition_from_its_beginning() {
     assert_eq!(stored_items(&env.setup().database_url()).await.len(), 4);
 }
 
-/// On Postgres two partitions' pages commit at once (each backend parses its items into
-/// `jsonb`): while a page of partition `a` cannot commit (a trigger waits on a lock this test
-/// holds), pages of partition `b` go on committing. One commit at a time, `b` would stop too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_postgres_a_partition_commits_while_another_partitions_commit_waits() {
+/// A new Postgres database, migrated, where a transaction storing an item for which `when` (SQL,
+/// of the row `NEW`) holds waits for the lock the returned connection holds (`pg_advisory_lock(4242)`).
+async fn postgres_holding_commits(when: &str) -> (String, sqlx::PgConnection) {
     use sqlx::Connection;
-    let clock = Arc::new(ManualClock::default());
-    let mut items = make_items("a", 3);
-    items.extend(make_items("b", 200));
-    let server = common::stac::start(&items, Issuer::new(clock.clone(), ID, SECRET)).await;
     let database = common::fresh_postgres().await;
     let db = stac_sync::db::Database::connect(&database)
         .await
         .expect("db");
     db.migrate().await.expect("migrate");
-    common::execute(
-        &database,
-        "CREATE FUNCTION wait_for_test() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-         IF NEW.collection = 'a' THEN PERFORM pg_advisory_xact_lock_shared(4242); END IF; \
-         RETURN NEW; END $$",
-    )
-    .await;
-    common::execute(
-        &database,
-        "CREATE TRIGGER wait_for_test BEFORE INSERT ON items \
-         FOR EACH ROW EXECUTE FUNCTION wait_for_test()",
-    )
-    .await;
     let mut holder = sqlx::PgConnection::connect(&database)
         .await
         .expect("connect");
-    sqlx::query("SELECT pg_advisory_lock(4242)")
-        .execute(&mut holder)
-        .await
-        .expect("lock");
+    for sql in [
+        format!(
+            "CREATE FUNCTION wait_for_test() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF {when} THEN PERFORM pg_advisory_xact_lock_shared(4242); END IF; \
+             RETURN NEW; END $$"
+        ),
+        "CREATE TRIGGER wait_for_test BEFORE INSERT ON items \
+         FOR EACH ROW EXECUTE FUNCTION wait_for_test()"
+            .to_string(),
+        "SELECT pg_advisory_lock(4242)".to_string(),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut holder)
+            .await
+            .expect("set up the trigger and take its lock");
+    }
+    (database, holder)
+}
+
+/// On Postgres two partitions' pages commit at once (each backend parses its items into
+/// `jsonb`): while a page of partition `a` cannot commit (a trigger waits on a lock this test
+/// holds), pages of partition `b` go on committing. One commit at a time, `b` would stop too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_partition_commits_while_another_partitions_commit_waits() {
+    let clock = Arc::new(ManualClock::default());
+    let mut items = make_items("a", 3);
+    items.extend(make_items("b", 200));
+    let server = common::stac::start(&items, Issuer::new(clock.clone(), ID, SECRET)).await;
+    let (database, mut holder) = postgres_holding_commits("NEW.collection = 'a'").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let setup = Setup {
         limit: 10,
@@ -736,7 +742,6 @@ async fn on_postgres_a_partition_commits_while_another_partitions_commit_waits()
 /// on a lock this test holds), the second part commits. One at a time, nothing would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_the_parts_of_one_page_commit_at_once() {
-    use sqlx::Connection;
     let clock = Arc::new(ManualClock::default());
     let base = common::eds_items();
     let items: Vec<Value> = (0..400)
@@ -755,32 +760,8 @@ async fn on_postgres_the_parts_of_one_page_commit_at_once() {
         "{page_bytes} bytes: three parts at least"
     );
     let server = common::stac::start(&items, Issuer::new(clock.clone(), ID, SECRET)).await;
-    let database = common::fresh_postgres().await;
-    let db = stac_sync::db::Database::connect(&database)
-        .await
-        .expect("db");
-    db.migrate().await.expect("migrate");
     // The first transaction to store an item waits for the test's lock; the others do not.
-    common::execute(
-        &database,
-        "CREATE FUNCTION wait_for_test() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-         IF pg_try_advisory_xact_lock(1) THEN PERFORM pg_advisory_xact_lock_shared(4242); END IF; \
-         RETURN NEW; END $$",
-    )
-    .await;
-    common::execute(
-        &database,
-        "CREATE TRIGGER wait_for_test BEFORE INSERT ON items \
-         FOR EACH ROW EXECUTE FUNCTION wait_for_test()",
-    )
-    .await;
-    let mut holder = sqlx::PgConnection::connect(&database)
-        .await
-        .expect("connect");
-    sqlx::query("SELECT pg_advisory_lock(4242)")
-        .execute(&mut holder)
-        .await
-        .expect("lock");
+    let (database, mut holder) = postgres_holding_commits("pg_try_advisory_xact_lock(1)").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let setup = Setup {
         limit: 400,
