@@ -843,37 +843,39 @@ async fn pass(
     // Each stage owns its receiver, so that a stage that fails drops it and the stage before
     // stops instead of waiting forever to hand over a page.
     let shown = bar.as_ref();
-    let commit = |prepared: Prepared, held: OwnedSemaphorePermit, claim: u64| async move {
+    let commit = |prepared: Prepared, held: OwnedSemaphorePermit| async move {
         let mut added = Counts::default();
         let committed =
             commit_prepared(context, job, run_id, lease, mode, &prepared, &mut added).await;
-        (claim, committed, added, prepared, held)
+        (committed, added, prepared, held)
     };
     let committer = async move {
         let mut running = futures_util::stream::FuturesUnordered::new();
         let mut claims: Vec<Claim> = Vec::new();
         // A page taken from the preparer that waits for a commit in progress to end.
-        let mut waiting: Option<(Prepared, OwnedSemaphorePermit)> = None;
+        let mut waiting: Option<(Prepared, OwnedSemaphorePermit, Claim)> = None;
         let mut open = true;
         loop {
-            if let Some((prepared, held)) = waiting.take() {
-                let claim = Claim::of(&prepared);
+            if let Some((prepared, held, claim)) = waiting.take() {
                 if prepared.partition.lost.is_cancelled() {
                     // Dropped: the partition goes on elsewhere from its last commit.
                     ahead.forget(prepared.seq);
                 } else if claims.len() < at_once && !claims.iter().any(|c| c.meets(&claim)) {
                     lock.check().await?;
-                    running.push(commit(prepared, held, claim.id));
+                    running.push(commit(prepared, held));
                     claims.push(claim);
                 } else {
-                    waiting = Some((prepared, held));
+                    waiting = Some((prepared, held, claim));
                 }
             }
             let done = if waiting.is_none() && open && claims.len() < at_once {
                 tokio::select! {
                     ready = ready_rx.recv() => {
                         match ready {
-                            Some(ready) => waiting = Some(ready),
+                            Some((prepared, held)) => {
+                                let claim = Claim::of(&prepared);
+                                waiting = Some((prepared, held, claim));
+                            }
                             None => open = false,
                         }
                         continue;
@@ -887,9 +889,9 @@ async fn pass(
                     None => continue,
                 }
             };
-            let (claim, committed, added, prepared, _held) = done;
-            claims.retain(|c| c.id != claim);
-            ahead.forget(claim);
+            let (committed, added, prepared, _held) = done;
+            claims.retain(|c| c.id != prepared.seq);
+            ahead.forget(prepared.seq);
             match committed {
                 Err(Error::LeaseLost { partition }) => {
                     tracing::warn!(job = %job.name, partition = %partition,
