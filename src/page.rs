@@ -517,7 +517,7 @@ impl PageReader {
     fn add(&mut self, content: Bytes, head: Option<Head<'_>>) {
         self.part.bytes += content.len();
         // serde_json does not check the UTF-8 of strings it skips.
-        let item = std::str::from_utf8(&content)
+        let item = simdutf8::compat::from_utf8(&content)
             .map_err(|e| (format!("the feature is not UTF-8 ({e})"), None, None))
             .and_then(|text| match head {
                 Some(head) => Ok(head),

@@ -464,7 +464,8 @@ async fn upsert_batch(conn: &mut PgConnection, items: &[&Item]) -> Result<(), sq
     let mut contents = Vec::with_capacity(items.len());
     for item in items {
         contents.push(
-            std::str::from_utf8(&item.content).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+            simdutf8::compat::from_utf8(&item.content)
+                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
         );
     }
     sqlx::query(UPSERT)

@@ -214,7 +214,7 @@ impl SqliteDb {
                 .map_or("", String::as_str);
             let mut statement = sqlx::query(sqlx::AssertSqlSafe(sql));
             for item in items {
-                let content = std::str::from_utf8(&item.content)
+                let content = simdutf8::compat::from_utf8(&item.content)
                     .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
                 let [bbox_xmin, bbox_ymin, bbox_xmax, bbox_ymax] =
                     item.bbox.map(|b| b.map(Some)).unwrap_or([None; 4]);
