@@ -1254,10 +1254,17 @@ async fn prepare_page(
         return Ok(prepared);
     }
     let page = &prepared.page;
+    // The pages before may not have committed yet: what they write counts as stored. Read
+    // before the database, as the committer forgets a page once it has committed: a page that
+    // commits in between is then in one or the other.
+    let pending = ahead.hashes(
+        page.items
+            .iter()
+            .map(|item| (item.collection.clone(), item.id.clone())),
+    );
     let mut known = context.db.classify(&page.items).await?;
-    // The pages before may not have committed yet: what they write counts as stored.
-    for (item, known) in page.items.iter().zip(known.iter_mut()) {
-        if let Some(hash) = ahead.get(&(item.collection.clone(), item.id.clone())) {
+    for ((item, known), pending) in page.items.iter().zip(known.iter_mut()).zip(pending) {
+        if let Some(hash) = pending {
             *known = if hash == item.hash {
                 Known::Unchanged
             } else {
@@ -1325,12 +1332,16 @@ impl Ahead {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The hash the latest of those pages writes for `key`.
-    fn get(&self, key: &(String, String)) -> Option<String> {
-        self.pages()
-            .values()
-            .rev()
-            .find_map(|page| page.get(key).cloned())
+    /// For each key, the hash the latest of those pages writes for it.
+    fn hashes(&self, keys: impl Iterator<Item = (String, String)>) -> Vec<Option<String>> {
+        let pages = self.pages();
+        keys.map(|key| {
+            pages
+                .values()
+                .rev()
+                .find_map(|page| page.get(&key).cloned())
+        })
+        .collect()
     }
 
     fn insert(&self, seq: u64, page: Written) {
@@ -1484,12 +1495,13 @@ mod tests {
             ahead.insert(seq, [(key(&format!("y{seq}")), "h".to_string())].into());
             ahead.forget(seq);
         }
-        assert_eq!(ahead.get(&key("x")).as_deref(), Some("old"));
+        let get = |k| ahead.hashes([k].into_iter()).pop().flatten();
+        assert_eq!(get(key("x")).as_deref(), Some("old"));
         ahead.insert(10, [(key("x"), "new".to_string())].into());
-        assert_eq!(ahead.get(&key("x")).as_deref(), Some("new"));
+        assert_eq!(get(key("x")).as_deref(), Some("new"));
         ahead.forget(10);
         ahead.forget(0);
-        assert_eq!(ahead.get(&key("x")), None);
+        assert_eq!(get(key("x")), None);
     }
 
     #[tokio::test]
