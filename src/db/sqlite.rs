@@ -51,10 +51,11 @@ fn upsert_sql(rows: usize) -> String {
     vec![upsert; rows].join(";\n")
 }
 
-/// Splits `items` into runs of 32, then of the powers of two that make up the rest.
-fn in_calls<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
+/// Splits `items` into runs of `most` (a power of two), then of the powers of two that make up
+/// the rest.
+fn in_calls<T>(mut items: &[T], most: usize) -> impl Iterator<Item = &[T]> {
     std::iter::from_fn(move || {
-        let len = items.len().min(ROWS_PER_CALL);
+        let len = items.len().min(most);
         let size = if len == 0 { 0 } else { 1 << len.ilog2() };
         let (call, rest) = items.split_at(size);
         items = rest;
@@ -199,12 +200,8 @@ impl SqliteDb {
         let mut refused = Vec::new();
         // Rows go many to a call: each call is a round trip to sqlx's SQLite thread. Careful,
         // each item goes alone under a savepoint.
-        let calls: Box<dyn Iterator<Item = &[&Item]>> = if careful {
-            Box::new(page.items.chunks(1))
-        } else {
-            Box::new(in_calls(&page.items))
-        };
-        for items in calls {
+        let most = if careful { 1 } else { ROWS_PER_CALL };
+        for items in in_calls(&page.items, most) {
             if careful {
                 sqlx::query("SAVEPOINT item").execute(&mut *tx).await?;
             }
@@ -271,7 +268,7 @@ mod tests {
     fn rows_go_in_calls_of_32_then_of_the_powers_of_two_that_make_up_the_rest() {
         for n in [0, 1, 2, 3, 31, 32, 33, 100, 1000] {
             let items: Vec<usize> = (0..n).collect();
-            let calls: Vec<&[usize]> = in_calls(&items).collect();
+            let calls: Vec<&[usize]> = in_calls(&items, ROWS_PER_CALL).collect();
             let sizes: Vec<usize> = calls.iter().map(|c| c.len()).collect();
             assert_eq!(calls.concat(), items, "{n} items");
             assert!(
@@ -291,6 +288,9 @@ mod tests {
                 assert_eq!(sql.matches("VALUES (").count(), size);
                 assert_eq!(sql.matches('?').count(), 12 * size);
             }
+            // Careful, one row per call.
+            assert!(in_calls(&items, 1).all(|call| call.len() == 1));
+            assert_eq!(in_calls(&items, 1).count(), n);
         }
     }
 }
