@@ -4,7 +4,9 @@
 //! item spent reading pages and spent classifying and committing them. On Postgres it also
 //! commits two pages (of two partitions) at once, on new items, as a run does (rows `x2`). The
 //! baseline, measured in the same run on the same database, is the simplest correct writer: one
-//! INSERT per item, one transaction per page.
+//! INSERT per item, one transaction per page. On Postgres it also measures the floor: what the
+//! server takes in at all, the items' bytes alone `COPY`ed into a table of one `jsonb` column (no
+//! key, no index, no upsert), one page per `COPY`, one or two at once.
 //!
 //! ```text
 //! cargo bench --bench write_path            # 20 pages of 1,000 items
@@ -165,6 +167,54 @@ async fn baseline_pass(db: &Database, pages: &[Bytes], request: &Request) -> f64
     items as f64 / started.elapsed().as_secs_f64()
 }
 
+/// The floor on Postgres: the pages' items, `at_once` pages at a time, each page one `COPY` of
+/// the items' bytes alone into a table of one `jsonb` column. Items/s.
+async fn copy_floor(db: &Database, pages: &[Bytes], request: &Request, at_once: usize) -> f64 {
+    let Database::Postgres(pg) = db else {
+        return f64::NAN;
+    };
+    sqlx::query("CREATE TABLE IF NOT EXISTS floor (content JSONB COMPRESSION lz4)")
+        .execute(pg.pool())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    let mut items = 0;
+    for bodies in pages.chunks(at_once) {
+        let copies = bodies.iter().map(|body| async move {
+            let page =
+                page::parse_page(body, request, None).unwrap_or_else(|e| panic!("page: {e}"));
+            // COPY's text format: one row per line, with backslash, newline, carriage return
+            // and tab escaped.
+            let mut rows = Vec::with_capacity(body.len() + page.items.len());
+            for item in &page.items {
+                for &b in item.content.iter() {
+                    match b {
+                        b'\\' => rows.extend_from_slice(b"\\\\"),
+                        b'\n' => rows.extend_from_slice(b"\\n"),
+                        b'\r' => rows.extend_from_slice(b"\\r"),
+                        b'\t' => rows.extend_from_slice(b"\\t"),
+                        _ => rows.push(b),
+                    }
+                }
+                rows.push(b'\n');
+            }
+            let mut conn = pg.pool().acquire().await.unwrap_or_else(|e| panic!("{e}"));
+            let mut copy = conn
+                .copy_in_raw("COPY floor (content) FROM STDIN")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            copy.send(rows).await.unwrap_or_else(|e| panic!("{e}"));
+            copy.finish().await.unwrap_or_else(|e| panic!("{e}"));
+            page.items.len()
+        });
+        items += futures_util::future::join_all(copies)
+            .await
+            .into_iter()
+            .sum::<usize>();
+    }
+    items as f64 / started.elapsed().as_secs_f64()
+}
+
 #[tokio::main]
 async fn main() {
     let count: usize = std::env::var("STAC_SYNC_BENCH_PAGES")
@@ -180,7 +230,7 @@ async fn main() {
     let postgres = common::fresh_postgres().await;
     println!("write path: {count} pages of {PER_PAGE} items, {item_kb:.1} KB of JSON per item");
     println!(
-        "{:<12} {:>17} {:>22} {:>7} {:>18} {:>18} {:>18}",
+        "{:<12} {:>17} {:>22} {:>7} {:>18} {:>18} {:>18} {:>15} {:>9}",
         "database",
         "baseline items/s",
         "stac-sync new items/s",
@@ -188,6 +238,8 @@ async fn main() {
         "new: parse µs/item",
         "new: write µs/item",
         "unchanged items/s",
+        "floor items/s",
+        "of floor",
     );
     for (name, url, table) in [
         (
@@ -223,8 +275,17 @@ async fn main() {
             };
             let new = stac_sync_pass(&db, pages, &request, at_once).await;
             let unchanged = stac_sync_pass(&db, pages, &request, at_once).await;
+            let floor = copy_floor(&db, pages, &request, at_once).await;
+            let (floor, of_floor) = if floor.is_nan() {
+                ("-".to_string(), "-".to_string())
+            } else {
+                (
+                    format!("{floor:.0}"),
+                    format!("{:.0}%", new.items_per_s / floor * 100.0),
+                )
+            };
             println!(
-                "{:<12} {baseline:>17.0} {:>22.0} {:>6.2}x {:>18.1} {:>18.1} {:>18.0}",
+                "{:<12} {baseline:>17.0} {:>22.0} {:>6.2}x {:>18.1} {:>18.1} {:>18.0} {floor:>15} {of_floor:>9}",
                 format!("{name} x{at_once}"),
                 new.items_per_s,
                 new.items_per_s / baseline,

@@ -3,8 +3,13 @@
 //! many features it has (the features are skipped, not parsed into values); it stores nothing.
 //! It renews its token only when refused. No client can page one stream faster.
 //!
+//! With `--files DIR` it also writes each feature's bytes to a file of its own in DIR
+//! (`std::fs::write`, no temporary name, no database): the floor of any client that stores one
+//! object per item in a local folder, as DESIGN's object layout asks.
+//!
 //! ```text
 //! cargo run --release --example bench_baseline -- --limit 1000
+//! cargo run --release --example bench_baseline -- --limit 1000 --files items
 //! ```
 //! Reads STAC_SYNC_API_URL, EDS_AUTH_URL, EDS_CLIENT_ID, EDS_SECRET and BENCH_COLLECTIONS (as
 //! printed by the bench_api example) and prints `items seconds`.
@@ -12,7 +17,9 @@
 use clap::Parser;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Debug, Parser)]
@@ -20,11 +27,23 @@ struct Args {
     /// Page size.
     #[arg(long, default_value_t = 1000)]
     limit: u32,
+    /// Also write each feature to a file of its own in this folder (created if missing).
+    #[arg(long)]
+    files: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
 struct Page {
     features: Vec<IgnoredAny>,
+    #[serde(default)]
+    links: Vec<Link>,
+}
+
+/// The same page, its features kept as the bytes they were received as.
+#[derive(Deserialize)]
+struct RawPage<'a> {
+    #[serde(borrow)]
+    features: Vec<&'a RawValue>,
     #[serde(default)]
     links: Vec<Link>,
 }
@@ -67,6 +86,9 @@ async fn main() -> Result<(), String> {
         .split(',')
         .map(str::to_string)
         .collect();
+    if let Some(dir) = &args.files {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     let started = Instant::now();
     let mut bearer = token(&client).await?;
     let mut url = format!("{}search", var("STAC_SYNC_API_URL"));
@@ -88,9 +110,24 @@ async fn main() -> Result<(), String> {
             return Err(format!("{url}: HTTP {}", response.status()));
         }
         let bytes = response.bytes().await.map_err(|e| e.to_string())?;
-        let page: Page = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-        items += page.features.len();
-        match page.links.into_iter().find(|l| l.rel == "next") {
+        let links = match &args.files {
+            None => {
+                let page: Page = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+                items += page.features.len();
+                page.links
+            }
+            Some(dir) => {
+                let page: RawPage = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+                for feature in page.features {
+                    let path = dir.join(format!("{items}.json"));
+                    std::fs::write(&path, feature.get())
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    items += 1;
+                }
+                page.links
+            }
+        };
+        match links.into_iter().find(|l| l.rel == "next") {
             Some(next) => {
                 url = next.href;
                 body = next.body.unwrap_or(Value::Null);
