@@ -22,8 +22,6 @@ use url::form_urlencoded;
 /// Lifetime assumed when the token response has no usable `expires_in` (RFC 6749 §5.1 makes
 /// it optional). Short, so a wrong guess costs one refused request, never a run.
 const ASSUMED_LIFETIME: Duration = Duration::from_secs(300);
-/// Shortest lifetime we believe: below it we would fetch a token per request.
-const MIN_LIFETIME: Duration = Duration::from_secs(10);
 /// Renew this long before expiry at most (a fifth of the lifetime for short-lived tokens).
 const MAX_RENEW_MARGIN: Duration = Duration::from_secs(300);
 
@@ -220,8 +218,11 @@ impl TokenSource {
     }
 }
 
-/// `expires_in` as a lifetime: seconds as a number or a numeric string; anything else is
-/// [`ASSUMED_LIFETIME`].
+/// `expires_in` as a lifetime: seconds as a positive number or numeric string, believed however
+/// short: a token used past it is refused. (Stretching 3-second tokens to 10 seconds, as this
+/// once did, had requests refused in between, and failed a run whose replay, having waited 4 s
+/// for its turn, went with a token it believed fresh.) Anything else, zero and negative
+/// included, is [`ASSUMED_LIFETIME`].
 fn lifetime(expires_in: Option<&serde_json::Value>) -> Duration {
     let seconds = match expires_in {
         Some(serde_json::Value::Number(n)) => n.as_f64(),
@@ -229,11 +230,8 @@ fn lifetime(expires_in: Option<&serde_json::Value>) -> Duration {
         _ => None,
     };
     match seconds {
-        Some(s) if s.is_finite() && s > 0.0 => {
-            Duration::from_secs_f64(s.min(365.0 * 86_400.0)).max(MIN_LIFETIME)
-        }
-        Some(_) => MIN_LIFETIME,
-        None => ASSUMED_LIFETIME,
+        Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s.min(365.0 * 86_400.0)),
+        _ => ASSUMED_LIFETIME,
     }
 }
 
@@ -288,8 +286,10 @@ mod tests {
         assert_eq!(lifetime(Some(&json!("120"))), Duration::from_secs(120));
         assert_eq!(lifetime(None), ASSUMED_LIFETIME);
         assert_eq!(lifetime(Some(&json!("soon"))), ASSUMED_LIFETIME);
-        assert_eq!(lifetime(Some(&json!(0))), MIN_LIFETIME);
-        assert_eq!(lifetime(Some(&json!(-5))), MIN_LIFETIME);
+        assert_eq!(lifetime(Some(&json!(3))), Duration::from_secs(3));
+        assert_eq!(lifetime(Some(&json!(0.5))), Duration::from_millis(500));
+        assert_eq!(lifetime(Some(&json!(0))), ASSUMED_LIFETIME);
+        assert_eq!(lifetime(Some(&json!(-5))), ASSUMED_LIFETIME);
         assert_eq!(
             lifetime(Some(&json!(1e300))),
             Duration::from_secs(365 * 86_400)

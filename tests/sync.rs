@@ -198,6 +198,24 @@ async fn a_token_expiring_mid_run_is_renewed_ahead_without_a_single_refused_page
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_a_few_seconds_is_believed_and_renewed_ahead() {
+    // The token endpoint says tokens live 3 s (as in `scripts/trial-kills`), and each page
+    // "takes" 2 s. A client that stretched that to a longer lifetime would send expired tokens
+    // and be refused.
+    let env = fixture_env(pages(12, 2), Paging::PostFull).await;
+    env.server.state.issuer.ttl.store(3, Ordering::SeqCst);
+    *env.server.state.advance_per_page.lock().expect("lock") = Duration::from_secs(2);
+
+    let summary = env.setup().run(env.clock.clone()).await;
+
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    assert_eq!(env.server.state.issuer.refused.load(Ordering::SeqCst), 0);
+    // Renewed 0.6 s (a fifth) ahead of expiry: two pages per token.
+    assert_eq!(env.server.state.issuer.requests.load(Ordering::SeqCst), 6);
+    assert_eq!(env.server.served().len(), 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waiting_for_its_turn_takes_its_token_when_it_goes() {
     // One request at a time over two partitions, and each page "takes" 61 minutes of a
     // one-hour token: a request that took its token before waiting for the other's page would
