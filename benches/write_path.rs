@@ -20,9 +20,9 @@ mod common;
 
 use bytes::Bytes;
 use serde_json::{Value, json};
-use stac_sync::api::Request;
-use stac_sync::db::{Database, PageCommit};
-use stac_sync::page;
+use stac_sync::mirror::db::{Database, PageCommit};
+use stac_sync::stac::reader;
+use stac_sync::stac::search::Request;
 use std::time::Instant;
 
 const PER_PAGE: usize = 1000;
@@ -81,10 +81,10 @@ async fn stac_sync_pass(db: &Database, pages: &[Bytes], request: &Request, at_on
     let partitions: Vec<String> = (0..at_once).map(|p| format!("p{p}")).collect();
     for bodies in pages.chunks(at_once) {
         let parse_started = Instant::now();
-        let parsed: Vec<page::Page> = bodies
+        let parsed: Vec<reader::Page> = bodies
             .iter()
             .map(|body| {
-                page::parse_page(body, request, None).unwrap_or_else(|e| panic!("page: {e}"))
+                reader::parse_page(body, request, None).unwrap_or_else(|e| panic!("page: {e}"))
             })
             .collect();
         parsing += parse_started.elapsed().as_secs_f64();
@@ -98,14 +98,13 @@ async fn stac_sync_pass(db: &Database, pages: &[Bytes], request: &Request, at_on
                 .items
                 .iter()
                 .zip(&known)
-                .filter(|(_, k)| **k != stac_sync::db::Known::Unchanged)
+                .filter(|(_, k)| **k != stac_sync::mirror::db::Known::Unchanged)
                 .map(|(i, _)| i)
                 .collect();
             commits.push(db.commit_page(PageCommit {
                 run_id: "bench",
                 job: "bench",
                 partition,
-                query_hash: "bench",
                 items: changed,
                 rejected: &[],
                 page_url: "http://bench/search",
@@ -133,7 +132,7 @@ async fn baseline_pass(db: &Database, pages: &[Bytes], request: &Request) -> f64
     let started = Instant::now();
     let mut items = 0;
     for body in pages {
-        let page = page::parse_page(body, request, None).unwrap_or_else(|e| panic!("page: {e}"));
+        let page = reader::parse_page(body, request, None).unwrap_or_else(|e| panic!("page: {e}"));
         match db {
             Database::Postgres(pg) => {
                 let mut tx = pg.pool().begin().await.unwrap_or_else(|e| panic!("{e}"));
@@ -187,7 +186,7 @@ async fn copy_floor(
     for bodies in pages.chunks(at_once) {
         let copies = bodies.iter().map(|body| async move {
             let page =
-                page::parse_page(body, request, None).unwrap_or_else(|e| panic!("page: {e}"));
+                reader::parse_page(body, request, None).unwrap_or_else(|e| panic!("page: {e}"));
             // COPY's text format: one row per line, with backslash, newline, carriage return
             // and tab escaped.
             let mut rows = Vec::with_capacity(body.len() + page.items.len());

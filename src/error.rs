@@ -50,6 +50,41 @@ pub enum Error {
     /// The database or object store failed.
     #[error("sink error: {0}")]
     Sink(String),
+    /// A database statement failed: the database and the operation are named, the driver's
+    /// error is kept as the source.
+    #[error("sink error: database {database}: {what}: {source}")]
+    Database {
+        /// The database URL, without its password.
+        database: String,
+        /// What was being done ("commit a page").
+        what: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The STAC API answered a request with a status that is not retried and not a refused
+    /// token, in its own words. Which exit code it gives depends on the status: 400, 404 and
+    /// 422 are the job's or the URL's fault (3), 403 the credentials' (4), others the API's (5).
+    #[error("{}", refused(*status, what, url, detail))]
+    Refused {
+        /// What was requested ("search page", "conformance").
+        what: &'static str,
+        /// The URL, without its query.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// The start of the answer's body.
+        detail: String,
+    },
+    /// Another error, with what to check where it happened.
+    #[error("{error}. {hint}")]
+    Hinted {
+        /// The error.
+        #[source]
+        error: Box<Error>,
+        /// What to check.
+        hint: String,
+    },
     /// Another run holds this job's lock.
     #[error("job {job} is locked by another run: {detail}")]
     Locked {
@@ -79,16 +114,61 @@ pub enum Error {
 }
 
 impl Error {
+    /// This error, with what to check.
+    pub fn hint(self, hint: impl Into<String>) -> Error {
+        Error::Hinted {
+            error: Box::new(self),
+            hint: hint.into(),
+        }
+    }
+
+    /// Whether the API refused the request itself (HTTP 400, 404 or 422): the endpoint is not
+    /// offered, or the request is not one it takes.
+    pub fn is_rejected_request(&self) -> bool {
+        matches!(
+            self,
+            Error::Refused {
+                status: 400 | 404 | 422,
+                ..
+            }
+        )
+    }
+
     /// The process exit code for this error.
     pub fn exit(&self) -> Exit {
         match self {
             Error::Config(_) => Exit::Config,
             Error::Auth(_) => Exit::Auth,
             Error::Upstream(_) => Exit::Upstream,
-            Error::Sink(_) => Exit::Sink,
+            Error::Sink(_) | Error::Database { .. } => Exit::Sink,
+            Error::Refused { status, .. } => match status {
+                400 | 404 | 422 => Exit::Config,
+                403 => Exit::Auth,
+                _ => Exit::Upstream,
+            },
             Error::Locked { .. } | Error::LeaseLost { .. } => Exit::Locked,
             Error::Stopped => Exit::Terminated,
+            Error::Hinted { error, .. } => error.exit(),
             Error::Internal(_) => Exit::Internal,
         }
+    }
+}
+
+/// The words of [`Error::Refused`], with the exit code's prefix and what to check.
+fn refused(status: u16, what: &str, url: &str, detail: &str) -> String {
+    match status {
+        400 | 422 => format!(
+            "configuration error: the STAC API rejected the {what} {url} (HTTP {status}): \
+             {detail}; check the job's collections, bbox, datetime, query and filter"
+        ),
+        403 => format!(
+            "authentication refused: the STAC API forbids {url} (HTTP 403): {detail}; check \
+             that these credentials may read it"
+        ),
+        404 => format!(
+            "configuration error: {what} {url} not found (HTTP 404): check the API URL \
+             (EDS_API_URL) and the collection ids"
+        ),
+        _ => format!("upstream unavailable: {what} {url} answered HTTP {status}: {detail}"),
     }
 }

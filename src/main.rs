@@ -4,8 +4,8 @@
 use clap::{Parser, Subcommand};
 use stac_sync::config::{Config, EnvVars, Overrides};
 use stac_sync::error::{Error, Exit};
-use stac_sync::sync::{self, RunOptions};
-use stac_sync::telemetry::LogFormat;
+use stac_sync::ops::telemetry::LogFormat;
+use stac_sync::run::{self, RunOptions};
 use std::process::ExitCode;
 
 /// Keeps a faithful, current mirror of a STAC API's items in SQLite or Postgres and object
@@ -74,7 +74,7 @@ fn main() -> ExitCode {
     let mut cli = Cli::parse();
     let progress =
         matches!(cli.command, Command::Run { .. }) && LogFormat::shows_progress(cli.log_format);
-    stac_sync::telemetry::init(cli.log_format, progress);
+    stac_sync::ops::telemetry::init(cli.log_format, progress);
     cli.overrides.env = EnvVars::from_env();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -132,10 +132,10 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
                 ..RunOptions::default()
             };
             stop_on_signals(options.stop.clone());
-            let summary = sync::run(&config, options).await?;
+            let summary = run::run(&config, options).await?;
             let reports: Vec<_> = summary.jobs.iter().collect();
-            stac_sync::metrics::write_configured(&config, &reports);
-            stac_sync::metrics::push_configured(&config, &reports).await;
+            stac_sync::ops::metrics::write_configured(&config, &reports);
+            stac_sync::ops::metrics::push_configured(&config, &reports).await;
             for job in &summary.jobs {
                 if let Some(error) = &job.error {
                     eprintln!("error: job {}: {error}", job.job);
@@ -147,7 +147,7 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
             let options = RunOptions::default();
             stop_on_signals(options.stop.clone());
             let wall = std::sync::Arc::new(stac_sync::clock::SystemWallClock);
-            let fired = stac_sync::daemon::daemon(&config, options, wall).await?;
+            let fired = stac_sync::ops::daemon::daemon(&config, options, wall).await?;
             let interrupted = fired
                 .iter()
                 .any(|f| matches!(f.report.error, Some(Error::Stopped)));
@@ -159,7 +159,8 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
         }
         Command::Check { json } => {
             let report =
-                stac_sync::check::check(&config, stac_sync::clock::MonotonicClock::shared()).await;
+                stac_sync::ops::check::check(&config, stac_sync::clock::MonotonicClock::shared())
+                    .await;
             if json {
                 println!(
                     "{}",
@@ -171,8 +172,8 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
             Ok(report.exit())
         }
         Command::Status { json, runs } => {
-            let db = stac_sync::db::Database::connect(&config.database_url).await?;
-            let status = stac_sync::status::read(&db, runs).await?;
+            let db = stac_sync::mirror::db::Database::connect(&config.database_url).await?;
+            let status = stac_sync::ops::status::read(&db, runs).await?;
             if json {
                 println!(
                     "{}",
@@ -184,7 +185,7 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
             Ok(Exit::Success)
         }
         Command::Migrate => {
-            let db = stac_sync::db::Database::connect(&config.database_url).await?;
+            let db = stac_sync::mirror::db::Database::connect(&config.database_url).await?;
             db.migrate().await?;
             Ok(Exit::Success)
         }

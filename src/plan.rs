@@ -1,54 +1,14 @@
 //! Planning a pass: which partitions (collection × datetime window) it pages, and how a pass
 //! after the backfill finds only what may have changed. Pure functions of the job, the stored
-//! watermark, what the server offers and the time; `sync` stores the plan before paging it, so
+//! watermark, what the server offers and the time; the run stores the plan before paging it, so
 //! a killed run resumes the partitions it planned even after the calendar or watermark moved.
 
-use crate::api::Request;
 use crate::config::{Incremental, Job, Window};
-use crate::page::{self, Shape};
-use serde_json::Value;
+use crate::domain::Datetime;
+use crate::stac::client::Capabilities;
+use crate::stac::search::{self, Request, Shape};
 use std::time::{Duration, SystemTime};
 use url::Url;
-
-/// What the server offers, from its landing page's `conformsTo` and its `/queryables`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Capabilities {
-    /// Sort extension (`sortby`).
-    pub sort: bool,
-    /// Filter extension (CQL2).
-    pub filter: bool,
-    /// Fields extension (`fields`).
-    pub fields: bool,
-    /// `updated` is a queryable.
-    pub updated_queryable: bool,
-}
-
-impl Capabilities {
-    /// Reads the conformance classes (the landing page's or `/conformance`'s `conformsTo`).
-    pub fn from_conformance(doc: &Value) -> Capabilities {
-        let classes: Vec<&str> = doc
-            .get("conformsTo")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let has = |needle: &str| classes.iter().any(|c| c.contains(needle));
-        Capabilities {
-            sort: has("item-search#sort"),
-            filter: has("item-search#filter")
-                || has("ogcapi-features-3/1.0/conf/filter")
-                || has("ogcapi-features-3/1.0/conf/features-filter"),
-            fields: has("item-search#fields"),
-            updated_queryable: false,
-        }
-    }
-
-    /// Whether a queryables document (JSON Schema) lists `updated`.
-    pub fn queryable_updated(doc: &Value) -> bool {
-        doc.get("properties")
-            .and_then(Value::as_object)
-            .is_some_and(|p| p.contains_key("updated") || p.contains_key("properties.updated"))
-    }
-}
 
 /// How a pass selects items.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -131,7 +91,7 @@ fn part(root: &Url, job: &Job, collection: &str, shape: &Shape, name: String) ->
     Part {
         name,
         collection: collection.to_string(),
-        first: page::first_request(root, job, &[collection.to_string()], shape),
+        first: search::first_request(root, job, &[collection.to_string()], shape),
     }
 }
 
@@ -175,13 +135,11 @@ pub fn windows(
     unit: Window,
     now: SystemTime,
 ) -> Vec<Option<String>> {
-    let (start, end) = match datetime {
+    let (start, end) = match datetime.map(Datetime::parse) {
         None => (None, None),
-        Some(range) => match range.split_once('/') {
-            Some((s, e)) => (open(s), open(e)),
-            // An instant: nothing to split.
-            None => return vec![Some(range.to_string())],
-        },
+        Some(Datetime::Interval { start, end }) => (start, end),
+        // An instant: nothing to split.
+        Some(Datetime::Instant(at)) => return vec![Some(at.to_string())],
     };
     let end_at = match end {
         Some(e) => match parse_instant(e) {
@@ -227,10 +185,6 @@ pub fn windows(
     let last = bounds.last().cloned().unwrap_or_default();
     windows.push(Some(format!("{last}/{end_text}")));
     windows
-}
-
-fn open(end: &str) -> Option<&str> {
-    (!matches!(end, "" | "..")).then_some(end)
 }
 
 /// The first calendar boundary after `at`.

@@ -9,10 +9,10 @@ use common::{Setup, make_items, stored_items, stored_objects};
 use serde_json::{Value, json};
 use stac_sync::clock::ManualClock;
 use stac_sync::config::EnvVars;
-use stac_sync::db::Database;
 use stac_sync::error::Exit;
+use stac_sync::mirror::db::Database;
 use stac_sync::plan::{parse_instant, rfc3339};
-use stac_sync::sync::{self, RunOptions, Summary};
+use stac_sync::run::{self, RunOptions, Summary};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -69,7 +69,7 @@ fn without_runs(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 async fn run(setup: &Setup<'_>, clock: &Arc<ManualClock>, reconcile: bool) -> Summary {
-    let summary = sync::run(
+    let summary = run::run(
         &setup.config(),
         RunOptions {
             clock: clock.clone(),

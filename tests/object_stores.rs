@@ -195,12 +195,12 @@ async fn a_missing_bucket_stops_the_run_with_exit_6_before_any_page() {
         )
     };
 
-    let result = stac_sync::sync::run(
+    let result = stac_sync::run::run(
         &setup.config(),
-        stac_sync::sync::RunOptions {
+        stac_sync::run::RunOptions {
             clock,
             migrate: true,
-            ..stac_sync::sync::RunOptions::default()
+            ..stac_sync::run::RunOptions::default()
         },
     )
     .await;

@@ -6,12 +6,12 @@ mod common;
 use chrono::{DateTime, Utc};
 use common::tokens::Issuer;
 use common::{Setup, make_items};
-use stac_sync::check;
 use stac_sync::clock::{ManualClock, WallClock};
 use stac_sync::config::{Config, EnvVars, FileConfig, Overrides};
-use stac_sync::db::Database;
 use stac_sync::error::Exit;
-use stac_sync::sync::RunOptions;
+use stac_sync::mirror::db::Database;
+use stac_sync::ops::check;
+use stac_sync::run::RunOptions;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
@@ -113,7 +113,7 @@ schedule = "*/45 * * * *"
         stop: options.stop.clone(),
     });
 
-    let fired = stac_sync::daemon::daemon(&config, options, wall)
+    let fired = stac_sync::ops::daemon::daemon(&config, options, wall)
         .await
         .expect("the daemon ran");
 
@@ -257,7 +257,7 @@ async fn status_shows_runs_watermarks_items_and_quarantine() {
     setup.run(clock.clone()).await;
     let db = Database::connect(&setup.database_url()).await.expect("db");
 
-    let status = stac_sync::status::read(&db, 10).await.expect("status");
+    let status = stac_sync::ops::status::read(&db, 10).await.expect("status");
 
     assert_eq!(status.runs.len(), 1);
     assert_eq!(status.runs[0].status, "succeeded");
@@ -339,12 +339,12 @@ async fn a_run_pushes_its_metrics_to_a_real_pushgateway() {
     );
     let mut config = setup.config();
     config.pushgateway_url = Some(url::Url::parse(&gateway.url).expect("url"));
-    let summary = stac_sync::sync::run(&config, RunOptions::default())
+    let summary = stac_sync::run::run(&config, RunOptions::default())
         .await
         .expect("ran");
     let reports: Vec<_> = summary.jobs.iter().collect();
 
-    stac_sync::metrics::push_configured(&config, &reports).await;
+    stac_sync::ops::metrics::push_configured(&config, &reports).await;
 
     let scraped = reqwest::get(format!("{}metrics", gateway.url))
         .await

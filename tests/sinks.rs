@@ -8,8 +8,8 @@ use common::tokens::Issuer;
 use common::{Setup, make_items, stored_items, stored_objects};
 use serde_json::{Value, json};
 use stac_sync::clock::ManualClock;
-use stac_sync::db::Database;
 use stac_sync::error::Exit;
+use stac_sync::mirror::db::Database;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +63,7 @@ impl Case {
         }
     }
 
-    async fn run(&self) -> stac_sync::sync::Summary {
+    async fn run(&self) -> stac_sync::run::Summary {
         self.setup().run(self.clock.clone()).await
     }
 
@@ -419,15 +419,15 @@ async fn a_page_larger_than_one_upsert_statement_is_stored_whole_on_postgres() {
             .expect("json"),
     );
     assert!(body.len() > 9 << 20, "{} bytes", body.len());
-    let request =
-        stac_sync::api::Request::get(url::Url::parse("http://127.0.0.1:9/search").expect("url"));
-    let page = stac_sync::page::parse_page(&body, &request, None).expect("page");
+    let request = stac_sync::stac::search::Request::get(
+        url::Url::parse("http://127.0.0.1:9/search").expect("url"),
+    );
+    let page = stac_sync::stac::reader::parse_page(&body, &request, None).expect("page");
     let refused = db
-        .commit_page(stac_sync::db::PageCommit {
+        .commit_page(stac_sync::mirror::db::PageCommit {
             run_id: "r",
             job: "test",
             partition: "p",
-            query_hash: "q",
             items: page.items.iter().collect(),
             rejected: &[],
             page_url: "http://127.0.0.1:9/search",

@@ -227,9 +227,9 @@ async fn a_request_waiting_for_its_turn_takes_its_token_when_it_goes() {
     let mut config = setup.config();
     config.concurrency = 1;
 
-    let summary = stac_sync::sync::run(
+    let summary = stac_sync::run::run(
         &config,
-        stac_sync::sync::RunOptions {
+        stac_sync::run::RunOptions {
             clock: env.clock.clone(),
             migrate: true,
             ..Default::default()
@@ -487,9 +487,9 @@ async fn a_secret_with_reserved_characters_works_in_both_client_auth_styles() {
 async fn thirty_two_requests_at_expiry_make_one_token_request() {
     let env = fixture_env(pages(1, 1), Paging::PostFull).await;
     let config = env.setup().config();
-    let stats = Arc::new(stac_sync::http::Stats::default());
-    let client = stac_sync::http::client(&config.http).expect("client");
-    let tokens = Arc::new(stac_sync::auth::TokenSource::new(
+    let stats = Arc::new(stac_sync::stac::http::Stats::default());
+    let client = stac_sync::stac::http::client(&config.http).expect("client");
+    let tokens = Arc::new(stac_sync::stac::auth::TokenSource::new(
         config.auth.clone(),
         client,
         config.http.retry.clone(),
@@ -517,7 +517,7 @@ async fn thirty_two_requests_at_expiry_make_one_token_request() {
 
     assert_eq!(env.server.state.issuer.requests.load(Ordering::SeqCst), 2);
     assert_eq!(values.len(), 1);
-    assert_eq!(stac_sync::http::Stats::get(&stats.token_renewals), 1);
+    assert_eq!(stac_sync::stac::http::Stats::get(&stats.token_renewals), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -663,7 +663,7 @@ async fn a_stale_resume_point_restarts_the_partition_from_its_beginning() {
 async fn postgres_holding_commits(when: &str) -> (String, sqlx::PgConnection) {
     use sqlx::Connection;
     let database = common::fresh_postgres().await;
-    let db = stac_sync::db::Database::connect(&database)
+    let db = stac_sync::mirror::db::Database::connect(&database)
         .await
         .expect("db");
     db.migrate().await.expect("migrate");

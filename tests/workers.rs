@@ -190,12 +190,12 @@ async fn assert_mirrors_reference(
 
 /// The Postgres pool of a test database.
 async fn postgres_pool(database: &str) -> sqlx::PgPool {
-    match stac_sync::db::Database::connect(database)
+    match stac_sync::mirror::db::Database::connect(database)
         .await
         .expect("db")
     {
-        stac_sync::db::Database::Postgres(db) => db.pool().clone(),
-        stac_sync::db::Database::Sqlite(_) => panic!("a Postgres database"),
+        stac_sync::mirror::db::Database::Postgres(db) => db.pool().clone(),
+        stac_sync::mirror::db::Database::Sqlite(_) => panic!("a Postgres database"),
     }
 }
 
@@ -371,10 +371,10 @@ async fn a_killed_workers_partitions_are_taken_over_after_its_lease_expires() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_share_the_job_lock_with_each_other_and_never_with_a_single_run() {
     let database = fresh_postgres().await;
-    let db = stac_sync::db::Database::connect(&database)
+    let db = stac_sync::mirror::db::Database::connect(&database)
         .await
         .expect("db");
-    let exit = |taken: &Result<stac_sync::db::JobLock, stac_sync::error::Error>| {
+    let exit = |taken: &Result<stac_sync::mirror::db::JobLock, stac_sync::error::Error>| {
         taken.as_ref().err().map(|e| e.exit())
     };
 
@@ -405,13 +405,13 @@ async fn workers_share_the_job_lock_with_each_other_and_never_with_a_single_run(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_lease_was_taken_over_cannot_commit_the_partition() {
-    use stac_sync::db::{Lease, PageCommit, PassKind, PlanCommit};
+    use stac_sync::mirror::db::{Lease, PageCommit, PassKind, PlanCommit};
     let database = fresh_postgres().await;
-    let db = stac_sync::db::Database::connect(&database)
+    let db = stac_sync::mirror::db::Database::connect(&database)
         .await
         .expect("db");
     db.migrate().await.expect("migrate");
-    let first = stac_sync::api::Request::get(
+    let first = stac_sync::stac::search::Request::get(
         url::Url::parse("http://127.0.0.1:9/search?collections=a").expect("url"),
     );
     db.plan(PlanCommit {
@@ -441,7 +441,6 @@ async fn a_worker_whose_lease_was_taken_over_cannot_commit_the_partition() {
                 run_id: lease.owner,
                 job: "test",
                 partition: "a",
-                query_hash: "q",
                 items: Vec::new(),
                 rejected: &[],
                 page_url: "http://127.0.0.1:9/search",

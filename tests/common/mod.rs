@@ -12,8 +12,8 @@ pub mod tokens;
 use serde_json::Value;
 use stac_sync::clock::ManualClock;
 use stac_sync::config::{Config, EnvVars, FileConfig, Overrides};
-use stac_sync::db::Database;
-use stac_sync::sync::{self, RunOptions, Summary};
+use stac_sync::mirror::db::Database;
+use stac_sync::run::{self, RunOptions, Summary};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -162,7 +162,7 @@ method = "{method}"
     }
 
     pub async fn run(&self, clock: Arc<ManualClock>) -> Summary {
-        sync::run(
+        run::run(
             &self.config(),
             RunOptions {
                 clock,

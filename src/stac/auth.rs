@@ -7,10 +7,11 @@
 //! a token, [`TokenSource::refused`] drops that token (and only that one) so the next call
 //! fetches a fresh one.
 
+use super::http::{self, HttpError, Stats, Verdict};
 use crate::clock::Clock;
+use crate::config::RetryPolicy;
 use crate::config::{Auth, AuthStyle, ClientCredentials};
 use crate::error::Error;
-use crate::http::{self, HttpError, RetryPolicy, Stats, Verdict};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::sync::Arc;

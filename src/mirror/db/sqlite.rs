@@ -8,7 +8,7 @@
 use super::{JobLock, Known, PageCommit, shared};
 use crate::config::redact_url;
 use crate::error::Error;
-use crate::page::{Item, Rejected};
+use crate::stac::reader::{Item, Rejected};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };

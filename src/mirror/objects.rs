@@ -7,10 +7,11 @@
 //! linked in once complete, otherwise like `object_store`'s `LocalFileSystem` writes them (a
 //! temporary `KEY#N` renamed over `KEY`); either way a killed run never leaves half an object.
 
-use crate::db::Known;
+use super::db::Known;
 use crate::error::Error;
-use crate::page::Item;
+use crate::stac::reader::Item;
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
@@ -199,8 +200,13 @@ impl ObjectSink {
         if let Some(local) = &self.local {
             return self.put_local(local, items).await;
         }
-        stream::iter(items)
-            .map(|(item, known)| self.put_item(item, *known))
+        // The futures are made first, so the stream's type holds no closure (a boxed future of
+        // a stream with a closure over borrowed items is not `Send` for every lifetime).
+        let puts: Vec<_> = items
+            .iter()
+            .map(|&(item, known)| self.put_item(item, known))
+            .collect();
+        stream::iter(puts)
             .buffer_unordered(PUTS_IN_FLIGHT_REMOTE)
             .try_collect::<Vec<_>>()
             .await?;
@@ -300,6 +306,35 @@ impl ObjectSink {
             .await
             .map_err(|e| Error::Sink(format!("object store {}: writing {key}: {e}", self.shown)))?;
         Ok(())
+    }
+}
+
+impl super::Output for ObjectSink {
+    fn write<'a>(&'a self, items: &'a [(&'a Item, Known)]) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.put_items(items))
+    }
+
+    fn remove<'a>(&'a self, collection: &'a str, id: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.delete_item(collection, id))
+    }
+
+    fn recover<'a>(&'a self, collections: &'a [String]) -> BoxFuture<'a, Result<usize, Error>> {
+        let sink = self.clone();
+        let collections = collections.to_vec();
+        Box::pin(async move {
+            // A directory walk: kept off the async workers.
+            tokio::task::spawn_blocking(move || sink.sweep_staging(&collections))
+                .await
+                .map_err(|e| Error::Internal(format!("the folder clean-up failed: {e}")))?
+        })
+    }
+
+    fn manifest<'a>(
+        &'a self,
+        run_id: &'a str,
+        manifest: Bytes,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.put_manifest(run_id, manifest))
     }
 }
 

@@ -6,7 +6,7 @@
 //! both forms (RFC 9110 §10.2.3), within a bounded number of retries and a bounded total wait.
 //! What a complete response *means* is the caller's decision ([`Verdict`]).
 
-use crate::config::HttpSettings;
+use crate::config::{HttpSettings, RetryPolicy};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use rand::Rng;
@@ -15,30 +15,6 @@ use reqwest::{RequestBuilder, StatusCode};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 use tokio::sync::Semaphore;
-
-/// How hard to retry one request.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Retries after the first attempt.
-    pub max_retries: u32,
-    /// Total time one request may spend waiting between attempts.
-    pub budget: Duration,
-    /// First backoff step.
-    pub base: Duration,
-    /// Largest backoff step.
-    pub max: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            max_retries: 8,
-            budget: Duration::from_secs(600),
-            base: Duration::from_millis(500),
-            max: Duration::from_secs(30),
-        }
-    }
-}
 
 impl RetryPolicy {
     /// The full-jitter backoff before retry number `retry` (0-based): a uniformly random wait

@@ -1,22 +1,42 @@
-//! STAC API item-search paging: the first request of a job, and a page's items and `next` link.
-//!
-//! A page is read as it arrives ([`PageReader`]): each feature is kept as the bytes received
-//! ([`Item::content`]; nothing is re-serialised) and only its indexed fields are parsed. Paging follows `rel="next"`
-//! honouring `method`, `body`, `headers` and `merge`
-//! (<https://github.com/radiantearth/stac-api-spec/tree/release/v1.0.0/item-search#pagination>).
-//! An item that cannot be stored becomes a [`Rejected`] with the reason; the rest of the page
-//! is kept.
+//! A search page read into items as its bytes arrive ([`PageReader`]): each feature is kept as
+//! the bytes received ([`Item::content`]; nothing is re-serialised) and only its indexed fields
+//! are parsed. A feature that cannot be stored becomes a [`Rejected`] with the reason and the
+//! rest of the page is kept; only a page that is not an ItemCollection at all is a
+//! [`PageError`]. The next link is read by [`super::search`].
 
-use crate::api::Request;
-use crate::config::{Job, SearchMethod};
+use super::search::{self, Request};
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use url::Url;
+
+/// Why a page as a whole cannot be read (a bad feature is a [`Rejected`] instead). A page cut
+/// short by a proxy reads badly too, so the page is fetched again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PageError {
+    /// Not the JSON of an ItemCollection.
+    #[error("the page is not a STAC ItemCollection: {what} at byte {at}")]
+    Malformed {
+        /// What was found.
+        what: String,
+        /// The 1-based byte offset in the page.
+        at: usize,
+    },
+    /// The bytes ended before the JSON did.
+    #[error("the page ended after {bytes} bytes, before its JSON did (cut short?)")]
+    CutShort {
+        /// Bytes received.
+        bytes: usize,
+    },
+    /// A JSON object without `features`.
+    #[error("the page is not a STAC ItemCollection (it has no `features`)")]
+    NoFeatures,
+    /// Its `next` link cannot be followed.
+    #[error("{0}")]
+    Next(String),
+}
 
 /// An item ready to store.
 #[derive(Debug, Clone)]
@@ -73,22 +93,6 @@ pub struct Page {
 }
 
 #[derive(Deserialize)]
-struct Link {
-    #[serde(default)]
-    rel: String,
-    #[serde(default)]
-    href: String,
-    #[serde(default)]
-    method: Option<String>,
-    #[serde(default)]
-    body: Option<Value>,
-    #[serde(default)]
-    headers: Option<Map<String, Value>>,
-    #[serde(default)]
-    merge: bool,
-}
-
-#[derive(Deserialize)]
 struct Head<'a> {
     #[serde(borrow, default)]
     id: Option<Cow<'a, str>>,
@@ -128,123 +132,6 @@ struct Properties<'a> {
     end_datetime: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     updated: Option<Cow<'a, str>>,
-}
-
-/// How one partition narrows or trims the job's search.
-#[derive(Debug, Clone, Default)]
-pub struct Shape {
-    /// The datetime sent: the job's, or a window of it.
-    pub datetime: Option<String>,
-    /// Only items with `updated` at or after this instant, sorted by `updated` ascending
-    /// (Filter and Sort extensions).
-    pub updated_since: Option<String>,
-    /// Ask only for `id` and `collection` (Fields extension).
-    pub ids_only: bool,
-}
-
-impl Shape {
-    /// The job's search as configured.
-    pub fn of(job: &Job) -> Shape {
-        Shape {
-            datetime: job.datetime.clone(),
-            ..Shape::default()
-        }
-    }
-}
-
-/// The CQL2-JSON filter sent: the job's, and `updated >= since` if given.
-fn filter(job: &Job, since: Option<&str>) -> Option<Value> {
-    let since = since.map(|since| {
-        serde_json::json!({"op": ">=", "args": [{"property": "updated"}, {"timestamp": since}]})
-    });
-    match (job.filter.clone(), since) {
-        (Some(own), Some(since)) => Some(serde_json::json!({"op": "and", "args": [own, since]})),
-        (own, since) => own.or(since),
-    }
-}
-
-/// Fields left out of an ids-only sweep (Fields extension: `include` alone keeps the defaults).
-const IDS_ONLY_EXCLUDE: [&str; 5] = ["geometry", "bbox", "assets", "links", "properties"];
-
-/// The first search request of a job over `collections` (STAC API item-search, GET or POST),
-/// shaped for one partition.
-pub fn first_request(root: &Url, job: &Job, collections: &[String], shape: &Shape) -> Request {
-    let mut url = root.join("search").unwrap_or_else(|_| root.clone());
-    let filter = filter(job, shape.updated_since.as_deref());
-    match job.method {
-        SearchMethod::Post => {
-            let mut body = Map::new();
-            body.insert("collections".into(), collections.to_vec().into());
-            body.insert("limit".into(), job.limit.into());
-            if let Some(bbox) = &job.bbox {
-                body.insert("bbox".into(), bbox.clone().into());
-            }
-            if let Some(intersects) = &job.intersects {
-                body.insert("intersects".into(), intersects.clone());
-            }
-            if let Some(datetime) = &shape.datetime {
-                body.insert("datetime".into(), datetime.clone().into());
-            }
-            if let Some(query) = &job.query {
-                body.insert("query".into(), query.clone());
-            }
-            if let Some(filter) = filter {
-                body.insert("filter".into(), filter);
-                body.insert("filter-lang".into(), "cql2-json".into());
-            }
-            if shape.updated_since.is_some() {
-                body.insert(
-                    "sortby".into(),
-                    serde_json::json!([{"field": "properties.updated", "direction": "asc"}]),
-                );
-            }
-            if shape.ids_only {
-                body.insert(
-                    "fields".into(),
-                    serde_json::json!({"include": ["id", "collection"], "exclude": IDS_ONLY_EXCLUDE}),
-                );
-            }
-            Request {
-                method: "POST".into(),
-                url,
-                headers: Vec::new(),
-                body: Some(Value::Object(body)),
-            }
-        }
-        SearchMethod::Get => {
-            {
-                let mut query = url.query_pairs_mut();
-                query.append_pair("collections", &collections.join(","));
-                query.append_pair("limit", &job.limit.to_string());
-                if let Some(bbox) = &job.bbox {
-                    let bbox: Vec<String> = bbox.iter().map(f64::to_string).collect();
-                    query.append_pair("bbox", &bbox.join(","));
-                }
-                if let Some(intersects) = &job.intersects {
-                    query.append_pair("intersects", &intersects.to_string());
-                }
-                if let Some(datetime) = &shape.datetime {
-                    query.append_pair("datetime", datetime);
-                }
-                if let Some(q) = &job.query {
-                    query.append_pair("query", &q.to_string());
-                }
-                if let Some(filter) = filter {
-                    query.append_pair("filter", &filter.to_string());
-                    query.append_pair("filter-lang", "cql2-json");
-                }
-                if shape.updated_since.is_some() {
-                    query.append_pair("sortby", "+properties.updated");
-                }
-                if shape.ids_only {
-                    let exclude: Vec<String> =
-                        IDS_ONLY_EXCLUDE.iter().map(|f| format!("-{f}")).collect();
-                    query.append_pair("fields", &format!("id,collection,{}", exclude.join(",")));
-                }
-            }
-            Request::get(url)
-        }
-    }
 }
 
 /// Bytes a reader holds before it looks for whole features in them: a feature cut by the end
@@ -316,7 +203,7 @@ impl PageReader {
     }
 
     /// Takes the next bytes of the page. `Err`: the page cannot be a STAC ItemCollection.
-    pub fn push(&mut self, bytes: &[u8]) -> Result<(), String> {
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), PageError> {
         self.buf.extend_from_slice(bytes);
         self.advance(false)
     }
@@ -337,37 +224,32 @@ impl PageReader {
 
     /// Ends the page (all its bytes were pushed): the last part, `whole`, with the request its
     /// `next` link asks for. `request` is the request that fetched the page.
-    pub fn finish(mut self, request: &Request) -> Result<Page, String> {
+    pub fn finish(mut self, request: &Request) -> Result<Page, PageError> {
         self.advance(true)?;
         if self.at != At::End {
-            return Err(format!(
-                "the page ended after {} bytes, before its JSON did (cut short?)",
-                self.read + self.buf.len()
-            ));
+            return Err(PageError::CutShort {
+                bytes: self.read + self.buf.len(),
+            });
         }
         if !self.features {
-            return Err("the page is not a STAC ItemCollection (it has no `features`)".into());
+            return Err(PageError::NoFeatures);
         }
-        let links: Vec<Link> = match &self.links {
-            Some(raw) => serde_json::from_slice(raw)
-                .map_err(|e| format!("the page's links cannot be read ({e})"))?,
-            None => Vec::new(),
-        };
+        let next = search::next_of(self.links.as_deref(), request).map_err(PageError::Next)?;
         let mut page = self.take_part();
-        page.next = next_request(&links, request)?;
+        page.next = next;
         page.whole = true;
         Ok(page)
     }
 
-    fn fail(&self, what: &str) -> String {
-        format!(
-            "the page is not a STAC ItemCollection: {what} at byte {}",
-            self.read + 1
-        )
+    fn fail(&self, what: &str) -> PageError {
+        PageError::Malformed {
+            what: what.to_string(),
+            at: self.read + 1,
+        }
     }
 
     /// Reads as far as the bytes go; `end`: no more will come.
-    fn advance(&mut self, end: bool) -> Result<(), String> {
+    fn advance(&mut self, end: bool) -> Result<(), PageError> {
         loop {
             let blank = self
                 .buf
@@ -466,7 +348,7 @@ impl PageReader {
 
     /// The JSON value at the front of the bytes, split off, or `None` if it may not be
     /// complete yet.
-    fn value(&mut self, end: bool) -> Result<Option<Bytes>, String> {
+    fn value(&mut self, end: bool) -> Result<Option<Bytes>, PageError> {
         if !end && self.buf.len() < self.wait {
             return Ok(None);
         }
@@ -493,11 +375,13 @@ impl PageReader {
                 self.wait = (self.buf.len() * 2).max(self.read_ahead);
                 Ok(None)
             }
-            Some(Err(e)) => Err(format!(
-                "the page is not a STAC ItemCollection: invalid JSON at byte {} ({})",
-                self.read + self.offset_of(&e) + 1,
-                e.to_string().split(" at line ").next().unwrap_or_default()
-            )),
+            Some(Err(e)) => Err(PageError::Malformed {
+                what: format!(
+                    "invalid JSON ({})",
+                    e.to_string().split(" at line ").next().unwrap_or_default()
+                ),
+                at: self.read + self.offset_of(&e) + 1,
+            }),
             None => Ok(None),
         }
     }
@@ -565,7 +449,7 @@ pub fn parse_page(
     body: &[u8],
     request: &Request,
     default_collection: Option<&str>,
-) -> Result<Page, String> {
+) -> Result<Page, PageError> {
     let mut reader = PageReader::new(default_collection);
     reader.push(body)?;
     reader.finish(request)
@@ -608,10 +492,7 @@ fn read_item(
             Some(id),
         ));
     };
-    let bbox = match head.bbox.as_deref() {
-        Some([x0, y0, x1, y1]) | Some([x0, y0, _, x1, y1, _]) => Some([*x0, *y0, *x1, *y1]),
-        _ => None,
-    };
+    let bbox = head.bbox.as_deref().and_then(crate::domain::bbox_2d);
     let (datetime, start_datetime, end_datetime, updated) = match head.properties {
         Some(p) => (
             p.datetime.map(Cow::into_owned),
@@ -634,57 +515,11 @@ fn read_item(
     })
 }
 
-/// The request a `rel="next"` link asks for, resolved against the current request.
-fn next_request(links: &[Link], current: &Request) -> Result<Option<Request>, String> {
-    let Some(link) = links.iter().find(|l| l.rel == "next") else {
-        return Ok(None);
-    };
-    let url = current
-        .url
-        .join(&link.href)
-        .map_err(|e| format!("the next link's href {:?} is not a URL ({e})", link.href))?;
-    let method = link.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
-    let mut headers = if link.merge {
-        current.headers.clone()
-    } else {
-        Vec::new()
-    };
-    for (name, value) in link.headers.iter().flatten() {
-        let value = match value {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-        headers.push((name.clone(), value));
-    }
-    let body = match method.as_str() {
-        "GET" => None,
-        "POST" => match (&link.body, link.merge, &current.body) {
-            (Some(Value::Object(part)), true, Some(Value::Object(base))) => {
-                let mut merged = base.clone();
-                merged.extend(part.clone());
-                Some(Value::Object(merged))
-            }
-            (Some(body), _, _) => Some(body.clone()),
-            (None, _, body) => body.clone(),
-        },
-        other => {
-            return Err(format!(
-                "the next link asks for method {other}, not GET or POST"
-            ));
-        }
-    };
-    Ok(Some(Request {
-        method,
-        url,
-        headers,
-        body,
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+    use url::Url;
 
     fn post(body: Value) -> Request {
         Request {
@@ -734,7 +569,7 @@ mod tests {
     }
 
     /// A page read in chunks of `size` bytes, with a part taken whenever one has `part` bytes.
-    fn read_in_chunks(body: &[u8], size: usize, part: usize) -> Result<Vec<Page>, String> {
+    fn read_in_chunks(body: &[u8], size: usize, part: usize) -> Result<Vec<Page>, PageError> {
         read_ahead_in_chunks(body, size, part, 1)
     }
 
@@ -743,7 +578,7 @@ mod tests {
         size: usize,
         part: usize,
         read_ahead: usize,
-    ) -> Result<Vec<Page>, String> {
+    ) -> Result<Vec<Page>, PageError> {
         let request = post(serde_json::json!({}));
         let mut reader = PageReader::new(Some("c"));
         reader.read_ahead = read_ahead;
@@ -891,7 +726,10 @@ mod tests {
         let body = b"{\"features\":[\n{\"id\":\"a\",}]}";
         for size in [1, 5, body.len()] {
             let error = read_in_chunks(body, size, usize::MAX).expect_err("broken");
-            assert!(error.contains("invalid JSON at byte 25 "), "{error}");
+            assert!(
+                matches!(&error, PageError::Malformed { what, at: 25 } if what.starts_with("invalid JSON")),
+                "{error}"
+            );
         }
         for body in broken {
             for size in [1, 5, body.len()] {

@@ -5,45 +5,26 @@
 //! obtains a new one and replays that one request; a second refusal is an authentication
 //! error. The token is sent only to the API's own origin (RFC 6750 §5.3: bearer tokens must not
 //! leak), never to a host a `next` link points elsewhere.
+//!
+//! Also what the server offers ([`capabilities_of`]): the conformance classes of its landing
+//! page (or `/conformance`) and whether `/queryables` lists `updated`.
 
-use crate::auth::{Token, TokenSource};
+use super::auth::{Token, TokenSource};
+use super::http::{self, Exchange, HttpError, ReadBody, Stats, Verdict};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::config::RetryPolicy;
 use crate::error::Error;
-use crate::http::{self, Exchange, HttpError, ReadBody, RetryPolicy, Stats, Verdict};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use reqwest::{RequestBuilder, StatusCode};
 use secrecy::ExposeSecret;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
 use url::Url;
 
-/// One API request, as stored in a resume point: method, absolute URL, extra headers, body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Request {
-    /// `GET` or `POST`.
-    pub method: String,
-    /// Absolute URL, query included.
-    pub url: Url,
-    /// Headers a `next` link asked for.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub headers: Vec<(String, String)>,
-    /// JSON body of a POST.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<Value>,
-}
-
-impl Request {
-    /// A GET of `url`.
-    pub fn get(url: Url) -> Request {
-        Request {
-            method: "GET".into(),
-            url,
-            headers: Vec::new(),
-            body: None,
-        }
-    }
-}
+pub use super::search::Request;
 
 /// Talks to one STAC API.
 #[derive(Debug)]
@@ -177,6 +158,133 @@ impl ApiClient {
     }
 }
 
+/// What the server offers: the landing page's (or `/conformance`'s) classes, and whether
+/// `/queryables` lists `updated` (asked only when Sort and Filter are offered).
+pub async fn capabilities_of(api: &ApiClient) -> Result<Capabilities, Error> {
+    let landing = landing_page(api).await?;
+    capabilities_from(api, &landing).await
+}
+
+/// Reads a JSON document for [`ApiClient::fetch`].
+fn json(what: &'static str) -> impl FnMut(bytes::Bytes) -> Result<serde_json::Value, String> {
+    move |body| {
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .map_err(|e| format!("the {what} is not JSON ({e})"))
+    }
+}
+
+/// The API's landing page.
+pub async fn landing_page(api: &ApiClient) -> Result<serde_json::Value, Error> {
+    api.fetch(
+        "landing page",
+        &Request::get(api.root().clone()),
+        json("landing page"),
+    )
+    .await
+}
+
+/// What the server offers, given its landing page.
+pub async fn capabilities_from(
+    api: &ApiClient,
+    landing: &serde_json::Value,
+) -> Result<Capabilities, Error> {
+    let root = api.root();
+    let mut caps = Capabilities::from_conformance(landing);
+    if landing.get("conformsTo").is_none()
+        && let Ok(url) = root.join("conformance")
+    {
+        match api
+            .fetch("conformance", &Request::get(url), json("conformance"))
+            .await
+        {
+            Ok(doc) => caps = Capabilities::from_conformance(&doc),
+            Err(e) if e.is_rejected_request() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if caps.sort
+        && caps.filter
+        && let Ok(url) = root.join("queryables")
+    {
+        match api
+            .fetch("queryables", &Request::get(url), json("queryables"))
+            .await
+        {
+            Ok(doc) => caps.updated_queryable = Capabilities::queryable_updated(&doc),
+            Err(e) if e.is_rejected_request() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(caps)
+}
+
+/// The API client of a config, retrying per `policy`.
+pub fn api_client(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    stats: Arc<Stats>,
+    policy: crate::config::RetryPolicy,
+) -> Result<ApiClient, Error> {
+    let client = http::client(&config.http)
+        .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))?;
+    let tokens = TokenSource::new(
+        config.auth.clone(),
+        client.clone(),
+        policy.clone(),
+        clock,
+        stats.clone(),
+    );
+    Ok(ApiClient::new(
+        config.api_root.clone(),
+        client,
+        tokens,
+        policy,
+        stats,
+        config.concurrency,
+        config.headers.clone(),
+    ))
+}
+
+/// What the server offers, from its landing page's `conformsTo` and its `/queryables`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Capabilities {
+    /// Sort extension (`sortby`).
+    pub sort: bool,
+    /// Filter extension (CQL2).
+    pub filter: bool,
+    /// Fields extension (`fields`).
+    pub fields: bool,
+    /// `updated` is a queryable.
+    pub updated_queryable: bool,
+}
+
+impl Capabilities {
+    /// Reads the conformance classes (the landing page's or `/conformance`'s `conformsTo`).
+    pub fn from_conformance(doc: &Value) -> Capabilities {
+        let classes: Vec<&str> = doc
+            .get("conformsTo")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let has = |needle: &str| classes.iter().any(|c| c.contains(needle));
+        Capabilities {
+            sort: has("item-search#sort"),
+            filter: has("item-search#filter")
+                || has("ogcapi-features-3/1.0/conf/filter")
+                || has("ogcapi-features-3/1.0/conf/features-filter"),
+            fields: has("item-search#fields"),
+            updated_queryable: false,
+        }
+    }
+
+    /// Whether a queryables document (JSON Schema) lists `updated`.
+    pub fn queryable_updated(doc: &Value) -> bool {
+        doc.get("properties")
+            .and_then(Value::as_object)
+            .is_some_and(|p| p.contains_key("updated") || p.contains_key("properties.updated"))
+    }
+}
+
 /// Reads a whole body, then hands it to a function.
 struct Parse<'f, F>(&'f mut F);
 
@@ -271,22 +379,12 @@ fn is_gateway_forbidden(status: StatusCode, body: &[u8]) -> bool {
 }
 
 /// A non-retryable refusal of a request, with the server's own words.
-fn rejected(what: &str, url: &str, status: StatusCode, body: &[u8]) -> Error {
+fn rejected(what: &'static str, url: &str, status: StatusCode, body: &[u8]) -> Error {
     let text = String::from_utf8_lossy(&body[..body.len().min(300)]);
-    let text = text.trim();
-    match status.as_u16() {
-        400 | 422 => Error::Config(format!(
-            "the STAC API rejected the {what} {url} (HTTP {status}): {text}; check the job's \
-             collections, bbox, datetime, query and filter"
-        )),
-        403 => Error::Auth(format!(
-            "the STAC API forbids {url} (HTTP 403): {text}; check that these credentials may \
-             read it"
-        )),
-        404 => Error::Config(format!(
-            "{what} {url} not found (HTTP 404): check the API URL (EDS_API_URL) and the \
-             collection ids"
-        )),
-        _ => Error::Upstream(format!("{what} {url} answered HTTP {status}: {text}")),
+    Error::Refused {
+        what,
+        url: url.to_string(),
+        status: status.as_u16(),
+        detail: text.trim().to_string(),
     }
 }

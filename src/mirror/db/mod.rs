@@ -12,9 +12,9 @@ mod sqlite;
 pub use postgres::PostgresDb;
 pub use sqlite::SqliteDb;
 
-use crate::api::Request;
 use crate::error::Error;
-use crate::page::{Item, Rejected};
+use crate::stac::reader::{Item, Rejected};
+use crate::stac::search::Request;
 
 /// Runs `$body` with `$pool` bound to the backend's pool: the statement is written once and
 /// compiled for each backend (both accept `$N` placeholders and `CURRENT_TIMESTAMP`).
@@ -145,37 +145,55 @@ pub struct Lease<'a> {
     pub ttl: std::time::Duration,
 }
 
-/// A run as `status` shows it.
-pub type RunRow = (
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    String,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    Option<String>,
-);
+/// A run, as `status` shows it.
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct Run {
+    pub run_id: String,
+    pub job: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub status: String,
+    pub pages: i64,
+    pub new: i64,
+    pub changed: i64,
+    pub unchanged: i64,
+    pub deleted: i64,
+    pub quarantined: i64,
+    pub retries: i64,
+    pub token_renewals: i64,
+    pub error: Option<String>,
+}
 
-/// A job's state as `status` shows it: job, watermark, pass start, last reconcile, partitions
-/// left in unfinished passes.
-pub type JobStateRow = (String, Option<String>, Option<String>, Option<String>, i64);
+/// A job's state, as `status` shows it.
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct JobStatus {
+    pub job: String,
+    /// Everything published before this is mirrored (RFC 3339); none before the first full pass.
+    pub watermark: Option<String>,
+    pub pass_started_at: Option<String>,
+    pub reconciled_at: Option<String>,
+    /// Partitions left in an unfinished pass (the next run resumes them).
+    pub partitions_left: i64,
+}
 
-/// A quarantined feature as `status` shows it: job, collection, id, reason, page, when.
-pub type QuarantineRow = (
-    String,
-    Option<String>,
-    Option<String>,
-    String,
-    String,
-    Option<String>,
-);
+/// A collection's items, as `status` shows it.
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct CollectionStatus {
+    pub collection: String,
+    pub live: i64,
+    pub deleted: i64,
+}
+
+/// A quarantined feature, as `status` shows it.
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct Quarantined {
+    pub job: String,
+    pub collection: Option<String>,
+    pub id: Option<String>,
+    pub reason: String,
+    pub page: String,
+    pub at: Option<String>,
+}
 
 /// A partition of a stored plan.
 #[derive(Debug, Clone)]
@@ -266,8 +284,6 @@ pub struct PageCommit<'a> {
     pub job: &'a str,
     /// The partition.
     pub partition: &'a str,
-    /// The job's query fingerprint.
-    pub query_hash: &'a str,
     /// New and changed items (unchanged ones are not rewritten).
     pub items: Vec<&'a Item>,
     /// Features to quarantine.
@@ -624,11 +640,13 @@ impl Database {
     }
 
     /// The most recent runs, newest first (for `status`).
-    pub async fn recent_runs(&self, limit: i64) -> Result<Vec<RunRow>, Error> {
+    pub async fn recent_runs(&self, limit: i64) -> Result<Vec<Run>, Error> {
         on_pool!(self, pool => sqlx::query_as(
-            "SELECT run_id, job, CAST(started_at AS TEXT), CAST(finished_at AS TEXT), status, \
-             pages, items_new, items_changed, items_unchanged, items_deleted, items_quarantined, \
-             retries, token_renewals, error FROM sync_runs ORDER BY started_at DESC, run_id DESC LIMIT $1",
+            "SELECT run_id, job, CAST(started_at AS TEXT) AS started_at, \
+             CAST(finished_at AS TEXT) AS finished_at, status, pages, items_new AS new, \
+             items_changed AS changed, items_unchanged AS unchanged, items_deleted AS deleted, \
+             items_quarantined AS quarantined, retries, token_renewals, error FROM sync_runs \
+             ORDER BY started_at DESC, run_id DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(pool)
@@ -637,11 +655,11 @@ impl Database {
     }
 
     /// Every job's watermark, last reconcile and unfinished partitions (for `status`).
-    pub async fn job_states(&self) -> Result<Vec<JobStateRow>, Error> {
+    pub async fn job_states(&self) -> Result<Vec<JobStatus>, Error> {
         on_pool!(self, pool => sqlx::query_as(
             "SELECT j.job, j.watermark, j.pass_started_at, j.reconciled_at, \
              (SELECT COUNT(*) FROM sync_state p WHERE p.job = j.job AND p.kind IN ('sync', 'reconcile') \
-             AND NOT p.done) FROM sync_state j WHERE j.partition = '' ORDER BY j.job",
+             AND NOT p.done) AS partitions_left FROM sync_state j WHERE j.partition = '' ORDER BY j.job",
         )
         .fetch_all(pool)
         .await)
@@ -649,11 +667,11 @@ impl Database {
     }
 
     /// Per collection: live items and tombstones (for `status`).
-    pub async fn collection_counts(&self) -> Result<Vec<(String, i64, i64)>, Error> {
+    pub async fn collection_counts(&self) -> Result<Vec<CollectionStatus>, Error> {
         on_pool!(self, pool => sqlx::query_as(
-            "SELECT collection, SUM(CASE WHEN deleted_at IS NULL THEN 1 ELSE 0 END), \
-             SUM(CASE WHEN deleted_at IS NULL THEN 0 ELSE 1 END) FROM items GROUP BY collection \
-             ORDER BY collection",
+            "SELECT collection, SUM(CASE WHEN deleted_at IS NULL THEN 1 ELSE 0 END) AS live, \
+             SUM(CASE WHEN deleted_at IS NULL THEN 0 ELSE 1 END) AS deleted FROM items \
+             GROUP BY collection ORDER BY collection",
         )
         .fetch_all(pool)
         .await)
@@ -661,11 +679,12 @@ impl Database {
     }
 
     /// The most recent quarantined features, newest first, and how many there are in all.
-    pub async fn quarantine(&self, limit: i64) -> Result<(i64, Vec<QuarantineRow>), Error> {
+    pub async fn quarantine(&self, limit: i64) -> Result<(i64, Vec<Quarantined>), Error> {
         on_pool!(self, pool => async {
             let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM quarantine").fetch_one(pool).await?;
             let rows = sqlx::query_as(
-                "SELECT job, collection, item_id, reason, page_url, CAST(quarantined_at AS TEXT) \
+                "SELECT job, collection, item_id AS id, reason, page_url AS page, \
+                 CAST(quarantined_at AS TEXT) AS at \
                  FROM quarantine ORDER BY seq DESC LIMIT $1",
             )
             .bind(limit)
@@ -782,7 +801,11 @@ pub const WORKERS_NEED_POSTGRES: &str = "run --worker needs a Postgres database_
 /// Turns a database error into a sink error naming the database and the operation.
 fn sink_error<'a>(shown: &'a str, what: &str) -> impl Fn(sqlx::Error) -> Error + 'a {
     let what = what.to_string();
-    move |e| Error::Sink(format!("database {shown}: {what}: {e}"))
+    move |source| Error::Database {
+        database: shown.to_string(),
+        what: what.clone(),
+        source,
+    }
 }
 
 /// A resume point as stored.

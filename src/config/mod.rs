@@ -6,8 +6,11 @@
 //! them and validates the result without any I/O. Secrets are [`SecretString`]s: they never
 //! appear in `Debug`, logs or errors.
 
+mod schedule;
+
+pub use schedule::parse_schedule;
+
 use crate::error::Error;
-use crate::http::RetryPolicy;
 use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::Value;
@@ -390,6 +393,30 @@ pub struct ClientCredentials {
     pub scope: Option<String>,
 }
 
+/// How hard to retry one request (the backoff itself is the HTTP layer's).
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// Total time one request may spend waiting between attempts.
+    pub budget: Duration,
+    /// First backoff step.
+    pub base: Duration,
+    /// Largest backoff step.
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: 8,
+            budget: Duration::from_secs(600),
+            base: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Timeouts and the retry policy.
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
@@ -440,6 +467,23 @@ pub struct Job {
     pub reconcile_every: Option<Duration>,
     /// Objects of deleted items.
     pub deleted_objects: DeletedObjects,
+}
+
+impl Job {
+    /// Whether a reconcile can tell which stored items the job selects: only by collection,
+    /// datetime and bbox, not by a query, filter or intersects geometry that stac-sync cannot
+    /// evaluate on stored items.
+    pub fn can_reconcile(&self) -> bool {
+        selects_by_range(&self.query, &self.filter, &self.intersects)
+    }
+}
+
+fn selects_by_range(
+    query: &Option<Value>,
+    filter: &Option<Value>,
+    geometry: &Option<Value>,
+) -> bool {
+    query.is_none() && filter.is_none() && geometry.is_none()
 }
 
 impl Config {
@@ -747,12 +791,9 @@ fn validate_job(j: JobConfig, o: &Overrides, default_limit: u32) -> Result<Job, 
         )));
     }
     if let Some(bbox) = &j.bbox {
-        let ok = match bbox.as_slice() {
-            [x0, y0, x1, y1] | [x0, y0, _, x1, y1, _] => {
-                y0 <= y1 && (-180.0..=180.0).contains(x0) && (-180.0..=180.0).contains(x1)
-            }
-            _ => false,
-        };
+        let ok = crate::domain::bbox_2d(bbox).is_some_and(|[x0, y0, x1, y1]| {
+            y0 <= y1 && (-180.0..=180.0).contains(&x0) && (-180.0..=180.0).contains(&x1)
+        });
         if !ok || bbox.iter().any(|v| !v.is_finite()) {
             return Err(Error::Config(format!(
                 "job {name}: bbox {bbox:?} must be 4 numbers xmin,ymin,xmax,ymax \
@@ -764,9 +805,7 @@ fn validate_job(j: JobConfig, o: &Overrides, default_limit: u32) -> Result<Job, 
         validate_datetime(datetime)
             .map_err(|why| Error::Config(format!("job {name}: datetime {datetime:?}: {why}")))?;
     }
-    if j.reconcile_every.is_some()
-        && (j.query.is_some() || j.filter.is_some() || j.intersects.is_some())
-    {
+    if j.reconcile_every.is_some() && !selects_by_range(&j.query, &j.filter, &j.intersects) {
         return Err(Error::Config(format!(
             "job {name}: reconcile_every: a job with query, filter or intersects cannot be \
              reconciled (stac-sync cannot tell which stored items they select); remove \
@@ -774,7 +813,7 @@ fn validate_job(j: JobConfig, o: &Overrides, default_limit: u32) -> Result<Job, 
         )));
     }
     if let Some(schedule) = &j.schedule {
-        crate::daemon::parse_schedule(schedule)
+        parse_schedule(schedule)
             .map_err(|why| Error::Config(format!("job {name}: schedule {why}")))?;
     }
     // The CLI's --limit overrides every job's limit; a job's own limit beats the file default.

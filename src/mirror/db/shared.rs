@@ -3,7 +3,7 @@
 //! SQLite upserts row by row in one local transaction, Postgres from arrays in one round trip.)
 
 use super::{Counts, PageCommit, count, resume_json};
-use crate::page::Rejected;
+use crate::stac::reader::Rejected;
 use sqlx::{Database, Encode, Executor, IntoArguments, Type};
 
 /// Starts a run's record.
@@ -141,14 +141,13 @@ where
     let resume = resume_json(page.resume).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
     sqlx::query(
         "INSERT INTO sync_state (job, partition, query_hash, resume, done, pages_done, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN 1 ELSE 0 END, CURRENT_TIMESTAMP) \
+         VALUES ($1, $2, '', $3, $4, CASE WHEN $5 THEN 1 ELSE 0 END, CURRENT_TIMESTAMP) \
          ON CONFLICT (job, partition) DO UPDATE SET \
          resume = excluded.resume, done = excluded.done, \
          pages_done = sync_state.pages_done + excluded.pages_done, updated_at = excluded.updated_at",
     )
     .bind(page.job)
     .bind(page.partition)
-    .bind(page.query_hash)
     .bind(resume.as_deref())
     .bind(page.resume.is_none())
     .bind(page.ends_page)

@@ -2,7 +2,7 @@
 //! (systemd hosts) and for a Pushgateway (CronJobs). Both are optional and best effort: a
 //! metrics failure is logged and never fails the run.
 
-use crate::sync::JobReport;
+use crate::run::JobReport;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::UNIX_EPOCH;
@@ -13,44 +13,71 @@ const LAST_SUCCESS: &str = "stac_sync_last_success_timestamp_seconds";
 /// `previous` is the text written before, whose last-success times are kept for jobs that did
 /// not succeed this time (the textfile is rewritten whole).
 pub fn render(reports: &[&JobReport], previous: &str) -> String {
-    let mut out = String::new();
-    let mut family = |name: &str, help: &str, samples: Vec<(String, f64)>| {
+    let mut out = Exposition::default();
+    run_figures(&mut out, reports);
+    out.family(
+        "stac_sync_run_items",
+        "Items of the job's last run, by outcome.",
+        item_outcomes(reports),
+    );
+    out.family(
+        LAST_SUCCESS,
+        "When the job last succeeded (Unix time); alert when it is too old.",
+        last_success(reports, previous),
+    );
+    out.0
+}
+
+/// Text in the exposition format, one gauge family at a time.
+#[derive(Default)]
+struct Exposition(String);
+
+impl Exposition {
+    fn family(&mut self, name: &str, help: &str, samples: Vec<(String, f64)>) {
         if samples.is_empty() {
             return;
         }
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} gauge");
         for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            let _ = writeln!(self.0, "{name}{{{labels}}} {value}");
         }
-    };
-    let job = |r: &JobReport| format!("job_name=\"{}\"", escape(&r.job));
+    }
+}
+
+fn job(r: &JobReport) -> String {
+    format!("job_name=\"{}\"", escape(&r.job))
+}
+
+fn seconds(t: std::time::SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// One gauge per job and figure of its last run.
+fn run_figures(out: &mut Exposition, reports: &[&JobReport]) {
     let each = |f: &dyn Fn(&JobReport) -> Option<f64>| -> Vec<(String, f64)> {
         reports
             .iter()
             .filter_map(|r| f(r).map(|v| (job(r), v)))
             .collect()
     };
-    let seconds = |t: std::time::SystemTime| {
-        t.duration_since(UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64())
-    };
-    family(
+    out.family(
         "stac_sync_run_timestamp_seconds",
         "When the job's last run ended (Unix time).",
         each(&|r| Some(seconds(r.finished_at))),
     );
-    family(
+    out.family(
         "stac_sync_run_duration_seconds",
         "How long the job's last run took.",
         each(&|r| Some(r.duration.as_secs_f64())),
     );
-    family(
+    out.family(
         "stac_sync_run_success",
         "1 if the job's last run succeeded, else 0 (partial, failed, interrupted, locked).",
         each(&|r| Some(if r.status == "succeeded" { 1.0 } else { 0.0 })),
     );
-    family(
+    out.family(
         "stac_sync_run_status",
         "The job's last run's status, as a label.",
         reports
@@ -58,11 +85,34 @@ pub fn render(reports: &[&JobReport], previous: &str) -> String {
             .map(|r| (format!("{},status=\"{}\"", job(r), r.status), 1.0))
             .collect(),
     );
-    family(
+    out.family(
         "stac_sync_run_pages",
         "Pages committed by the job's last run.",
         each(&|r| Some(r.counts.pages as f64)),
     );
+    out.family(
+        "stac_sync_run_retries",
+        "HTTP retries in the job's last run.",
+        each(&|r| Some(r.counts.retries as f64)),
+    );
+    out.family(
+        "stac_sync_run_token_renewals",
+        "Access tokens renewed in the job's last run.",
+        each(&|r| Some(r.counts.token_renewals as f64)),
+    );
+    out.family(
+        "stac_sync_watermark_timestamp_seconds",
+        "The job's watermark (Unix time): everything published before it is mirrored.",
+        each(&|r| {
+            r.watermark
+                .as_deref()
+                .and_then(crate::plan::parse_instant)
+                .map(seconds)
+        }),
+    );
+}
+
+fn item_outcomes(reports: &[&JobReport]) -> Vec<(String, f64)> {
     let mut items = Vec::new();
     for r in reports {
         let c = &r.counts;
@@ -77,32 +127,12 @@ pub fn render(reports: &[&JobReport], previous: &str) -> String {
             items.push((format!("{},outcome=\"{outcome}\"", job(r)), n as f64));
         }
     }
-    family(
-        "stac_sync_run_items",
-        "Items of the job's last run, by outcome.",
-        items,
-    );
-    family(
-        "stac_sync_run_retries",
-        "HTTP retries in the job's last run.",
-        each(&|r| Some(r.counts.retries as f64)),
-    );
-    family(
-        "stac_sync_run_token_renewals",
-        "Access tokens renewed in the job's last run.",
-        each(&|r| Some(r.counts.token_renewals as f64)),
-    );
-    family(
-        "stac_sync_watermark_timestamp_seconds",
-        "The job's watermark (Unix time): everything published before it is mirrored.",
-        each(&|r| {
-            r.watermark
-                .as_deref()
-                .and_then(crate::plan::parse_instant)
-                .map(seconds)
-        }),
-    );
-    let mut last_success: Vec<(String, f64)> = previous
+    items
+}
+
+/// The last-success times of `previous`, updated for the jobs that succeeded now.
+fn last_success(reports: &[&JobReport], previous: &str) -> Vec<(String, f64)> {
+    let mut last: Vec<(String, f64)> = previous
         .lines()
         .filter_map(|line| {
             let rest = line.strip_prefix(LAST_SUCCESS)?.strip_prefix('{')?;
@@ -111,15 +141,10 @@ pub fn render(reports: &[&JobReport], previous: &str) -> String {
         })
         .collect();
     for r in reports.iter().filter(|r| r.status == "succeeded") {
-        last_success.retain(|(labels, _)| *labels != job(r));
-        last_success.push((job(r), seconds(r.finished_at)));
+        last.retain(|(labels, _)| *labels != job(r));
+        last.push((job(r), seconds(r.finished_at)));
     }
-    family(
-        LAST_SUCCESS,
-        "When the job last succeeded (Unix time); alert when it is too old.",
-        last_success,
-    );
-    out
+    last
 }
 
 fn escape(value: &str) -> String {
@@ -196,7 +221,7 @@ pub async fn push_configured(config: &crate::config::Config, reports: &[&JobRepo
     let Some(base) = &config.pushgateway_url else {
         return;
     };
-    let client = match crate::http::client(&config.http) {
+    let client = match crate::stac::http::client(&config.http) {
         Ok(client) => client,
         Err(e) => {
             tracing::warn!(error = %e, "could not build an HTTP client for the Pushgateway");
@@ -213,7 +238,7 @@ pub async fn push_configured(config: &crate::config::Config, reports: &[&JobRepo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::Counts;
+    use crate::mirror::db::Counts;
     use std::time::Duration;
 
     fn report(job: &str, status: &'static str, at: u64) -> JobReport {

@@ -4,15 +4,17 @@
 //! (the database probe rolls back; the object store probe deletes what it wrote), and no
 //! migration is applied.
 
-use crate::api::Request;
 use crate::clock::Clock;
+use crate::config::RetryPolicy;
 use crate::config::{Auth, Config};
-use crate::db::Database;
 use crate::error::{Error, Exit};
-use crate::http::{self, RetryPolicy, Stats};
-use crate::objects::ObjectSink;
-use crate::plan::{self, Capabilities};
-use crate::status::table;
+use crate::mirror::db::Database;
+use crate::mirror::objects::ObjectSink;
+use crate::ops::status::table;
+use crate::plan;
+use crate::stac::client::Capabilities;
+use crate::stac::http::{self, Stats};
+use crate::stac::search::Request;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,13 +108,14 @@ pub async fn check(config: &Config, clock: Arc<dyn Clock>) -> Report {
         ..config.http.retry.clone()
     };
     report.info("config", format!("{} job(s), valid", config.jobs.len()));
-    let api = match crate::sync::api_client(config, clock, Arc::new(Stats::default()), policy) {
-        Ok(api) => api,
-        Err(error) => {
-            report.push("HTTP client", Err(error));
-            return finish(report);
-        }
-    };
+    let api =
+        match crate::stac::client::api_client(config, clock, Arc::new(Stats::default()), policy) {
+            Ok(api) => api,
+            Err(error) => {
+                report.push("HTTP client", Err(error));
+                return finish(report);
+            }
+        };
     let token = match &config.auth {
         Auth::None => {
             report.info("token", "none: the API is called without authentication");
@@ -136,7 +139,7 @@ pub async fn check(config: &Config, clock: Arc<dyn Clock>) -> Report {
     };
     let caps = if token {
         let root = api.root().clone();
-        match crate::sync::landing_page(&api).await {
+        match crate::stac::client::landing_page(&api).await {
             Ok(doc) => {
                 let title = doc
                     .get("title")
@@ -147,7 +150,7 @@ pub async fn check(config: &Config, clock: Arc<dyn Clock>) -> Report {
                     "STAC root",
                     Ok(format!("{} ({title})", http::display_url(&root))),
                 );
-                match crate::sync::capabilities_from(&api, &doc).await {
+                match crate::stac::client::capabilities_from(&api, &doc).await {
                     Ok(caps) => Some(caps),
                     Err(error) => {
                         report.push("conformance", Err(error));
@@ -173,8 +176,8 @@ pub async fn check(config: &Config, clock: Arc<dyn Clock>) -> Report {
                     .await
                     .map(|()| "exists".to_string())
                     .map_err(|e| match e {
-                        Error::Config(why) => Error::Config(format!(
-                            "{why}. Is the id spelled as the API lists it at {}?",
+                        e if e.is_rejected_request() => e.hint(format!(
+                            "Is the id spelled as the API lists it at {}?",
                             api.root()
                                 .join("collections")
                                 .map_or_else(|_| String::new(), |u| u.to_string())
@@ -290,14 +293,14 @@ fn strategy(
 
 /// A wrong API URL, in words a person acts on.
 fn explain_root(error: Error, root: &url::Url) -> Error {
-    match error {
-        Error::Config(why) => Error::Config(format!(
-            "{why}. {root} must be a STAC API's landing page (for EDS: \
+    match error.exit() {
+        Exit::Config => error.hint(format!(
+            "{root} must be a STAC API's landing page (for EDS: \
              https://api.earthdaily.com or https://api.earthdaily.com/platform/v1/stac)"
         )),
-        Error::Upstream(why) => Error::Upstream(format!(
-            "{why}. If this persists, check api_url / EDS_API_URL and the network"
-        )),
-        other => other,
+        Exit::Upstream => {
+            error.hint("If this persists, check api_url / EDS_API_URL and the network")
+        }
+        _ => error,
     }
 }

@@ -6,73 +6,14 @@
 //! Times come from a [`WallClock`], which tests replace with a virtual one.
 
 use crate::clock::WallClock;
+use crate::config::parse_schedule;
 use crate::config::{Config, Job};
 use crate::error::Error;
-use crate::sync::{self, Context, JobReport, RunOptions};
+use crate::run::{self, Context, JobReport, RunOptions};
 use chrono::{DateTime, Utc};
 use cron::Schedule;
-use std::str::FromStr;
 use std::sync::Arc;
 use tokio::sync::Mutex;
-
-/// Parses a job's schedule: the `cron` crate's 6 fields (seconds first) or 7 (with years), or
-/// crontab's 5 (minute first, weekdays 0-7 from Sunday), which is read as at second 0.
-pub fn parse_schedule(expression: &str) -> Result<Schedule, String> {
-    let fields: Vec<&str> = expression.split_whitespace().collect();
-    let expression = match fields.len() {
-        5 => {
-            let weekdays = crontab_weekdays(fields[4])?;
-            format!(
-                "0 {} {} {} {} {weekdays}",
-                fields[0], fields[1], fields[2], fields[3]
-            )
-        }
-        6 | 7 => fields.join(" "),
-        n => {
-            return Err(format!(
-                "{expression:?} has {n} fields; write 6 (sec min hour day month weekday, \
-                 e.g. \"0 */30 * * * *\") or crontab's 5 (\"*/30 * * * *\")"
-            ));
-        }
-    };
-    Schedule::from_str(&expression).map_err(|e| format!("{expression:?}: {e}"))
-}
-
-/// Crontab numbers weekdays 0-7 from Sunday (0 and 7 both Sunday); the `cron` crate numbers
-/// them 1-7 from Sunday. Numbers become names, which both read the same way.
-fn crontab_weekdays(field: &str) -> Result<String, String> {
-    const NAMES: [&str; 8] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"];
-    let mut out = String::new();
-    let mut number = String::new();
-    let mut after_slash = false;
-    let flush = |number: &mut String, out: &mut String, step: bool| -> Result<(), String> {
-        if number.is_empty() {
-            return Ok(());
-        }
-        if step {
-            out.push_str(number);
-        } else {
-            let day: usize = number.parse().map_err(|_| format!("weekday {number:?}"))?;
-            let name = NAMES.get(day).ok_or_else(|| {
-                format!("weekday {day} is not 0-7 (crontab numbers Sunday 0 or 7)")
-            })?;
-            out.push_str(name);
-        }
-        number.clear();
-        Ok(())
-    };
-    for c in field.chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-        } else {
-            flush(&mut number, &mut out, after_slash)?;
-            after_slash = c == '/';
-            out.push(c);
-        }
-    }
-    flush(&mut number, &mut out, after_slash)?;
-    Ok(out)
-}
 
 /// The first fire time strictly after `after`.
 pub fn next_fire(schedule: &Schedule, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -156,10 +97,10 @@ async fn job_loop(
         if options.stop.is_cancelled() {
             return;
         }
-        match sync::run_job(context, job).await {
+        match run::run_job(context, job).await {
             Ok(report) => {
                 let stopped = matches!(report.error, Some(Error::Stopped));
-                crate::metrics::push_configured(config, &[&report]).await;
+                crate::ops::metrics::push_configured(config, &[&report]).await;
                 let mut fired = fired.lock().await;
                 fired.push(Fired {
                     job: job.name.clone(),
@@ -173,7 +114,7 @@ async fn job_loop(
                         latest.push(&run.report);
                     }
                 }
-                crate::metrics::write_configured(config, &latest);
+                crate::ops::metrics::write_configured(config, &latest);
                 drop(fired);
                 if stopped {
                     return;
@@ -189,12 +130,6 @@ async fn job_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text)
-            .expect("instant")
-            .to_utc()
-    }
 
     #[test]
     fn crontab_five_fields_are_read_at_second_zero_with_its_weekday_numbers() {
@@ -214,6 +149,12 @@ mod tests {
             next_fire(&every, at("2026-11-28T09:00:00Z")),
             Some(at("2026-11-28T09:30:00Z"))
         );
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .expect("instant")
+            .to_utc()
     }
 
     #[test]

@@ -14,7 +14,7 @@
 use super::{JobLock, Known, Lease, PageCommit, PassKind, Planned, PlannedRow, shared};
 use crate::config::redact_url;
 use crate::error::Error;
-use crate::page::{Item, Rejected};
+use crate::stac::reader::{Item, Rejected};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Acquire, ConnectOptions, Connection};
 use std::str::FromStr;

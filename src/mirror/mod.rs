@@ -1,0 +1,439 @@
+//! The mirror: the SQL database, the outputs beside it (the object store), and the order in
+//! which a page is written to them. This module is the one place that owns that order:
+//!
+//! 1. [`PageWriter::stage`] classifies a page's items against the database and against the
+//!    pages staged before it and not committed yet (two pages in flight that carry one item then
+//!    agree on it), sets aside what the database would refuse (Postgres cannot store `\u0000`),
+//!    and has every [`Output`] write the new and changed items.
+//! 2. [`PageWriter::commit`] commits the rows, the quarantined features and the partition's
+//!    resume point in one transaction. A new item whose row the database refuses at commit is
+//!    removed from the outputs again, so they hold exactly the items the database does.
+//!
+//! Outputs are written before the commit, so a run killed in between leaves them ahead of the
+//! database, never behind: the page is fetched again, and writing the same bytes again is
+//! harmless. What is not here: fetching pages and deciding which to commit when (`run`).
+//!
+//! A new output is one module implementing [`Output`] and one line in [`Mirror::open`].
+
+pub mod db;
+pub mod objects;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::stac::http::display_url;
+use crate::stac::reader::{Item, Page, Rejected};
+use crate::stac::search::Request;
+use bytes::Bytes;
+use db::{Counts, Database, JobLock, Known, Lease, PageCommit, Scope};
+use futures_util::future::BoxFuture;
+use objects::ObjectSink;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// Where items go beside the database. Every method may be called again for the same items
+/// after a run was killed, so each must be idempotent.
+pub trait Output: Send + Sync + std::fmt::Debug {
+    /// Writes the new and changed items of a page, before their rows commit.
+    fn write<'a>(&'a self, items: &'a [(&'a Item, Known)]) -> BoxFuture<'a, Result<(), Error>>;
+    /// Removes an item: a new one whose row the database refused, or one deleted upstream
+    /// (`deleted_objects = "delete"`). Removing what is not there succeeds.
+    fn remove<'a>(&'a self, collection: &'a str, id: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+    /// Removes what a killed run left half-written in `collections`; returns how many. Called
+    /// by a single run holding the job's lock, never while workers may be writing.
+    fn recover<'a>(&'a self, collections: &'a [String]) -> BoxFuture<'a, Result<usize, Error>>;
+    /// Stores a run's manifest.
+    fn manifest<'a>(&'a self, run_id: &'a str, manifest: Bytes)
+    -> BoxFuture<'a, Result<(), Error>>;
+}
+
+/// The database and the outputs, opened for a run.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    db: Database,
+    outputs: Vec<Arc<dyn Output>>,
+}
+
+impl Mirror {
+    /// Opens the database (migrating it if `migrate`) and the configured outputs, and checks
+    /// that each output takes a write: a missing bucket fails here, before any page.
+    pub async fn open(config: &Config, migrate: bool) -> Result<Mirror, Error> {
+        let db = Database::connect(&config.database_url).await?;
+        if migrate {
+            db.migrate().await?;
+        }
+        let mut outputs: Vec<Arc<dyn Output>> = Vec::new();
+        if let Some(url) = config.object_store_url.as_deref() {
+            let sink = ObjectSink::from_url(url, &config.object_store_options)?;
+            sink.probe().await?;
+            outputs.push(Arc::new(sink));
+        }
+        Ok(Mirror { db, outputs })
+    }
+
+    /// The database: runs, plans, resume points, locks and leases.
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    /// A writer for the pages of one pass.
+    pub fn writer(&self, writes: Writes) -> PageWriter<'_> {
+        PageWriter {
+            mirror: self,
+            writes,
+            ahead: Ahead::default(),
+        }
+    }
+
+    /// Removes what a killed run of `job` left half-written. Failures are logged: a leftover
+    /// never changes what the mirror holds.
+    pub async fn recover(&self, job: &str, collections: &[String]) {
+        for output in &self.outputs {
+            match output.recover(collections).await {
+                Ok(0) => {}
+                Ok(removed) => {
+                    tracing::info!(job, removed, "removed half-written objects of a killed run")
+                }
+                Err(e) => tracing::warn!(job, error = %e, "could not clean the object folder"),
+            }
+        }
+    }
+
+    /// Stores a run's manifest where the outputs keep one; a failure is logged.
+    pub async fn manifest(&self, run_id: &str, manifest: &serde_json::Value) {
+        let bytes = Bytes::from(manifest.to_string());
+        for output in &self.outputs {
+            if let Err(e) = output.manifest(run_id, bytes.clone()).await {
+                tracing::warn!(error = %e, "could not write the run manifest");
+            }
+        }
+    }
+
+    /// Ends a reconcile of `job`: the live items in `scopes` its sweep did not see are
+    /// tombstoned (and removed from the outputs first when `remove` is set: a kill in between
+    /// leaves live rows without objects, which the next reconcile finds again and finishes).
+    /// Returns how many.
+    pub async fn tombstone(
+        &self,
+        job: &str,
+        scopes: &[Scope<'_>],
+        remove: bool,
+        lock: &mut JobLock,
+        at: &str,
+    ) -> Result<u64, Error> {
+        let mut vanished = Vec::new();
+        for scope in scopes {
+            vanished.extend(self.db.vanished(job, scope).await?);
+        }
+        for (collection, id) in &vanished {
+            tracing::info!(job, collection, id, "item deleted upstream: tombstoned");
+            if remove {
+                for output in &self.outputs {
+                    output.remove(collection, id).await?;
+                }
+            }
+        }
+        lock.check().await?;
+        self.db.finish_reconcile(job, scopes, at).await?;
+        Ok(vanished.len() as u64)
+    }
+}
+
+/// What a pass's pages write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// The items (a sync pass).
+    Items,
+    /// The items, and their ids as seen (a reconcile that fetches whole items).
+    ItemsAndSeen,
+    /// Only the ids seen (a reconcile that asked for ids only).
+    Seen,
+}
+
+/// Writes the pages of one pass: [`PageWriter::stage`], then [`PageWriter::commit`].
+#[derive(Debug)]
+pub struct PageWriter<'m> {
+    mirror: &'m Mirror,
+    writes: Writes,
+    ahead: Ahead,
+}
+
+/// A page whose outputs are written, ready to commit.
+#[derive(Debug)]
+pub struct Staged {
+    /// Its place in the order pages were staged.
+    pub seq: u64,
+    /// The page.
+    pub page: Page,
+    /// New and changed items: their index in `page.items`, and what the database held.
+    changed: Vec<(usize, Known)>,
+    /// Features to quarantine.
+    rejected: Vec<Rejected>,
+    /// Items stored already with this exact content.
+    unchanged: u64,
+}
+
+impl Staged {
+    /// The items its commit writes.
+    pub fn written(&self) -> impl Iterator<Item = &Item> {
+        self.changed.iter().map(|(at, _)| &self.page.items[*at])
+    }
+
+    fn changed(&self) -> Vec<(&Item, Known)> {
+        self.changed
+            .iter()
+            .map(|(at, known)| (&self.page.items[*at], *known))
+            .collect()
+    }
+}
+
+/// Where a page's commit leaves its partition.
+#[derive(Debug, Clone, Copy)]
+pub struct Checkpoint<'a> {
+    /// The run.
+    pub run_id: &'a str,
+    /// The job.
+    pub job: &'a str,
+    /// The partition.
+    pub partition: &'a str,
+    /// The request that fetched the page: the resume point of a part of a page.
+    pub request: &'a Request,
+    /// A worker's lease on the partition; the commit fails with [`Error::LeaseLost`] if it is
+    /// no longer this worker's.
+    pub lease: Option<Lease<'a>>,
+}
+
+impl PageWriter<'_> {
+    /// Pages that may commit at once. Postgres parses each item into `jsonb` on the backend
+    /// that commits it, so two commits keep two backends (and cores) busy. SQLite has one
+    /// writer, and the pages of a reconcile all insert into `sync_seen`, so they commit one at
+    /// a time.
+    pub fn commits_at_once(&self) -> usize {
+        match (&self.mirror.db, self.writes) {
+            (Database::Postgres(_), Writes::Items) => 2,
+            _ => 1,
+        }
+    }
+
+    /// Classifies a page's items and has the outputs write the new and changed ones. It may run
+    /// while the page before commits, so the outputs and the database work at the same time.
+    pub async fn stage(&self, seq: u64, page: Page) -> Result<Staged, Error> {
+        let mut staged = Staged {
+            seq,
+            changed: Vec::new(),
+            rejected: Vec::new(),
+            unchanged: 0,
+            page,
+        };
+        if self.writes == Writes::Seen {
+            return Ok(staged);
+        }
+        let page = &staged.page;
+        let known = self.classify(&page.items).await?;
+        staged.rejected = page.rejected.clone();
+        for (at, (item, known)) in page.items.iter().zip(known).enumerate() {
+            if known == Known::Unchanged {
+                staged.unchanged += 1;
+            } else if let Some(reason) = self.mirror.db.refuses(item) {
+                // Refused before it is written anywhere, so it leaves nothing behind.
+                staged.rejected.push(Rejected {
+                    content: item.content.clone(),
+                    reason,
+                    collection: Some(item.collection.clone()),
+                    id: Some(item.id.clone()),
+                });
+            } else {
+                staged.changed.push((at, known));
+            }
+        }
+        let changed = staged.changed();
+        for output in &self.mirror.outputs {
+            output.write(&changed).await?;
+        }
+        let written = changed
+            .iter()
+            .map(|(item, _)| (key(item), item.hash.clone()))
+            .collect();
+        self.ahead.insert(seq, written);
+        Ok(staged)
+    }
+
+    /// What the database holds for each item, where a page staged and not committed yet counts
+    /// as stored. The staged pages are read before the database, as a page is forgotten once
+    /// it has committed: a page that commits in between is then in one or the other.
+    async fn classify(&self, items: &[Item]) -> Result<Vec<Known>, Error> {
+        let pending = self.ahead.hashes(items.iter().map(key));
+        let mut known = self.mirror.db.classify(items).await?;
+        for ((item, known), pending) in items.iter().zip(known.iter_mut()).zip(pending) {
+            if let Some(hash) = pending {
+                *known = if hash == item.hash {
+                    Known::Unchanged
+                } else {
+                    Known::Changed
+                };
+            }
+        }
+        Ok(known)
+    }
+
+    /// Commits a staged page: its rows, quarantined features and resume point (and the ids a
+    /// reconcile saw) in one transaction. Returns what it counted.
+    pub async fn commit(&self, staged: &Staged, at: Checkpoint<'_>) -> Result<Counts, Error> {
+        let committed = self.commit_rows(staged, at).await;
+        self.ahead.forget(staged.seq);
+        committed
+    }
+
+    /// Forgets a staged page that will not commit (its partition went to another worker).
+    pub fn abandon(&self, staged: Staged) {
+        self.ahead.forget(staged.seq);
+    }
+
+    async fn commit_rows(&self, staged: &Staged, at: Checkpoint<'_>) -> Result<Counts, Error> {
+        let page = &staged.page;
+        let changed = staged.changed();
+        let page_url = display_url(&at.request.url);
+        let refused = self
+            .mirror
+            .db
+            .commit_page(PageCommit {
+                run_id: at.run_id,
+                job: at.job,
+                partition: at.partition,
+                items: changed.iter().map(|(item, _)| *item).collect(),
+                rejected: &staged.rejected,
+                page_url: &page_url,
+                // A part of a page: a restart fetches the page again.
+                resume: if page.whole {
+                    page.next.as_ref()
+                } else {
+                    Some(at.request)
+                },
+                ends_page: page.whole,
+                seen: self.seen(page),
+                lease: at.lease,
+            })
+            .await?;
+        for feature in staged.rejected.iter().chain(&refused) {
+            tracing::warn!(job = at.job, page = %page_url,
+                collection = feature.collection.as_deref().unwrap_or(""),
+                id = feature.id.as_deref().unwrap_or(""), reason = %feature.reason,
+                "feature quarantined");
+        }
+        let mut counts = self.settle(&changed, &refused).await?;
+        counts.pages = u64::from(page.whole);
+        counts.unchanged = staged.unchanged;
+        counts.quarantined = (staged.rejected.len() + refused.len()) as u64;
+        if self.writes != Writes::Seen {
+            counts.duplicate = page.duplicates;
+        }
+        Ok(counts)
+    }
+
+    /// `(collection, id)` of every feature on the page, during a reconcile.
+    fn seen<'p>(&self, page: &'p Page) -> Vec<(&'p str, &'p str)> {
+        if self.writes == Writes::Items {
+            return Vec::new();
+        }
+        let items = page
+            .items
+            .iter()
+            .map(|i| (i.collection.as_str(), i.id.as_str()));
+        let rejected = page
+            .rejected
+            .iter()
+            .filter_map(|r| Some((r.collection.as_deref()?, r.id.as_deref()?)));
+        items.chain(rejected).collect()
+    }
+
+    /// Counts what the commit stored, and removes from the outputs the new items whose rows the
+    /// database refused, so the outputs hold exactly what the database does.
+    async fn settle(
+        &self,
+        changed: &[(&Item, Known)],
+        refused: &[Rejected],
+    ) -> Result<Counts, Error> {
+        let mut counts = Counts::default();
+        for (item, known) in changed {
+            let stored = !refused.iter().any(|r| {
+                r.id.as_ref() == Some(&item.id) && r.collection.as_ref() == Some(&item.collection)
+            });
+            match (stored, known) {
+                (false, Known::New) => {
+                    for output in &self.mirror.outputs {
+                        output.remove(&item.collection, &item.id).await?;
+                    }
+                }
+                (false, _) => tracing::warn!(collection = %item.collection, id = %item.id,
+                    "the database kept the previous version of this item but its object holds the refused one"),
+                (true, Known::New) => counts.new += 1,
+                (true, _) => counts.changed += 1,
+            }
+        }
+        Ok(counts)
+    }
+}
+
+fn key(item: &Item) -> (String, String) {
+    (item.collection.clone(), item.id.clone())
+}
+
+/// What each page staged and not yet committed writes, `(collection, id)` → content hash, by
+/// [`Staged::seq`]: staging adds a page, its commit forgets it (pages may commit out of order
+/// on Postgres).
+#[derive(Debug, Default)]
+struct Ahead(Mutex<BTreeMap<u64, Written>>);
+
+type Written = HashMap<(String, String), String>;
+
+impl Ahead {
+    fn pages(&self) -> MutexGuard<'_, BTreeMap<u64, Written>> {
+        // Never held across an await, nor by code that can panic: a poisoned lock holds data
+        // as good as any.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// For each key, the hash the latest of those pages writes for it.
+    fn hashes(&self, keys: impl Iterator<Item = (String, String)>) -> Vec<Option<String>> {
+        let pages = self.pages();
+        keys.map(|key| {
+            pages
+                .values()
+                .rev()
+                .find_map(|page| page.get(&key).cloned())
+        })
+        .collect()
+    }
+
+    fn insert(&self, seq: u64, page: Written) {
+        self.pages().insert(seq, page);
+    }
+
+    fn forget(&self, seq: u64) {
+        self.pages().remove(&seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ahead;
+
+    /// Pages commit out of order on Postgres: what a page still committing writes is known
+    /// however many pages were staged after it, and forgotten once it has committed.
+    #[test]
+    fn what_an_uncommitted_page_writes_is_known_until_it_commits() {
+        let key = |id: &str| ("c".to_string(), id.to_string());
+        let ahead = Ahead::default();
+        ahead.insert(0, [(key("x"), "old".to_string())].into());
+        for seq in 1..10 {
+            ahead.insert(seq, [(key(&format!("y{seq}")), "h".to_string())].into());
+            ahead.forget(seq);
+        }
+        let get = |k| ahead.hashes([k].into_iter()).pop().flatten();
+        assert_eq!(get(key("x")).as_deref(), Some("old"));
+        ahead.insert(10, [(key("x"), "new".to_string())].into());
+        assert_eq!(get(key("x")).as_deref(), Some("new"));
+        ahead.forget(10);
+        ahead.forget(0);
+        assert_eq!(get(key("x")), None);
+    }
+}

@@ -1,0 +1,322 @@
+//! A job's passes: its sync pass (resumed if a killed run left one, else planned from the
+//! watermark), which moves the watermark when every partition is done, then its reconcile pass
+//! if one is asked for, due, or left unfinished, which tombstones what vanished upstream.
+//!
+//! Every plan is stored before it is paged, so a killed run resumes exactly the plan it made.
+
+use super::Context;
+use super::pipeline::Pass;
+use crate::config::{DeletedObjects, Incremental, Job};
+use crate::domain::{Datetime, bbox_2d};
+use crate::error::Error;
+use crate::mirror::Writes;
+use crate::mirror::db::{Counts, JobLock, JobState, PassKind, PlanCommit, Planned, Scope};
+use crate::plan::{self, Strategy};
+use crate::stac::client::{Capabilities, capabilities_of};
+use crate::stac::search::{Request, asks_ids_only};
+use std::time::SystemTime;
+
+/// What a job's passes did, for the run manifest.
+#[derive(Debug, Default)]
+pub(super) struct PassReport {
+    pub strategy: Option<Strategy>,
+    pub watermark_before: Option<String>,
+    pub watermark_after: Option<String>,
+    pub reconciled: bool,
+    pub partitions: Vec<serde_json::Value>,
+}
+
+/// The passes of one job in one run.
+pub(super) struct JobPasses<'a> {
+    context: &'a Context,
+    job: &'a Job,
+    run_id: &'a str,
+    search_hash: String,
+    /// What the server offers; asked once per run, and only when a plan needs it.
+    caps: Option<Capabilities>,
+    /// What they did.
+    pub report: PassReport,
+}
+
+impl<'a> JobPasses<'a> {
+    pub fn new(context: &'a Context, job: &'a Job, run_id: &'a str) -> JobPasses<'a> {
+        JobPasses {
+            context,
+            job,
+            run_id,
+            search_hash: search_hash(job),
+            caps: None,
+            report: PassReport::default(),
+        }
+    }
+
+    /// The sync pass, then the reconcile pass where one is due (never on a worker).
+    pub async fn run(&mut self, lock: &mut JobLock, counts: &mut Counts) -> Result<(), Error> {
+        let state = self.sync(lock, counts).await?;
+        if self.context.worker.is_some() {
+            if self.context.reconcile || self.job.reconcile_every.is_some() {
+                tracing::info!(job = %self.job.name, "workers do not reconcile: reconcile with \
+                    one `stac-sync run --reconcile` without --worker");
+            }
+            return Ok(());
+        }
+        self.reconcile(lock, counts, &state).await
+    }
+
+    /// Plans (or resumes) the sync pass, pages it, and ends it. Workers plan and end passes one
+    /// at a time, under the job's planner lock: the first plans, the others find it planned.
+    /// (Should unlocking fail, the lock goes with the job lock's connection when the run ends.)
+    async fn sync(&mut self, lock: &mut JobLock, counts: &mut Counts) -> Result<JobState, Error> {
+        let worker = self.context.worker.is_some();
+        if worker {
+            lock.lock_planner().await?;
+        }
+        let (state, planned) = self.plan_sync().await?;
+        if worker {
+            lock.unlock_planner().await?;
+        }
+        self.pass(PassKind::Sync, Writes::Items, &planned, lock, counts)
+            .await?;
+        if worker {
+            lock.lock_planner().await?;
+        }
+        self.end_sync().await?;
+        if worker {
+            lock.unlock_planner().await?;
+        }
+        Ok(state)
+    }
+
+    /// The job's state, and the sync pass's partitions: those a killed run left, or a new plan.
+    /// A job whose search changed starts over with a full pass.
+    async fn plan_sync(&mut self) -> Result<(JobState, Vec<Planned>), Error> {
+        let (db, job) = (self.context.mirror.db(), self.job);
+        let state = db.job_state(&job.name).await?;
+        let changed = state
+            .as_ref()
+            .is_some_and(|s| s.query_hash != self.search_hash);
+        if changed {
+            tracing::info!(job = %job.name, "the job's search changed since its last run: starting over with a full pass");
+        }
+        let state = state.filter(|_| !changed).unwrap_or_default();
+        self.report.watermark_before = state.watermark.clone();
+        if !changed {
+            let planned = db.planned(&job.name, PassKind::Sync).await?;
+            if !planned.is_empty() {
+                tracing::info!(job = %job.name, partitions = planned.len(),
+                    left = planned.iter().filter(|p| !p.done).count(), "resuming an unfinished sync pass");
+                return Ok((state, planned));
+            }
+        }
+        let watermark = state.watermark.as_deref();
+        let offered = if watermark.is_some() && job.incremental == Incremental::Auto {
+            self.capabilities().await?
+        } else {
+            Capabilities::default()
+        };
+        let strategy = plan::strategy(job, watermark, &offered);
+        let now = SystemTime::now();
+        let parts = plan::sync_parts(self.context.api.root(), job, strategy, watermark, now);
+        self.store_plan(PassKind::Sync, changed, now, &parts)
+            .await?;
+        self.report.strategy = Some(strategy);
+        tracing::info!(job = %job.name, strategy = ?strategy, watermark = watermark.unwrap_or("none"),
+            partitions = parts.len(), "planned a sync pass");
+        let planned = db.planned(&job.name, PassKind::Sync).await?;
+        Ok((state, planned))
+    }
+
+    /// Moves the watermark to the pass's start minus the safety lag, if every partition is done.
+    async fn end_sync(&mut self) -> Result<(), Error> {
+        let (db, job) = (self.context.mirror.db(), self.job);
+        let started = db
+            .job_state(&job.name)
+            .await?
+            .and_then(|s| s.pass_started_at)
+            .and_then(|at| plan::parse_instant(&at))
+            .unwrap_or_else(SystemTime::now);
+        let watermark = plan::next_watermark(started, job.safety_lag);
+        if db.finish_sync_pass(&job.name, &watermark).await? {
+            self.report.watermark_after = Some(watermark);
+        } else {
+            tracing::info!(job = %job.name,
+                "the pass's last partitions were another worker's: that worker ends the pass");
+        }
+        Ok(())
+    }
+
+    /// The reconcile pass, if asked for (`run --reconcile`), due (`reconcile_every`), or left
+    /// unfinished: sweeps the job's range, then tombstones what the sweep did not see.
+    async fn reconcile(
+        &mut self,
+        lock: &mut JobLock,
+        counts: &mut Counts,
+        state: &JobState,
+    ) -> Result<(), Error> {
+        let job = self.job;
+        let mut planned = self
+            .context
+            .mirror
+            .db()
+            .planned(&job.name, PassKind::Reconcile)
+            .await?;
+        if planned.is_empty() && !self.reconcile_due(state) {
+            return Ok(());
+        }
+        if !job.can_reconcile() {
+            return Err(Error::Config(format!(
+                "job {}: reconcile cannot tell which stored items a query, filter or intersects \
+                 geometry selects, so it cannot tell what vanished; reconcile a job that selects \
+                 by collection, datetime and bbox only",
+                job.name
+            )));
+        }
+        if planned.is_empty() {
+            planned = self.plan_reconcile().await?;
+        }
+        let ids_only = planned.iter().any(|p| asks_ids_only(&p.first));
+        let writes = if ids_only {
+            Writes::Seen
+        } else {
+            Writes::ItemsAndSeen
+        };
+        self.pass(PassKind::Reconcile, writes, &planned, lock, counts)
+            .await?;
+        let remove = job.deleted_objects == DeletedObjects::Delete;
+        let now = plan::rfc3339(SystemTime::now());
+        counts.deleted += self
+            .context
+            .mirror
+            .tombstone(&job.name, &scopes(job), remove, lock, &now)
+            .await?;
+        self.report.reconciled = true;
+        Ok(())
+    }
+
+    fn reconcile_due(&self, state: &JobState) -> bool {
+        self.context.reconcile
+            || self.job.reconcile_every.is_some_and(|every| {
+                state
+                    .reconciled_at
+                    .as_deref()
+                    .and_then(plan::parse_instant)
+                    .and_then(|at| at.elapsed().ok())
+                    .is_none_or(|age| age >= every)
+            })
+    }
+
+    /// Plans a reconcile pass: ids only where the API offers the Fields extension.
+    async fn plan_reconcile(&mut self) -> Result<Vec<Planned>, Error> {
+        let offered = self.capabilities().await?;
+        let now = SystemTime::now();
+        let root = self.context.api.root();
+        let parts = plan::reconcile_parts(root, self.job, offered.fields, now);
+        self.store_plan(PassKind::Reconcile, false, now, &parts)
+            .await?;
+        tracing::info!(job = %self.job.name, ids_only = offered.fields, partitions = parts.len(),
+            "planned a reconcile pass");
+        self.context
+            .mirror
+            .db()
+            .planned(&self.job.name, PassKind::Reconcile)
+            .await
+    }
+
+    async fn pass(
+        &mut self,
+        kind: PassKind,
+        writes: Writes,
+        planned: &[Planned],
+        lock: &mut JobLock,
+        counts: &mut Counts,
+    ) -> Result<(), Error> {
+        self.report.partitions.extend(
+            planned
+                .iter()
+                .map(|p| serde_json::json!({"name": p.name, "query": p.first})),
+        );
+        let pass = Pass {
+            context: self.context,
+            job: self.job,
+            run_id: self.run_id,
+            planned,
+            kind,
+            writes,
+        };
+        pass.run(lock, counts).await
+    }
+
+    async fn store_plan(
+        &self,
+        kind: PassKind,
+        search_changed: bool,
+        now: SystemTime,
+        parts: &[plan::Part],
+    ) -> Result<(), Error> {
+        let partitions: Vec<(String, String, Request)> = parts
+            .iter()
+            .map(|p| (p.name.clone(), p.collection.clone(), p.first.clone()))
+            .collect();
+        self.context
+            .mirror
+            .db()
+            .plan(PlanCommit {
+                job: &self.job.name,
+                kind,
+                search_hash: &self.search_hash,
+                search_changed,
+                started_at: &plan::rfc3339(now),
+                partitions: &partitions,
+            })
+            .await
+    }
+
+    async fn capabilities(&mut self) -> Result<Capabilities, Error> {
+        if let Some(caps) = self.caps {
+            return Ok(caps);
+        }
+        let caps = capabilities_of(&self.context.api).await?;
+        tracing::info!(
+            sort = caps.sort,
+            filter = caps.filter,
+            fields = caps.fields,
+            updated_queryable = caps.updated_queryable,
+            "what the STAC API offers"
+        );
+        self.caps = Some(caps);
+        Ok(caps)
+    }
+}
+
+/// The stored items a reconcile of `job` answers for: per collection, within its datetime range
+/// and bbox.
+fn scopes(job: &Job) -> Vec<Scope<'_>> {
+    let (start, end) = job
+        .datetime
+        .as_deref()
+        .map_or((None, None), |d| Datetime::parse(d).bounds());
+    let bbox = job.bbox.as_deref().and_then(bbox_2d);
+    job.collections
+        .iter()
+        .map(|collection| Scope {
+            collection,
+            start,
+            end,
+            bbox,
+        })
+        .collect()
+}
+
+/// Identifies a job's search (not its paging or page size): a change starts over with a full
+/// pass, since the watermark says nothing about items the old search did not select.
+fn search_hash(job: &Job) -> String {
+    let search = serde_json::json!([
+        job.collections,
+        job.bbox,
+        job.intersects,
+        job.datetime,
+        job.query,
+        job.filter
+    ]);
+    blake3::hash(search.to_string().as_bytes()).to_hex()[..16].to_string()
+}

@@ -1,0 +1,251 @@
+//! STAC API item search: the requests a job sends and the requests its pages' `next` links ask
+//! for (<https://github.com/radiantearth/stac-api-spec/tree/release/v1.0.0/item-search>).
+//!
+//! Paging follows `rel="next"` honouring the link's `method`, `body`, `headers` and `merge`
+//! (item-search#pagination). This module builds requests; it sends none.
+
+use crate::config::{Job, SearchMethod};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use url::Url;
+
+/// One API request, as stored in a resume point: method, absolute URL, extra headers, body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// `GET` or `POST`.
+    pub method: String,
+    /// Absolute URL, query included.
+    pub url: Url,
+    /// Headers a `next` link asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// JSON body of a POST.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+}
+
+impl Request {
+    /// A GET of `url`.
+    pub fn get(url: Url) -> Request {
+        Request {
+            method: "GET".into(),
+            url,
+            headers: Vec::new(),
+            body: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Link {
+    #[serde(default)]
+    rel: String,
+    #[serde(default)]
+    href: String,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    body: Option<Value>,
+    #[serde(default)]
+    headers: Option<Map<String, Value>>,
+    #[serde(default)]
+    merge: bool,
+}
+
+/// How one partition narrows or trims the job's search.
+#[derive(Debug, Clone, Default)]
+pub struct Shape {
+    /// The datetime sent: the job's, or a window of it.
+    pub datetime: Option<String>,
+    /// Only items with `updated` at or after this instant, sorted by `updated` ascending
+    /// (Filter and Sort extensions).
+    pub updated_since: Option<String>,
+    /// Ask only for `id` and `collection` (Fields extension).
+    pub ids_only: bool,
+}
+
+impl Shape {
+    /// The job's search as configured.
+    pub fn of(job: &Job) -> Shape {
+        Shape {
+            datetime: job.datetime.clone(),
+            ..Shape::default()
+        }
+    }
+}
+
+/// The CQL2-JSON filter sent: the job's, and `updated >= since` if given.
+fn filter(job: &Job, since: Option<&str>) -> Option<Value> {
+    let since = since.map(|since| {
+        serde_json::json!({"op": ">=", "args": [{"property": "updated"}, {"timestamp": since}]})
+    });
+    match (job.filter.clone(), since) {
+        (Some(own), Some(since)) => Some(serde_json::json!({"op": "and", "args": [own, since]})),
+        (own, since) => own.or(since),
+    }
+}
+
+/// Fields left out of an ids-only sweep (Fields extension: `include` alone keeps the defaults).
+const IDS_ONLY_EXCLUDE: [&str; 5] = ["geometry", "bbox", "assets", "links", "properties"];
+
+/// The first search request of a job over `collections` (STAC API item-search, GET or POST),
+/// shaped for one partition.
+pub fn first_request(root: &Url, job: &Job, collections: &[String], shape: &Shape) -> Request {
+    let mut url = root.join("search").unwrap_or_else(|_| root.clone());
+    let filter = filter(job, shape.updated_since.as_deref());
+    match job.method {
+        SearchMethod::Post => {
+            let mut body = Map::new();
+            body.insert("collections".into(), collections.to_vec().into());
+            body.insert("limit".into(), job.limit.into());
+            if let Some(bbox) = &job.bbox {
+                body.insert("bbox".into(), bbox.clone().into());
+            }
+            if let Some(intersects) = &job.intersects {
+                body.insert("intersects".into(), intersects.clone());
+            }
+            if let Some(datetime) = &shape.datetime {
+                body.insert("datetime".into(), datetime.clone().into());
+            }
+            if let Some(query) = &job.query {
+                body.insert("query".into(), query.clone());
+            }
+            if let Some(filter) = filter {
+                body.insert("filter".into(), filter);
+                body.insert("filter-lang".into(), "cql2-json".into());
+            }
+            if shape.updated_since.is_some() {
+                body.insert(
+                    "sortby".into(),
+                    serde_json::json!([{"field": "properties.updated", "direction": "asc"}]),
+                );
+            }
+            if shape.ids_only {
+                body.insert(
+                    "fields".into(),
+                    serde_json::json!({"include": ["id", "collection"], "exclude": IDS_ONLY_EXCLUDE}),
+                );
+            }
+            Request {
+                method: "POST".into(),
+                url,
+                headers: Vec::new(),
+                body: Some(Value::Object(body)),
+            }
+        }
+        SearchMethod::Get => {
+            {
+                let mut query = url.query_pairs_mut();
+                query.append_pair("collections", &collections.join(","));
+                query.append_pair("limit", &job.limit.to_string());
+                if let Some(bbox) = &job.bbox {
+                    let bbox: Vec<String> = bbox.iter().map(f64::to_string).collect();
+                    query.append_pair("bbox", &bbox.join(","));
+                }
+                if let Some(intersects) = &job.intersects {
+                    query.append_pair("intersects", &intersects.to_string());
+                }
+                if let Some(datetime) = &shape.datetime {
+                    query.append_pair("datetime", datetime);
+                }
+                if let Some(q) = &job.query {
+                    query.append_pair("query", &q.to_string());
+                }
+                if let Some(filter) = filter {
+                    query.append_pair("filter", &filter.to_string());
+                    query.append_pair("filter-lang", "cql2-json");
+                }
+                if shape.updated_since.is_some() {
+                    query.append_pair("sortby", "+properties.updated");
+                }
+                if shape.ids_only {
+                    let exclude: Vec<String> =
+                        IDS_ONLY_EXCLUDE.iter().map(|f| format!("-{f}")).collect();
+                    query.append_pair("fields", &format!("id,collection,{}", exclude.join(",")));
+                }
+            }
+            Request::get(url)
+        }
+    }
+}
+
+/// The request a `rel="next"` link asks for, resolved against the current request.
+fn next_request(links: &[Link], current: &Request) -> Result<Option<Request>, String> {
+    let Some(link) = links.iter().find(|l| l.rel == "next") else {
+        return Ok(None);
+    };
+    let url = current
+        .url
+        .join(&link.href)
+        .map_err(|e| format!("the next link's href {:?} is not a URL ({e})", link.href))?;
+    let method = link.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
+    let mut headers = if link.merge {
+        current.headers.clone()
+    } else {
+        Vec::new()
+    };
+    for (name, value) in link.headers.iter().flatten() {
+        let value = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        headers.push((name.clone(), value));
+    }
+    let body = match method.as_str() {
+        "GET" => None,
+        "POST" => match (&link.body, link.merge, &current.body) {
+            (Some(Value::Object(part)), true, Some(Value::Object(base))) => {
+                let mut merged = base.clone();
+                merged.extend(part.clone());
+                Some(Value::Object(merged))
+            }
+            (Some(body), _, _) => Some(body.clone()),
+            (None, _, body) => body.clone(),
+        },
+        other => {
+            return Err(format!(
+                "the next link asks for method {other}, not GET or POST"
+            ));
+        }
+    };
+    Ok(Some(Request {
+        method,
+        url,
+        headers,
+        body,
+    }))
+}
+
+/// The request the `rel="next"` link among a page's raw `links` asks for, resolved against the
+/// request that fetched the page (`None`: no next link, the partition's last page).
+pub(crate) fn next_of(links: Option<&[u8]>, current: &Request) -> Result<Option<Request>, String> {
+    let links: Vec<Link> = match links {
+        Some(raw) => serde_json::from_slice(raw)
+            .map_err(|e| format!("the page's links cannot be read ({e})"))?,
+        None => Vec::new(),
+    };
+    next_request(&links, current)
+}
+
+/// Identifies a request for repeat detection: method, URL and body.
+pub(crate) fn fingerprint(request: &Request) -> String {
+    format!(
+        "{} {} {}",
+        request.method,
+        request.url,
+        request
+            .body
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    )
+}
+
+/// Whether a request asks only for ids (Fields extension).
+pub(crate) fn asks_ids_only(request: &Request) -> bool {
+    match &request.body {
+        Some(body) => body.get("fields").is_some(),
+        None => request.url.query_pairs().any(|(k, _)| k == "fields"),
+    }
+}
