@@ -71,7 +71,10 @@ enum Command {
 fn main() -> ExitCode {
     // A .env file (EDS lets users download one) fills variables that are not already set.
     let _ = dotenvy::dotenv();
-    let mut cli = Cli::parse();
+    let mut cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage(&error),
+    };
     let progress =
         matches!(cli.command, Command::Run { .. }) && LogFormat::shows_progress(cli.log_format);
     stac_sync::ops::telemetry::init(cli.log_format, progress);
@@ -89,6 +92,18 @@ fn main() -> ExitCode {
             eprintln!("error: {error}");
             error.exit().into()
         }
+    }
+}
+
+/// `--help` and `--version` exit 0; a usage error is a configuration error like any other
+/// (exit 3: exit 2 means a partial run).
+fn usage(error: &clap::Error) -> ExitCode {
+    let _ = error.print();
+    match error.kind() {
+        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+            Exit::Success.into()
+        }
+        _ => Exit::Config.into(),
     }
 }
 

@@ -307,3 +307,28 @@ async fn the_daemon_stops_on_sigterm_while_idle_and_while_a_run_is_slow() {
     assert_eq!(code, Some(143));
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
 }
+
+#[test]
+fn usage_errors_exit_3_and_one_off_flags_work_after_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| stac_sync(dir.path()).args(args).output().expect("runs");
+
+    let negative = run(&["run", "--collection", "c", "--limit", "-1"]);
+    let unknown = run(&["run", "--no-such-flag"]);
+    let after_run = run(&[
+        "run",
+        "--collection",
+        "c",
+        "--bbox",
+        "2.25,48.81,2.42,48.90",
+    ]);
+    let help = run(&["run", "--help"]);
+
+    assert_eq!(negative.status.code(), Some(3));
+    assert_eq!(unknown.status.code(), Some(3));
+    assert_eq!(help.status.code(), Some(0));
+    // Parsed: it gets as far as asking for the API it was not given.
+    let stderr = String::from_utf8_lossy(&after_run.stderr);
+    assert!(!stderr.contains("unexpected argument"), "{stderr}");
+    assert!(first_error_line(&after_run).contains("API"), "{stderr}");
+}

@@ -72,6 +72,12 @@ async fn list(store: &dyn ObjectStore, prefix: &str) -> BTreeMap<String, (Vec<u8
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_and_s3_store_the_same_bytes_as_sqlite_and_a_folder() {
+    if common::skip_without(common::Service::Moto) {
+        return;
+    }
+    if common::skip_without(common::Service::Postgres) {
+        return;
+    }
     let moto = Moto::start();
     moto.create_bucket("mirror").await;
     let clock = Arc::new(ManualClock::default());
@@ -174,6 +180,9 @@ async fn postgres_and_s3_store_the_same_bytes_as_sqlite_and_a_folder() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_bucket_stops_the_run_with_exit_6_before_any_page() {
+    if common::skip_without(common::Service::Moto) {
+        return;
+    }
     let moto = Moto::start();
     let clock = Arc::new(ManualClock::default());
     let server = fixture::start(
@@ -217,6 +226,9 @@ async fn a_missing_bucket_stops_the_run_with_exit_6_before_any_page() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azure_blob_storage_holds_the_same_bytes_as_a_folder() {
+    if common::skip_without(common::Service::Azurite) {
+        return;
+    }
     let azurite = common::azurite::Azurite::start();
     azurite.create_container("mirror").await;
     let clock = Arc::new(ManualClock::default());

@@ -326,6 +326,9 @@ async fn pushgateway() -> Pushgateway {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_pushes_its_metrics_to_a_real_pushgateway() {
+    if common::skip_without(common::Service::Pushgateway) {
+        return;
+    }
     let gateway = pushgateway().await;
     let clock = Arc::new(ManualClock::default());
     let items = make_items("sentinel-2-l2a", 4);

@@ -379,6 +379,9 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+                    if crate::common::skip_without(crate::common::Service::Postgres) {
+                        return;
+                    }
                     super::$name(super::Backend::Postgres).await
                 }
             )*
@@ -400,6 +403,9 @@ conformance!(
 /// about 15 KB (10 MB) takes two, in one transaction with its resume point.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_larger_than_one_upsert_statement_is_stored_whole_on_postgres() {
+    if common::skip_without(common::Service::Postgres) {
+        return;
+    }
     let database = common::fresh_postgres().await;
     let db = Database::connect(&database).await.expect("db");
     db.migrate().await.expect("migrate");

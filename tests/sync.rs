@@ -694,6 +694,9 @@ async fn postgres_holding_commits(when: &str) -> (String, sqlx::PgConnection) {
 /// holds), pages of partition `b` go on committing. One commit at a time, `b` would stop too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_a_partition_commits_while_another_partitions_commit_waits() {
+    if common::skip_without(common::Service::Postgres) {
+        return;
+    }
     let clock = Arc::new(ManualClock::default());
     let mut items = make_items("a", 3);
     items.extend(make_items("b", 200));
@@ -760,6 +763,9 @@ async fn on_postgres_a_partition_commits_while_another_partitions_commit_waits()
 /// on a lock this test holds), the second part commits. One at a time, nothing would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres_the_parts_of_one_page_commit_at_once() {
+    if common::skip_without(common::Service::Postgres) {
+        return;
+    }
     let clock = Arc::new(ManualClock::default());
     let base = common::eds_items();
     let items: Vec<Value> = (0..400)

@@ -217,6 +217,9 @@ fn repeats(log: &[Seen]) -> Vec<(String, usize)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_workers_share_a_job_and_store_every_item_once() {
+    if common::skip_without(common::Service::Postgres) {
+        return;
+    }
     let world = world().await;
     let reference_dir = tempfile::tempdir().expect("tempdir");
     let (expected, pages) = reference(&world, reference_dir.path()).await;
@@ -278,6 +281,9 @@ async fn four_workers_share_a_job_and_store_every_item_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_workers_partitions_are_taken_over_after_its_lease_expires() {
+    if common::skip_without(common::Service::Postgres) {
+        return;
+    }
     let world = world().await;
     let reference_dir = tempfile::tempdir().expect("tempdir");
     let (expected, _) = reference(&world, reference_dir.path()).await;
@@ -370,6 +376,9 @@ async fn a_killed_workers_partitions_are_taken_over_after_its_lease_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_share_the_job_lock_with_each_other_and_never_with_a_single_run() {
+    if common::skip_without(common::Service::Postgres) {
+        return;
+    }
     let database = fresh_postgres().await;
     let db = stac_sync::mirror::db::Database::connect(&database)
         .await
@@ -405,6 +414,9 @@ async fn workers_share_the_job_lock_with_each_other_and_never_with_a_single_run(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_lease_was_taken_over_cannot_commit_the_partition() {
+    if common::skip_without(common::Service::Postgres) {
+        return;
+    }
     use stac_sync::mirror::db::{Lease, PageCommit, PassKind, PlanCommit};
     let database = fresh_postgres().await;
     let db = stac_sync::mirror::db::Database::connect(&database)

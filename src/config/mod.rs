@@ -289,6 +289,7 @@ pub struct Overrides {
     /// One-off job: bounding box `xmin,ymin,xmax,ymax`.
     #[arg(
         long,
+        global = true,
         value_delimiter = ',',
         allow_negative_numbers = true,
         num_args = 1

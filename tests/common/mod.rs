@@ -6,8 +6,12 @@
 pub mod azurite;
 pub mod fixture;
 pub mod moto;
+pub mod services;
 pub mod stac;
 pub mod tokens;
+
+#[allow(unused_imports)]
+pub use services::{Service, skip_without};
 
 use serde_json::Value;
 use stac_sync::clock::ManualClock;
