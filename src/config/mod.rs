@@ -503,27 +503,8 @@ impl Config {
 
     /// Merges the layers and validates the result. No I/O.
     pub fn resolve(file: FileConfig, o: &Overrides) -> Result<Config, Error> {
-        let env = &o.env;
-        // Only EDS_API_URL may be a bare host (newer EDS material); api_url, --api-url and
-        // STAC_SYNC_API_URL are always the STAC root itself.
-        let api_root = match (
-            o.api_url.as_deref(),
-            env.eds_api_url.as_deref(),
-            file.api_url.as_deref(),
-        ) {
-            (Some(raw), _, _) => resolve_api_root(raw, false)?,
-            (None, Some(raw), _) => resolve_api_root(raw, true)?,
-            (None, None, Some(raw)) => resolve_api_root(raw, false)?,
-            (None, None, None) => {
-                return Err(Error::Config(
-                    "no STAC API URL: set EDS_API_URL or STAC_SYNC_API_URL, pass --api-url, \
-                     or set api_url in the config file"
-                        .into(),
-                ));
-            }
-        };
+        let api_root = resolve_api(&file, o)?;
         let auth = resolve_auth(file.auth, o)?;
-
         let limit = o.limit.or(file.limit).unwrap_or(DEFAULT_LIMIT);
         let concurrency = o
             .concurrency
@@ -534,69 +515,11 @@ impl Config {
                 "concurrency = {concurrency}: must be between 1 and 256"
             )));
         }
-        let database_url = o
-            .database_url
-            .clone()
-            .or(file.database_url)
-            .unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
-        if !(database_url.starts_with("sqlite:")
-            || database_url.starts_with("postgres://")
-            || database_url.starts_with("postgresql://"))
-        {
-            return Err(Error::Config(format!(
-                "database_url {:?}: expected sqlite://FILE or postgres://...",
-                redact_url(&database_url)
-            )));
-        }
-        let object_store_url = match o
-            .object_store_url
-            .clone()
-            .or(file.object_store_url)
-            .unwrap_or_else(|| DEFAULT_OBJECT_STORE_URL.into())
-        {
-            off if off.eq_ignore_ascii_case("none") => None,
-            url => {
-                let scheme = url.split_once("://").map(|(scheme, _)| scheme);
-                if !matches!(
-                    scheme,
-                    Some("file" | "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss")
-                ) {
-                    return Err(Error::Config(format!(
-                        "object_store_url {url:?}: expected file://PATH, s3://BUCKET/PREFIX, \
-                         gs://BUCKET/PREFIX, az://CONTAINER/PREFIX or none"
-                    )));
-                }
-                Some(url)
-            }
-        };
-
-        let http = HttpSettings {
-            connect_timeout: file.http.connect_timeout.unwrap_or(Duration::from_secs(10)),
-            read_timeout: file.http.read_timeout.unwrap_or(Duration::from_secs(60)),
-            timeout: file.http.timeout.unwrap_or(Duration::from_secs(300)),
-            retry: {
-                let d = RetryPolicy::default();
-                RetryPolicy {
-                    max_retries: file.http.max_retries.unwrap_or(d.max_retries),
-                    budget: file.http.retry_budget.unwrap_or(d.budget),
-                    base: file.http.backoff_base.unwrap_or(d.base),
-                    max: file.http.backoff_max.unwrap_or(d.max),
-                }
-            },
-        };
-
-        let mut headers = Vec::new();
-        for (name, value) in file.headers {
-            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
-                || reqwest::header::HeaderValue::from_str(&value).is_err()
-            {
-                return Err(Error::Config(format!(
-                    "headers.{name}: not a valid HTTP header name and value"
-                )));
-            }
-            headers.push((name, value));
-        }
-
+        let database_url = resolve_database_url(o.database_url.clone().or(file.database_url))?;
+        let object_store_url =
+            resolve_object_store_url(o.object_store_url.clone().or(file.object_store_url))?;
+        let http = resolve_http(&file.http);
+        let headers = resolve_headers(file.headers)?;
         let jobs = resolve_jobs(file.jobs, o, limit)?;
         let worker_lease = o
             .worker_lease
@@ -631,6 +554,89 @@ impl Config {
             jobs,
         })
     }
+}
+
+/// The STAC root. Only EDS_API_URL may be a bare host (newer EDS material); api_url, --api-url
+/// and STAC_SYNC_API_URL are always the STAC root itself.
+fn resolve_api(file: &FileConfig, o: &Overrides) -> Result<Url, Error> {
+    match (
+        o.api_url.as_deref(),
+        o.env.eds_api_url.as_deref(),
+        file.api_url.as_deref(),
+    ) {
+        (Some(raw), _, _) => resolve_api_root(raw, false),
+        (None, Some(raw), _) => resolve_api_root(raw, true),
+        (None, None, Some(raw)) => resolve_api_root(raw, false),
+        (None, None, None) => Err(Error::Config(
+            "no STAC API URL: set EDS_API_URL or STAC_SYNC_API_URL, pass --api-url, \
+             or set api_url in the config file"
+                .into(),
+        )),
+    }
+}
+
+fn resolve_database_url(given: Option<String>) -> Result<String, Error> {
+    let url = given.unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+    if url.starts_with("sqlite:")
+        || url.starts_with("postgres://")
+        || url.starts_with("postgresql://")
+    {
+        return Ok(url);
+    }
+    Err(Error::Config(format!(
+        "database_url {:?}: expected sqlite://FILE or postgres://...",
+        redact_url(&url)
+    )))
+}
+
+/// The object store's URL, or `None` for `none`.
+fn resolve_object_store_url(given: Option<String>) -> Result<Option<String>, Error> {
+    let url = given.unwrap_or_else(|| DEFAULT_OBJECT_STORE_URL.into());
+    if url.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    if !matches!(
+        scheme,
+        Some("file" | "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss")
+    ) {
+        return Err(Error::Config(format!(
+            "object_store_url {url:?}: expected file://PATH, s3://BUCKET/PREFIX, \
+             gs://BUCKET/PREFIX, az://CONTAINER/PREFIX or none"
+        )));
+    }
+    Ok(Some(url))
+}
+
+fn resolve_http(file: &HttpFile) -> HttpSettings {
+    let d = RetryPolicy::default();
+    HttpSettings {
+        connect_timeout: file.connect_timeout.unwrap_or(Duration::from_secs(10)),
+        read_timeout: file.read_timeout.unwrap_or(Duration::from_secs(60)),
+        timeout: file.timeout.unwrap_or(Duration::from_secs(300)),
+        retry: RetryPolicy {
+            max_retries: file.max_retries.unwrap_or(d.max_retries),
+            budget: file.retry_budget.unwrap_or(d.budget),
+            base: file.backoff_base.unwrap_or(d.base),
+            max: file.backoff_max.unwrap_or(d.max),
+        },
+    }
+}
+
+fn resolve_headers(headers: BTreeMap<String, String>) -> Result<Vec<(String, String)>, Error> {
+    headers
+        .into_iter()
+        .map(|(name, value)| {
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || reqwest::header::HeaderValue::from_str(&value).is_err()
+            {
+                return Err(Error::Config(format!(
+                    "headers.{name}: not a valid HTTP header name and value"
+                )));
+            }
+            Ok((name, value))
+        })
+        .collect()
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, Error> {

@@ -217,12 +217,9 @@ impl ObjectSink {
     /// whatever was there: new and changed items alike end with the item's bytes, which is what
     /// the conditional put of [`Self::put_item`] ensures elsewhere.
     ///
-    /// One task, not one `LocalFileSystem` put (and thread hand-off) per object with four in
-    /// flight: writers in one directory contend on its lock in the kernel (`rwsem_spin_on_owner`
-    /// under `rename` in `perf`), and each put also cost a `statx`, a `link` and an `unlink`.
-    /// On a 30,000-item backfill into SQLite (pages of 1,000, three alternating runs each) the
-    /// process's CPU went from 7.8-17.8 s to 3.9-6.5 s and its wall time from 6.9-11.0 s to
-    /// 3.9-5.6 s.
+    /// One task, not one `LocalFileSystem` put (and thread hand-off) per object: writers in one
+    /// directory contend on its lock in the kernel, and each put costs a `statx`, a `link` and
+    /// an `unlink` more (docs/benchmarks.md has the measurements).
     async fn put_local(
         &self,
         local: &LocalFileSystem,
@@ -369,8 +366,8 @@ pub fn encode_collection(raw: &str) -> String {
 
 /// Writes `content` to `path` whole. A `new` file is written on Linux unnamed (`O_TMPFILE`) and
 /// linked in under its name once complete: one directory entry is made, where a staging name
-/// renamed over the key costs two more operations on the folder (about a sixth of a folder
-/// backfill's CPU under `perf`), and a crash leaves nothing behind. Otherwise (the file exists,
+/// renamed over the key costs two more operations on the folder, and a crash leaves nothing
+/// behind. Otherwise (the file exists,
 /// the folder does not yet, the filesystem cannot) it goes to a new `PATH#N` (the first free
 /// N), renamed over `PATH`. Creates the folder if needed.
 fn write_whole(path: &std::path::Path, content: &[u8], new: bool) -> std::io::Result<()> {

@@ -12,7 +12,7 @@ use crate::mirror::db::Database;
 use crate::mirror::objects::ObjectSink;
 use crate::ops::status::table;
 use crate::plan;
-use crate::stac::client::Capabilities;
+use crate::stac::client::{ApiClient, Capabilities, api_client, capabilities_from, landing_page};
 use crate::stac::http::{self, Stats};
 use crate::stac::search::Request;
 use serde::Serialize;
@@ -108,134 +108,23 @@ pub async fn check(config: &Config, clock: Arc<dyn Clock>) -> Report {
         ..config.http.retry.clone()
     };
     report.info("config", format!("{} job(s), valid", config.jobs.len()));
-    let api =
-        match crate::stac::client::api_client(config, clock, Arc::new(Stats::default()), policy) {
-            Ok(api) => api,
-            Err(error) => {
-                report.push("HTTP client", Err(error));
-                return finish(report);
-            }
-        };
-    let token = match &config.auth {
-        Auth::None => {
-            report.info("token", "none: the API is called without authentication");
-            true
-        }
-        _ => {
-            let outcome = api.tokens().token().await.map(|token| match token {
-                Some(token) => match token.lifetime {
-                    Some(lifetime) => format!(
-                        "obtained; lifetime {}",
-                        humantime::format_duration(lifetime)
-                    ),
-                    None => "static bearer token (not checked until the API answers)".into(),
-                },
-                None => "none".into(),
-            });
-            let ok = outcome.is_ok();
-            report.push("token", outcome);
-            ok
+    let api = match api_client(config, clock, Arc::new(Stats::default()), policy) {
+        Ok(api) => api,
+        Err(error) => {
+            report.push("HTTP client", Err(error));
+            return finish(report);
         }
     };
-    let caps = if token {
-        let root = api.root().clone();
-        match crate::stac::client::landing_page(&api).await {
-            Ok(doc) => {
-                let title = doc
-                    .get("title")
-                    .or_else(|| doc.get("id"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("untitled");
-                report.push(
-                    "STAC root",
-                    Ok(format!("{} ({title})", http::display_url(&root))),
-                );
-                match crate::stac::client::capabilities_from(&api, &doc).await {
-                    Ok(caps) => Some(caps),
-                    Err(error) => {
-                        report.push("conformance", Err(error));
-                        None
-                    }
-                }
-            }
-            Err(error) => {
-                report.push("STAC root", Err(explain_root(error, &root)));
-                None
-            }
-        }
-    } else {
-        None
+    let caps = match probe_token(&mut report, config, &api).await {
+        true => probe_api(&mut report, &api).await,
+        false => None,
     };
     if let Some(caps) = &caps {
         conformance(&mut report, caps);
-        for collection in config.jobs.iter().flat_map(|j| &j.collections) {
-            let url = api.root().join(&format!("collections/{collection}"));
-            let outcome = match url {
-                Ok(url) => api
-                    .fetch("collection", &Request::get(url.clone()), |_| Ok(()))
-                    .await
-                    .map(|()| "exists".to_string())
-                    .map_err(|e| match e {
-                        e if e.is_rejected_request() => e.hint(format!(
-                            "Is the id spelled as the API lists it at {}?",
-                            api.root()
-                                .join("collections")
-                                .map_or_else(|_| String::new(), |u| u.to_string())
-                        )),
-                        other => other,
-                    }),
-                Err(e) => Err(Error::Config(format!("collection id {collection:?}: {e}"))),
-            };
-            report.push(format!("collection {collection}"), outcome);
-        }
+        probe_collections(&mut report, config, &api).await;
     }
-    let db = match Database::connect(&config.database_url).await {
-        Ok(db) => {
-            report.push(
-                "database",
-                db.probe_write().await.map(|()| {
-                    format!(
-                        "{}: reachable, writable",
-                        crate::config::redact_url(&config.database_url)
-                    )
-                }),
-            );
-            match db.migrations().await {
-                (0, _) => report.info(
-                    "migrations",
-                    "empty database: `stac-sync run` (or `stac-sync migrate`) creates the tables",
-                ),
-                (applied, known) if applied >= known => {
-                    report.push("migrations", Ok(format!("{applied} of {known} applied")));
-                }
-                (applied, known) => report.push(
-                    "migrations",
-                    Err(Error::Sink(format!(
-                        "{applied} of {known} applied: run `stac-sync migrate` (or a `stac-sync run` \
-                         without --no-migrate) before running with --no-migrate"
-                    ))),
-                ),
-            }
-            Some(db)
-        }
-        Err(error) => {
-            report.push("database", Err(error));
-            None
-        }
-    };
-    match config.object_store_url.as_deref() {
-        None => report.info("object store", "none: items go to the database only"),
-        Some(url) => {
-            let outcome = match ObjectSink::from_url(url, &config.object_store_options) {
-                Ok(sink) => sink
-                    .probe()
-                    .await
-                    .map(|()| format!("{url}: reachable, writable")),
-                Err(e) => Err(e),
-            };
-            report.push("object store", outcome);
-        }
-    }
+    let db = probe_database(&mut report, config).await;
+    probe_object_store(&mut report, config).await;
     for job in &config.jobs {
         let watermark = match &db {
             Some(db) => db
@@ -250,6 +139,132 @@ pub async fn check(config: &Config, clock: Arc<dyn Clock>) -> Report {
         report.info(format!("job {}", job.name), detail);
     }
     finish(report)
+}
+
+/// Obtains a token (if the API needs one); whether the API can be asked anything.
+async fn probe_token(report: &mut Report, config: &Config, api: &ApiClient) -> bool {
+    if let Auth::None = &config.auth {
+        report.info("token", "none: the API is called without authentication");
+        return true;
+    }
+    let outcome = api.tokens().token().await.map(|token| match token {
+        Some(token) => match token.lifetime {
+            Some(lifetime) => format!(
+                "obtained; lifetime {}",
+                humantime::format_duration(lifetime)
+            ),
+            None => "static bearer token (not checked until the API answers)".into(),
+        },
+        None => "none".into(),
+    });
+    let ok = outcome.is_ok();
+    report.push("token", outcome);
+    ok
+}
+
+/// The landing page, then what the API offers.
+async fn probe_api(report: &mut Report, api: &ApiClient) -> Option<Capabilities> {
+    let root = api.root().clone();
+    let doc = match landing_page(api).await {
+        Ok(doc) => doc,
+        Err(error) => {
+            report.push("STAC root", Err(explain_root(error, &root)));
+            return None;
+        }
+    };
+    let title = doc
+        .get("title")
+        .or_else(|| doc.get("id"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("untitled");
+    report.push(
+        "STAC root",
+        Ok(format!("{} ({title})", http::display_url(&root))),
+    );
+    match capabilities_from(api, &doc).await {
+        Ok(caps) => Some(caps),
+        Err(error) => {
+            report.push("conformance", Err(error));
+            None
+        }
+    }
+}
+
+/// Each job's collections exist at `/collections/{id}`.
+async fn probe_collections(report: &mut Report, config: &Config, api: &ApiClient) {
+    let listed = api
+        .root()
+        .join("collections")
+        .map_or_else(|_| String::new(), |u| u.to_string());
+    for collection in config.jobs.iter().flat_map(|j| &j.collections) {
+        let outcome = match api.root().join(&format!("collections/{collection}")) {
+            Ok(url) => api
+                .fetch("collection", &Request::get(url), |_| Ok(()))
+                .await
+                .map(|()| "exists".to_string())
+                .map_err(|e| match e {
+                    e if e.is_rejected_request() => e.hint(format!(
+                        "Is the id spelled as the API lists it at {listed}?"
+                    )),
+                    other => other,
+                }),
+            Err(e) => Err(Error::Config(format!("collection id {collection:?}: {e}"))),
+        };
+        report.push(format!("collection {collection}"), outcome);
+    }
+}
+
+/// The database takes a write, and how many migrations it has.
+async fn probe_database(report: &mut Report, config: &Config) -> Option<Database> {
+    let db = match Database::connect(&config.database_url).await {
+        Ok(db) => db,
+        Err(error) => {
+            report.push("database", Err(error));
+            return None;
+        }
+    };
+    report.push(
+        "database",
+        db.probe_write().await.map(|()| {
+            format!(
+                "{}: reachable, writable",
+                crate::config::redact_url(&config.database_url)
+            )
+        }),
+    );
+    match db.migrations().await {
+        (0, _) => report.info(
+            "migrations",
+            "empty database: `stac-sync run` (or `stac-sync migrate`) creates the tables",
+        ),
+        (applied, known) if applied >= known => {
+            report.push("migrations", Ok(format!("{applied} of {known} applied")));
+        }
+        (applied, known) => report.push(
+            "migrations",
+            Err(Error::Sink(format!(
+                "{applied} of {known} applied: run `stac-sync migrate` (or a `stac-sync run` \
+                 without --no-migrate) before running with --no-migrate"
+            ))),
+        ),
+    }
+    Some(db)
+}
+
+/// The object store takes a write (and the probe object is deleted).
+async fn probe_object_store(report: &mut Report, config: &Config) {
+    let Some(url) = config.object_store_url.as_deref() else {
+        report.info("object store", "none: items go to the database only");
+        return;
+    };
+    let outcome = match ObjectSink::from_url(url, &config.object_store_options) {
+        Ok(sink) => sink
+            .probe()
+            .await
+            .map(|()| format!("{url}: reachable, writable")),
+        Err(e) => Err(e),
+    };
+    report.push("object store", outcome);
 }
 
 fn finish(mut report: Report) -> Report {

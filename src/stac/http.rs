@@ -402,10 +402,10 @@ pub fn describe(error: &reqwest::Error) -> String {
     text
 }
 
-/// Reads a body into one buffer, sized from `Content-Length` when the server sends it.
-/// (`Response::bytes` collects the chunks and then copies them into one buffer, so a large page
-/// was held twice for a moment.) Growing without a length is left to the allocator. A failure
-/// is described for a retry message.
+/// Reads a body into one buffer, sized from `Content-Length` when the server sends it
+/// (`Response::bytes` collects the chunks and then copies them into one buffer, holding a large
+/// page twice for a moment). Growing without a length is left to the allocator. A failure is
+/// described for a retry message.
 pub async fn read_body(response: reqwest::Response) -> Result<bytes::Bytes, String> {
     let status = response.status();
     read_chunks(response)
