@@ -10,7 +10,7 @@ use super::Context;
 use crate::config::Job;
 use crate::error::Error;
 use crate::mirror::db::{Lease, PassKind, Planned};
-use crate::stac::http;
+use crate::stac::http::{self, Sent};
 use crate::stac::reader::{Page, PageReader};
 use crate::stac::search::{Request, fingerprint};
 use futures_util::StreamExt;
@@ -216,15 +216,12 @@ async fn page_partition(
                 http::display_url(&request.url)
             )));
         }
-        let mut reading = PageRead {
+        let page = PageRead {
             budget,
             tx: &tx,
             partition: &partition,
             request: &request,
         };
-        let fetch = context
-            .api
-            .fetch_streamed("search page", &request, &mut reading);
         // On SIGTERM the page in flight is abandoned (its retries too); parts already handed
         // over are still committed by the writer.
         let handed = tokio::select! {
@@ -232,7 +229,7 @@ async fn page_partition(
             () = context.stop.cancelled() => return Err(Error::Stopped),
             // Another worker has it now.
             () = partition.lost.cancelled() => return Ok(()),
-            handed = fetch => handed,
+            handed = page.fetch(context) => handed,
         };
         let handed = match handed {
             // Paging tokens go stale (the boundary item was deleted, the server restarted): a
@@ -249,11 +246,20 @@ async fn page_partition(
             other => other?,
         };
         match handed {
-            // The writer stopped (and reports why), or that was the partition's last page.
-            None | Some(None) => return Ok(()),
-            Some(Some(next)) => request = next,
+            Read::WriterStopped | Read::Handed(None) => return Ok(()),
+            Read::Handed(Some(next)) => request = next,
         }
     }
+}
+
+/// What became of a page. (One per page, moved once: the size of a request is no matter.)
+#[allow(clippy::large_enum_variant)]
+enum Read {
+    /// Handed over whole, with the request its `next` link asks for (`None`: the partition's
+    /// last page).
+    Handed(Option<Request>),
+    /// The writer stopped (and reports why).
+    WriterStopped,
 }
 
 /// Reads a page as it arrives and hands it to the writer in parts.
@@ -278,34 +284,43 @@ impl PageRead<'_> {
     }
 }
 
-impl http::ReadBody for PageRead<'_> {
-    /// Once the whole page is handed over: the request its `next` link asks for (`None` at the
-    /// partition's end). `None` if the writer stopped.
-    type Output = Result<Option<Option<Request>>, String>;
-
-    fn read(
-        &mut self,
-        mut response: reqwest::Response,
-    ) -> futures_util::future::BoxFuture<'_, Self::Output> {
-        Box::pin(async move {
-            // A retry reads the page again from its start, and hands over its first parts
-            // again: their items are then unchanged.
-            let mut reader = PageReader::new(Some(&self.partition.collection));
-            loop {
-                match response.chunk().await {
-                    Ok(Some(bytes)) => reader.push(&bytes).map_err(|e| e.to_string())?,
-                    Ok(None) => break,
-                    Err(e) => return Err(format!("body: {}", http::describe(&e))),
-                }
-                if reader.part_bytes() >= PART_BYTES && !self.hand_over(reader.take_part()).await {
-                    return Ok(None);
-                }
+impl PageRead<'_> {
+    /// Fetches the page and hands it over as it arrives. A body that fails (cut short, not an
+    /// ItemCollection) is fetched again within the request's retries: its first parts are then
+    /// handed over again, and their items found unchanged.
+    async fn fetch(&self, context: &Context) -> Result<Read, Error> {
+        let shown = http::display_url(&self.request.url);
+        let mut attempts = context.api.attempts("search page", &shown);
+        loop {
+            let answer = context.api.open(self.request, &mut attempts).await?;
+            let status = answer.response.status();
+            match self.read(answer).await {
+                Ok(read) => return Ok(read),
+                Err(why) => attempts.retry(why, Some(status), None).await?,
             }
-            // The last part is handed over with the request's permit still held, like the
-            // others: a pager without a permit then holds no page, however many wait.
-            let last = reader.finish(self.request).map_err(|e| e.to_string())?;
-            let next = last.next.clone();
-            Ok(self.hand_over(last).await.then_some(next))
+        }
+    }
+
+    /// Reads the answer's page into parts and hands each over, the last one with the request's
+    /// permit still held, like the others: a pager without a permit holds no page, however
+    /// many wait.
+    async fn read(&self, mut answer: Sent<'_>) -> Result<Read, String> {
+        let mut reader = PageReader::new(Some(&self.partition.collection));
+        loop {
+            match answer.response.chunk().await {
+                Ok(Some(bytes)) => reader.push(&bytes).map_err(|e| e.to_string())?,
+                Ok(None) => break,
+                Err(e) => return Err(format!("body: {}", http::describe(&e))),
+            }
+            if reader.part_bytes() >= PART_BYTES && !self.hand_over(reader.take_part()).await {
+                return Ok(Read::WriterStopped);
+            }
+        }
+        let last = reader.finish(self.request).map_err(|e| e.to_string())?;
+        let next = last.next.clone();
+        Ok(match self.hand_over(last).await {
+            true => Read::Handed(next),
+            false => Read::WriterStopped,
         })
     }
 }

@@ -7,7 +7,7 @@
 //! a token, [`TokenSource::refused`] drops that token (and only that one) so the next call
 //! fetches a fresh one.
 
-use super::http::{self, HttpError, Stats, Verdict};
+use super::http::{self, Attempts, BuildWith, HttpError, Stats};
 use crate::clock::Clock;
 use crate::config::RetryPolicy;
 use crate::config::{Auth, AuthStyle, ClientCredentials};
@@ -181,32 +181,29 @@ impl TokenSource {
             }
         };
         let url = http::display_url(&c.token_url);
-        let outcome = http::send(
+        let mut attempts = Attempts::new(
             "token request to",
             &url,
             &self.policy,
             &self.stats,
-            None,
-            build,
-            |r| {
-                if r.status.is_success() {
-                    match serde_json::from_slice::<TokenResponse>(&r.body) {
-                        Ok(token) => Verdict::Done(Ok(token)),
-                        Err(e) => Verdict::Retry(format!("token response is not a token ({e})")),
-                    }
-                } else {
-                    Verdict::Done(Err(refusal(&url, r.status, &r.body, c)))
+            token_endpoint_unavailable,
+        );
+        let response = loop {
+            let sent = http::send(&mut attempts, None, &mut BuildWith(&build)).await?;
+            let status = sent.response.status();
+            let body = match sent.body().await {
+                Ok(body) => body,
+                Err(why) => {
+                    attempts.retry(why, Some(status), None).await?;
+                    continue;
                 }
-            },
-        )
-        .await
-        .map_err(|e| match e {
-            HttpError::Exhausted { .. } => Error::Upstream(format!(
-                "{e}. The token endpoint is unavailable; try again later"
-            )),
-            HttpError::Fatal { .. } => Error::Config(format!("{e}: check EDS_AUTH_URL")),
-        })?;
-        let response = outcome?;
+            };
+            if !status.is_success() {
+                return Err(refusal(&url, status, &body, c));
+            }
+            break serde_json::from_slice::<TokenResponse>(&body)
+                .map_err(|e| not_a_token(&url, &body, &e))?;
+        };
         if let Some(kind) = &response.token_type
             && !kind.eq_ignore_ascii_case("bearer")
         {
@@ -217,6 +214,28 @@ impl TokenSource {
             lifetime(response.expires_in.as_ref()),
         ))
     }
+}
+
+/// The token endpoint still failing after the retries, or a URL that cannot be requested.
+fn token_endpoint_unavailable(error: HttpError) -> Error {
+    match error {
+        HttpError::Exhausted { .. } => Error::Upstream(format!(
+            "{error}. The token endpoint is unavailable; try again later"
+        )),
+        HttpError::Fatal { .. } => Error::Config(format!("{error}: check EDS_AUTH_URL")),
+    }
+}
+
+/// A 2xx answer that is not a token: a login page or another service at the token URL. Not
+/// retried: the same URL answers the same way.
+fn not_a_token(url: &str, body: &[u8], error: &serde_json::Error) -> Error {
+    let text = String::from_utf8_lossy(&body[..body.len().min(120)]);
+    Error::Config(format!(
+        "the token endpoint {url} answered with something that is not an OAuth2 token \
+         ({error}; it begins {:?}): check EDS_AUTH_URL (or STAC_SYNC_TOKEN_URL), which must be \
+         the OAuth2 token endpoint itself",
+        text.trim()
+    ))
 }
 
 /// `expires_in` as a lifetime: seconds as a positive number or numeric string, believed however

@@ -10,7 +10,7 @@
 //! page (or `/conformance`) and whether `/queryables` lists `updated`.
 
 use super::auth::{Token, TokenSource};
-use super::http::{self, Exchange, HttpError, ReadBody, Stats, Verdict};
+use super::http::{self, Attempts, BuildRequest, HttpError, Sent, Stats};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::config::RetryPolicy;
@@ -36,12 +36,6 @@ pub struct ApiClient {
     stats: Arc<Stats>,
     permits: http::Cap,
     headers: Vec<(String, String)>,
-}
-
-enum Answer<T> {
-    Ok(T),
-    Refused(StatusCode),
-    Failed(Error),
 }
 
 impl ApiClient {
@@ -76,27 +70,20 @@ impl ApiClient {
         &self.tokens
     }
 
-    /// Fetches `request` and hands the body of a 2xx answer to `parse`; a parse failure is
-    /// retried like a transport failure (a page cut short by a proxy parses badly).
-    pub async fn fetch<T: Send>(
-        &self,
-        what: &'static str,
-        request: &Request,
-        mut parse: impl FnMut(Bytes) -> Result<T, String> + Send,
-    ) -> Result<T, Error> {
-        self.fetch_streamed(what, request, &mut Parse(&mut parse))
-            .await
+    /// The attempts of one request to the API, retried per the client's policy.
+    pub fn attempts<'a>(&'a self, what: &'static str, shown: &'a str) -> Attempts<'a> {
+        Attempts::new(what, shown, &self.policy, &self.stats, api_unavailable)
     }
 
-    /// [`ApiClient::fetch`], with `read` reading the body of a 2xx answer as it arrives. An
-    /// `Err` from it is retried (a transport failure mid-body, a page cut short), so it must
-    /// be safe to read the same answer again.
-    pub async fn fetch_streamed<T: Send>(
-        &self,
-        what: &'static str,
+    /// Sends `request` until the API answers 2xx, and returns that answer with its request's
+    /// permit held: the caller reads the body (and, should the body fail, calls
+    /// [`Attempts::retry`] and opens again). A refused token is renewed once and the request
+    /// replayed; any other refusal is an error in the server's words.
+    pub async fn open<'a>(
+        &'a self,
         request: &Request,
-        read: &mut impl ReadBody<Output = Result<T, String>>,
-    ) -> Result<T, Error> {
+        attempts: &mut Attempts<'_>,
+    ) -> Result<Sent<'a>, Error> {
         let same_origin = request.url.origin() == self.root.origin();
         if !same_origin {
             tracing::warn!(url = %http::display_url(&request.url),
@@ -105,57 +92,86 @@ impl ApiClient {
         let shown = http::display_url(&request.url);
         let mut replayed = false;
         loop {
-            let mut exchange = Answering {
+            let mut build = Build {
                 api: self,
                 request,
                 same_origin,
                 token: None,
-                read: &mut *read,
-                what,
-                shown: &shown,
             };
-            let answer = http::send_streamed(
-                what,
-                &shown,
-                &self.policy,
-                &self.stats,
-                Some(&self.permits),
-                &mut exchange,
-            )
-            .await
-            .map_err(|e| match e {
-                HttpError::Exhausted { .. } => {
-                    Error::Upstream(format!("{e}. The STAC API is unavailable; try again later"))
-                }
-                HttpError::Fatal { .. } => Error::Upstream(e.to_string()),
-            })?;
-            match answer {
-                Answer::Ok(value) => return Ok(value),
-                Answer::Failed(error) => return Err(error),
-                Answer::Refused(status) => {
-                    let can_replay = !replayed && self.tokens.can_renew();
-                    match (&exchange.token, can_replay) {
-                        (Some(token), true) => {
-                            tracing::info!(url = %shown, %status, "token refused; renewing it and replaying the request");
-                            self.tokens.refused(token).await;
-                            replayed = true;
-                        }
-                        _ => {
-                            return Err(Error::Auth(format!(
-                                "the STAC API refused access to {shown} (HTTP {status}){}; check \
-                                 the credentials and that this client may read the collection",
-                                if replayed {
-                                    " even with a fresh token"
-                                } else {
-                                    ""
-                                }
-                            )));
-                        }
+            let sent = http::send(attempts, Some(&self.permits), &mut build).await?;
+            let status = sent.response.status();
+            if status.is_success() {
+                return Ok(sent);
+            }
+            // A refused token: 401, or the EDS gateway's 403. Anything else is final.
+            if status != StatusCode::UNAUTHORIZED {
+                let body = match sent.body().await {
+                    Ok(body) => body,
+                    Err(why) => {
+                        attempts.retry(why, Some(status), None).await?;
+                        continue;
                     }
+                };
+                if !is_gateway_forbidden(status, &body) {
+                    return Err(rejected(attempts.what(), &shown, status, &body));
                 }
+            }
+            match (build.token, !replayed && self.tokens.can_renew()) {
+                (Some(token), true) => {
+                    tracing::info!(url = %shown, %status, "token refused; renewing it and replaying the request");
+                    self.tokens.refused(&token).await;
+                    replayed = true;
+                }
+                _ => return Err(token_refused(&shown, status, replayed)),
             }
         }
     }
+
+    /// Fetches `request`'s whole answer and hands it to `parse`; a body cut short, or one that
+    /// does not parse (a page cut short by a proxy parses badly), is fetched again.
+    pub async fn fetch<T>(
+        &self,
+        what: &'static str,
+        request: &Request,
+        mut parse: impl FnMut(Bytes) -> Result<T, String>,
+    ) -> Result<T, Error> {
+        let shown = http::display_url(&request.url);
+        let mut attempts = self.attempts(what, &shown);
+        loop {
+            let answer = self.open(request, &mut attempts).await?;
+            let status = answer.response.status();
+            let why = match answer.body().await {
+                Ok(body) => match parse(body) {
+                    Ok(value) => return Ok(value),
+                    Err(why) => why,
+                },
+                Err(why) => why,
+            };
+            attempts.retry(why, Some(status), None).await?;
+        }
+    }
+}
+
+/// The API still failing after the retries, or a request that cannot be sent.
+fn api_unavailable(error: HttpError) -> Error {
+    match error {
+        HttpError::Exhausted { .. } => Error::Upstream(format!(
+            "{error}. The STAC API is unavailable; try again later"
+        )),
+        HttpError::Fatal { .. } => Error::Upstream(error.to_string()),
+    }
+}
+
+fn token_refused(shown: &str, status: StatusCode, replayed: bool) -> Error {
+    Error::Auth(format!(
+        "the STAC API refused access to {shown} (HTTP {status}){}; check the credentials and \
+         that this client may read the collection",
+        if replayed {
+            " even with a fresh token"
+        } else {
+            ""
+        }
+    ))
 }
 
 /// What the server offers: the landing page's (or `/conformance`'s) classes, and whether
@@ -285,39 +301,21 @@ impl Capabilities {
     }
 }
 
-/// Reads a whole body, then hands it to a function.
-struct Parse<'f, F>(&'f mut F);
-
-impl<T: Send, F: FnMut(Bytes) -> Result<T, String> + Send> ReadBody for Parse<'_, F> {
-    type Output = Result<T, String>;
-    fn read(&mut self, response: reqwest::Response) -> BoxFuture<'_, Result<T, String>> {
-        Box::pin(async move { (self.0)(http::read_body(response).await?) })
-    }
-}
-
-/// One request to the API: built with a token taken once the request's permit is held, and its
-/// answer sorted into a refused token, a body for `read`, or a refusal in the server's words.
-struct Answering<'a, R> {
+/// The request of one attempt: built with a token taken once the attempt's permit is held.
+struct Build<'a> {
     api: &'a ApiClient,
     request: &'a Request,
     same_origin: bool,
     /// The token of the last attempt.
     token: Option<Token>,
-    read: &'a mut R,
-    what: &'static str,
-    shown: &'a str,
 }
 
-impl<T: Send, R: ReadBody<Output = Result<T, String>>> Exchange for Answering<'_, R> {
-    fn request(&mut self) -> BoxFuture<'_, Result<RequestBuilder, Verdict<Answer<T>>>> {
+impl BuildRequest for Build<'_> {
+    fn build(&mut self) -> BoxFuture<'_, Result<RequestBuilder, Error>> {
         Box::pin(async move {
-            let api = self.api;
-            let request = self.request;
+            let (api, request) = (self.api, self.request);
             self.token = if self.same_origin {
-                api.tokens
-                    .token()
-                    .await
-                    .map_err(|e| Verdict::Done(Answer::Failed(e)))?
+                api.tokens.token().await?
             } else {
                 None
             };
@@ -335,35 +333,6 @@ impl<T: Send, R: ReadBody<Output = Result<T, String>>> Exchange for Answering<'_
                 builder = builder.json(body);
             }
             Ok(builder)
-        })
-    }
-}
-
-impl<T: Send, R: ReadBody<Output = Result<T, String>>> ReadBody for Answering<'_, R> {
-    type Output = Verdict<Answer<T>>;
-    fn read(&mut self, response: reqwest::Response) -> BoxFuture<'_, Verdict<Answer<T>>> {
-        Box::pin(async move {
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED {
-                return Verdict::Done(Answer::Refused(status));
-            }
-            if status.is_success() {
-                return match self.read.read(response).await {
-                    Ok(value) => Verdict::Done(Answer::Ok(value)),
-                    Err(why) => Verdict::Retry(why),
-                };
-            }
-            let body = match http::read_body(response).await {
-                Ok(body) => body,
-                Err(why) => return Verdict::Retry(why),
-            };
-            if is_gateway_forbidden(status, &body) {
-                Verdict::Done(Answer::Refused(status))
-            } else {
-                Verdict::Done(Answer::Failed(rejected(
-                    self.what, self.shown, status, &body,
-                )))
-            }
         })
     }
 }

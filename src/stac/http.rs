@@ -1,13 +1,14 @@
 //! The one HTTP retry helper, used by the token endpoint and the STAC API alike.
 //!
 //! Connect, read and total timeouts are set on the client ([`client`]). [`send`] retries
-//! transport failures (connect errors, resets, timeouts, a body cut short) and retryable
-//! statuses (408, 429, 5xx) with full-jitter exponential backoff, honouring `Retry-After` in
-//! both forms (RFC 9110 §10.2.3), within a bounded number of retries and a bounded total wait.
-//! What a complete response *means* is the caller's decision ([`Verdict`]).
+//! transport failures (connect errors, resets, timeouts) and retryable statuses (408, 429, 5xx)
+//! with full-jitter exponential backoff, honouring `Retry-After` in both forms (RFC 9110
+//! §10.2.3), within a bounded number of retries and a bounded total wait ([`Attempts`]), and
+//! returns the first response it need not retry. Reading its body, and deciding what it means,
+//! is the caller's: a body cut short is retried by the caller through the same [`Attempts`].
 
 use crate::config::{HttpSettings, RetryPolicy};
-use bytes::Bytes;
+use crate::error::Error;
 use futures_util::future::BoxFuture;
 use rand::Rng;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
@@ -146,24 +147,6 @@ impl Cap {
     }
 }
 
-/// A complete response: status and the whole body.
-#[derive(Debug)]
-pub struct Fetched {
-    /// The status.
-    pub status: StatusCode,
-    /// The body, read to the end.
-    pub body: Bytes,
-}
-
-/// The caller's reading of a complete, non-retryable-status response.
-#[derive(Debug)]
-pub enum Verdict<T> {
-    /// Use this result.
-    Done(T),
-    /// The response was unusable (a truncated or malformed body): try again.
-    Retry(String),
-}
-
 /// A request that failed for good.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -230,153 +213,154 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// Sends a request built by `build` until `accept` takes a response, retrying what is
-/// retryable. `url` names the request in messages. `permits` caps requests in flight; a permit
-/// is held per attempt, not while waiting to retry.
-pub async fn send<T: Send>(
-    what: &'static str,
-    url: &str,
-    policy: &RetryPolicy,
-    stats: &Stats,
-    permits: Option<&Cap>,
-    build: impl Fn() -> RequestBuilder + Send,
-    mut accept: impl FnMut(Fetched) -> Verdict<T> + Send,
-) -> Result<T, HttpError> {
-    send_streamed(
-        what,
-        url,
-        policy,
-        stats,
-        permits,
-        &mut Whole {
-            build,
-            accept: &mut accept,
-        },
-    )
-    .await
-}
-
-/// Reads the body of a response (one whose status is not retried) as it arrives.
+/// The request of each attempt, built once the attempt's permit is held (so that a token in it
+/// is as fresh as can be however long the wait was).
 ///
 /// A trait with a boxed future, not an async closure: the future of an `AsyncFnMut` cannot be
 /// shown to be `Send` for every borrow of the closure, and callers spawn these requests.
-pub trait ReadBody: Send {
-    /// What reading gives.
-    type Output: Send;
-    /// Reads `response`.
-    fn read(&mut self, response: reqwest::Response) -> BoxFuture<'_, Self::Output>;
+pub trait BuildRequest: Send {
+    /// The request of one attempt, or why it cannot be made.
+    fn build(&mut self) -> BoxFuture<'_, Result<RequestBuilder, Error>>;
 }
 
-/// One exchange of [`send_streamed`]: the request of each attempt, and the reading of the
-/// response.
-pub trait Exchange: ReadBody {
-    /// The request of one attempt, built once its permit is held (so that a token in it is as
-    /// fresh as can be however long the wait was), or the outcome without sending it.
-    fn request(&mut self) -> BoxFuture<'_, Result<RequestBuilder, Self::Output>>;
-}
+/// Builds each attempt with a function.
+pub struct BuildWith<F>(pub F);
 
-/// Builds each attempt with a function, and reads a whole body, then hands it to another.
-struct Whole<'f, B, F> {
-    build: B,
-    accept: &'f mut F,
-}
-
-impl<T: Send, B: Fn() -> RequestBuilder + Send, F: FnMut(Fetched) -> Verdict<T> + Send> ReadBody
-    for Whole<'_, B, F>
-{
-    type Output = Verdict<T>;
-    fn read(&mut self, response: reqwest::Response) -> BoxFuture<'_, Verdict<T>> {
-        Box::pin(async move {
-            let status = response.status();
-            match read_body(response).await {
-                Err(why) => Verdict::Retry(why),
-                Ok(body) => (self.accept)(Fetched { status, body }),
-            }
-        })
+impl<F: Fn() -> RequestBuilder + Send> BuildRequest for BuildWith<F> {
+    fn build(&mut self) -> BoxFuture<'_, Result<RequestBuilder, Error>> {
+        let request = (self.0)();
+        Box::pin(async move { Ok(request) })
     }
 }
 
-impl<T: Send, B: Fn() -> RequestBuilder + Send, F: FnMut(Fetched) -> Verdict<T> + Send> Exchange
-    for Whole<'_, B, F>
-{
-    fn request(&mut self) -> BoxFuture<'_, Result<RequestBuilder, Verdict<T>>> {
-        Box::pin(async move { Ok((self.build)()) })
-    }
-}
-
-/// [`send`], with `exchange` building each attempt's request once its permit is held, and
-/// reading the body of a response that is not retried by its status as it arrives (the permit
-/// is held until it returns).
-pub async fn send_streamed<T: Send>(
+/// The attempts of one request, against its retry policy: how many were made and how long they
+/// waited. A request's retries include those of its body: a caller that reads a body and fails
+/// calls [`Attempts::retry`] before sending again.
+pub struct Attempts<'a> {
     what: &'static str,
-    url: &str,
-    policy: &RetryPolicy,
-    stats: &Stats,
-    permits: Option<&Cap>,
-    exchange: &mut impl Exchange<Output = Verdict<T>>,
-) -> Result<T, HttpError> {
-    let mut retries = 0u32;
-    let mut waited = Duration::ZERO;
+    url: &'a str,
+    policy: &'a RetryPolicy,
+    stats: &'a Stats,
+    /// Turns a request that failed for good into the run's error.
+    give_up: fn(HttpError) -> Error,
+    retries: u32,
+    waited: Duration,
+}
+
+impl<'a> Attempts<'a> {
+    /// The attempts of a request for `what` at `url` (shown in messages).
+    pub fn new(
+        what: &'static str,
+        url: &'a str,
+        policy: &'a RetryPolicy,
+        stats: &'a Stats,
+        give_up: fn(HttpError) -> Error,
+    ) -> Attempts<'a> {
+        Attempts {
+            what,
+            url,
+            policy,
+            stats,
+            give_up,
+            retries: 0,
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// What is requested.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    /// Waits before the next attempt after `last` failed (as long as `hint`, the server's
+    /// `Retry-After`, says, else a backoff), or gives up when the policy's retries or total wait
+    /// would be exceeded.
+    pub async fn retry(
+        &mut self,
+        last: String,
+        status: Option<StatusCode>,
+        hint: Option<Duration>,
+    ) -> Result<(), Error> {
+        let delay = hint.unwrap_or_else(|| self.policy.backoff(self.retries));
+        if self.retries >= self.policy.max_retries || self.waited + delay > self.policy.budget {
+            return Err((self.give_up)(HttpError::Exhausted {
+                what: self.what,
+                url: self.url.to_string(),
+                last,
+                attempts: self.retries + 1,
+                status,
+            }));
+        }
+        self.retries += 1;
+        self.waited += delay;
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(what = self.what, url = %self.url, error = %last, retry = self.retries,
+            delay = ?delay, "retrying");
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+}
+
+/// A response whose status is not retried, with the permit of its request: the caller reads
+/// the body within the cap on requests in flight, and the permit goes back when this is dropped.
+pub struct Sent<'c> {
+    /// The response, its body unread.
+    pub response: reqwest::Response,
+    _permit: Option<CapPermit<'c>>,
+}
+
+impl Sent<'_> {
+    /// Reads the whole body, then gives the permit back.
+    pub async fn body(self) -> Result<bytes::Bytes, String> {
+        read_body(self.response).await
+    }
+}
+
+/// Sends the request `build` makes until a response arrives whose status is not retried:
+/// transport failures (connect errors, resets, timeouts) and 408, 429 and 5xx are retried within
+/// `attempts`, honouring `Retry-After`. `permits` caps requests in flight: a permit is held per
+/// attempt, not while waiting to retry. The body is the caller's to read.
+pub async fn send<'c>(
+    attempts: &mut Attempts<'_>,
+    permits: Option<&'c Cap>,
+    build: &mut dyn BuildRequest,
+) -> Result<Sent<'c>, Error> {
     loop {
-        let (last, status, hint) = 'attempt: {
-            let _permit = match permits {
-                Some(cap) => cap.acquire().await,
-                None => None,
-            };
-            let request = match exchange.request().await {
-                Ok(request) => request,
-                Err(Verdict::Done(value)) => return Ok(value),
-                // Retried like a transport failure.
-                Err(Verdict::Retry(why)) => break 'attempt (why, None, None),
-            };
-            match request.send().await {
-                Err(e) if is_retryable_error(&e) => (describe(&e), None, None),
-                Err(source) => {
-                    return Err(HttpError::Fatal {
-                        what,
-                        url: url.to_string(),
-                        source,
-                    });
+        let permit = match permits {
+            Some(cap) => cap.acquire().await,
+            None => None,
+        };
+        let (last, status, hint) = match build.build().await?.send().await {
+            Err(e) if is_retryable_error(&e) => (describe(&e), None, None),
+            Err(source) => {
+                return Err((attempts.give_up)(HttpError::Fatal {
+                    what: attempts.what,
+                    url: attempts.url.to_string(),
+                    source,
+                }));
+            }
+            Ok(response) if is_retryable_status(response.status()) => {
+                let status = response.status();
+                if status == StatusCode::TOO_MANY_REQUESTS
+                    && let Some(cap) = permits
+                {
+                    cap.throttled();
                 }
-                Ok(response) => {
-                    let status = response.status();
-                    if status == StatusCode::TOO_MANY_REQUESTS
-                        && let Some(cap) = permits
-                    {
-                        cap.throttled();
-                    }
-                    if is_retryable_status(status) {
-                        let hint = retry_after(response.headers(), SystemTime::now());
-                        (format!("HTTP {status}"), Some(status), hint)
-                    } else {
-                        match exchange.read(response).await {
-                            Verdict::Done(value) => {
-                                if let Some(cap) = permits {
-                                    cap.succeeded();
-                                }
-                                return Ok(value);
-                            }
-                            Verdict::Retry(why) => (why, Some(status), None),
-                        }
-                    }
+                let hint = retry_after(response.headers(), SystemTime::now());
+                (format!("HTTP {status}"), Some(status), hint)
+            }
+            Ok(response) => {
+                if let Some(cap) = permits {
+                    cap.succeeded();
                 }
+                return Ok(Sent {
+                    response,
+                    _permit: permit,
+                });
             }
         };
-        let delay = hint.unwrap_or_else(|| policy.backoff(retries));
-        if retries >= policy.max_retries || waited + delay > policy.budget {
-            return Err(HttpError::Exhausted {
-                what,
-                url: url.to_string(),
-                last,
-                attempts: retries + 1,
-                status,
-            });
-        }
-        retries += 1;
-        waited += delay;
-        stats.retries.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(what, %url, error = %last, retry = retries, delay = ?delay, "retrying");
-        tokio::time::sleep(delay).await;
+        drop(permit);
+        attempts.retry(last, status, hint).await?;
     }
 }
 
