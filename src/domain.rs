@@ -1,5 +1,7 @@
-//! Values of a STAC search read in one place and used everywhere: a bbox's 2D extent and a
-//! datetime's ends.
+//! Values of a STAC search read in one place and used everywhere: a bbox's 2D extent, a
+//! datetime's ends, and instants in RFC 3339.
+
+use std::time::SystemTime;
 
 /// The 2D extent `[xmin, ymin, xmax, ymax]` of a bbox of 4 numbers, or of 6 with heights
 /// (RFC 7946 §5); `None` for any other length.
@@ -45,6 +47,25 @@ impl<'a> Datetime<'a> {
             Datetime::Interval { start, end } => (start, end),
         }
     }
+}
+
+/// Reads an RFC 3339 instant in UTC (or a plain date, as midnight UTC).
+pub fn parse_instant(text: &str) -> Option<SystemTime> {
+    let full = if text.len() == 10 {
+        format!("{text}T00:00:00Z")
+    } else {
+        text.to_string()
+    };
+    // An offset other than Z: left to the server.
+    if full.get(10..).is_some_and(|t| t.contains(['+', '-'])) {
+        return None;
+    }
+    humantime::parse_rfc3339_weak(&full).ok()
+}
+
+/// Formats an instant as RFC 3339 UTC to the second.
+pub fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 #[cfg(test)]

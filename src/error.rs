@@ -62,6 +62,29 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// An object store operation failed: the store and what was done are named, the store's
+    /// error is kept as the source.
+    #[error("sink error: object store {store}: {what}: {source}")]
+    ObjectStore {
+        /// The store's URL.
+        store: String,
+        /// What was being done ("cannot write sentinel-2-l2a/x.json").
+        what: String,
+        /// object_store's error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// A file of a local object store could not be written or removed.
+    #[error("sink error: object store {store}: {what}: {source}")]
+    Folder {
+        /// The store's URL.
+        store: String,
+        /// What was being done.
+        what: String,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The STAC API answered a request with a status that is not retried and not a refused
     /// token, in its own words. Which exit code it gives depends on the status: 400, 404 and
     /// 422 are the job's or the URL's fault (3), 403 the credentials' (4), others the API's (5).
@@ -140,7 +163,10 @@ impl Error {
             Error::Config(_) => Exit::Config,
             Error::Auth(_) => Exit::Auth,
             Error::Upstream(_) => Exit::Upstream,
-            Error::Sink(_) | Error::Database { .. } => Exit::Sink,
+            Error::Sink(_)
+            | Error::Database { .. }
+            | Error::ObjectStore { .. }
+            | Error::Folder { .. } => Exit::Sink,
             Error::Refused { status, .. } => match status {
                 400 | 404 | 422 => Exit::Config,
                 403 => Exit::Auth,

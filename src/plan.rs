@@ -4,6 +4,8 @@
 //! a killed run resumes the partitions it planned even after the calendar or watermark moved.
 
 use crate::config::{Incremental, Job, Window};
+pub use crate::domain::{parse_instant, rfc3339};
+
 use crate::domain::Datetime;
 use crate::stac::client::Capabilities;
 use crate::stac::search::{self, Request, Shape};
@@ -199,25 +201,6 @@ fn next_boundary(at: SystemTime, unit: Window) -> Option<(SystemTime, String)> {
         Window::None => return None,
     };
     Some((humantime::parse_rfc3339(&next).ok()?, next))
-}
-
-/// Reads an RFC 3339 instant in UTC (or a plain date, as midnight UTC).
-pub fn parse_instant(text: &str) -> Option<SystemTime> {
-    let full = if text.len() == 10 {
-        format!("{text}T00:00:00Z")
-    } else {
-        text.to_string()
-    };
-    // An offset other than Z: left to the server.
-    if full.get(10..).is_some_and(|t| t.contains(['+', '-'])) {
-        return None;
-    }
-    humantime::parse_rfc3339_weak(&full).ok()
-}
-
-/// Formats an instant as RFC 3339 UTC to the second.
-pub fn rfc3339(at: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// The watermark a finished sync pass leaves: its start minus the safety lag.

@@ -252,6 +252,7 @@ async fn the_cap_on_requests_in_flight_holds_and_a_429_shrinks_it() {
             let server = fixture_with(3, 2, &clock).await;
             // A slow API, so that the partitions' requests overlap.
             *server.state.delay.lock().expect("lock") = (0, Duration::from_millis(40));
+            *server.state.in_searched_collection.lock().expect("lock") = true;
             if throttle {
                 for _ in 0..4 {
                     let retry = vec![("retry-after".to_string(), "0".to_string())];

@@ -130,6 +130,17 @@ fn start_in_background(dir: &Path, command: &str) -> Background {
     }
 }
 
+/// Runs a command of the README and asserts that it exits 0.
+fn succeeds(dir: &Path, command: &str) {
+    let output = shell(dir, command).output().expect("runs");
+    assert!(
+        output.status.success(),
+        "{command}: {:?}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 fn files_in(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |entries| entries.count())
 }
@@ -151,13 +162,7 @@ fn the_readme_quick_start_and_try_it_commands_run_as_written() {
             servers.push(start_in_background(dir.path(), &command));
             continue;
         }
-        let output = shell(dir.path(), &command).output().expect("runs");
-        assert!(
-            output.status.success(),
-            "{command}: {:?}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
+        succeeds(dir.path(), &command);
     }
     let items = dir.path().join("stac-sync-items");
     assert_eq!(files_in(&items.join("sentinel-2-l2a")), 22_500);
@@ -165,13 +170,6 @@ fn the_readme_quick_start_and_try_it_commands_run_as_written() {
 
     // The quick start's first command, with the EDS variables of the fixture's `.env`.
     for command in &quick_start {
-        let command = built(command);
-        let output = shell(dir.path(), &command).output().expect("runs");
-        assert!(
-            output.status.success(),
-            "{command}: {:?}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
+        succeeds(dir.path(), &built(command));
     }
 }

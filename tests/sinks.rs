@@ -365,6 +365,59 @@ async fn a_second_run_of_a_locked_job_exits_7_without_writing(backend: Backend) 
     assert_eq!(after.exit(), Exit::Success, "{:?}", after.jobs[0].error);
 }
 
+/// Ids as long as a server can send: one too long for a file name (251 bytes encoded, and 100 ×
+/// `é`, 600 bytes encoded) gets a short unique object name; one too long for Postgres's index
+/// (5,000 bytes) is quarantined there, with the NUL-free, cut id, and stored on SQLite. The rest
+/// of the page is stored, and a rerun rewrites nothing.
+async fn ids_of_any_length_never_cost_their_page(backend: Backend) {
+    let mut items = make_items("c", 5);
+    items[1]["id"] = json!("x".repeat(251));
+    items[2]["id"] = json!("é".repeat(100));
+    items[3]["id"] = json!("y".repeat(5_000));
+    let case = Case::new(backend, vec![items.clone()]).await;
+
+    let first = case.run().await;
+    let second = case.run().await;
+
+    let rows = stored_items(&case.database).await;
+    let objects = case.objects();
+    let stored = |i: usize| {
+        rows.contains_key(&(
+            "c".to_string(),
+            items[i]["id"].as_str().expect("id").to_string(),
+        ))
+    };
+    assert!(
+        stored(0) && stored(1) && stored(2) && stored(4),
+        "{:?}",
+        first.jobs[0].error
+    );
+    assert_eq!(objects.len(), rows.len(), "{:?}", objects.keys());
+    assert!(
+        objects.keys().all(|key| key.len() < 255),
+        "{:?}",
+        objects.keys()
+    );
+    let quarantined = common::quarantined(&case.database).await;
+    match case.backend {
+        Backend::Sqlite => {
+            assert_eq!(first.exit(), Exit::Success, "{:?}", first.jobs[0].error);
+            assert!(stored(3));
+            assert!(quarantined.is_empty(), "{quarantined:?}");
+        }
+        Backend::Postgres => {
+            assert_eq!(first.exit(), Exit::Partial, "{:?}", first.jobs[0].error);
+            assert!(!stored(3));
+            assert!(
+                quarantined[0].0.contains("more than Postgres can index"),
+                "{quarantined:?}"
+            );
+        }
+    }
+    let counts = &second.jobs[0].counts;
+    assert_eq!((counts.new, counts.changed), (0, 0));
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -397,6 +450,7 @@ conformance!(
     the_resume_point_commits_with_the_rows,
     a_run_killed_between_objects_and_commit_converges,
     a_second_run_of_a_locked_job_exits_7_without_writing,
+    ids_of_any_length_never_cost_their_page,
 );
 
 /// Postgres writes a page in statements of at most 8 MiB of content: a page of 700 items of

@@ -123,6 +123,22 @@ async fn a_full_sync_mirrors_every_item_of_a_real_stac_api_and_a_rerun_writes_no
     assert_eq!(server.issuer.refused.load(Ordering::SeqCst), 0);
 }
 
+/// A run of `config` (which a test changed past what `Setup` writes).
+async fn run_with(
+    config: &stac_sync::config::Config,
+    clock: &Arc<ManualClock>,
+) -> stac_sync::run::Summary {
+    stac_sync::run::run(
+        config,
+        stac_sync::run::RunOptions {
+            clock: clock.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("the run is recorded")
+}
+
 /// Pages of `per_page` items each, in collection "c".
 fn pages(count: usize, per_page: usize) -> Vec<Vec<Value>> {
     make_items("c", count * per_page)
@@ -222,21 +238,17 @@ async fn a_request_waiting_for_its_turn_takes_its_token_when_it_goes() {
     // send it expired.
     let env = fixture_env(pages(1, 2), Paging::PostFull).await;
     *env.server.state.advance_per_page.lock().expect("lock") = Duration::from_secs(61 * 60);
+    *env.server
+        .state
+        .in_searched_collection
+        .lock()
+        .expect("lock") = true;
     let mut setup = env.setup();
     setup.collections = vec!["c".into(), "d".into()];
     let mut config = setup.config();
     config.concurrency = 1;
 
-    let summary = stac_sync::run::run(
-        &config,
-        stac_sync::run::RunOptions {
-            clock: env.clock.clone(),
-            migrate: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("the run is recorded");
+    let summary = run_with(&config, &env.clock).await;
 
     assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
     assert_eq!(env.server.served(), vec![0, 0]);
@@ -394,7 +406,8 @@ async fn a_next_link_that_repeats_stops_the_run_instead_of_looping() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_items_are_quarantined_and_repeated_ids_stored_once() {
+async fn bad_items_and_items_claiming_another_collection_are_quarantined_and_repeated_ids_stored_once()
+ {
     let mut items = make_items("c", 4);
     let mut other = items[0].clone();
     other["collection"] = json!("d");
@@ -410,7 +423,8 @@ async fn bad_items_are_quarantined_and_repeated_ids_stored_once() {
             items[1].clone(),
             changed_copy.clone(),
         ],
-        // the same id again on a later page, and the same id in another collection
+        // the same id again on a later page, and the same id claiming a collection the search
+        // did not ask for (it would overwrite another job's item)
         vec![
             items[2].clone(),
             changed_copy.clone(),
@@ -433,17 +447,24 @@ async fn bad_items_are_quarantined_and_repeated_ids_stored_once() {
             counts.new,
             counts.unchanged
         ),
-        (2, 1, 5, 1)
+        (3, 1, 4, 1)
     );
     let rows = stored_items(&setup.database_url()).await;
     let id0 = items[0]["id"].as_str().expect("id").to_string();
-    assert_eq!(rows.len(), 5);
+    assert_eq!(rows.len(), 4);
     let stored: Value = serde_json::from_str(&rows[&("c".to_string(), id0.clone())]).expect("json");
     assert_eq!(stored["properties"]["eo:cloud_cover"], json!(99.5));
-    assert!(rows.contains_key(&("d".to_string(), id0)));
+    assert!(!rows.contains_key(&("d".to_string(), id0)));
     let quarantined = common::quarantined(&setup.database_url()).await;
     assert_eq!(quarantined[0].0, "the item has no id");
-    assert_eq!(quarantined[1].0, "the feature is not a JSON object");
+    assert!(
+        quarantined[1]
+            .0
+            .starts_with("the item claims collection \"d\""),
+        "{}",
+        quarantined[1].0
+    );
+    assert_eq!(quarantined[2].0, "the feature is not a JSON object");
     assert!(
         quarantined[0].1.ends_with("/search"),
         "{}",
@@ -542,6 +563,134 @@ async fn refused_client_credentials_are_an_auth_error_that_says_what_to_check() 
 
 fn env_with_wrong_secret(token_url: &str) -> EnvVars {
     env(token_url, "wrong-secret")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_that_answers_a_login_page_is_a_configuration_error_at_once() {
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = asked.clone();
+    let login = axum::Router::new().route(
+        "/token",
+        axum::routing::post(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { axum::response::Html("<html><body>Sign in to continue</body></html>") }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let token_url = format!("http://{}/token", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, login).await });
+    let api = fixture_env(pages(1, 2), Paging::GetHref).await;
+    let setup = Setup::new(
+        &api.server.url,
+        api.dir.path(),
+        &["c"],
+        env(&token_url, SECRET),
+    );
+
+    let summary = setup.run(api.clock.clone()).await;
+
+    assert_eq!(summary.exit(), Exit::Config);
+    let error = summary.jobs[0].error.as_ref().expect("error").to_string();
+    assert!(error.contains("is not an OAuth2 token"), "{error}");
+    assert!(error.contains("Sign in to continue"), "{error}");
+    assert!(error.contains("EDS_AUTH_URL"), "{error}");
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        1,
+        "a login page was asked again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_trickles_a_page_is_cut_off_at_the_page_deadline() {
+    let env = fixture_env(pages(2, 2), Paging::GetHref).await;
+    env.server.fault(Fault::Trickle);
+    let mut config = env.setup().config();
+    config.http.page_deadline = Duration::from_secs(1);
+
+    let summary = run_with(&config, &env.clock).await;
+
+    assert_eq!(summary.exit(), Exit::Upstream);
+    let error = summary.jobs[0].error.as_ref().expect("error").to_string();
+    assert!(
+        error.contains("within [http] page_deadline (1s)"),
+        "{error}"
+    );
+    // The trickled page is the first: nothing was committed, and the next run resumes there.
+    assert_eq!(summary.jobs[0].counts.pages, 0);
+    let rerun = env.setup().run(env.clock.clone()).await;
+    assert_eq!(rerun.exit(), Exit::Success, "{:?}", rerun.jobs[0].error);
+    assert_eq!(stored_items(&env.setup().database_url()).await.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feature_over_max_item_bytes_is_quarantined_with_its_size_and_its_page_stored() {
+    let mut items = make_items("c", 4);
+    items[1]["properties"]["note"] = json!("x".repeat(20_000));
+    let big = serde_json::to_vec(&items[1]).expect("json").len();
+    let env = fixture_env(vec![items], Paging::GetHref).await;
+    let mut config = env.setup().config();
+    config.max_item_bytes = 16_384;
+
+    let summary = run_with(&config, &env.clock).await;
+
+    assert_eq!(summary.exit(), Exit::Partial, "{:?}", summary.jobs[0].error);
+    assert_eq!(stored_items(&env.setup().database_url()).await.len(), 3);
+    let quarantined = common::quarantined(&env.setup().database_url()).await;
+    assert_eq!(quarantined.len(), 1);
+    assert!(
+        quarantined[0]
+            .0
+            .contains(&format!("is {big} bytes, more than max_item_bytes (16384)")),
+        "{}",
+        quarantined[0].0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_longer_than_the_retry_budget_says_how_long_the_server_asked() {
+    let env = fixture_env(pages(2, 2), Paging::GetHref).await;
+    env.server.fault(Fault::Status(
+        429,
+        vec![("Retry-After".into(), "86400".into())],
+        "slow down".into(),
+    ));
+
+    let summary = env.setup().run(env.clock.clone()).await;
+
+    assert_eq!(summary.exit(), Exit::Upstream);
+    let error = summary.jobs[0].error.as_ref().expect("error").to_string();
+    assert!(
+        error.contains("the server asked to wait 1day (Retry-After)"),
+        "{error}"
+    );
+    assert!(error.contains("retry_budget"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_headers_go_only_to_the_apis_origin_like_the_token() {
+    let env = fixture_env(pages(3, 2), Paging::GetHref).await;
+    let elsewhere = fixture::start(
+        pages(3, 2),
+        Paging::GetHref,
+        Issuer::new(env.clock.clone(), ID, SECRET),
+    )
+    .await;
+    *env.server.state.next_origin.lock().expect("lock") = Some(elsewhere.url.clone());
+    let mut setup = env.setup();
+    setup.extra = "[headers]\nX-Api-Key = \"secret-key\"\n".into();
+
+    let _ = setup.run(env.clock.clone()).await;
+
+    assert_eq!(elsewhere.state.searches.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        elsewhere.state.with_api_key.load(Ordering::SeqCst),
+        0,
+        "the configured header leaked to another origin"
+    );
+    assert_eq!(env.server.state.with_api_key.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@ mod schedule;
 
 pub use schedule::parse_schedule;
 
+use crate::domain::{Datetime, parse_instant};
 use crate::error::Error;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -34,6 +35,10 @@ pub const DEFAULT_CONFIG_FILE: &str = "stac-sync.toml";
 pub const DEFAULT_LIMIT: u32 = 250;
 /// Default cap on API requests in flight (EDS allows 30 per account; stay well under).
 pub const DEFAULT_CONCURRENCY: usize = 8;
+/// The default `max_item_bytes`: a feature larger than this is quarantined with its size.
+pub const DEFAULT_MAX_ITEM_BYTES: usize = 32 << 20;
+/// The default `[http] page_deadline`: twice the default `timeout` of one attempt.
+pub const DEFAULT_PAGE_DEADLINE: Duration = Duration::from_secs(600);
 
 /// The TOML configuration file. Every key is optional; unknown keys are an error.
 #[derive(Debug, Default, Deserialize)]
@@ -49,6 +54,8 @@ pub struct FileConfig {
     pub limit: Option<u32>,
     /// Cap on API requests in flight.
     pub concurrency: Option<usize>,
+    /// Largest feature stored, in bytes.
+    pub max_item_bytes: Option<usize>,
     /// Prometheus text file written after each run (node_exporter's textfile collector).
     pub metrics_file: Option<PathBuf>,
     /// Pushgateway to push each run's metrics to.
@@ -106,6 +113,9 @@ pub struct HttpFile {
     /// Longest time for a whole request, body included.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// Longest time for a search page, all its attempts and waits included.
+    #[serde(default, with = "humantime_serde")]
+    pub page_deadline: Option<Duration>,
     /// Retries of one request before giving up.
     pub max_retries: Option<u32>,
     /// Total time one request may spend waiting between retries.
@@ -268,6 +278,9 @@ pub struct Overrides {
     /// Cap on API requests in flight.
     #[arg(long, global = true, env = "STAC_SYNC_CONCURRENCY")]
     pub concurrency: Option<usize>,
+    /// Largest feature stored, in bytes; a larger one is quarantined [default: 33554432].
+    #[arg(long, global = true, env = "STAC_SYNC_MAX_ITEM_BYTES")]
+    pub max_item_bytes: Option<usize>,
     /// Prometheus text file written after each run (for node_exporter's textfile collector).
     #[arg(long, global = true, env = "STAC_SYNC_METRICS_FILE")]
     pub metrics_file: Option<PathBuf>,
@@ -364,6 +377,8 @@ pub struct Config {
     pub pushgateway_url: Option<Url>,
     /// How long a worker's claim on a partition holds without renewal.
     pub worker_lease: Duration,
+    /// A feature larger than this (bytes) is quarantined with its size, not held whole.
+    pub max_item_bytes: usize,
     /// The jobs to run, in order.
     pub jobs: Vec<Job>,
 }
@@ -427,6 +442,10 @@ pub struct HttpSettings {
     pub read_timeout: Duration,
     /// Longest time for a whole request.
     pub timeout: Duration,
+    /// Longest time for a search page, all its attempts and waits included: a server that
+    /// trickles bytes defeats the read timeout (never idle long enough), and each attempt may
+    /// last `timeout`.
+    pub page_deadline: Duration,
     /// Retries.
     pub retry: RetryPolicy,
 }
@@ -551,6 +570,11 @@ impl Config {
             metrics_file: o.metrics_file.clone().or(file.metrics_file),
             pushgateway_url,
             worker_lease,
+            max_item_bytes: o
+                .max_item_bytes
+                .or(file.max_item_bytes)
+                .unwrap_or(DEFAULT_MAX_ITEM_BYTES)
+                .max(1),
             jobs,
         })
     }
@@ -614,6 +638,7 @@ fn resolve_http(file: &HttpFile) -> HttpSettings {
         connect_timeout: file.connect_timeout.unwrap_or(Duration::from_secs(10)),
         read_timeout: file.read_timeout.unwrap_or(Duration::from_secs(60)),
         timeout: file.timeout.unwrap_or(Duration::from_secs(300)),
+        page_deadline: file.page_deadline.unwrap_or(DEFAULT_PAGE_DEADLINE),
         retry: RetryPolicy {
             max_retries: file.max_retries.unwrap_or(d.max_retries),
             budget: file.retry_budget.unwrap_or(d.budget),
@@ -797,16 +822,14 @@ fn validate_job(j: JobConfig, o: &Overrides, default_limit: u32) -> Result<Job, 
             "job {name}: collections must list at least one collection id"
         )));
     }
-    if let Some(bbox) = &j.bbox {
-        let ok = crate::domain::bbox_2d(bbox).is_some_and(|[x0, y0, x1, y1]| {
-            y0 <= y1 && (-180.0..=180.0).contains(&x0) && (-180.0..=180.0).contains(&x1)
-        });
-        if !ok || bbox.iter().any(|v| !v.is_finite()) {
-            return Err(Error::Config(format!(
-                "job {name}: bbox {bbox:?} must be 4 numbers xmin,ymin,xmax,ymax \
-                 (or 6 with heights) in degrees, ymin <= ymax"
-            )));
-        }
+    if let Some(bbox) = &j.bbox
+        && !valid_bbox(bbox)
+    {
+        return Err(Error::Config(format!(
+            "job {name}: bbox {bbox:?} must be 4 numbers xmin,ymin,xmax,ymax \
+             (or 6 with heights) in degrees: longitudes within [-180, 180], latitudes within \
+             [-90, 90], ymin <= ymax"
+        )));
     }
     if let Some(datetime) = &j.datetime {
         validate_datetime(datetime)
@@ -851,6 +874,17 @@ fn validate_job(j: JobConfig, o: &Overrides, default_limit: u32) -> Result<Job, 
     })
 }
 
+/// Whether a bbox is one a STAC API takes: 4 or 6 finite numbers, longitudes within
+/// [-180, 180], latitudes within [-90, 90], ymin <= ymax. xmin > xmax is allowed: the box
+/// crosses the antimeridian (RFC 7946 §5.2).
+fn valid_bbox(bbox: &[f64]) -> bool {
+    let lon = |x: f64| (-180.0..=180.0).contains(&x);
+    let lat = |y: f64| (-90.0..=90.0).contains(&y);
+    bbox.iter().all(|v| v.is_finite())
+        && crate::domain::bbox_2d(bbox)
+            .is_some_and(|[x0, y0, x1, y1]| y0 <= y1 && lon(x0) && lon(x1) && lat(y0) && lat(y1))
+}
+
 /// Checks an RFC 3339 instant or an interval with `..` or empty open ends (STAC API item-search).
 fn validate_datetime(value: &str) -> Result<(), String> {
     let parts: Vec<&str> = value.split('/').collect();
@@ -875,13 +909,21 @@ fn validate_datetime(value: &str) -> Result<(), String> {
             ))
         }
     };
-    match parts.as_slice() {
+    let shaped = match parts.as_slice() {
         [one] if !one.is_empty() && *one != ".." => check(one),
         [start, end] if !(matches!(*start, "" | "..") && matches!(*end, "" | "..")) => {
             check(start)?;
             check(end)
         }
         _ => Err("expected an instant or an interval start/end (one end may be ..)".into()),
+    };
+    shaped?;
+    let (start, end) = Datetime::parse(value).bounds();
+    match (start.and_then(parse_instant), end.and_then(parse_instant)) {
+        (Some(start), Some(end)) if start > end => {
+            Err("it ends before it starts: write START/END with the earlier instant first".into())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -999,5 +1041,36 @@ pub(crate) mod tests {
         let file: FileConfig = toml::from_str(toml).expect("parses");
         let error = Config::resolve(file, &Overrides::default()).expect_err("refused");
         assert!(matches!(&error, Error::Config(m) if m.contains("job cloudless: reconcile_every")));
+    }
+
+    fn job_error(job: &str) -> String {
+        let toml = format!(
+            "api_url = \"http://127.0.0.1:1/\"\n[[jobs]]\nname = \"j\"\ncollections = [\"c\"]\n{job}"
+        );
+        let file: FileConfig = toml::from_str(&toml).expect("parses");
+        match Config::resolve(file, &Overrides::default()) {
+            Err(Error::Config(message)) => message,
+            other => panic!("{job}: not a configuration error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reversed_datetime_range_is_refused_with_the_job_and_the_range() {
+        let message = job_error("datetime = \"2024-12-31/2024-01-01\"");
+        assert!(
+            message.contains("job j: datetime \"2024-12-31/2024-01-01\": it ends before it starts"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn latitudes_beyond_90_are_refused_and_a_box_across_the_antimeridian_is_not() {
+        let message = job_error("bbox = [2.25, 48.8, 2.42, 100.0]");
+        assert!(message.contains("latitudes within [-90, 90]"), "{message}");
+        let file: FileConfig = toml::from_str(
+            "api_url = \"http://127.0.0.1:1/\"\n[[jobs]]\nname = \"j\"\ncollections = [\"c\"]\nbbox = [170.0, -10.0, -170.0, 10.0]",
+        )
+        .expect("parses");
+        assert!(Config::resolve(file, &Overrides::default()).is_ok());
     }
 }

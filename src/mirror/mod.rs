@@ -342,7 +342,11 @@ impl PageWriter<'_> {
             .rejected
             .iter()
             .filter_map(|r| Some((r.collection.as_deref()?, r.id.as_deref()?)));
-        items.chain(rejected).collect()
+        // A key the database cannot index was never stored, so there is nothing to keep live.
+        items
+            .chain(rejected)
+            .filter(|(collection, id)| self.mirror.db.indexes(collection, id))
+            .collect()
     }
 
     /// Counts what the commit stored, and removes from the outputs the new items whose rows the

@@ -159,18 +159,20 @@ impl ObjectSink {
         self.store
             .put(&key, PutPayload::from_static(b"stac-sync write probe"))
             .await
-            .map_err(|e| {
-                Error::Sink(format!(
-                    "object store {}: cannot write {key}: {e}",
-                    self.shown
-                ))
-            })?;
-        self.store.delete(&key).await.map_err(|e| {
-            Error::Sink(format!(
-                "object store {}: cannot delete {key}: {e}",
-                self.shown
-            ))
-        })
+            .map_err(self.fail(format!("cannot write {key}")))?;
+        self.store
+            .delete(&key)
+            .await
+            .map_err(self.fail(format!("cannot delete {key}")))
+    }
+
+    /// Turns a store error into a sink error that names the store and the operation.
+    fn fail(&self, what: String) -> impl Fn(object_store::Error) -> Error + '_ {
+        move |source| Error::ObjectStore {
+            store: self.shown.clone(),
+            what: what.clone(),
+            source,
+        }
     }
 
     /// The key of an item.
@@ -178,7 +180,7 @@ impl ObjectSink {
         self.key(&format!(
             "{}/{}.json",
             encode_collection(collection),
-            encode_segment(id)
+            id_segment(id)
         ))
     }
 
@@ -239,11 +241,10 @@ impl ObjectSink {
         let shown = self.shown.clone();
         tokio::task::spawn_blocking(move || {
             for (path, content, new) in &files {
-                write_whole(path, content, *new).map_err(|e| {
-                    Error::Sink(format!(
-                        "object store {shown}: cannot write {}: {e}",
-                        path.display()
-                    ))
+                write_whole(path, content, *new).map_err(|source| Error::Folder {
+                    store: shown.clone(),
+                    what: format!("cannot write {}", path.display()),
+                    source,
                 })?;
             }
             Ok::<(), Error>(())
@@ -254,12 +255,10 @@ impl ObjectSink {
 
     async fn put_item(&self, item: &Item, known: Known) -> Result<(), Error> {
         let key = self.item_key(&item.collection, &item.id);
-        let fail = |e: object_store::Error| {
-            Error::Sink(format!(
-                "object store {}: writing {key} (item {}/{}): {e}",
-                self.shown, item.collection, item.id
-            ))
-        };
+        let fail = self.fail(format!(
+            "writing {key} (item {}/{})",
+            item.collection, item.id
+        ));
         let payload = || PutPayload::from(item.content.clone());
         if known == Known::New {
             match self
@@ -269,8 +268,8 @@ impl ObjectSink {
             {
                 Ok(_) => return Ok(()),
                 Err(object_store::Error::AlreadyExists { .. }) => {
-                    let existing = self.store.get(&key).await.map_err(fail)?;
-                    if existing.bytes().await.map_err(fail)? == item.content {
+                    let existing = self.store.get(&key).await.map_err(&fail)?;
+                    if existing.bytes().await.map_err(&fail)? == item.content {
                         return Ok(());
                     }
                 }
@@ -279,7 +278,7 @@ impl ObjectSink {
                 Err(e) => return Err(fail(e)),
             }
         }
-        self.store.put(&key, payload()).await.map_err(fail)?;
+        self.store.put(&key, payload()).await.map_err(&fail)?;
         Ok(())
     }
 
@@ -288,10 +287,7 @@ impl ObjectSink {
         let key = self.item_key(collection, id);
         match self.store.delete(&key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(Error::Sink(format!(
-                "object store {}: deleting {key}: {e}",
-                self.shown
-            ))),
+            Err(e) => Err(self.fail(format!("deleting {key}"))(e)),
         }
     }
 
@@ -301,7 +297,7 @@ impl ObjectSink {
         self.store
             .put(&key, PutPayload::from(manifest))
             .await
-            .map_err(|e| Error::Sink(format!("object store {}: writing {key}: {e}", self.shown)))?;
+            .map_err(self.fail(format!("writing {key}")))?;
         Ok(())
     }
 }
@@ -333,6 +329,24 @@ impl super::Output for ObjectSink {
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(self.put_manifest(run_id, manifest))
     }
+}
+
+/// The longest encoded id kept whole in a key: file systems limit a name to 255 bytes (ext4,
+/// xfs), and `.json` and a writer's `#N` suffix need some of them.
+const MAX_ID_SEGMENT: usize = 200;
+
+/// An id's file name: its encoding, or, when that is too long for a file name, the first part
+/// of it, `~`, and a BLAKE3 hash of the whole id. `~` never appears in an encoding, so the two
+/// forms cannot meet, and two long ids share a name only if their hashes do; the row keeps the
+/// id itself.
+fn id_segment(id: &str) -> String {
+    let encoded = encode_segment(id);
+    if encoded.len() <= MAX_ID_SEGMENT {
+        return encoded;
+    }
+    let hash = blake3::hash(id.as_bytes()).to_hex();
+    // The encoding is ASCII: any cut is at a character boundary.
+    format!("{}~{}", &encoded[..MAX_ID_SEGMENT - 65], &hash[..64])
 }
 
 /// Percent-encodes every byte outside `A-Z a-z 0-9 - _ .`, and a leading `.`, so the result is
@@ -447,6 +461,23 @@ fn write_renamed(path: &std::path::Path, content: &[u8]) -> std::io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_too_long_for_a_file_name_gets_a_short_unique_one() {
+        let long = "x".repeat(251);
+        let longer = "é".repeat(100);
+        let other = format!("{}y", "x".repeat(250));
+        let names: Vec<String> = [&long, &longer, &other]
+            .iter()
+            .map(|id| id_segment(id))
+            .collect();
+        for name in &names {
+            assert!(name.len() + ".json".len() < 255, "{name}");
+            assert!(name.contains('~'), "{name}");
+        }
+        assert_ne!(names[0], names[2], "two long ids with the same start");
+        assert_eq!(id_segment("short"), "short");
+    }
 
     #[test]
     fn ids_cannot_escape_or_collide() {

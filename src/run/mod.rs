@@ -113,6 +113,8 @@ pub struct Context {
     worker: Option<Duration>,
     /// Partitions a worker pages at once: the cap on requests in flight.
     slots: usize,
+    /// A feature larger than this is quarantined.
+    max_item_bytes: usize,
 }
 
 impl Context {
@@ -150,6 +152,7 @@ impl Context {
             progress: options.progress,
             worker: options.worker.then_some(config.worker_lease),
             slots: config.concurrency,
+            max_item_bytes: config.max_item_bytes,
         })
     }
 

@@ -229,7 +229,7 @@ async fn page_partition(
             () = context.stop.cancelled() => return Err(Error::Stopped),
             // Another worker has it now.
             () = partition.lost.cancelled() => return Ok(()),
-            handed = page.fetch(context) => handed,
+            handed = page.fetch_within_deadline(context) => handed,
         };
         let handed = match handed {
             // Paging tokens go stale (the boundary item was deleted, the server restarted): a
@@ -285,6 +285,24 @@ impl PageRead<'_> {
 }
 
 impl PageRead<'_> {
+    /// [`PageRead::fetch`], within the API client's page deadline: a server that trickles its
+    /// bytes never lets a read time out, and each attempt may take the whole request timeout.
+    /// Parts handed over before the deadline are committed; the next run resumes at this page.
+    async fn fetch_within_deadline(&self, context: &Context) -> Result<Read, Error> {
+        let deadline = context.api.page_deadline();
+        match tokio::time::timeout(deadline, self.fetch(context)).await {
+            Ok(read) => read,
+            Err(_) => Err(Error::Upstream(format!(
+                "search page {} of partition {} was not read whole within [http] page_deadline \
+                 ({}), all its attempts included: the API answers too slowly; the next run \
+                 resumes from this page",
+                http::display_url(&self.request.url),
+                self.partition.name,
+                humantime::format_duration(deadline)
+            ))),
+        }
+    }
+
     /// Fetches the page and hands it over as it arrives. A body that fails (cut short, not an
     /// ItemCollection) is fetched again within the request's retries: its first parts are then
     /// handed over again, and their items found unchanged.
@@ -294,7 +312,7 @@ impl PageRead<'_> {
         loop {
             let answer = context.api.open(self.request, &mut attempts).await?;
             let status = answer.response.status();
-            match self.read(answer).await {
+            match self.read(answer, context).await {
                 Ok(read) => return Ok(read),
                 Err(why) => attempts.retry(why, Some(status), None).await?,
             }
@@ -304,8 +322,9 @@ impl PageRead<'_> {
     /// Reads the answer's page into parts and hands each over, the last one with the request's
     /// permit still held, like the others: a pager without a permit holds no page, however
     /// many wait.
-    async fn read(&self, mut answer: Sent<'_>) -> Result<Read, String> {
-        let mut reader = PageReader::new(Some(&self.partition.collection));
+    async fn read(&self, mut answer: Sent<'_>, context: &Context) -> Result<Read, String> {
+        let mut reader = PageReader::new(Some(&self.partition.collection))
+            .with_max_item_bytes(context.max_item_bytes);
         loop {
             match answer.response.chunk().await {
                 Ok(Some(bytes)) => reader.push(&bytes).map_err(|e| e.to_string())?,

@@ -36,6 +36,7 @@ pub struct ApiClient {
     stats: Arc<Stats>,
     permits: http::Cap,
     headers: Vec<(String, String)>,
+    page_deadline: std::time::Duration,
 }
 
 impl ApiClient {
@@ -57,7 +58,19 @@ impl ApiClient {
             stats,
             permits: http::Cap::new(concurrency),
             headers,
+            page_deadline: crate::config::DEFAULT_PAGE_DEADLINE,
         }
+    }
+
+    /// Bounds each search page, all its attempts included (`[http] page_deadline`).
+    pub fn with_page_deadline(mut self, deadline: std::time::Duration) -> ApiClient {
+        self.page_deadline = deadline;
+        self
+    }
+
+    /// How long a search page may take, all its attempts included.
+    pub fn page_deadline(&self) -> std::time::Duration {
+        self.page_deadline
     }
 
     /// The API's root URL (ends with `/`).
@@ -258,7 +271,8 @@ pub fn api_client(
         stats,
         config.concurrency,
         config.headers.clone(),
-    ))
+    )
+    .with_page_deadline(config.http.page_deadline))
 }
 
 /// What the server offers, from its landing page's `conformsTo` and its `/queryables`.
@@ -323,7 +337,14 @@ impl BuildRequest for Build<'_> {
                 "POST" => api.client.post(request.url.clone()),
                 _ => api.client.get(request.url.clone()),
             };
-            for (name, value) in api.headers.iter().chain(&request.headers) {
+            // Configured headers may carry credentials (`Authorization: ApiKey ...`): like the
+            // token, they go to the API's origin only. A next link's own headers go with it.
+            let configured = if self.same_origin {
+                &api.headers[..]
+            } else {
+                &[]
+            };
+            for (name, value) in configured.iter().chain(&request.headers) {
                 builder = builder.header(name, value);
             }
             if let Some(token) = &self.token {

@@ -283,6 +283,15 @@ impl<'a> Attempts<'a> {
     ) -> Result<(), Error> {
         let delay = hint.unwrap_or_else(|| self.policy.backoff(self.retries));
         if self.retries >= self.policy.max_retries || self.waited + delay > self.policy.budget {
+            let last = match hint {
+                Some(wait) if self.waited + wait > self.policy.budget => format!(
+                    "{last}; the server asked to wait {} (Retry-After), longer than the {} left \
+                     of the retry budget ([http] retry_budget)",
+                    humantime::format_duration(wait),
+                    humantime::format_duration(self.policy.budget.saturating_sub(self.waited))
+                ),
+                _ => last,
+            };
             return Err((self.give_up)(HttpError::Exhausted {
                 what: self.what,
                 url: self.url.to_string(),
@@ -476,5 +485,38 @@ mod tests {
             let ceiling = Duration::from_millis((100u64 << retry.min(10)).min(1000));
             assert!(policy.backoff(retry) <= ceiling);
         }
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_beyond_the_budget_gives_up_at_once_and_says_how_long() {
+        let policy = RetryPolicy::default();
+        let stats = Stats::default();
+        let mut attempts = Attempts::new(
+            "search page",
+            "http://api.test/search",
+            &policy,
+            &stats,
+            |e| Error::Upstream(e.to_string()),
+        );
+
+        let given_up = attempts
+            .retry(
+                "HTTP 429".into(),
+                Some(StatusCode::TOO_MANY_REQUESTS),
+                Some(Duration::from_secs(86_400)),
+            )
+            .await
+            .expect_err("beyond the budget");
+
+        let message = given_up.to_string();
+        assert!(
+            message.contains("asked to wait 1day (Retry-After)"),
+            "{message}"
+        );
+        assert!(
+            message.contains("10m left of the retry budget"),
+            "{message}"
+        );
+        assert_eq!(Stats::get(&stats.retries), 0);
     }
 }

@@ -155,8 +155,62 @@ enum At {
     Feature { first: bool },
     /// After a feature: before `,` or `]`.
     AfterFeature,
+    /// Inside a feature larger than the reader's cap, being skipped.
+    Oversized,
     /// After the page's `}`.
     End,
+}
+
+/// Bytes of a feature over the cap that are kept for the quarantine.
+const KEPT_OF_OVERSIZED: usize = 64 << 10;
+
+/// Where a skip through a feature over the cap is: it is scanned byte by byte and dropped, so
+/// memory does not grow with it.
+#[derive(Debug, Default)]
+struct Skip {
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// Bytes skipped so far.
+    bytes: usize,
+    /// Its first bytes.
+    kept: Bytes,
+}
+
+impl Skip {
+    /// How many of `bytes` belong to the feature: `Some` once its end is among them.
+    fn scan(&mut self, bytes: &[u8]) -> Option<usize> {
+        for (at, &byte) in bytes.iter().enumerate() {
+            if self.in_string {
+                match byte {
+                    _ if self.escaped => self.escaped = false,
+                    b'\\' => self.escaped = true,
+                    b'"' => {
+                        self.in_string = false;
+                        if self.depth == 0 {
+                            return Some(at + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            match byte {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                // The array's own `]`, or the `,` after a feature that is a bare number.
+                b'}' | b']' | b',' if self.depth == 0 => return Some(at),
+                b'}' | b']' => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        return Some(at + 1);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
 }
 
 /// Reads a page as its bytes arrive: each feature becomes an item (or a [`Rejected`]) as soon
@@ -181,11 +235,15 @@ pub struct PageReader {
     /// Every `(collection, id)` of the page so far: its index in `part`, or `None` if an
     /// earlier part took it.
     seen: HashMap<(String, String), Option<usize>>,
+    /// A feature larger than this is quarantined with its size, and not held whole.
+    max_item_bytes: usize,
+    /// The feature over the cap being skipped.
+    skip: Skip,
 }
 
 impl PageReader {
-    /// A reader of one page; `default_collection` is given to items without `collection` (the
-    /// search named that one collection).
+    /// A reader of one page. `default_collection` is the one collection the search named: items
+    /// without `collection` are filed there, and items claiming another are rejected.
     pub fn new(default_collection: Option<&str>) -> PageReader {
         PageReader {
             default_collection: default_collection.map(str::to_string),
@@ -199,7 +257,15 @@ impl PageReader {
             links: None,
             part: Page::default(),
             seen: HashMap::new(),
+            max_item_bytes: crate::config::DEFAULT_MAX_ITEM_BYTES,
+            skip: Skip::default(),
         }
+    }
+
+    /// Caps one feature's bytes (`max_item_bytes`).
+    pub fn with_max_item_bytes(mut self, max: usize) -> PageReader {
+        self.max_item_bytes = max.max(1);
+        self
     }
 
     /// Takes the next bytes of the page. `Err`: the page cannot be a STAC ItemCollection.
@@ -251,12 +317,15 @@ impl PageReader {
     /// Reads as far as the bytes go; `end`: no more will come.
     fn advance(&mut self, end: bool) -> Result<(), PageError> {
         loop {
-            let blank = self
-                .buf
-                .iter()
-                .take_while(|b| b.is_ascii_whitespace())
-                .count();
-            self.consume(blank);
+            // Inside a feature being skipped, blanks are its bytes: counted there.
+            if self.at != At::Oversized {
+                let blank = self
+                    .buf
+                    .iter()
+                    .take_while(|b| b.is_ascii_whitespace())
+                    .count();
+                self.consume(blank);
+            }
             let Some(&next) = self.buf.first() else {
                 return Ok(());
             };
@@ -297,16 +366,15 @@ impl PageReader {
                 (At::Feature { first: true }, b']') | (At::AfterFeature, b']') => {
                     self.step(At::AfterMember);
                 }
-                (At::Feature { .. }, _) => {
-                    if let Some((feature, head)) = self.head(end) {
-                        self.add(feature, Some(head));
-                    } else {
-                        let Some(feature) = self.value(end)? else {
-                            return Ok(());
-                        };
-                        self.add(feature, None);
+                (At::Oversized, _) => {
+                    if !self.skip_oversized() {
+                        return Ok(());
                     }
-                    self.at = At::AfterFeature;
+                }
+                (At::Feature { .. }, _) => {
+                    if !self.feature(end)? {
+                        return Ok(());
+                    }
                 }
                 (At::AfterFeature, b',') => self.step(At::Feature { first: false }),
                 (At::End, _) => return Err(self.fail("there is more after the page's JSON")),
@@ -318,6 +386,69 @@ impl PageReader {
                 }
             }
         }
+    }
+
+    /// Reads the feature at the front of the bytes, if it is complete (or starts skipping it,
+    /// if it is over the cap); whether the reader can go on.
+    fn feature(&mut self, end: bool) -> Result<bool, PageError> {
+        if let Some((feature, head)) = self.head(end) {
+            self.add(feature, Some(head));
+        } else {
+            let Some(feature) = self.value(end)? else {
+                return Ok(self.buf.len() > self.max_item_bytes && self.oversized());
+            };
+            self.add(feature, None);
+        }
+        self.at = At::AfterFeature;
+        Ok(true)
+    }
+
+    /// Whether the feature at the front of more than `max_item_bytes` buffered bytes is to be
+    /// read now (it ends within the cap: no more waiting for bytes) or skipped (it does not).
+    /// Either way the reader goes on at once.
+    fn oversized(&mut self) -> bool {
+        match Skip::default().scan(&self.buf) {
+            Some(n) if n <= self.max_item_bytes => self.wait = 0,
+            _ => {
+                let kept = KEPT_OF_OVERSIZED.min(self.buf.len());
+                self.skip = Skip {
+                    kept: Bytes::copy_from_slice(&self.buf[..kept]),
+                    ..Skip::default()
+                };
+                self.at = At::Oversized;
+            }
+        }
+        true
+    }
+
+    /// Drops the bytes of the feature over the cap; once it ends, quarantines its first bytes
+    /// with its size. Whether it ended.
+    fn skip_oversized(&mut self) -> bool {
+        let end = self.skip.scan(&self.buf);
+        let n = end.unwrap_or(self.buf.len());
+        self.skip.bytes += n;
+        self.consume(n);
+        if end.is_none() {
+            return false;
+        }
+        let skip = std::mem::take(&mut self.skip);
+        self.reject_oversized(skip.kept, skip.bytes);
+        self.at = At::AfterFeature;
+        true
+    }
+
+    fn reject_oversized(&mut self, kept: Bytes, size: usize) {
+        self.part.rejected.push(Rejected {
+            reason: format!(
+                "the feature is {size} bytes, more than max_item_bytes ({}); its first {} bytes \
+                 are kept here",
+                self.max_item_bytes,
+                kept.len()
+            ),
+            content: kept,
+            collection: None,
+            id: None,
+        });
     }
 
     fn consume(&mut self, n: usize) {
@@ -399,6 +530,10 @@ impl PageReader {
 
     /// Reads one feature into the part, with its indexed fields if they were read already.
     fn add(&mut self, content: Bytes, head: Option<Head<'_>>) {
+        if content.len() > self.max_item_bytes {
+            let kept = content.slice(..KEPT_OF_OVERSIZED.min(content.len()));
+            return self.reject_oversized(kept, content.len());
+        }
         self.part.bytes += content.len();
         // serde_json does not check the UTF-8 of strings it skips.
         let item = simdutf8::compat::from_utf8(&content)
@@ -471,27 +606,38 @@ fn read_head(raw: &str) -> Result<Head<'_>, Refusal> {
     })
 }
 
-fn read_item(
-    head: Head<'_>,
-    content: Bytes,
-    default_collection: Option<&str>,
-) -> Result<Item, Refusal> {
-    let collection = head
-        .collection
-        .map(Cow::into_owned)
-        .or_else(|| default_collection.map(str::to_string));
+fn read_item(head: Head<'_>, content: Bytes, searched: Option<&str>) -> Result<Item, Refusal> {
+    let claimed = head.collection.map(Cow::into_owned);
     let id = match head.id {
         Some(id) if !id.is_empty() => id.into_owned(),
-        Some(_) => return Err(("the item's id is empty".into(), collection, None)),
-        None => return Err(("the item has no id".into(), collection, None)),
+        Some(_) => return Err(("the item's id is empty".into(), claimed, None)),
+        None => return Err(("the item has no id".into(), claimed, None)),
     };
-    let Some(collection) = collection.filter(|c| !c.is_empty()) else {
+    let collection = match (claimed, searched) {
+        // Stored under a collection the search did not ask for, it would overwrite another
+        // job's item without a word.
+        (Some(claimed), Some(searched)) if claimed != searched => {
+            return Err((
+                format!(
+                    "the item claims collection {claimed:?}, but the search asked for \
+                     {searched:?} only: not stored, so that it cannot overwrite an item of \
+                     another collection"
+                ),
+                Some(claimed),
+                Some(id),
+            ));
+        }
+        (Some(claimed), _) => claimed,
+        (None, Some(searched)) => searched.to_string(),
+        (None, None) => String::new(),
+    };
+    if collection.is_empty() {
         return Err((
             "the item has no collection and the search names several".into(),
             None,
             Some(id),
         ));
-    };
+    }
     let bbox = head.bbox.as_deref().and_then(crate::domain::bbox_2d);
     let (datetime, start_datetime, end_datetime, updated) = match head.properties {
         Some(p) => (
@@ -739,6 +885,41 @@ mod tests {
                     String::from_utf8_lossy(body)
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_feature_over_the_cap_is_quarantined_with_its_size_and_its_page_goes_on() {
+        let big = format!(
+            r#"{{"id":"big","collection":"c","properties":{{"note":"{}"}}}}"#,
+            "a\\\"]}".repeat(5_000)
+        );
+        let body = format!(
+            r#"{{"features":[{{"id":"a","collection":"c"}},{big},{{"id":"b","collection":"c"}}],"links":[]}}"#
+        );
+        let request = post(serde_json::json!({}));
+        for size in [7, 1_000, body.len()] {
+            let mut reader = PageReader::new(Some("c")).with_max_item_bytes(4_096);
+            reader.read_ahead = 64;
+            for chunk in body.as_bytes().chunks(size) {
+                reader.push(chunk).expect("page");
+                assert!(
+                    reader.buf.len() <= 4_096 + size,
+                    "held {} bytes",
+                    reader.buf.len()
+                );
+            }
+            let page = reader.finish(&request).expect("page");
+
+            let ids: Vec<&str> = page.items.iter().map(|i| i.id.as_str()).collect();
+            assert_eq!(ids, ["a", "b"], "chunks of {size}");
+            assert_eq!(page.rejected.len(), 1);
+            let reason = &page.rejected[0].reason;
+            assert!(
+                reason.contains(&format!("is {} bytes", big.len())),
+                "{reason}"
+            );
+            assert!(reason.contains("max_item_bytes (4096)"), "{reason}");
         }
     }
 }

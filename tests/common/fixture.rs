@@ -39,6 +39,9 @@ pub enum Fault {
     Reset,
     /// Half the page as a complete 200 response.
     Truncated,
+    /// The page one byte at a time, a byte every 50 ms: never idle long enough for a read
+    /// timeout, and too slow to finish.
+    Trickle,
 }
 
 #[derive(Debug)]
@@ -58,6 +61,11 @@ pub struct FixtureState {
     pub delay: Mutex<(usize, Duration)>,
     /// Search requests that carried an `Authorization` header.
     pub with_authorization: AtomicUsize,
+    /// Search requests that carried an `X-Api-Key` header.
+    pub with_api_key: AtomicUsize,
+    /// Serve each item as one of the collection searched for, as a real API would, rather than
+    /// the pages' items as given (POST searches of one collection).
+    pub in_searched_collection: Mutex<bool>,
     /// Base URL the next links point at, when not this server's own.
     pub next_origin: Mutex<Option<String>>,
     /// Pages served in full, by index.
@@ -116,6 +124,8 @@ pub async fn start(pages: Vec<Vec<Value>>, paging: Paging, issuer: Arc<Issuer>) 
         advance_per_page: Mutex::new(Duration::ZERO),
         searches: AtomicUsize::new(0),
         with_authorization: AtomicUsize::new(0),
+        with_api_key: AtomicUsize::new(0),
+        in_searched_collection: Mutex::new(false),
         delay: Mutex::new((0, Duration::ZERO)),
         next_origin: Mutex::new(None),
         served: Mutex::new(Vec::new()),
@@ -183,6 +193,9 @@ async fn search(
     let _in_flight = InFlight(&state.in_flight);
     if headers.contains_key(header::AUTHORIZATION) {
         state.with_authorization.fetch_add(1, Ordering::SeqCst);
+    }
+    if headers.contains_key("x-api-key") {
+        state.with_api_key.fetch_add(1, Ordering::SeqCst);
     }
     if !state.issuer.accepts(&headers) {
         return state.issuer.refusal();
@@ -270,6 +283,14 @@ async fn search(
                 "method": "POST", "merge": true, "body": {"token": token}}),
         });
     }
+    let mut features = features.clone();
+    if *state.in_searched_collection.lock().expect("lock")
+        && let Some(searched) = request_body["collections"].get(0)
+    {
+        for feature in &mut features {
+            feature["collection"] = searched.clone();
+        }
+    }
     let page = serde_json::to_vec(
         &json!({"type": "FeatureCollection", "features": features, "links": links}),
     )
@@ -297,6 +318,23 @@ async fn search(
             return Response::builder()
                 .header(header::CONTENT_TYPE, "application/geo+json")
                 .body(Body::from_stream(futures_util::stream::iter(chunks)))
+                .expect("response");
+        }
+        Some(Fault::Trickle) => {
+            let bytes = Bytes::copy_from_slice(&page);
+            let drip = futures_util::stream::unfold(0, move |at| {
+                let bytes = bytes.clone();
+                async move {
+                    if at >= bytes.len() {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Some((Ok::<_, std::io::Error>(bytes.slice(at..at + 1)), at + 1))
+                }
+            });
+            return Response::builder()
+                .header(header::CONTENT_TYPE, "application/geo+json")
+                .body(Body::from_stream(drip))
                 .expect("response");
         }
         Some(Fault::Truncated) => {

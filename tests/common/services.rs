@@ -5,6 +5,7 @@
 //! every test that needs none of them, and skips the others, saying once per test binary which
 //! service was missing and that `scripts/test` runs them.
 
+use std::io::Write as _;
 use std::sync::{Mutex, PoisonError};
 
 /// A service that tests start or connect to.
@@ -77,7 +78,9 @@ pub fn skip_without(service: Service) -> bool {
     let mut said = SAID.lock().unwrap_or_else(PoisonError::into_inner);
     if !said.contains(&service) {
         said.push(service);
-        eprintln!(
+        // Straight to stderr: the test harness captures `eprintln!` of a passing test.
+        let _ = writeln!(
+            std::io::stderr(),
             "note: skipping the tests of this binary that need {service:?} (not found here); \
              `scripts/test` installs and starts every service and runs them all"
         );

@@ -434,6 +434,15 @@ impl Database {
         }
     }
 
+    /// Whether a `(collection, id)` fits in this backend's keys (Postgres indexes keys of
+    /// limited length; SQLite any).
+    pub fn indexes(&self, collection: &str, id: &str) -> bool {
+        match self {
+            Database::Sqlite(_) => true,
+            Database::Postgres(_) => postgres::indexes(collection, id),
+        }
+    }
+
     /// Classifies each item against what is stored.
     pub async fn classify(&self, items: &[Item]) -> Result<Vec<Known>, Error> {
         match self {

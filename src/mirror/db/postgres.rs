@@ -145,6 +145,13 @@ const UPSERT: &str = "INSERT INTO items (collection, id, content, content_hash, 
 /// Why Postgres would refuse an item: `jsonb` and `text` cannot hold the NUL character, which
 /// JSON can carry as the escape `\u0000`.
 pub fn refuses(item: &Item) -> Option<String> {
+    if !indexes(&item.collection, &item.id) {
+        return Some(format!(
+            "the item's id is {} bytes long: more than Postgres can index ({MAX_KEY_BYTES} bytes \
+             for collection and id together)",
+            item.id.len()
+        ));
+    }
     let content = &item.content[..];
     let escaped_nul = escapes_nul(content);
     let nul_in_field = [
@@ -159,6 +166,15 @@ pub fn refuses(item: &Item) -> Option<String> {
     (escaped_nul || nul_in_field).then(|| {
         "the item contains the NUL character (\\u0000), which Postgres cannot store".to_string()
     })
+}
+
+/// The most bytes of collection and id a key takes. A B-tree entry of Postgres holds at most
+/// 2,704 bytes (a third of a page); the rest of a key's columns and the tuple header need room.
+pub const MAX_KEY_BYTES: usize = 2_000;
+
+/// Whether a `(collection, id)` fits in the items' (and `sync_seen`'s) primary key.
+pub fn indexes(collection: &str, id: &str) -> bool {
+    collection.len() + id.len() <= MAX_KEY_BYTES
 }
 
 /// Whether JSON text holds the escape `\u0000` (a backslash-u-0000 preceded by an even number

@@ -112,14 +112,16 @@ where
     bool: for<'a> Encode<'a, DB> + Type<DB>,
 {
     for rejected in page.rejected.iter().chain(refused) {
+        let collection = rejected.collection.as_deref().map(quarantine_key);
+        let id = rejected.id.as_deref().map(quarantine_key);
         sqlx::query(
             "INSERT INTO quarantine (run_id, job, collection, item_id, reason, page_url, \
              content, quarantined_at) VALUES ($1, $2, $3, $4, $5, $6, $7, CURRENT_TIMESTAMP)",
         )
         .bind(page.run_id)
         .bind(page.job)
-        .bind(rejected.collection.as_deref())
-        .bind(rejected.id.as_deref())
+        .bind(collection.as_deref())
+        .bind(id.as_deref())
         .bind(rejected.reason.as_str())
         .bind(page.page_url)
         // Text columns cannot hold NUL on Postgres; the reason already says it was there.
@@ -154,4 +156,20 @@ where
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// The most bytes of an id or collection the quarantine keeps (its index on them is a B-tree on
+/// Postgres, whose entries are limited); the feature's content keeps the whole of it.
+const QUARANTINE_KEY_BYTES: usize = 512;
+
+/// An id or collection as the quarantine keeps it, so that the quarantine takes any feature:
+/// without NUL (which Postgres text cannot hold) and cut to [`QUARANTINE_KEY_BYTES`], marked
+/// with `…` where cut.
+fn quarantine_key(value: &str) -> String {
+    let mut value = value.replace('\0', "\u{FFFD}");
+    if value.len() > QUARANTINE_KEY_BYTES {
+        value.truncate(value.floor_char_boundary(QUARANTINE_KEY_BYTES));
+        value.push('…');
+    }
+    value
 }
