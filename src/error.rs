@@ -47,6 +47,16 @@ pub enum Error {
     /// The API or token endpoint could not be reached or kept failing.
     #[error("upstream unavailable: {0}")]
     Upstream(String),
+    /// A request to the API or the token endpoint still failing after its retries, or one that
+    /// could not be sent at all; the HTTP error is kept as the source.
+    #[error("upstream unavailable: {source}{}", sentence(advice))]
+    Unavailable {
+        /// What failed, and how often.
+        #[source]
+        source: HttpError,
+        /// What to do ("try again later"), or nothing.
+        advice: &'static str,
+    },
     /// The database or object store failed.
     #[error("sink error: {0}")]
     Sink(String),
@@ -162,7 +172,7 @@ impl Error {
         match self {
             Error::Config(_) => Exit::Config,
             Error::Auth(_) => Exit::Auth,
-            Error::Upstream(_) => Exit::Upstream,
+            Error::Upstream(_) | Error::Unavailable { .. } => Exit::Upstream,
             Error::Sink(_)
             | Error::Database { .. }
             | Error::ObjectStore { .. }
@@ -177,6 +187,14 @@ impl Error {
             Error::Hinted { error, .. } => error.exit(),
             Error::Internal(_) => Exit::Internal,
         }
+    }
+}
+
+/// Advice after a message, as a sentence of its own.
+fn sentence(advice: &str) -> String {
+    match advice {
+        "" => String::new(),
+        advice => format!(". {advice}"),
     }
 }
 
@@ -197,4 +215,34 @@ fn refused(status: u16, what: &str, url: &str, detail: &str) -> String {
         ),
         _ => format!("upstream unavailable: {what} {url} answered HTTP {status}: {detail}"),
     }
+}
+
+/// A request that failed for good.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// Still failing after the retries.
+    #[error("{what} {url}: {last} (gave up after {attempts} attempts)")]
+    Exhausted {
+        /// What was being requested ("search page", "token").
+        what: &'static str,
+        /// The URL, without query secrets.
+        url: String,
+        /// The last failure: a status or a transport error.
+        last: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last HTTP status, if any.
+        status: Option<reqwest::StatusCode>,
+    },
+    /// The request could not even be built or sent (a bad URL, a redirect loop): not retried.
+    #[error("{what} {url}: {source}")]
+    Fatal {
+        /// What was being requested.
+        what: &'static str,
+        /// The URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
 }

@@ -76,7 +76,7 @@ impl Mirror {
     }
 
     /// A writer for the pages of one pass.
-    pub fn writer(&self, writes: Writes) -> PageWriter<'_> {
+    pub(crate) fn writer(&self, writes: Writes) -> PageWriter<'_> {
         PageWriter {
             mirror: self,
             writes,
@@ -140,7 +140,7 @@ impl Mirror {
 
 /// What a pass's pages write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Writes {
+pub(crate) enum Writes {
     /// The items (a sync pass).
     Items,
     /// The items, and their ids as seen (a reconcile that fetches whole items).
@@ -151,7 +151,7 @@ pub enum Writes {
 
 /// Writes the pages of one pass: [`PageWriter::stage`], then [`PageWriter::commit`].
 #[derive(Debug)]
-pub struct PageWriter<'m> {
+pub(crate) struct PageWriter<'m> {
     mirror: &'m Mirror,
     writes: Writes,
     ahead: Ahead,
@@ -159,7 +159,7 @@ pub struct PageWriter<'m> {
 
 /// A page whose outputs are written, ready to commit.
 #[derive(Debug)]
-pub struct Staged {
+pub(crate) struct Staged {
     /// Its place in the order pages were staged.
     pub seq: u64,
     /// The page.
@@ -174,7 +174,7 @@ pub struct Staged {
 
 impl Staged {
     /// The items its commit writes.
-    pub fn written(&self) -> impl Iterator<Item = &Item> {
+    pub(crate) fn written(&self) -> impl Iterator<Item = &Item> {
         self.changed.iter().map(|(at, _)| &self.page.items[*at])
     }
 
@@ -188,7 +188,7 @@ impl Staged {
 
 /// Where a page's commit leaves its partition.
 #[derive(Debug, Clone, Copy)]
-pub struct Checkpoint<'a> {
+pub(crate) struct Checkpoint<'a> {
     /// The run.
     pub run_id: &'a str,
     /// The job.
@@ -207,7 +207,7 @@ impl PageWriter<'_> {
     /// that commits it, so two commits keep two backends (and cores) busy. SQLite has one
     /// writer, and the pages of a reconcile all insert into `sync_seen`, so they commit one at
     /// a time.
-    pub fn commits_at_once(&self) -> usize {
+    pub(crate) fn commits_at_once(&self) -> usize {
         match (&self.mirror.db, self.writes) {
             (Database::Postgres(_), Writes::Items) => 2,
             _ => 1,
@@ -216,7 +216,7 @@ impl PageWriter<'_> {
 
     /// Classifies a page's items and has the outputs write the new and changed ones. It may run
     /// while the page before commits, so the outputs and the database work at the same time.
-    pub async fn stage(&self, seq: u64, page: Page) -> Result<Staged, Error> {
+    pub(crate) async fn stage(&self, seq: u64, page: Page) -> Result<Staged, Error> {
         let mut staged = Staged {
             seq,
             changed: Vec::new(),
@@ -277,14 +277,18 @@ impl PageWriter<'_> {
 
     /// Commits a staged page: its rows, quarantined features and resume point (and the ids a
     /// reconcile saw) in one transaction. Returns what it counted.
-    pub async fn commit(&self, staged: &Staged, at: Checkpoint<'_>) -> Result<Counts, Error> {
+    pub(crate) async fn commit(
+        &self,
+        staged: &Staged,
+        at: Checkpoint<'_>,
+    ) -> Result<Counts, Error> {
         let committed = self.commit_rows(staged, at).await;
         self.ahead.forget(staged.seq);
         committed
     }
 
     /// Forgets a staged page that will not commit (its partition went to another worker).
-    pub fn abandon(&self, staged: Staged) {
+    pub(crate) fn abandon(&self, staged: Staged) {
         self.ahead.forget(staged.seq);
     }
 

@@ -219,9 +219,10 @@ impl TokenSource {
 /// The token endpoint still failing after the retries, or a URL that cannot be requested.
 fn token_endpoint_unavailable(error: HttpError) -> Error {
     match error {
-        HttpError::Exhausted { .. } => Error::Upstream(format!(
-            "{error}. The token endpoint is unavailable; try again later"
-        )),
+        HttpError::Exhausted { .. } => Error::Unavailable {
+            source: error,
+            advice: "The token endpoint is unavailable; try again later",
+        },
         HttpError::Fatal { .. } => Error::Config(format!("{error}: check EDS_AUTH_URL")),
     }
 }

@@ -84,7 +84,7 @@ impl ApiClient {
     }
 
     /// The attempts of one request to the API, retried per the client's policy.
-    pub fn attempts<'a>(&'a self, what: &'static str, shown: &'a str) -> Attempts<'a> {
+    pub(crate) fn attempts<'a>(&'a self, what: &'static str, shown: &'a str) -> Attempts<'a> {
         Attempts::new(what, shown, &self.policy, &self.stats, api_unavailable)
     }
 
@@ -92,7 +92,7 @@ impl ApiClient {
     /// permit held: the caller reads the body (and, should the body fail, calls
     /// [`Attempts::retry`] and opens again). A refused token is renewed once and the request
     /// replayed; any other refusal is an error in the server's words.
-    pub async fn open<'a>(
+    pub(crate) async fn open<'a>(
         &'a self,
         request: &Request,
         attempts: &mut Attempts<'_>,
@@ -166,13 +166,12 @@ impl ApiClient {
 }
 
 /// The API still failing after the retries, or a request that cannot be sent.
-fn api_unavailable(error: HttpError) -> Error {
-    match error {
-        HttpError::Exhausted { .. } => Error::Upstream(format!(
-            "{error}. The STAC API is unavailable; try again later"
-        )),
-        HttpError::Fatal { .. } => Error::Upstream(error.to_string()),
-    }
+fn api_unavailable(source: HttpError) -> Error {
+    let advice = match source {
+        HttpError::Exhausted { .. } => "The STAC API is unavailable; try again later",
+        HttpError::Fatal { .. } => "",
+    };
+    Error::Unavailable { source, advice }
 }
 
 fn token_refused(shown: &str, status: StatusCode, replayed: bool) -> Error {

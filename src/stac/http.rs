@@ -51,7 +51,7 @@ impl Stats {
 /// configured maximum. Shrinking takes effect as permits come back: a returned permit is
 /// forgotten while the cap owes some.
 #[derive(Debug)]
-pub struct Cap {
+pub(crate) struct Cap {
     semaphore: Semaphore,
     max: usize,
     state: std::sync::Mutex<CapState>,
@@ -66,7 +66,7 @@ struct CapState {
 
 /// A permit to send one request; returned (or forgotten, while the cap shrinks) on drop.
 #[derive(Debug)]
-pub struct CapPermit<'a> {
+pub(crate) struct CapPermit<'a> {
     cap: &'a Cap,
     permit: Option<tokio::sync::SemaphorePermit<'a>>,
 }
@@ -100,7 +100,8 @@ impl Cap {
     }
 
     /// The current limit.
-    pub fn limit(&self) -> usize {
+    #[cfg(test)]
+    fn limit(&self) -> usize {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).limit
     }
 
@@ -147,35 +148,7 @@ impl Cap {
     }
 }
 
-/// A request that failed for good.
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    /// Still failing after the retries.
-    #[error("{what} {url}: {last} (gave up after {attempts} attempts)")]
-    Exhausted {
-        /// What was being requested ("search page", "token").
-        what: &'static str,
-        /// The URL, without query secrets.
-        url: String,
-        /// The last failure: a status or a transport error.
-        last: String,
-        /// Attempts made.
-        attempts: u32,
-        /// The last HTTP status, if any.
-        status: Option<StatusCode>,
-    },
-    /// The request could not even be built or sent (a bad URL, a redirect loop): not retried.
-    #[error("{what} {url}: {source}")]
-    Fatal {
-        /// What was being requested.
-        what: &'static str,
-        /// The URL.
-        url: String,
-        /// The cause.
-        #[source]
-        source: reqwest::Error,
-    },
-}
+pub use crate::error::HttpError;
 
 /// Builds the HTTP client with every timeout set (rustls only).
 pub fn client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::Error> {
@@ -189,7 +162,7 @@ pub fn client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::Error
 
 /// Whether a transport error is worth retrying: connection failures, resets, timeouts and
 /// bodies cut short are; a request we could not build, or a redirect loop, is not.
-pub fn is_retryable_error(error: &reqwest::Error) -> bool {
+pub(crate) fn is_retryable_error(error: &reqwest::Error) -> bool {
     !(error.is_builder() || error.is_redirect())
         && (error.is_connect()
             || error.is_timeout()
@@ -199,12 +172,12 @@ pub fn is_retryable_error(error: &reqwest::Error) -> bool {
 }
 
 /// Whether a status is worth retrying.
-pub fn is_retryable_status(status: StatusCode) -> bool {
+pub(crate) fn is_retryable_status(status: StatusCode) -> bool {
     matches!(status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
 }
 
 /// Parses `Retry-After`: delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
-pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
@@ -218,13 +191,13 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 ///
 /// A trait with a boxed future, not an async closure: the future of an `AsyncFnMut` cannot be
 /// shown to be `Send` for every borrow of the closure, and callers spawn these requests.
-pub trait BuildRequest: Send {
+pub(crate) trait BuildRequest: Send {
     /// The request of one attempt, or why it cannot be made.
     fn build(&mut self) -> BoxFuture<'_, Result<RequestBuilder, Error>>;
 }
 
 /// Builds each attempt with a function.
-pub struct BuildWith<F>(pub F);
+pub(crate) struct BuildWith<F>(pub F);
 
 impl<F: Fn() -> RequestBuilder + Send> BuildRequest for BuildWith<F> {
     fn build(&mut self) -> BoxFuture<'_, Result<RequestBuilder, Error>> {
@@ -236,7 +209,7 @@ impl<F: Fn() -> RequestBuilder + Send> BuildRequest for BuildWith<F> {
 /// The attempts of one request, against its retry policy: how many were made and how long they
 /// waited. A request's retries include those of its body: a caller that reads a body and fails
 /// calls [`Attempts::retry`] before sending again.
-pub struct Attempts<'a> {
+pub(crate) struct Attempts<'a> {
     what: &'static str,
     url: &'a str,
     policy: &'a RetryPolicy,
@@ -312,7 +285,7 @@ impl<'a> Attempts<'a> {
 
 /// A response whose status is not retried, with the permit of its request: the caller reads
 /// the body within the cap on requests in flight, and the permit goes back when this is dropped.
-pub struct Sent<'c> {
+pub(crate) struct Sent<'c> {
     /// The response, its body unread.
     pub response: reqwest::Response,
     _permit: Option<CapPermit<'c>>,
@@ -329,7 +302,7 @@ impl Sent<'_> {
 /// transport failures (connect errors, resets, timeouts) and 408, 429 and 5xx are retried within
 /// `attempts`, honouring `Retry-After`. `permits` caps requests in flight: a permit is held per
 /// attempt, not while waiting to retry. The body is the caller's to read.
-pub async fn send<'c>(
+pub(crate) async fn send<'c>(
     attempts: &mut Attempts<'_>,
     permits: Option<&'c Cap>,
     build: &mut dyn BuildRequest,
@@ -384,7 +357,7 @@ pub fn display_url(url: &url::Url) -> String {
 }
 
 /// A transport error with its causes, which reqwest keeps in the source chain.
-pub fn describe(error: &reqwest::Error) -> String {
+pub(crate) fn describe(error: &reqwest::Error) -> String {
     let mut text = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
@@ -399,7 +372,7 @@ pub fn describe(error: &reqwest::Error) -> String {
 /// (`Response::bytes` collects the chunks and then copies them into one buffer, holding a large
 /// page twice for a moment). Growing without a length is left to the allocator. A failure is
 /// described for a retry message.
-pub async fn read_body(response: reqwest::Response) -> Result<bytes::Bytes, String> {
+pub(crate) async fn read_body(response: reqwest::Response) -> Result<bytes::Bytes, String> {
     let status = response.status();
     read_chunks(response)
         .await
