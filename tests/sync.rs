@@ -123,6 +123,20 @@ async fn a_full_sync_mirrors_every_item_of_a_real_stac_api_and_a_rerun_writes_no
     assert_eq!(server.issuer.refused.load(Ordering::SeqCst), 0);
 }
 
+/// The fixture API, whose next link after the first page points at a second server, of
+/// another origin.
+async fn next_links_to_another_origin() -> (Env, fixture::Fixture) {
+    let env = fixture_env(pages(3, 2), Paging::GetHref).await;
+    let elsewhere = fixture::start(
+        pages(3, 2),
+        Paging::GetHref,
+        Issuer::new(env.clock.clone(), ID, SECRET),
+    )
+    .await;
+    *env.server.state.next_origin.lock().expect("lock") = Some(elsewhere.url.clone());
+    (env, elsewhere)
+}
+
 /// A run of `config` (which a test changed past what `Setup` writes).
 async fn run_with(
     config: &stac_sync::config::Config,
@@ -671,14 +685,7 @@ async fn a_retry_after_longer_than_the_retry_budget_says_how_long_the_server_ask
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_headers_go_only_to_the_apis_origin_like_the_token() {
-    let env = fixture_env(pages(3, 2), Paging::GetHref).await;
-    let elsewhere = fixture::start(
-        pages(3, 2),
-        Paging::GetHref,
-        Issuer::new(env.clock.clone(), ID, SECRET),
-    )
-    .await;
-    *env.server.state.next_origin.lock().expect("lock") = Some(elsewhere.url.clone());
+    let (env, elsewhere) = next_links_to_another_origin().await;
     let mut setup = env.setup();
     setup.extra = "[headers]\nX-Api-Key = \"secret-key\"\n".into();
 
@@ -695,14 +702,7 @@ async fn configured_headers_go_only_to_the_apis_origin_like_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_is_never_sent_to_another_origin_than_the_apis() {
-    let env = fixture_env(pages(3, 2), Paging::GetHref).await;
-    let elsewhere = fixture::start(
-        pages(3, 2),
-        Paging::GetHref,
-        Issuer::new(env.clock.clone(), ID, SECRET),
-    )
-    .await;
-    *env.server.state.next_origin.lock().expect("lock") = Some(elsewhere.url.clone());
+    let (env, elsewhere) = next_links_to_another_origin().await;
 
     let summary = env.setup().run(env.clock.clone()).await;
 

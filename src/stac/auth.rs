@@ -240,10 +240,9 @@ fn not_a_token(url: &str, body: &[u8], error: &serde_json::Error) -> Error {
 }
 
 /// `expires_in` as a lifetime: seconds as a positive number or numeric string, believed however
-/// short: a token used past it is refused. (Stretching 3-second tokens to 10 seconds, as this
-/// once did, had requests refused in between, and failed a run whose replay, having waited 4 s
-/// for its turn, went with a token it believed fresh.) Anything else, zero and negative
-/// included, is [`ASSUMED_LIFETIME`].
+/// short: a token used past it is refused, and a replay sent with a token believed fresh but
+/// expired is refused twice, which ends the run. Anything else, zero and negative included, is
+/// [`ASSUMED_LIFETIME`].
 fn lifetime(expires_in: Option<&serde_json::Value>) -> Duration {
     let seconds = match expires_in {
         Some(serde_json::Value::Number(n)) => n.as_f64(),
