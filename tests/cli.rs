@@ -332,3 +332,39 @@ fn usage_errors_exit_3_and_one_off_flags_work_after_run() {
     assert!(!stderr.contains("unexpected argument"), "{stderr}");
     assert!(first_error_line(&after_run).contains("API"), "{stderr}");
 }
+
+/// EDS_API_URL given as a bare host whose own root serves a STAC landing page is used as the
+/// STAC root; only a host without one gets /platform/v1/stac (the fixture serves both `/` and
+/// `/search`, and nothing under /platform).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eds_api_url_host_that_serves_a_stac_root_is_used_as_the_root() {
+    let clock = Arc::new(ManualClock::default());
+    let server = fixture::start(
+        vec![common::make_items("c", 3)],
+        Paging::PostFull,
+        Issuer::new(clock, "id", "secret"),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut command = stac_sync(dir.path());
+    command
+        .env("EDS_API_URL", server.url.trim_end_matches('/'))
+        .env("EDS_AUTH_URL", &server.token_url)
+        .env("EDS_CLIENT_ID", "id")
+        .env("EDS_SECRET", "secret")
+        .args(["run", "--collection", "c"]);
+
+    let output = tokio::task::spawn_blocking(move || command.output().expect("runs"))
+        .await
+        .expect("join");
+
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stored = std::fs::read_dir(dir.path().join("stac-sync-items").join("c"))
+        .map_or(0, |entries| entries.count());
+    assert_eq!(stored, 3);
+}

@@ -684,6 +684,81 @@ async fn a_retry_after_longer_than_the_retry_budget_says_how_long_the_server_ask
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_per_second_keeps_a_run_under_the_apis_rate_limit() {
+    let mirror = |limit: Option<f64>| async move {
+        let env = fixture_env(pages(8, 2), Paging::PostFull).await;
+        *env.server
+            .state
+            .in_searched_collection
+            .lock()
+            .expect("lock") = true;
+        *env.server.state.per_second.lock().expect("lock") = Some(10);
+        let mut setup = env.setup();
+        setup.collections = vec!["a".into(), "b".into(), "c".into(), "d".into()];
+        let mut config = setup.config();
+        config.max_requests_per_second = limit;
+
+        let summary = run_with(&config, &env.clock).await;
+
+        assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+        assert_eq!(stored_items(&setup.database_url()).await.len(), 64);
+        env.server.state.over_rate.load(Ordering::SeqCst)
+    };
+
+    let unlimited = mirror(None).await;
+    let limited = mirror(Some(10.0)).await;
+
+    assert!(
+        unlimited > 0,
+        "the fixture's limit was never reached without a limit of our own"
+    );
+    assert_eq!(limited, 0, "requests went over the API's rate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_retry_after_pauses_every_request_to_the_api() {
+    // Pages that take 100 ms each, so that the other partitions are still paging when one is
+    // told to wait.
+    let env = fixture_env(pages(10, 2), Paging::PostFull).await;
+    *env.server
+        .state
+        .in_searched_collection
+        .lock()
+        .expect("lock") = true;
+    *env.server.state.delay.lock().expect("lock") = (0, Duration::from_millis(100));
+    env.server.fault(Fault::Status(
+        429,
+        vec![("Retry-After".into(), "1".into())],
+        "slow down".into(),
+    ));
+    let mut setup = env.setup();
+    setup.collections = vec!["a".into(), "b".into(), "c".into(), "d".into()];
+
+    let summary = setup.run(env.clock.clone()).await;
+
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    assert_eq!(stored_items(&setup.database_url()).await.len(), 80);
+    let arrivals = env.server.state.arrivals.lock().expect("lock").clone();
+    let at = env.server.state.arrived_at.lock().expect("lock").clone();
+    let refused = arrivals
+        .iter()
+        .position(|(_, faulted)| *faulted)
+        .expect("the 429");
+    let paused =
+        (at[refused] + Duration::from_millis(150))..(at[refused] + Duration::from_millis(850));
+    let during: Vec<_> = at.iter().filter(|t| paused.contains(t)).collect();
+    assert!(
+        during.is_empty(),
+        "{} searches during the pause",
+        during.len()
+    );
+    assert!(
+        at.iter().any(|t| *t >= paused.end),
+        "nothing after the pause"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_headers_go_only_to_the_apis_origin_like_the_token() {
     let (env, elsewhere) = next_links_to_another_origin().await;
     let mut setup = env.setup();

@@ -56,6 +56,8 @@ pub struct FileConfig {
     pub concurrency: Option<usize>,
     /// Largest feature stored, in bytes.
     pub max_item_bytes: Option<usize>,
+    /// Requests a second to the API, at most.
+    pub max_requests_per_second: Option<f64>,
     /// Prometheus text file written after each run (node_exporter's textfile collector).
     pub metrics_file: Option<PathBuf>,
     /// Pushgateway to push each run's metrics to.
@@ -281,6 +283,9 @@ pub struct Overrides {
     /// Largest feature stored, in bytes; a larger one is quarantined [default: 33554432].
     #[arg(long, global = true, env = "STAC_SYNC_MAX_ITEM_BYTES")]
     pub max_item_bytes: Option<usize>,
+    /// Requests a second to the API, at most (per process) [default: no limit].
+    #[arg(long, global = true, env = "STAC_SYNC_MAX_REQUESTS_PER_SECOND")]
+    pub max_requests_per_second: Option<f64>,
     /// Prometheus text file written after each run (for node_exporter's textfile collector).
     #[arg(long, global = true, env = "STAC_SYNC_METRICS_FILE")]
     pub metrics_file: Option<PathBuf>,
@@ -357,6 +362,10 @@ impl EnvVars {
 pub struct Config {
     /// The STAC API root, with a trailing slash so relative paths resolve below it.
     pub api_root: Url,
+    /// When `EDS_API_URL` is a bare host: that host. Its own root is the STAC root if it serves
+    /// a STAC landing page there (with `conformsTo`); else `api_root` ([`EDS_STAC_PATH`]) is.
+    /// Decided when a run starts (it takes a request), not here.
+    pub api_host: Option<Url>,
     /// Authentication.
     pub auth: Auth,
     /// Extra headers on every API request.
@@ -379,6 +388,8 @@ pub struct Config {
     pub worker_lease: Duration,
     /// A feature larger than this (bytes) is quarantined with its size, not held whole.
     pub max_item_bytes: usize,
+    /// Requests a second to the API, at most (per process); `None`: no limit but the server's.
+    pub max_requests_per_second: Option<f64>,
     /// The jobs to run, in order.
     pub jobs: Vec<Job>,
 }
@@ -522,7 +533,7 @@ impl Config {
 
     /// Merges the layers and validates the result. No I/O.
     pub fn resolve(file: FileConfig, o: &Overrides) -> Result<Config, Error> {
-        let api_root = resolve_api(&file, o)?;
+        let (api_root, api_host) = resolve_api(&file, o)?;
         let auth = resolve_auth(file.auth, o)?;
         let limit = o.limit.or(file.limit).unwrap_or(DEFAULT_LIMIT);
         let concurrency = o
@@ -537,6 +548,15 @@ impl Config {
         let database_url = resolve_database_url(o.database_url.clone().or(file.database_url))?;
         let object_store_url =
             resolve_object_store_url(o.object_store_url.clone().or(file.object_store_url))?;
+        let max_requests_per_second = o.max_requests_per_second.or(file.max_requests_per_second);
+        if let Some(rate) = max_requests_per_second
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            return Err(Error::Config(format!(
+                "max_requests_per_second = {rate}: must be a number above 0 (0.5 is one request \
+                 every two seconds)"
+            )));
+        }
         let http = resolve_http(&file.http);
         let headers = resolve_headers(file.headers)?;
         let jobs = resolve_jobs(file.jobs, o, limit)?;
@@ -560,6 +580,7 @@ impl Config {
         };
         Ok(Config {
             api_root,
+            api_host,
             auth,
             headers,
             http,
@@ -570,6 +591,7 @@ impl Config {
             metrics_file: o.metrics_file.clone().or(file.metrics_file),
             pushgateway_url,
             worker_lease,
+            max_requests_per_second,
             max_item_bytes: o
                 .max_item_bytes
                 .or(file.max_item_bytes)
@@ -582,15 +604,23 @@ impl Config {
 
 /// The STAC root. Only EDS_API_URL may be a bare host (newer EDS material); api_url, --api-url
 /// and STAC_SYNC_API_URL are always the STAC root itself.
-fn resolve_api(file: &FileConfig, o: &Overrides) -> Result<Url, Error> {
+fn resolve_api(file: &FileConfig, o: &Overrides) -> Result<(Url, Option<Url>), Error> {
+    let root = |raw: &str, eds: bool| -> Result<(Url, Option<Url>), Error> {
+        let url = resolve_api_root(raw, eds)?;
+        let host = resolve_api_root(raw, false)?;
+        Ok(match host == url {
+            true => (url, None),
+            false => (url, Some(host)),
+        })
+    };
     match (
         o.api_url.as_deref(),
         o.env.eds_api_url.as_deref(),
         file.api_url.as_deref(),
     ) {
-        (Some(raw), _, _) => resolve_api_root(raw, false),
-        (None, Some(raw), _) => resolve_api_root(raw, true),
-        (None, None, Some(raw)) => resolve_api_root(raw, false),
+        (Some(raw), _, _) => root(raw, false),
+        (None, Some(raw), _) => root(raw, true),
+        (None, None, Some(raw)) => root(raw, false),
         (None, None, None) => Err(Error::Config(
             "no STAC API URL: set EDS_API_URL or STAC_SYNC_API_URL, pass --api-url, \
              or set api_url in the config file"

@@ -12,7 +12,9 @@ use crate::mirror::db::Database;
 use crate::mirror::objects::ObjectSink;
 use crate::ops::status::table;
 use crate::plan;
-use crate::stac::client::{ApiClient, Capabilities, api_client, capabilities_from, landing_page};
+use crate::stac::client::{
+    ApiClient, Capabilities, api_client, capabilities_from, landing_page, settle_root,
+};
 use crate::stac::http::{self, Stats};
 use crate::stac::search::Request;
 use serde::Serialize;
@@ -115,13 +117,23 @@ pub async fn check(config: &Config, clock: Arc<dyn Clock>) -> Report {
             return finish(report);
         }
     };
-    let caps = match probe_token(&mut report, config, &api).await {
-        true => probe_api(&mut report, &api).await,
+    let api = match probe_token(&mut report, config, &api).await {
+        true => match settle_root(api, config.api_host.as_ref()).await {
+            Ok(api) => Some(api),
+            Err(error) => {
+                report.push("STAC root", Err(error));
+                None
+            }
+        },
         false => None,
     };
-    if let Some(caps) = &caps {
+    let caps = match &api {
+        Some(api) => probe_api(&mut report, api).await,
+        None => None,
+    };
+    if let (Some(caps), Some(api)) = (&caps, &api) {
         conformance(&mut report, caps);
-        probe_collections(&mut report, config, &api).await;
+        probe_collections(&mut report, config, api).await;
     }
     let db = probe_database(&mut report, config).await;
     probe_object_store(&mut report, config).await;

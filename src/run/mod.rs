@@ -13,7 +13,7 @@ use crate::error::{Error, Exit};
 use crate::mirror::Mirror;
 use crate::mirror::db::{Counts, JobLock};
 use crate::plan::Strategy;
-use crate::stac::client::{ApiClient, api_client};
+use crate::stac::client::{ApiClient, api_client, settle_root};
 use crate::stac::http::Stats;
 use passes::{JobPasses, PassReport};
 use rand::Rng;
@@ -141,6 +141,7 @@ impl Context {
             ));
         }
         let mirror = Mirror::open(config, options.migrate).await?;
+        let api = settle_root(api, config.api_host.as_ref()).await?;
         tracing::info!(api = %config.api_root, database = %crate::config::redact_url(&config.database_url),
             objects = config.object_store_url.as_deref().unwrap_or("none"), "stac-sync starting");
         Ok(Context {

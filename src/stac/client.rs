@@ -14,7 +14,7 @@ use super::http::{self, Attempts, BuildRequest, HttpError, Sent, Stats};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::config::RetryPolicy;
-use crate::error::Error;
+use crate::error::{Error, Exit};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use reqwest::{RequestBuilder, StatusCode};
@@ -40,14 +40,15 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// A client for the API at `root`.
-    pub fn new(
+    /// A client for the API at `root`, with at most `limits.0` requests in flight and, if
+    /// given, `limits.1` requests a second.
+    pub(crate) fn new(
         root: Url,
         client: reqwest::Client,
         tokens: TokenSource,
         policy: RetryPolicy,
         stats: Arc<Stats>,
-        concurrency: usize,
+        limits: (usize, Option<f64>),
         headers: Vec<(String, String)>,
     ) -> ApiClient {
         ApiClient {
@@ -56,7 +57,7 @@ impl ApiClient {
             tokens,
             policy,
             stats,
-            permits: http::Cap::new(concurrency),
+            permits: http::Cap::new(limits.0, limits.1),
             headers,
             page_deadline: crate::config::DEFAULT_PAGE_DEADLINE,
         }
@@ -71,6 +72,12 @@ impl ApiClient {
     /// How long a search page may take, all its attempts included.
     pub fn page_deadline(&self) -> std::time::Duration {
         self.page_deadline
+    }
+
+    /// The same client with another root (same origin: see [`settle_root`]).
+    fn with_root(mut self, root: Url) -> ApiClient {
+        self.root = root;
+        self
     }
 
     /// The API's root URL (ends with `/`).
@@ -193,6 +200,33 @@ pub async fn capabilities_of(api: &ApiClient) -> Result<Capabilities, Error> {
     capabilities_from(api, &landing).await
 }
 
+/// The STAC root when `EDS_API_URL` is a bare host (`host`): the host itself if its landing
+/// page is a STAC API's (it lists `conformsTo`), else the EDS path below it, which `api` has.
+/// Only an API that cannot be reached is an error: a refusal or anything else at the host's
+/// root means it is not a STAC root there.
+pub async fn settle_root(api: ApiClient, host: Option<&Url>) -> Result<ApiClient, Error> {
+    let Some(host) = host else {
+        return Ok(api);
+    };
+    let landing = api
+        .fetch("landing page", &Request::get(host.clone()), |body| {
+            Ok(serde_json::from_slice::<Value>(&body).ok())
+        })
+        .await;
+    let stac_at_host = match landing {
+        Ok(doc) => doc.is_some_and(|doc| doc.get("conformsTo").is_some()),
+        Err(e) if matches!(e.exit(), Exit::Upstream) => return Err(e),
+        Err(_) => false,
+    };
+    if stac_at_host {
+        tracing::info!(root = %host, "EDS_API_URL is a host whose own landing page is a STAC API's: using it as the STAC root");
+        Ok(api.with_root(host.clone()))
+    } else {
+        tracing::info!(root = %api.root(), "EDS_API_URL is a host without a STAC landing page: using the EDS path below it");
+        Ok(api)
+    }
+}
+
 /// Reads a JSON document for [`ApiClient::fetch`].
 fn json(what: &'static str) -> impl FnMut(bytes::Bytes) -> Result<serde_json::Value, String> {
     move |body| {
@@ -268,7 +302,7 @@ pub fn api_client(
         tokens,
         policy,
         stats,
-        config.concurrency,
+        (config.concurrency, config.max_requests_per_second),
         config.headers.clone(),
     )
     .with_page_deadline(config.http.page_deadline))

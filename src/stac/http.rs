@@ -55,6 +55,50 @@ pub(crate) struct Cap {
     semaphore: Semaphore,
     max: usize,
     state: std::sync::Mutex<CapState>,
+    pace: Pace,
+}
+
+/// When the next request may go: at most `1 / interval` requests a second (providers limit the
+/// rate as well as the requests in flight), and none while the server asked for a pause
+/// (`Retry-After` on a 429 holds for every request to the API, not just the one refused).
+#[derive(Debug)]
+struct Pace {
+    /// Zero: no limit on the rate.
+    interval: Duration,
+    next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Pace {
+    fn new(per_second: Option<f64>) -> Pace {
+        let interval = per_second
+            .filter(|rate| rate.is_finite() && *rate > 0.0)
+            .map_or(Duration::ZERO, |rate| Duration::from_secs_f64(1.0 / rate));
+        Pace {
+            interval,
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Takes the next slot, and waits for it.
+    async fn wait(&self) {
+        let now = tokio::time::Instant::now();
+        let at = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let at = (*next).max(now);
+            *next = at + self.interval;
+            at
+        };
+        if at > now {
+            tokio::time::sleep_until(at).await;
+        }
+    }
+
+    /// No request before `wait` from now.
+    fn pause(&self, wait: Duration) {
+        let until = tokio::time::Instant::now() + wait;
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        *next = (*next).max(until);
+    }
 }
 
 #[derive(Debug)]
@@ -85,8 +129,8 @@ impl Drop for CapPermit<'_> {
 }
 
 impl Cap {
-    /// A cap of `max` requests in flight.
-    pub fn new(max: usize) -> Cap {
+    /// A cap of `max` requests in flight, and of `per_second` requests a second if given.
+    pub fn new(max: usize, per_second: Option<f64>) -> Cap {
         let max = max.max(1);
         Cap {
             semaphore: Semaphore::new(max),
@@ -96,6 +140,7 @@ impl Cap {
                 debt: 0,
                 successes: 0,
             }),
+            pace: Pace::new(per_second),
         }
     }
 
@@ -105,17 +150,22 @@ impl Cap {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).limit
     }
 
-    /// Waits for a permit.
+    /// Waits for a permit, then for the request's turn under the rate limit and any pause.
     pub async fn acquire(&self) -> Option<CapPermit<'_>> {
         let permit = self.semaphore.acquire().await.ok()?;
+        self.pace.wait().await;
         Some(CapPermit {
             cap: self,
             permit: Some(permit),
         })
     }
 
-    /// The API said 429: halve the cap.
-    pub fn throttled(&self) {
+    /// The API said 429, and asked every request to wait `pause` (its `Retry-After`, when the
+    /// retry budget allows for it): halve the cap, and hold every request for the pause.
+    pub fn throttled(&self, pause: Option<Duration>) {
+        if let Some(pause) = pause {
+            self.pace.pause(pause);
+        }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let target = (state.limit / 2).max(1);
         let cut = state.limit - target;
@@ -323,12 +373,13 @@ pub(crate) async fn send<'c>(
             }
             Ok(response) if is_retryable_status(response.status()) => {
                 let status = response.status();
+                let hint = retry_after(response.headers(), SystemTime::now());
                 if status == StatusCode::TOO_MANY_REQUESTS
                     && let Some(cap) = permits
                 {
-                    cap.throttled();
+                    // A pause longer than this request would wait ends the request instead.
+                    cap.throttled(hint.filter(|wait| *wait <= attempts.policy.budget));
                 }
-                let hint = retry_after(response.headers(), SystemTime::now());
                 (format!("HTTP {status}"), Some(status), hint)
             }
             Ok(response) => {
@@ -421,10 +472,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_429_halves_the_cap_and_successes_grow_it_back_slowly() {
-        let cap = Cap::new(8);
+        let cap = Cap::new(8, None);
         let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| cap.acquire())).await;
 
-        cap.throttled();
+        cap.throttled(None);
 
         assert_eq!(cap.limit(), 4);
         drop(held);
@@ -441,9 +492,9 @@ mod tests {
         let five: Vec<_> = futures_util::future::join_all((0..5).map(|_| cap.acquire())).await;
         assert!(cap.semaphore.try_acquire().is_err());
         drop(five);
-        cap.throttled();
-        cap.throttled();
-        cap.throttled();
+        cap.throttled(None);
+        cap.throttled(None);
+        cap.throttled(None);
         assert_eq!(cap.limit(), 1);
     }
 

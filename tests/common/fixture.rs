@@ -81,6 +81,16 @@ pub struct FixtureState {
     /// Per search request, in arrival order: the requests in flight when it arrived (itself
     /// included), and whether it was answered with a fault.
     pub arrivals: Mutex<Vec<(usize, bool)>>,
+    /// When each of `arrivals` arrived.
+    pub arrived_at: Mutex<Vec<std::time::Instant>>,
+    /// Searches accepted in any window of a second, at most; more are answered 429 with
+    /// `Retry-After: 1` (a provider's limit on the rate). The window is 10 ms short of a second,
+    /// for the timers of the two sides.
+    pub per_second: Mutex<Option<usize>>,
+    /// When the searches of the last second were accepted, under `per_second`.
+    pub accepted_at: Mutex<VecDeque<std::time::Instant>>,
+    /// Searches answered 429 for going over `per_second`.
+    pub over_rate: AtomicUsize,
 }
 
 /// Counts a request out of `in_flight` however its handler returns.
@@ -137,6 +147,10 @@ pub async fn start(pages: Vec<Vec<Value>>, paging: Paging, issuer: Arc<Issuer>) 
         requests: Mutex::new(Vec::new()),
         in_flight: AtomicUsize::new(0),
         arrivals: Mutex::new(Vec::new()),
+        arrived_at: Mutex::new(Vec::new()),
+        per_second: Mutex::new(None),
+        accepted_at: Mutex::new(VecDeque::new()),
+        over_rate: AtomicUsize::new(0),
     });
     let app = Router::new()
         .route("/search", any(search))
@@ -201,12 +215,31 @@ async fn search(
         return state.issuer.refusal();
     }
 
+    if let Some(limit) = *state.per_second.lock().expect("lock") {
+        let at = std::time::Instant::now();
+        let mut accepted = state.accepted_at.lock().expect("lock");
+        accepted.retain(|t| at.duration_since(*t) < Duration::from_millis(990));
+        if accepted.len() >= limit {
+            state.over_rate.fetch_add(1, Ordering::SeqCst);
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("Retry-After", "1")],
+                "over the rate limit",
+            )
+                .into_response();
+        }
+        accepted.push_back(at);
+    }
     let fault = state.faults.lock().expect("lock").pop_front();
-    state
-        .arrivals
-        .lock()
-        .expect("lock")
-        .push((now, !matches!(fault, None | Some(Fault::Pass))));
+    {
+        let mut arrivals = state.arrivals.lock().expect("lock");
+        arrivals.push((now, !matches!(fault, None | Some(Fault::Pass))));
+        state
+            .arrived_at
+            .lock()
+            .expect("lock")
+            .push(std::time::Instant::now());
+    }
     let request_body: Value = if method == Method::POST {
         match serde_json::from_slice(&body) {
             Ok(v) => v,
