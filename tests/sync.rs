@@ -758,6 +758,58 @@ async fn a_429_with_retry_after_pauses_every_request_to_the_api() {
     );
 }
 
+/// A gateway in front of the STAC API that gives up (502) on pages of more than 20 items.
+async fn refuse_large_pages(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let limit = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|body| body["limit"].as_u64());
+    if limit.is_some_and(|limit| limit > 20) {
+        return (axum::http::StatusCode::BAD_GATEWAY, "upstream timed out").into_response();
+    }
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_fails_on_large_pages_is_asked_for_smaller_ones() {
+    let clock = Arc::new(ManualClock::default());
+    let items = make_items("c", 50);
+    let server = common::stac::start_with(&items, Issuer::new(clock.clone(), ID, SECRET), 0, |r| {
+        r.layer(axum::middleware::from_fn(refuse_large_pages))
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup {
+        limit: 100,
+        method: "POST",
+        ..Setup::new(
+            &server.url,
+            dir.path(),
+            &["c"],
+            env(&server.token_url, SECRET),
+        )
+    };
+
+    let summary = setup.run(clock.clone()).await;
+
+    // 100 and 50 and 25 fail; 12 items a page pass, for this page and the partition's next.
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    assert_eq!(stored_items(&setup.database_url()).await.len(), 50);
+    assert_eq!(summary.jobs[0].counts.pages, 5);
+    assert_eq!(summary.jobs[0].counts.retries, 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_headers_go_only_to_the_apis_origin_like_the_token() {
     let (env, elsewhere) = next_links_to_another_origin().await;

@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::mirror::db::{Lease, PassKind, Planned};
 use crate::stac::http::{self, Sent};
 use crate::stac::reader::{Page, PageReader};
-use crate::stac::search::{Request, fingerprint};
+use crate::stac::search::{PageSize, Request, fingerprint};
 use futures_util::StreamExt;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -204,6 +204,7 @@ async fn page_partition(
     tx: mpsc::Sender<Fetched>,
 ) -> Result<(), Error> {
     let mut request = partition.start.clone();
+    let mut size = PageSize::default();
     let mut seen = HashSet::new();
     let mut number = 0u64;
     loop {
@@ -229,7 +230,7 @@ async fn page_partition(
             () = context.stop.cancelled() => return Err(Error::Stopped),
             // Another worker has it now.
             () = partition.lost.cancelled() => return Ok(()),
-            handed = page.fetch_within_deadline(context) => handed,
+            handed = page.fetch_within_deadline(context, &mut size) => handed,
         };
         let handed = match handed {
             // Paging tokens go stale (the boundary item was deleted, the server restarted): a
@@ -288,9 +289,13 @@ impl PageRead<'_> {
     /// [`PageRead::fetch`], within the API client's page deadline: a server that trickles its
     /// bytes never lets a read time out, and each attempt may take the whole request timeout.
     /// Parts handed over before the deadline are committed; the next run resumes at this page.
-    async fn fetch_within_deadline(&self, context: &Context) -> Result<Read, Error> {
+    async fn fetch_within_deadline(
+        &self,
+        context: &Context,
+        size: &mut PageSize,
+    ) -> Result<Read, Error> {
         let deadline = context.api.page_deadline();
-        match tokio::time::timeout(deadline, self.fetch(context)).await {
+        match tokio::time::timeout(deadline, self.fetch(context, size)).await {
             Ok(read) => read,
             Err(_) => Err(Error::Upstream(format!(
                 "search page {} of partition {} was not read whole within [http] page_deadline \
@@ -306,15 +311,25 @@ impl PageRead<'_> {
     /// Fetches the page and hands it over as it arrives. A body that fails (cut short, not an
     /// ItemCollection) is fetched again within the request's retries: its first parts are then
     /// handed over again, and their items found unchanged.
-    async fn fetch(&self, context: &Context) -> Result<Read, Error> {
+    /// A page too large for the server (it fails with 413, 502 or 504, or times out) is asked
+    /// for again in smaller pages (`size`, kept for the partition's later pages).
+    async fn fetch(&self, context: &Context, size: &mut PageSize) -> Result<Read, Error> {
         let shown = http::display_url(&self.request.url);
         let mut attempts = context.api.attempts("search page", &shown);
         loop {
-            let answer = context.api.open(self.request, &mut attempts).await?;
+            let answer = context
+                .api
+                .open(self.request, &mut attempts, Some(&mut *size))
+                .await?;
             let status = answer.response.status();
             match self.read(answer, context).await {
                 Ok(read) => return Ok(read),
-                Err(why) => attempts.retry(why, Some(status), None).await?,
+                Err((why, timeout)) => {
+                    if timeout {
+                        size.halve(self.request);
+                    }
+                    attempts.retry(why, Some(status), None).await?;
+                }
             }
         }
     }
@@ -322,20 +337,23 @@ impl PageRead<'_> {
     /// Reads the answer's page into parts and hands each over, the last one with the request's
     /// permit still held, like the others: a pager without a permit holds no page, however
     /// many wait.
-    async fn read(&self, mut answer: Sent<'_>, context: &Context) -> Result<Read, String> {
+    /// A failure is described for the retry, with whether it timed out.
+    async fn read(&self, mut answer: Sent<'_>, context: &Context) -> Result<Read, (String, bool)> {
         let mut reader = PageReader::new(Some(&self.partition.collection))
             .with_max_item_bytes(context.max_item_bytes);
         loop {
             match answer.response.chunk().await {
-                Ok(Some(bytes)) => reader.push(&bytes).map_err(|e| e.to_string())?,
+                Ok(Some(bytes)) => reader.push(&bytes).map_err(|e| (e.to_string(), false))?,
                 Ok(None) => break,
-                Err(e) => return Err(format!("body: {}", http::describe(&e))),
+                Err(e) => return Err((format!("body: {}", http::describe(&e)), e.is_timeout())),
             }
             if reader.part_bytes() >= PART_BYTES && !self.hand_over(reader.take_part()).await {
                 return Ok(Read::WriterStopped);
             }
         }
-        let last = reader.finish(self.request).map_err(|e| e.to_string())?;
+        let last = reader
+            .finish(self.request)
+            .map_err(|e| (e.to_string(), false))?;
         let next = last.next.clone();
         Ok(match self.hand_over(last).await {
             true => Read::Handed(next),

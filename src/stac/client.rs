@@ -24,6 +24,7 @@ use serde_json::Value;
 use std::sync::Arc;
 use url::Url;
 
+use super::search::PageSize;
 pub use super::search::Request;
 
 /// Talks to one STAC API.
@@ -103,6 +104,7 @@ impl ApiClient {
         &'a self,
         request: &Request,
         attempts: &mut Attempts<'_>,
+        mut size: Option<&mut PageSize>,
     ) -> Result<Sent<'a>, Error> {
         let same_origin = request.url.origin() == self.root.origin();
         if !same_origin {
@@ -117,6 +119,7 @@ impl ApiClient {
                 request,
                 same_origin,
                 token: None,
+                size: size.as_deref_mut(),
             };
             let sent = http::send(attempts, Some(&self.permits), &mut build).await?;
             let status = sent.response.status();
@@ -158,7 +161,7 @@ impl ApiClient {
         let shown = http::display_url(&request.url);
         let mut attempts = self.attempts(what, &shown);
         loop {
-            let answer = self.open(request, &mut attempts).await?;
+            let answer = self.open(request, &mut attempts, None).await?;
             let status = answer.response.status();
             let why = match answer.body().await {
                 Ok(body) => match parse(body) {
@@ -355,12 +358,18 @@ struct Build<'a> {
     same_origin: bool,
     /// The token of the last attempt.
     token: Option<Token>,
+    /// The partition's page size, for a search page.
+    size: Option<&'a mut PageSize>,
 }
 
 impl BuildRequest for Build<'_> {
     fn build(&mut self) -> BoxFuture<'_, Result<RequestBuilder, Error>> {
         Box::pin(async move {
-            let (api, request) = (self.api, self.request);
+            let api = self.api;
+            let request = match &self.size {
+                Some(size) => size.apply(self.request),
+                None => std::borrow::Cow::Borrowed(self.request),
+            };
             self.token = if self.same_origin {
                 api.tokens.token().await?
             } else {
@@ -388,6 +397,14 @@ impl BuildRequest for Build<'_> {
             }
             Ok(builder)
         })
+    }
+
+    fn failed(&mut self, status: Option<StatusCode>, timeout: bool) -> bool {
+        let large_page = timeout || matches!(status.map(|s| s.as_u16()), Some(413 | 502 | 504));
+        match &mut self.size {
+            Some(size) if large_page => size.halve(self.request),
+            _ => false,
+        }
     }
 }
 

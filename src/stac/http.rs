@@ -244,6 +244,13 @@ pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Durati
 pub(crate) trait BuildRequest: Send {
     /// The request of one attempt, or why it cannot be made.
     fn build(&mut self) -> BoxFuture<'_, Result<RequestBuilder, Error>>;
+
+    /// An attempt failed with `status` (`None`: in transport; `timeout`: it timed out): whether
+    /// the next attempt is changed to avoid it (a smaller page). A retryable failure is retried
+    /// either way; a 413 only when this says so.
+    fn failed(&mut self, _status: Option<StatusCode>, _timeout: bool) -> bool {
+        false
+    }
 }
 
 /// Builds each attempt with a function.
@@ -363,7 +370,10 @@ pub(crate) async fn send<'c>(
             None => None,
         };
         let (last, status, hint) = match build.build().await?.send().await {
-            Err(e) if is_retryable_error(&e) => (describe(&e), None, None),
+            Err(e) if is_retryable_error(&e) => {
+                build.failed(None, e.is_timeout());
+                (describe(&e), None, None)
+            }
             Err(source) => {
                 return Err((attempts.give_up)(HttpError::Fatal {
                     what: attempts.what,
@@ -371,8 +381,19 @@ pub(crate) async fn send<'c>(
                     source,
                 }));
             }
+            Ok(response)
+                if response.status() == StatusCode::PAYLOAD_TOO_LARGE
+                    && build.failed(Some(response.status()), false) =>
+            {
+                (
+                    format!("HTTP {}", response.status()),
+                    Some(response.status()),
+                    None,
+                )
+            }
             Ok(response) if is_retryable_status(response.status()) => {
                 let status = response.status();
+                build.failed(Some(status), false);
                 let hint = retry_after(response.headers(), SystemTime::now());
                 if status == StatusCode::TOO_MANY_REQUESTS
                     && let Some(cap) = permits

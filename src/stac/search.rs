@@ -7,6 +7,7 @@
 use crate::config::{Job, SearchMethod};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use url::Url;
 
 /// One API request, as stored in a resume point: method, absolute URL, extra headers, body.
@@ -247,5 +248,119 @@ pub(crate) fn asks_ids_only(request: &Request) -> bool {
     match &request.body {
         Some(body) => body.get("fields").is_some(),
         None => request.url.query_pairs().any(|(k, _)| k == "fields"),
+    }
+}
+
+/// The smallest page size a partition is cut down to.
+pub(crate) const MIN_PAGE_SIZE: u32 = 10;
+
+/// A partition's page size, halved (down to [`MIN_PAGE_SIZE`]) when the server fails on a
+/// large page: 413, a gateway's 502 or 504, or a timeout. It then holds for the partition's
+/// later pages of this run.
+#[derive(Debug, Default)]
+pub(crate) struct PageSize {
+    limit: Option<u32>,
+}
+
+impl PageSize {
+    /// `request` as it is to be sent: with the smaller page size, where it asks for one.
+    pub(crate) fn apply<'r>(&self, request: &'r Request) -> Cow<'r, Request> {
+        match self.limit {
+            Some(limit) if limit_of(request).is_some_and(|asked| asked > limit) => {
+                Cow::Owned(with_limit(request, limit))
+            }
+            _ => Cow::Borrowed(request),
+        }
+    }
+
+    /// Halves the page size after a failure that a large page may cause; whether it did (the
+    /// request asks for a page size, and it is above the minimum).
+    pub(crate) fn halve(&mut self, request: &Request) -> bool {
+        let Some(asked) = limit_of(request) else {
+            return false;
+        };
+        let current = self.limit.map_or(asked, |limit| limit.min(asked));
+        if current <= MIN_PAGE_SIZE {
+            return false;
+        }
+        let smaller = (current / 2).max(MIN_PAGE_SIZE);
+        self.limit = Some(smaller);
+        tracing::warn!(url = %super::http::display_url(&request.url), from = current, to = smaller,
+            "the API failed on a large page: asking for smaller pages in this partition");
+        true
+    }
+}
+
+/// The page size a request asks for: `limit` in a POST body or in the query.
+fn limit_of(request: &Request) -> Option<u32> {
+    match &request.body {
+        Some(body) => body.get("limit")?.as_u64()?.try_into().ok(),
+        None => request
+            .url
+            .query_pairs()
+            .find(|(key, _)| key == "limit")?
+            .1
+            .parse()
+            .ok(),
+    }
+}
+
+/// `request` asking for `limit` items a page instead.
+fn with_limit(request: &Request, limit: u32) -> Request {
+    let mut smaller = request.clone();
+    match &mut smaller.body {
+        Some(body) => body["limit"] = limit.into(),
+        None => {
+            let pairs: Vec<(String, String)> = request
+                .url
+                .query_pairs()
+                .map(|(key, value)| {
+                    let value = if key == "limit" {
+                        limit.to_string()
+                    } else {
+                        value.into_owned()
+                    };
+                    (key.into_owned(), value)
+                })
+                .collect();
+            smaller.url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+    }
+    smaller
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_size_is_halved_down_to_ten_in_post_bodies_and_get_queries() {
+        let post = Request {
+            method: "POST".into(),
+            url: Url::parse("https://api.test/search").expect("url"),
+            headers: Vec::new(),
+            body: Some(serde_json::json!({"collections": ["c"], "limit": 100})),
+        };
+        let get = Request::get(
+            Url::parse("https://api.test/search?collections=c&limit=100&token=t").expect("url"),
+        );
+        let mut size = PageSize::default();
+        assert_eq!(limit_of(&size.apply(&post)), Some(100));
+
+        assert!(size.halve(&post));
+        assert!(size.halve(&post));
+        assert!(size.halve(&post));
+        assert!(size.halve(&post));
+
+        assert_eq!(limit_of(&size.apply(&post)), Some(MIN_PAGE_SIZE));
+        assert!(!size.halve(&post), "below the minimum");
+        let smaller = size.apply(&get);
+        assert_eq!(
+            smaller.url.as_str(),
+            "https://api.test/search?collections=c&limit=10&token=t"
+        );
+        assert!(!PageSize::default().halve(&Request::get(
+            Url::parse("https://api.test/search?token=t").expect("url")
+        )));
     }
 }
