@@ -18,8 +18,12 @@ use url::Url;
 pub enum Strategy {
     /// Everything the job's search matches: the first pass, or every pass with `incremental = "off"`.
     Full,
-    /// `updated >= watermark - overlap`, sorted by `updated`.
+    /// `updated >= watermark - overlap`, sorted by `updated` (Filter and Sort extensions).
     Updated,
+    /// `updated >= watermark - overlap` through the Query extension, where the API offers it
+    /// but not Filter (EDS): unsorted, but old items that changed are still found.
+    #[serde(rename = "updated-query")]
+    UpdatedQuery,
     /// Acquisition datetimes from `watermark - lookback` on, in windows.
     Datetime,
 }
@@ -35,6 +39,7 @@ pub fn strategy(job: &Job, watermark: Option<&str>, caps: &Capabilities) -> Stra
         Incremental::Updated => Strategy::Updated,
         Incremental::Datetime => Strategy::Datetime,
         Incremental::Auto if updated => Strategy::Updated,
+        Incremental::Auto if caps.query && !caps.filter => Strategy::UpdatedQuery,
         Incremental::Auto => Strategy::Datetime,
     }
 }
@@ -60,10 +65,11 @@ pub fn sync_parts(
 ) -> Vec<Part> {
     let watermark = watermark.and_then(parse_instant);
     match (strategy, watermark) {
-        (Strategy::Updated, Some(mark)) => {
+        (Strategy::Updated | Strategy::UpdatedQuery, Some(mark)) => {
             let since = rfc3339(mark.checked_sub(job.overlap).unwrap_or(mark));
             let shape = Shape {
                 updated_since: Some(since),
+                updated_by_query: strategy == Strategy::UpdatedQuery,
                 ..Shape::of(job)
             };
             job.collections
@@ -296,6 +302,7 @@ mod tests {
                 sort: true,
                 filter: true,
                 fields: true,
+                query: false,
                 updated_queryable: false
             }
         );
@@ -311,5 +318,25 @@ mod tests {
             Strategy::Updated
         );
         assert_eq!(strategy(&job, None, &caps), Strategy::Full);
+    }
+
+    #[test]
+    fn without_filter_the_query_extension_finds_updates_and_without_either_datetime_does() {
+        let job = crate::config::tests::one_job();
+        let mark = Some("2026-01-01T00:00:00Z");
+        let query = Capabilities {
+            query: true,
+            ..Capabilities::default()
+        };
+        let both = Capabilities {
+            filter: true,
+            ..query
+        };
+        assert_eq!(strategy(&job, mark, &query), Strategy::UpdatedQuery);
+        assert_eq!(strategy(&job, mark, &both), Strategy::Datetime);
+        assert_eq!(
+            strategy(&job, mark, &Capabilities::default()),
+            Strategy::Datetime
+        );
     }
 }

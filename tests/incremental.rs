@@ -185,6 +185,37 @@ async fn later_runs_fetch_only_what_changed_and_reconcile_tombstones_what_vanish
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_query_extension_and_no_filter_later_passes_ask_for_updates_through_query() {
+    let clock = Arc::new(ManualClock::default());
+    let server = fixture_with(2, 3, &clock).await;
+    *server.state.conformance.lock().expect("lock") = vec![
+        "https://api.stacspec.org/v1.0.0/item-search".into(),
+        "https://api.stacspec.org/v1.0.0-rc.1/item-search#query".into(),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup {
+        job_extra: "datetime = \"2020-01-01T00:00:00Z/..\"\noverlap = \"2h\"\nquery = { \"eo:cloud_cover\" = { lt = 40 } }",
+        ..Setup::new(&server.url, dir.path(), &["s2"], env(&server.token_url))
+    };
+
+    run(&setup, &clock, false).await;
+    let watermark = watermark(&setup.database_url()).await;
+    let first_pass = server.state.requests.lock().expect("lock").len();
+    run(&setup, &clock, false).await;
+
+    let requests = server.state.requests.lock().expect("lock").clone();
+    assert_eq!(requests[0]["query"], json!({"eo:cloud_cover": {"lt": 40}}));
+    let later = &requests[first_pass];
+    let since = rfc3339(parse_instant(&watermark).expect("instant") - Duration::from_secs(7200));
+    assert_eq!(
+        later["query"],
+        json!({"eo:cloud_cover": {"lt": 40}, "updated": {"gte": since}})
+    );
+    assert!(later.get("filter").is_none(), "{later}");
+    assert!(later.get("sortby").is_none(), "{later}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_sort_filter_and_an_updated_queryable_later_passes_ask_only_for_updates() {
     let clock = Arc::new(ManualClock::default());
     let server = fixture_with(2, 3, &clock).await;

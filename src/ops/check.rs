@@ -289,10 +289,11 @@ fn conformance(report: &mut Report, caps: &Capabilities) {
     report.info(
         "conformance",
         format!(
-            "sort {}, filter {}, fields {}; `updated` queryable {}",
+            "sort {}, filter {}, fields {}, query {}; `updated` queryable {}",
             yes_no(caps.sort),
             yes_no(caps.filter),
             yes_no(caps.fields),
+            yes_no(caps.query),
             yes_no(caps.updated_queryable)
         ),
     );
@@ -309,6 +310,9 @@ fn strategy(
     };
     let later = match plan::strategy(job, Some("1970-01-01T00:00:00Z"), caps) {
         plan::Strategy::Updated => "`updated >= watermark - overlap`, sorted by updated",
+        plan::Strategy::UpdatedQuery => {
+            "`updated >= watermark - overlap` through the Query extension (the API offers no Filter)"
+        }
         plan::Strategy::Datetime => "datetime windows from `watermark - lookback`",
         plan::Strategy::Full => "a full pass every time (incremental = \"off\")",
     };

@@ -320,6 +320,8 @@ pub struct Capabilities {
     pub filter: bool,
     /// Fields extension (`fields`).
     pub fields: bool,
+    /// Query extension (`query`).
+    pub query: bool,
     /// `updated` is a queryable.
     pub updated_queryable: bool,
 }
@@ -339,6 +341,7 @@ impl Capabilities {
                 || has("ogcapi-features-3/1.0/conf/filter")
                 || has("ogcapi-features-3/1.0/conf/features-filter"),
             fields: has("item-search#fields"),
+            query: has("item-search#query"),
             updated_queryable: false,
         }
     }

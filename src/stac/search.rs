@@ -59,8 +59,10 @@ pub struct Shape {
     /// The datetime sent: the job's, or a window of it.
     pub datetime: Option<String>,
     /// Only items with `updated` at or after this instant, sorted by `updated` ascending
-    /// (Filter and Sort extensions).
+    /// (Filter and Sort extensions), or unsorted through the Query extension.
     pub updated_since: Option<String>,
+    /// `updated_since` through the Query extension (`query: {"updated": {"gte": ...}}`).
+    pub updated_by_query: bool,
     /// Ask only for `id` and `collection` (Fields extension).
     pub ids_only: bool,
 }
@@ -86,6 +88,25 @@ fn filter(job: &Job, since: Option<&str>) -> Option<Value> {
     }
 }
 
+/// The Query extension object sent: the job's, with `updated >= since` if given (the job's own
+/// conditions on `updated`, if any, are kept beside it).
+fn query(job: &Job, since: Option<&str>) -> Option<Value> {
+    let Some(since) = since else {
+        return job.query.clone();
+    };
+    let mut query = match job.query.clone() {
+        Some(Value::Object(own)) => own,
+        _ => Map::new(),
+    };
+    let updated = query
+        .entry("updated")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(conditions) = updated {
+        conditions.insert("gte".into(), since.into());
+    }
+    Some(Value::Object(query))
+}
+
 /// Fields left out of an ids-only sweep (Fields extension: `include` alone keeps the defaults).
 const IDS_ONLY_EXCLUDE: [&str; 5] = ["geometry", "bbox", "assets", "links", "properties"];
 
@@ -93,7 +114,17 @@ const IDS_ONLY_EXCLUDE: [&str; 5] = ["geometry", "bbox", "assets", "links", "pro
 /// shaped for one partition.
 pub fn first_request(root: &Url, job: &Job, collections: &[String], shape: &Shape) -> Request {
     let mut url = root.join("search").unwrap_or_else(|_| root.clone());
-    let filter = filter(job, shape.updated_since.as_deref());
+    let (filter, query) = match shape.updated_by_query {
+        false => (
+            filter(job, shape.updated_since.as_deref()),
+            job.query.clone(),
+        ),
+        true => (
+            job.filter.clone(),
+            query(job, shape.updated_since.as_deref()),
+        ),
+    };
+    let sorted = shape.updated_since.is_some() && !shape.updated_by_query;
     match job.method {
         SearchMethod::Post => {
             let mut body = Map::new();
@@ -108,14 +139,14 @@ pub fn first_request(root: &Url, job: &Job, collections: &[String], shape: &Shap
             if let Some(datetime) = &shape.datetime {
                 body.insert("datetime".into(), datetime.clone().into());
             }
-            if let Some(query) = &job.query {
-                body.insert("query".into(), query.clone());
+            if let Some(query) = query {
+                body.insert("query".into(), query);
             }
             if let Some(filter) = filter {
                 body.insert("filter".into(), filter);
                 body.insert("filter-lang".into(), "cql2-json".into());
             }
-            if shape.updated_since.is_some() {
+            if sorted {
                 body.insert(
                     "sortby".into(),
                     serde_json::json!([{"field": "properties.updated", "direction": "asc"}]),
@@ -136,33 +167,33 @@ pub fn first_request(root: &Url, job: &Job, collections: &[String], shape: &Shap
         }
         SearchMethod::Get => {
             {
-                let mut query = url.query_pairs_mut();
-                query.append_pair("collections", &collections.join(","));
-                query.append_pair("limit", &job.limit.to_string());
+                let mut pairs = url.query_pairs_mut();
+                pairs.append_pair("collections", &collections.join(","));
+                pairs.append_pair("limit", &job.limit.to_string());
                 if let Some(bbox) = &job.bbox {
                     let bbox: Vec<String> = bbox.iter().map(f64::to_string).collect();
-                    query.append_pair("bbox", &bbox.join(","));
+                    pairs.append_pair("bbox", &bbox.join(","));
                 }
                 if let Some(intersects) = &job.intersects {
-                    query.append_pair("intersects", &intersects.to_string());
+                    pairs.append_pair("intersects", &intersects.to_string());
                 }
                 if let Some(datetime) = &shape.datetime {
-                    query.append_pair("datetime", datetime);
+                    pairs.append_pair("datetime", datetime);
                 }
-                if let Some(q) = &job.query {
-                    query.append_pair("query", &q.to_string());
+                if let Some(q) = &query {
+                    pairs.append_pair("query", &q.to_string());
                 }
                 if let Some(filter) = filter {
-                    query.append_pair("filter", &filter.to_string());
-                    query.append_pair("filter-lang", "cql2-json");
+                    pairs.append_pair("filter", &filter.to_string());
+                    pairs.append_pair("filter-lang", "cql2-json");
                 }
-                if shape.updated_since.is_some() {
-                    query.append_pair("sortby", "+properties.updated");
+                if sorted {
+                    pairs.append_pair("sortby", "+properties.updated");
                 }
                 if shape.ids_only {
                     let exclude: Vec<String> =
                         IDS_ONLY_EXCLUDE.iter().map(|f| format!("-{f}")).collect();
-                    query.append_pair("fields", &format!("id,collection,{}", exclude.join(",")));
+                    pairs.append_pair("fields", &format!("id,collection,{}", exclude.join(",")));
                 }
             }
             Request::get(url)
