@@ -50,6 +50,26 @@ async fn fixture_with(pages: usize, per_page: usize, clock: &Arc<ManualClock>) -
     .await
 }
 
+/// A backfill then a later pass of one job (`job` its extra keys) over collection s2: every
+/// search request the server received, how many the backfill made, and its watermark.
+async fn two_passes(
+    server: &fixture::Fixture,
+    clock: &Arc<ManualClock>,
+    job: &str,
+) -> (Vec<Value>, usize, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup {
+        job_extra: job,
+        ..Setup::new(&server.url, dir.path(), &["s2"], env(&server.token_url))
+    };
+    run(&setup, clock, false).await;
+    let watermark = watermark(&setup.database_url()).await;
+    let first_pass = server.state.requests.lock().expect("lock").len();
+    run(&setup, clock, false).await;
+    let requests = server.state.requests.lock().expect("lock").clone();
+    (requests, first_pass, watermark)
+}
+
 /// Live rows (not tombstoned) by (collection, id).
 async fn live_items(database_url: &str) -> BTreeMap<(String, String), String> {
     let sql = "SELECT collection, id, CAST(content AS TEXT) FROM items WHERE deleted_at IS NULL";
@@ -192,18 +212,7 @@ async fn with_the_query_extension_and_no_filter_later_passes_ask_for_updates_thr
         "https://api.stacspec.org/v1.0.0/item-search".into(),
         "https://api.stacspec.org/v1.0.0-rc.1/item-search#query".into(),
     ];
-    let dir = tempfile::tempdir().expect("tempdir");
-    let setup = Setup {
-        job_extra: "datetime = \"2020-01-01T00:00:00Z/..\"\noverlap = \"2h\"\nquery = { \"eo:cloud_cover\" = { lt = 40 } }",
-        ..Setup::new(&server.url, dir.path(), &["s2"], env(&server.token_url))
-    };
-
-    run(&setup, &clock, false).await;
-    let watermark = watermark(&setup.database_url()).await;
-    let first_pass = server.state.requests.lock().expect("lock").len();
-    run(&setup, &clock, false).await;
-
-    let requests = server.state.requests.lock().expect("lock").clone();
+    let (requests, first_pass, watermark) = two_passes(&server, &clock, "datetime = \"2020-01-01T00:00:00Z/..\"\noverlap = \"2h\"\nquery = { \"eo:cloud_cover\" = { lt = 40 } }").await;
     assert_eq!(requests[0]["query"], json!({"eo:cloud_cover": {"lt": 40}}));
     let later = &requests[first_pass];
     let since = rfc3339(parse_instant(&watermark).expect("instant") - Duration::from_secs(7200));
@@ -226,18 +235,12 @@ async fn with_sort_filter_and_an_updated_queryable_later_passes_ask_only_for_upd
     ];
     *server.state.queryables.lock().expect("lock") =
         json!({"properties": {"updated": {"type": "string", "format": "date-time"}}});
-    let dir = tempfile::tempdir().expect("tempdir");
-    let setup = Setup {
-        job_extra: "datetime = \"2020-01-01T00:00:00Z/..\"\noverlap = \"2h\"",
-        ..Setup::new(&server.url, dir.path(), &["s2"], env(&server.token_url))
-    };
-
-    run(&setup, &clock, false).await;
-    let watermark = watermark(&setup.database_url()).await;
-    let first_pass = server.state.requests.lock().expect("lock").len();
-    run(&setup, &clock, false).await;
-
-    let requests = server.state.requests.lock().expect("lock").clone();
+    let (requests, first_pass, watermark) = two_passes(
+        &server,
+        &clock,
+        "datetime = \"2020-01-01T00:00:00Z/..\"\noverlap = \"2h\"",
+    )
+    .await;
     let backfill = &requests[0];
     assert!(backfill.get("filter").is_none(), "{backfill}");
     let later = &requests[first_pass];
