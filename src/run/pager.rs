@@ -283,9 +283,7 @@ impl PageRead<'_> {
             .await
             .is_ok()
     }
-}
 
-impl PageRead<'_> {
     /// [`PageRead::fetch`], within the API client's page deadline: a server that trickles its
     /// bytes never lets a read time out, and each attempt may take the whole request timeout.
     /// Parts handed over before the deadline are committed; the next run resumes at this page.
@@ -310,8 +308,7 @@ impl PageRead<'_> {
 
     /// Fetches the page and hands it over as it arrives. A body that fails (cut short, not an
     /// ItemCollection) is fetched again within the request's retries: its first parts are then
-    /// handed over again, and their items found unchanged.
-    /// A page too large for the server (it fails with 413, 502 or 504, or times out) is asked
+    /// handed over again, and their items found unchanged. A page too large for the server (it fails with 413, 502 or 504, or times out) is asked
     /// for again in smaller pages (`size`, kept for the partition's later pages).
     async fn fetch(&self, context: &Context, size: &mut PageSize) -> Result<Read, Error> {
         let shown = http::display_url(&self.request.url);

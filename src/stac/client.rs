@@ -41,35 +41,6 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// A client for the API at `root`, with at most `limits.0` requests in flight and, if
-    /// given, `limits.1` requests a second.
-    pub(crate) fn new(
-        root: Url,
-        client: reqwest::Client,
-        tokens: TokenSource,
-        policy: RetryPolicy,
-        stats: Arc<Stats>,
-        limits: (usize, Option<f64>),
-        headers: Vec<(String, String)>,
-    ) -> ApiClient {
-        ApiClient {
-            root,
-            client,
-            tokens,
-            policy,
-            stats,
-            permits: http::Cap::new(limits.0, limits.1),
-            headers,
-            page_deadline: crate::config::DEFAULT_PAGE_DEADLINE,
-        }
-    }
-
-    /// Bounds each search page, all its attempts included (`[http] page_deadline`).
-    pub fn with_page_deadline(mut self, deadline: std::time::Duration) -> ApiClient {
-        self.page_deadline = deadline;
-        self
-    }
-
     /// How long a search page may take, all its attempts included.
     pub fn page_deadline(&self) -> std::time::Duration {
         self.page_deadline
@@ -299,16 +270,16 @@ pub fn api_client(
         clock,
         stats.clone(),
     );
-    Ok(ApiClient::new(
-        config.api_root.clone(),
+    Ok(ApiClient {
+        root: config.api_root.clone(),
         client,
         tokens,
         policy,
         stats,
-        (config.concurrency, config.max_requests_per_second),
-        config.headers.clone(),
-    )
-    .with_page_deadline(config.http.page_deadline))
+        permits: http::Cap::new(config.concurrency, config.max_requests_per_second),
+        headers: config.headers.clone(),
+        page_deadline: config.http.page_deadline,
+    })
 }
 
 /// What the server offers, from its landing page's `conformsTo` and its `/queryables`.

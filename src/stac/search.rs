@@ -111,93 +111,102 @@ fn query(job: &Job, since: Option<&str>) -> Option<Value> {
 const IDS_ONLY_EXCLUDE: [&str; 5] = ["geometry", "bbox", "assets", "links", "properties"];
 
 /// The first search request of a job over `collections` (STAC API item-search, GET or POST),
-/// shaped for one partition.
+/// shaped for one partition. Both methods carry the same parameters: a POST as its body, a GET
+/// in its query.
 pub fn first_request(root: &Url, job: &Job, collections: &[String], shape: &Shape) -> Request {
     let mut url = root.join("search").unwrap_or_else(|_| root.clone());
-    let (filter, query) = match shape.updated_by_query {
-        false => (
-            filter(job, shape.updated_since.as_deref()),
-            job.query.clone(),
-        ),
-        true => (
-            job.filter.clone(),
-            query(job, shape.updated_since.as_deref()),
-        ),
-    };
-    let sorted = shape.updated_since.is_some() && !shape.updated_by_query;
+    let search = parameters(job, collections, shape);
     match job.method {
-        SearchMethod::Post => {
-            let mut body = Map::new();
-            body.insert("collections".into(), collections.to_vec().into());
-            body.insert("limit".into(), job.limit.into());
-            if let Some(bbox) = &job.bbox {
-                body.insert("bbox".into(), bbox.clone().into());
-            }
-            if let Some(intersects) = &job.intersects {
-                body.insert("intersects".into(), intersects.clone());
-            }
-            if let Some(datetime) = &shape.datetime {
-                body.insert("datetime".into(), datetime.clone().into());
-            }
-            if let Some(query) = query {
-                body.insert("query".into(), query);
-            }
-            if let Some(filter) = filter {
-                body.insert("filter".into(), filter);
-                body.insert("filter-lang".into(), "cql2-json".into());
-            }
-            if sorted {
-                body.insert(
-                    "sortby".into(),
-                    serde_json::json!([{"field": "properties.updated", "direction": "asc"}]),
-                );
-            }
-            if shape.ids_only {
-                body.insert(
-                    "fields".into(),
-                    serde_json::json!({"include": ["id", "collection"], "exclude": IDS_ONLY_EXCLUDE}),
-                );
-            }
-            Request {
-                method: "POST".into(),
-                url,
-                headers: Vec::new(),
-                body: Some(Value::Object(body)),
-            }
-        }
+        SearchMethod::Post => Request {
+            method: "POST".into(),
+            url,
+            headers: Vec::new(),
+            body: Some(Value::Object(search)),
+        },
         SearchMethod::Get => {
-            {
-                let mut pairs = url.query_pairs_mut();
-                pairs.append_pair("collections", &collections.join(","));
-                pairs.append_pair("limit", &job.limit.to_string());
-                if let Some(bbox) = &job.bbox {
-                    let bbox: Vec<String> = bbox.iter().map(f64::to_string).collect();
-                    pairs.append_pair("bbox", &bbox.join(","));
-                }
-                if let Some(intersects) = &job.intersects {
-                    pairs.append_pair("intersects", &intersects.to_string());
-                }
-                if let Some(datetime) = &shape.datetime {
-                    pairs.append_pair("datetime", datetime);
-                }
-                if let Some(q) = &query {
-                    pairs.append_pair("query", &q.to_string());
-                }
-                if let Some(filter) = filter {
-                    pairs.append_pair("filter", &filter.to_string());
-                    pairs.append_pair("filter-lang", "cql2-json");
-                }
-                if sorted {
-                    pairs.append_pair("sortby", "+properties.updated");
-                }
-                if shape.ids_only {
-                    let exclude: Vec<String> =
-                        IDS_ONLY_EXCLUDE.iter().map(|f| format!("-{f}")).collect();
-                    pairs.append_pair("fields", &format!("id,collection,{}", exclude.join(",")));
-                }
-            }
+            url.query_pairs_mut().extend_pairs(
+                search
+                    .iter()
+                    .map(|(key, value)| (key, get_parameter(key, value))),
+            );
             Request::get(url)
         }
+    }
+}
+
+/// A partition's search parameters, as a POST body has them.
+fn parameters(job: &Job, collections: &[String], shape: &Shape) -> Map<String, Value> {
+    let since = shape.updated_since.as_deref();
+    let (filter, query) = match shape.updated_by_query {
+        false => (filter(job, since), job.query.clone()),
+        true => (job.filter.clone(), query(job, since)),
+    };
+    let sorted = since.is_some() && !shape.updated_by_query;
+    let optional = [
+        ("bbox", job.bbox.clone().map(Value::from)),
+        ("intersects", job.intersects.clone()),
+        ("datetime", shape.datetime.clone().map(Value::from)),
+        ("query", query),
+        ("filter-lang", filter.as_ref().map(|_| "cql2-json".into())),
+        ("filter", filter),
+        (
+            "sortby",
+            sorted.then(|| {
+                serde_json::json!([{"field": "properties.updated", "direction": "asc"}])
+            }),
+        ),
+        (
+            "fields",
+            shape.ids_only.then(|| {
+                serde_json::json!({"include": ["id", "collection"], "exclude": IDS_ONLY_EXCLUDE})
+            }),
+        ),
+    ];
+    let mut search = Map::new();
+    search.insert("collections".into(), collections.to_vec().into());
+    search.insert("limit".into(), job.limit.into());
+    search.extend(
+        optional
+            .into_iter()
+            .filter_map(|(key, value)| Some((key.to_string(), value?))),
+    );
+    search
+}
+
+/// A search parameter as a GET query writes it: lists comma-separated, `sortby` as `+field`,
+/// `fields` as `include,-exclude`, other objects (geometry, query, filter) as JSON text.
+fn get_parameter(key: &str, value: &Value) -> String {
+    let text = |value: &Value| match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    let list = |values: &[Value], prefix: &str| -> Vec<String> {
+        values
+            .iter()
+            .map(|value| format!("{prefix}{}", text(value)))
+            .collect()
+    };
+    match (key, value) {
+        ("sortby", Value::Array(sorts)) => sorts
+            .iter()
+            .map(|sort| match sort["direction"].as_str() {
+                Some("desc") => format!("-{}", text(&sort["field"])),
+                _ => format!("+{}", text(&sort["field"])),
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+        ("fields", Value::Object(fields)) => {
+            let mut names = Vec::new();
+            if let Some(Value::Array(include)) = fields.get("include") {
+                names.extend(list(include, ""));
+            }
+            if let Some(Value::Array(exclude)) = fields.get("exclude") {
+                names.extend(list(exclude, "-"));
+            }
+            names.join(",")
+        }
+        (_, Value::Array(values)) => list(values, "").join(","),
+        (_, other) => text(other),
     }
 }
 
@@ -363,6 +372,45 @@ fn with_limit(request: &Request, limit: u32) -> Request {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_get_search_carries_the_parameters_of_a_post_one() {
+        let mut job = crate::config::tests::one_job();
+        job.bbox = Some(vec![2.25, 48.81, 2.42, 48.9]);
+        job.filter = Some(serde_json::json!({"op": "=", "args": [{"property": "a"}, 1]}));
+        let shape = Shape {
+            datetime: Some("2024-01-01T00:00:00Z/..".into()),
+            updated_since: Some("2024-06-01T00:00:00Z".into()),
+            ids_only: true,
+            ..Shape::default()
+        };
+        let root = Url::parse("https://api.test/stac/").expect("url");
+        let post = first_request(&root, &job, &["c".into()], &shape);
+        job.method = SearchMethod::Get;
+
+        let get = first_request(&root, &job, &["c".into()], &shape);
+
+        let body = post.body.expect("a POST body");
+        let pairs: std::collections::BTreeMap<String, String> =
+            get.url.query_pairs().into_owned().collect();
+        let keys: std::collections::BTreeSet<&String> =
+            body.as_object().expect("object").keys().collect();
+        assert_eq!(
+            pairs.keys().collect::<std::collections::BTreeSet<_>>(),
+            keys
+        );
+        assert_eq!(pairs["collections"], "c");
+        assert_eq!(pairs["bbox"], "2.25,48.81,2.42,48.9");
+        assert_eq!(pairs["sortby"], "+properties.updated");
+        assert_eq!(
+            pairs["fields"],
+            "id,collection,-geometry,-bbox,-assets,-links,-properties"
+        );
+        assert_eq!(pairs["filter-lang"], "cql2-json");
+        let filter: Value = serde_json::from_str(&pairs["filter"]).expect("JSON");
+        assert_eq!(filter, body["filter"]);
+        assert_eq!(get.url.path(), "/stac/search");
+    }
 
     #[test]
     fn a_page_size_is_halved_down_to_ten_in_post_bodies_and_get_queries() {
