@@ -110,6 +110,8 @@ async fn stac_sync_pass(db: &Database, pages: &[Bytes], request: &Request, at_on
                 page_url: "http://bench/search",
                 resume: Some(request),
                 ends_page: true,
+                features: page.features,
+                matched: None,
                 seen: Vec::new(),
                 lease: None,
             }));

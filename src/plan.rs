@@ -9,6 +9,7 @@ pub use crate::domain::{parse_instant, rfc3339};
 use crate::domain::Datetime;
 use crate::stac::client::Capabilities;
 use crate::stac::search::{self, Request, Shape};
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 use url::Url;
 
@@ -55,12 +56,25 @@ pub struct Part {
     pub first: Request,
 }
 
+/// What a plan cuts windows from besides the job itself.
+#[derive(Debug, Clone, Default)]
+pub struct Cut {
+    /// Each collection's temporal extent (a datetime interval), for a job without a datetime:
+    /// its calendar windows are cut from it, the first and last left open-ended so that an
+    /// item outside a stale extent is still found.
+    pub extents: HashMap<String, String>,
+    /// Partitions the cap on requests in flight pages at once: a range of fewer calendar
+    /// windows is cut finer (see [`finer`]).
+    pub at_least: usize,
+}
+
 /// The partitions of a sync pass with `strategy`, for a watermark (RFC 3339) and `now`.
 pub fn sync_parts(
     root: &Url,
     job: &Job,
     strategy: Strategy,
     watermark: Option<&str>,
+    cut: &Cut,
     now: SystemTime,
 ) -> Vec<Part> {
     let watermark = watermark.and_then(parse_instant);
@@ -79,20 +93,26 @@ pub fn sync_parts(
         }
         (Strategy::Datetime, Some(mark)) => {
             let lower = mark.checked_sub(job.lookback).unwrap_or(mark);
-            windowed(root, job, Some(lower), now, "", &Shape::of(job))
+            windowed(root, job, Some(lower), cut, now, "", &Shape::of(job))
         }
-        _ => windowed(root, job, None, now, "", &Shape::of(job)),
+        _ => windowed(root, job, None, cut, now, "", &Shape::of(job)),
     }
 }
 
 /// The partitions of a reconcile pass: the job's whole range, ids only where the server offers
 /// the Fields extension.
-pub fn reconcile_parts(root: &Url, job: &Job, ids_only: bool, now: SystemTime) -> Vec<Part> {
+pub fn reconcile_parts(
+    root: &Url,
+    job: &Job,
+    ids_only: bool,
+    cut: &Cut,
+    now: SystemTime,
+) -> Vec<Part> {
     let shape = Shape {
         ids_only,
         ..Shape::of(job)
     };
-    windowed(root, job, None, now, "reconcile ", &shape)
+    windowed(root, job, None, cut, now, "reconcile ", &shape)
 }
 
 fn part(root: &Url, job: &Job, collection: &str, shape: &Shape, name: String) -> Part {
@@ -103,20 +123,31 @@ fn part(root: &Url, job: &Job, collection: &str, shape: &Shape, name: String) ->
     }
 }
 
-/// One part per collection and window of the job's range (from `lower` on), each shaped like
-/// `base` with its window as the datetime.
+/// One part per collection and window of the job's range (from `lower` on), or of the
+/// collection's extent when the job has no range, each shaped like `base` with its window as
+/// the datetime.
 fn windowed(
     root: &Url,
     job: &Job,
     lower: Option<SystemTime>,
+    cut: &Cut,
     now: SystemTime,
     prefix: &str,
     base: &Shape,
 ) -> Vec<Part> {
-    let windows = windows(job.datetime.as_deref(), lower, job.window, now);
-    let single = windows.len() == 1 && lower.is_none();
+    let at_least = cut.at_least.div_ceil(job.collections.len().max(1));
     let mut parts = Vec::new();
     for collection in &job.collections {
+        let extent = cut
+            .extents
+            .get(collection)
+            .filter(|_| job.datetime.is_none());
+        let range = job.datetime.as_deref().or(extent.map(String::as_str));
+        let mut windows = finer(windows(range, lower, job.window, now), at_least, now);
+        if extent.is_some() {
+            open_ends(&mut windows, lower.is_none());
+        }
+        let single = windows.len() == 1 && lower.is_none();
         for window in &windows {
             let name = match (single, window) {
                 (false, Some(window)) => format!("{prefix}{collection} {window}"),
@@ -130,6 +161,23 @@ fn windowed(
         }
     }
     parts
+}
+
+/// Opens the last window's end, and adds a window before the first if `before`: windows cut
+/// from an extent, which may be stale, still cover every datetime (the one before is normally
+/// empty, and the others can still be halved).
+fn open_ends(windows: &mut Vec<Option<String>>, before: bool) {
+    if let Some(last) = windows.last_mut()
+        && let Some((from, _)) = last.as_deref().and_then(|w| w.split_once('/'))
+    {
+        *last = Some(format!("{from}/.."));
+    }
+    let start = windows
+        .first()
+        .and_then(|w| Some(w.as_deref()?.split_once('/')?.0.to_string()));
+    if before && let Some(start) = start {
+        windows.insert(0, Some(format!("../{start}")));
+    }
 }
 
 /// Splits the job's datetime range, from `lower` on if later, at calendar boundaries (UTC)
@@ -209,6 +257,81 @@ fn next_boundary(at: SystemTime, unit: Window) -> Option<(SystemTime, String)> {
     Some((humantime::parse_rfc3339(&next).ok()?, next))
 }
 
+/// The two halves of a datetime window, meeting at its middle (to the second); `None` when it
+/// cannot be halved: an instant, an open or unreadable start, or two seconds or less. An open
+/// end is halved at the middle up to `now` and stays open.
+pub fn halves(datetime: &str, now: SystemTime) -> Option<[String; 2]> {
+    let Datetime::Interval {
+        start: Some(start),
+        end,
+    } = Datetime::parse(datetime)
+    else {
+        return None;
+    };
+    let from = parse_instant(start)?;
+    let to = match end {
+        Some(end) => parse_instant(end)?,
+        None => now,
+    };
+    let half = to.duration_since(from).ok()? / 2;
+    if half < Duration::from_secs(1) {
+        return None;
+    }
+    let middle = rfc3339(from + half);
+    let at = parse_instant(&middle)?;
+    if at <= from || at >= to {
+        return None;
+    }
+    let end = end.unwrap_or("..");
+    Some([format!("{start}/{middle}"), format!("{middle}/{end}")])
+}
+
+/// The partitions that page `part`'s window in two halves instead (see [`halves`]).
+pub fn split(part: &Part, now: SystemTime) -> Option<[Part; 2]> {
+    let window = search::datetime_of(&part.first)?;
+    let [early, late] = halves(&window, now)?;
+    let prefix = part
+        .name
+        .strip_suffix(&window)
+        .unwrap_or(&part.name)
+        .trim_end();
+    let half = |window: &str| Part {
+        name: format!("{prefix} {window}"),
+        collection: part.collection.clone(),
+        first: search::with_datetime(&part.first, window),
+    };
+    Some([half(&early), half(&late)])
+}
+
+/// Halves the longest windows until there are `at_least` of them (or none can be halved), so
+/// that a short range still gives the cap on requests in flight partitions to page at once.
+fn finer(
+    mut windows: Vec<Option<String>>,
+    at_least: usize,
+    now: SystemTime,
+) -> Vec<Option<String>> {
+    let length = |window: &Option<String>| {
+        let (start, end) = Datetime::parse(window.as_deref()?).bounds();
+        let end = end.map_or(Some(now), parse_instant)?;
+        end.duration_since(parse_instant(start?)?).ok()
+    };
+    while windows.len() < at_least {
+        let Some((at, _)) = windows
+            .iter()
+            .enumerate()
+            .filter_map(|(at, w)| Some((at, length(w)?)))
+            .max_by_key(|(_, length)| *length)
+        else {
+            break;
+        };
+        let Some([early, late]) = windows[at].as_deref().and_then(|w| halves(w, now)) else {
+            break;
+        };
+        windows.splice(at..=at, [Some(early), Some(late)]);
+    }
+    windows
+}
+
 /// The watermark a finished sync pass leaves: its start minus the safety lag.
 pub fn next_watermark(pass_started_at: SystemTime, lag: Duration) -> String {
     rfc3339(pass_started_at.checked_sub(lag).unwrap_or(pass_started_at))
@@ -285,6 +408,124 @@ mod tests {
             windows(Some("2024-03-01T00:00:00Z"), None, Window::Year, now),
             vec![Some("2024-03-01T00:00:00Z".into())]
         );
+    }
+
+    #[test]
+    fn a_window_is_halved_to_the_second_and_an_open_end_stays_open() {
+        let now = at("2026-01-01T00:00:00Z");
+        assert_eq!(
+            halves("2024-01-01T00:00:00Z/2024-01-03T00:00:00Z", now),
+            Some([
+                "2024-01-01T00:00:00Z/2024-01-02T00:00:00Z".into(),
+                "2024-01-02T00:00:00Z/2024-01-03T00:00:00Z".into()
+            ])
+        );
+        assert_eq!(
+            halves("2025-12-31T00:00:00Z/..", now),
+            Some([
+                "2025-12-31T00:00:00Z/2025-12-31T12:00:00Z".into(),
+                "2025-12-31T12:00:00Z/..".into()
+            ])
+        );
+        // Two seconds halve into two windows of one; one second does not.
+        assert!(halves("2024-01-01T00:00:00Z/2024-01-01T00:00:02Z", now).is_some());
+        assert_eq!(
+            halves("2024-01-01T00:00:00Z/2024-01-01T00:00:01Z", now),
+            None
+        );
+        assert_eq!(halves("../2024-01-01T00:00:00Z", now), None);
+        assert_eq!(halves("2024-01-01T00:00:00Z", now), None);
+    }
+
+    #[test]
+    fn a_split_partition_keeps_its_name_and_search_with_each_half_as_its_datetime() {
+        let now = at("2026-01-01T00:00:00Z");
+        let job = crate::config::tests::one_job();
+        let root = Url::parse("https://api.test/stac/").expect("url");
+        for method in [
+            crate::config::SearchMethod::Get,
+            crate::config::SearchMethod::Post,
+        ] {
+            let job = Job {
+                method,
+                datetime: Some("2024-01-01T00:00:00Z/2024-01-03T00:00:00Z".into()),
+                window: Window::None,
+                ..job.clone()
+            };
+            let parts = sync_parts(&root, &job, Strategy::Full, None, &Cut::default(), now);
+            assert_eq!(parts.len(), 1);
+            let [early, late] = split(&parts[0], now).expect("halves");
+            let c = &job.collections[0];
+            assert_eq!(
+                early.name,
+                format!("{c} 2024-01-01T00:00:00Z/2024-01-02T00:00:00Z")
+            );
+            assert_eq!(
+                search::datetime_of(&late.first).as_deref(),
+                Some("2024-01-02T00:00:00Z/2024-01-03T00:00:00Z")
+            );
+            let [again, _] = split(&early, now).expect("quarters");
+            assert_eq!(
+                again.name,
+                format!("{c} 2024-01-01T00:00:00Z/2024-01-01T12:00:00Z")
+            );
+            assert_eq!(
+                search::with_datetime(&late.first, "2024-01-01T00:00:00Z/2024-01-03T00:00:00Z"),
+                parts[0].first,
+                "{method:?}: only the datetime differs"
+            );
+        }
+    }
+
+    #[test]
+    fn a_job_without_a_datetime_is_cut_from_the_extent_with_nothing_left_outside() {
+        let now = at("2026-06-01T00:00:00Z");
+        let job = crate::config::tests::one_job();
+        let root = Url::parse("https://api.test/stac/").expect("url");
+        let c = job.collections[0].clone();
+        let cut = Cut {
+            extents: HashMap::from([(
+                c.clone(),
+                "2024-03-01T00:00:00Z/2025-02-01T00:00:00Z".into(),
+            )]),
+            at_least: 1,
+        };
+        let windows: Vec<Option<String>> = sync_parts(&root, &job, Strategy::Full, None, &cut, now)
+            .iter()
+            .map(|p| search::datetime_of(&p.first))
+            .collect();
+        assert_eq!(
+            windows,
+            vec![
+                Some("../2024-03-01T00:00:00Z".into()),
+                Some("2024-03-01T00:00:00Z/2025-01-01T00:00:00Z".into()),
+                Some("2025-01-01T00:00:00Z/..".into()),
+            ]
+        );
+        // Fewer windows than requests in flight: the longest are halved.
+        let cut = Cut { at_least: 4, ..cut };
+        let windows: Vec<Option<String>> = sync_parts(&root, &job, Strategy::Full, None, &cut, now)
+            .iter()
+            .map(|p| search::datetime_of(&p.first))
+            .collect();
+        assert_eq!(windows.len(), 5, "{windows:?}");
+        assert_eq!(windows[0].as_deref(), Some("../2024-03-01T00:00:00Z"));
+        assert_eq!(windows[4].as_deref(), Some("2025-01-01T00:00:00Z/.."));
+        // A job with its own datetime ignores the extent.
+        let own = Job {
+            datetime: Some("2025-03-01T00:00:00Z/2025-04-01T00:00:00Z".into()),
+            ..job.clone()
+        };
+        let parts = sync_parts(
+            &root,
+            &own,
+            Strategy::Full,
+            None,
+            &Cut { at_least: 1, ..cut },
+            now,
+        );
+        assert_eq!(parts.len(), 1);
+        assert_eq!(search::datetime_of(&parts[0].first), own.datetime);
     }
 
     #[test]

@@ -122,7 +122,7 @@ fn an_unreachable_api_is_an_upstream_error_after_the_retries() {
     let line = first_error_line(&output);
     assert!(
         line.starts_with(
-            "error: job c: upstream unavailable: search page http://127.0.0.1:9/stac/search: error sending request"
+            "error: job c: upstream unavailable: collection http://127.0.0.1:9/stac/collections/c: error sending request"
         ),
         "{line}"
     );

@@ -493,6 +493,8 @@ async fn a_page_larger_than_one_upsert_statement_is_stored_whole_on_postgres() {
             page_url: "http://127.0.0.1:9/search",
             resume: Some(&request),
             ends_page: true,
+            features: page.features,
+            matched: None,
             seen: Vec::new(),
             lease: None,
         })

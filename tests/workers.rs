@@ -458,6 +458,8 @@ async fn a_worker_whose_lease_was_taken_over_cannot_commit_the_partition() {
                 page_url: "http://127.0.0.1:9/search",
                 resume: Some(&first),
                 ends_page: true,
+                features: 0,
+                matched: None,
                 seen: Vec::new(),
                 lease: Some(lease),
             })

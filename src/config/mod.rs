@@ -211,6 +211,9 @@ pub struct JobConfig {
     pub reconcile_every: Option<Duration>,
     /// What happens to the object of an item deleted upstream: `keep` (the default) or `delete`.
     pub deleted_objects: Option<DeletedObjects>,
+    /// A partition whose search matches more items than this is split in two halves of its
+    /// datetime window, recursively (0: never split).
+    pub max_partition_items: Option<u64>,
 }
 
 /// The datetime window of a partition.
@@ -256,6 +259,9 @@ pub enum DeletedObjects {
 pub const DEFAULT_LOOKBACK: Duration = Duration::from_secs(7 * 86_400);
 /// Upstream `updated` stamps can become visible late (ingest transactions): re-read this much.
 pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(3600);
+/// Search engines behind STAC APIs stop paging one search at 10,000 results (Elasticsearch's
+/// `max_result_window`, which stac-server keeps).
+pub const DEFAULT_MAX_PARTITION_ITEMS: u64 = 10_000;
 /// Clock skew between us and the API, and transactions in flight there.
 pub const DEFAULT_SAFETY_LAG: Duration = Duration::from_secs(300);
 
@@ -498,6 +504,8 @@ pub struct Job {
     pub reconcile_every: Option<Duration>,
     /// Objects of deleted items.
     pub deleted_objects: DeletedObjects,
+    /// Split a partition that matches more items than this (0: never).
+    pub max_partition_items: u64,
 }
 
 impl Job {
@@ -804,6 +812,7 @@ fn resolve_jobs(file_jobs: Vec<JobConfig>, o: &Overrides, limit: u32) -> Result<
             safety_lag: None,
             reconcile_every: None,
             deleted_objects: None,
+            max_partition_items: None,
         }]
     } else {
         if o.bbox.is_some() || o.datetime.is_some() {
@@ -901,6 +910,7 @@ fn validate_job(j: JobConfig, o: &Overrides, default_limit: u32) -> Result<Job, 
         safety_lag: j.safety_lag.unwrap_or(DEFAULT_SAFETY_LAG),
         reconcile_every: j.reconcile_every,
         deleted_objects: j.deleted_objects.unwrap_or_default(),
+        max_partition_items: j.max_partition_items.unwrap_or(DEFAULT_MAX_PARTITION_ITEMS),
     })
 }
 

@@ -313,6 +313,8 @@ impl PageWriter<'_> {
                     Some(at.request)
                 },
                 ends_page: page.whole,
+                features: page.features,
+                matched: page.matched,
                 seen: self.seen(page),
                 lease: at.lease,
             })

@@ -101,6 +101,22 @@ fn run_figures(out: &mut Exposition, reports: &[&JobReport]) {
         each(&|r| Some(r.counts.token_renewals as f64)),
     );
     out.family(
+        "stac_sync_run_items_missing",
+        "Items the job's last run found missing by its completeness checks (a partition's pages \
+         held fewer than its API reported), before paging those partitions again.",
+        each(&|r| Some(r.counts.missing as f64)),
+    );
+    out.family(
+        "stac_sync_run_partitions_incomplete",
+        "Partitions still short of their match count after being paged again (the run is partial).",
+        each(&|r| Some(r.counts.incomplete as f64)),
+    );
+    out.family(
+        "stac_sync_run_partitions_split",
+        "Partitions the job's last run split in two (their search matched too many items).",
+        each(&|r| Some(r.counts.splits as f64)),
+    );
+    out.family(
         "stac_sync_watermark_timestamp_seconds",
         "The job's watermark (Unix time): everything published before it is mirrored.",
         each(&|r| {

@@ -84,7 +84,7 @@ pub struct Summary {
 
 impl Summary {
     /// The process exit code: the failure's own code when every job failed the same way,
-    /// 2 when some failed or quarantined items, 0 otherwise.
+    /// 2 when some failed, quarantined items or left a partition incomplete, 0 otherwise.
     pub fn exit(&self) -> Exit {
         let failures: Vec<&Error> = self.jobs.iter().filter_map(|j| j.error.as_ref()).collect();
         if failures.iter().any(|e| matches!(e, Error::Stopped)) {
@@ -93,7 +93,12 @@ impl Summary {
         if !failures.is_empty() && failures.len() == self.jobs.len() {
             return failures[0].exit();
         }
-        if !failures.is_empty() || self.jobs.iter().any(|j| j.counts.quarantined > 0) {
+        if !failures.is_empty()
+            || self
+                .jobs
+                .iter()
+                .any(|j| j.counts.quarantined > 0 || j.counts.incomplete > 0)
+        {
             return Exit::Partial;
         }
         Exit::Success
@@ -290,11 +295,19 @@ impl Record {
         let status = match &result {
             Err(Error::Stopped) => "interrupted",
             Err(_) => "failed",
-            Ok(()) if counts.quarantined > 0 => "partial",
+            Ok(()) if counts.quarantined > 0 || counts.incomplete > 0 => "partial",
             Ok(()) => "succeeded",
         };
         let error = result.err();
-        let message = error.as_ref().map(ToString::to_string);
+        let incomplete = (!passes.incomplete.is_empty()).then(|| {
+            let shorts: Vec<String> = passes.incomplete.iter().map(ToString::to_string).collect();
+            format!(
+                "incomplete, even after paging again: {}; the next run looks for the missing \
+                 items again",
+                shorts.join("; ")
+            )
+        });
+        let message = error.as_ref().map(ToString::to_string).or(incomplete);
         context
             .db()
             .finish_run(&self.run_id, status, &counts, message.as_deref())

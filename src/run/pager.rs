@@ -10,10 +10,12 @@ use super::Context;
 use crate::config::Job;
 use crate::error::Error;
 use crate::mirror::db::{Lease, PassKind, Planned};
+use crate::plan;
 use crate::stac::http::{self, Sent};
 use crate::stac::reader::{Page, PageReader};
 use crate::stac::search::{PageSize, Request, fingerprint};
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -66,6 +68,8 @@ pub(super) struct Partition {
     collection: String,
     first: Request,
     start: Request,
+    /// Split it when its search matches more items than this (0: never).
+    max_items: u64,
     /// Cancelled when another worker took the partition over: this one stops paging it.
     pub(super) lost: CancellationToken,
 }
@@ -85,8 +89,39 @@ impl Partition {
                 .clone()
                 .unwrap_or_else(|| planned.first.clone()),
             first: planned.first.clone(),
+            max_items: job.max_partition_items,
             lost: CancellationToken::new(),
         }
+    }
+
+    /// Replaces it by the halves of its datetime window (see [`plan::split`]), if it has a
+    /// window that can be halved; the halves to page (`None`: it cannot be split).
+    async fn split(
+        &self,
+        context: &Context,
+        job: &Job,
+        lease: Option<&Lease<'_>>,
+        why: &str,
+    ) -> Result<Option<Vec<Planned>>, Error> {
+        let part = plan::Part {
+            name: self.name.clone(),
+            collection: self.collection.clone(),
+            first: self.first.clone(),
+        };
+        let Some(halves) = plan::split(&part, std::time::SystemTime::now()) else {
+            return Ok(None);
+        };
+        let halves: Vec<(String, Request)> =
+            halves.into_iter().map(|h| (h.name, h.first)).collect();
+        tracing::info!(job = %job.name, partition = %self.name, reason = why,
+            halves = ?halves.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(),
+            "splitting a partition in two halves of its datetime window");
+        let planned = context
+            .mirror
+            .db()
+            .split(&job.name, &self.name, &halves, lease)
+            .await?;
+        Ok(Some(planned))
     }
 }
 
@@ -94,27 +129,55 @@ impl Partition {
 /// share of the budget.
 pub(super) type Fetched = (Arc<Partition>, Request, Page, OwnedSemaphorePermit);
 
-/// Pages every unfinished partition of the plan at once (a single run holds the job alone);
-/// returns the pagers' errors.
+/// Pages every unfinished partition of the plan at once (a single run holds the job alone), and
+/// the halves of those it splits; returns the pagers' errors.
 pub(super) async fn page_all(
     context: &Context,
     job: &Job,
     planned: &[Planned],
     budget: &Budget,
     tx: mpsc::Sender<Fetched>,
-    finished: &AtomicUsize,
+    tally: &Tally,
 ) -> Vec<Error> {
-    let pagers = planned.iter().filter(|p| !p.done).map(|planned| {
+    let page = |planned: Planned| {
         let tx = tx.clone();
         async move {
-            let partition = Arc::new(Partition::of(job, planned));
-            let paged = page_partition(context, partition, budget, tx).await;
-            finished.fetch_add(1, Ordering::Relaxed);
+            let partition = Arc::new(Partition::of(job, &planned));
+            let paged = page_partition(context, job, None, partition, budget, tx).await;
+            tally.ended(&paged);
             paged
         }
-    });
-    let paged = futures_util::future::join_all(pagers).await;
-    paged.into_iter().filter_map(Result::err).collect()
+    };
+    let mut running: FuturesUnordered<_> = planned
+        .iter()
+        .filter(|p| !p.done)
+        .cloned()
+        .map(page)
+        .collect();
+    let mut errors = Vec::new();
+    while let Some(paged) = running.next().await {
+        match paged {
+            Ok(halves) => running.extend(halves.into_iter().map(page)),
+            Err(e) => errors.push(e),
+        }
+    }
+    errors
+}
+
+/// Partitions planned and ended in a pass, for its progress line and its counts of splits.
+#[derive(Debug, Default)]
+pub(super) struct Tally {
+    pub(super) finished: AtomicUsize,
+    pub(super) added: AtomicUsize,
+}
+
+impl Tally {
+    fn ended(&self, paged: &Result<Vec<Planned>, Error>) {
+        self.finished.fetch_add(1, Ordering::Relaxed);
+        if let Ok(halves) = paged {
+            self.added.fetch_add(halves.len(), Ordering::Relaxed);
+        }
+    }
 }
 
 /// A worker's pagers: claims partitions of the pass under `lease`, as many at a time as the cap
@@ -128,9 +191,9 @@ pub(super) async fn page_leased(
     lease: Lease<'_>,
     budget: &Budget,
     tx: mpsc::Sender<Fetched>,
-    finished: &AtomicUsize,
+    tally: &Tally,
 ) -> Vec<Error> {
-    let mut running = futures_util::stream::FuturesUnordered::new();
+    let mut running = FuturesUnordered::new();
     let mut errors = Vec::new();
     // Renews well inside the lease, and looks for expired leases (or the pass's end) at least
     // every second.
@@ -144,9 +207,12 @@ pub(super) async fn page_leased(
                         resumed = planned.resume.is_some(), "claimed a partition");
                     let partition = Arc::new(Partition::of(job, &planned));
                     let tx = tx.clone();
+                    let lease = &lease;
                     running.push(async move {
-                        let paged = page_partition(context, partition, budget, tx).await;
-                        finished.fetch_add(1, Ordering::Relaxed);
+                        // Its halves, if it splits, are claimed like any other partition.
+                        let paged =
+                            page_partition(context, job, Some(lease), partition, budget, tx).await;
+                        tally.ended(&paged);
                         paged
                     });
                 }
@@ -175,8 +241,12 @@ pub(super) async fn page_leased(
         }
         tokio::select! {
             Some(paged) = running.next(), if !running.is_empty() => {
-                if let Err(e) = paged {
-                    errors.push(e);
+                match paged {
+                    Err(Error::LeaseLost { partition }) => tracing::warn!(job = %job.name,
+                        partition = %partition, "another worker took this partition over \
+                        before it could be split; that worker pages it"),
+                    Err(e) => errors.push(e),
+                    Ok(_) => {}
                 }
             }
             _ = tick.tick() => {
@@ -196,13 +266,17 @@ pub(super) async fn page_leased(
 }
 
 /// Pages one partition from its start to its last page, handing each page to the writer in
-/// parts as it arrives.
+/// parts as it arrives. A partition that matches more items than its job's
+/// `max_partition_items`, or whose server fails on it past its first page, is split instead:
+/// the halves of its window are returned, to be paged in its place.
 async fn page_partition(
     context: &Context,
+    job: &Job,
+    lease: Option<&Lease<'_>>,
     partition: Arc<Partition>,
     budget: &Budget,
     tx: mpsc::Sender<Fetched>,
-) -> Result<(), Error> {
+) -> Result<Vec<Planned>, Error> {
     let mut request = partition.start.clone();
     let mut size = PageSize::default();
     let mut seen = HashSet::new();
@@ -229,14 +303,15 @@ async fn page_partition(
             biased;
             () = context.stop.cancelled() => return Err(Error::Stopped),
             // Another worker has it now.
-            () = partition.lost.cancelled() => return Ok(()),
+            () = partition.lost.cancelled() => return Ok(Vec::new()),
             handed = page.fetch_within_deadline(context, &mut size) => handed,
         };
+        let first = request == partition.first;
         let handed = match handed {
             // Paging tokens go stale (the boundary item was deleted, the server restarted): a
             // refused resume point restarts the partition from its beginning, which idempotent
             // writes make safe.
-            Err(why) if why.is_rejected_request() && number == 1 && request != partition.first => {
+            Err(why) if why.is_rejected_request() && number == 1 && !first => {
                 tracing::warn!(partition = %partition.name, reason = %why,
                     "the API refused the stored resume point; restarting the partition");
                 request = partition.first.clone();
@@ -244,11 +319,40 @@ async fn page_partition(
                 number = 0;
                 continue;
             }
+            // Deep pages refused (a search engine's result window) or failing: the halves of
+            // the window are shallower.
+            Err(why @ (Error::Refused { .. } | Error::Unavailable { .. })) if !first => {
+                let reason = format!("its server failed on a page past its first: {why}");
+                match partition.split(context, job, lease, &reason).await? {
+                    Some(halves) => return Ok(halves),
+                    None => return Err(why),
+                }
+            }
             other => other?,
         };
         match handed {
-            Read::WriterStopped | Read::Handed(None) => return Ok(()),
-            Read::Handed(Some(next)) => request = next,
+            Read::WriterStopped | Read::Handed { next: None, .. } => return Ok(Vec::new()),
+            Read::Handed {
+                next: Some(next),
+                matched,
+            } => {
+                if first
+                    && let Some(matched) =
+                        matched.filter(|m| partition.max_items > 0 && *m > partition.max_items)
+                {
+                    let reason = format!(
+                        "it matches {matched} items, more than max_partition_items ({})",
+                        partition.max_items
+                    );
+                    if let Some(halves) = partition.split(context, job, lease, &reason).await? {
+                        return Ok(halves);
+                    }
+                    tracing::info!(partition = %partition.name, matched,
+                        "a partition over max_partition_items cannot be split further (its \
+                         window is a second or has no start): paging it whole");
+                }
+                request = next;
+            }
         }
     }
 }
@@ -257,8 +361,11 @@ async fn page_partition(
 #[allow(clippy::large_enum_variant)]
 enum Read {
     /// Handed over whole, with the request its `next` link asks for (`None`: the partition's
-    /// last page).
-    Handed(Option<Request>),
+    /// last page) and the match count it reported.
+    Handed {
+        next: Option<Request>,
+        matched: Option<u64>,
+    },
     /// The writer stopped (and reports why).
     WriterStopped,
 }
@@ -351,9 +458,9 @@ impl PageRead<'_> {
         let last = reader
             .finish(self.request)
             .map_err(|e| (e.to_string(), false))?;
-        let next = last.next.clone();
+        let (next, matched) = (last.next.clone(), last.matched);
         Ok(match self.hand_over(last).await {
-            true => Read::Handed(next),
+            true => Read::Handed { next, matched },
             false => Read::WriterStopped,
         })
     }

@@ -6,14 +6,15 @@
 
 use super::Context;
 use super::pipeline::Pass;
-use crate::config::{DeletedObjects, Incremental, Job};
+use crate::config::{DeletedObjects, Incremental, Job, Window};
 use crate::domain::{Datetime, bbox_2d};
 use crate::error::Error;
 use crate::mirror::Writes;
-use crate::mirror::db::{Counts, JobLock, JobState, PassKind, PlanCommit, Planned, Scope};
-use crate::plan::{self, Strategy};
-use crate::stac::client::{Capabilities, capabilities_of};
+use crate::mirror::db::{Counts, JobLock, JobState, PassKind, PlanCommit, Planned, Scope, Short};
+use crate::plan::{self, Cut, Strategy};
+use crate::stac::client::{self, Capabilities, capabilities_of};
 use crate::stac::search::{Request, asks_ids_only};
+use std::collections::HashMap;
 use std::time::SystemTime;
 
 /// What a job's passes did, for the run manifest.
@@ -24,6 +25,8 @@ pub(super) struct PassReport {
     pub watermark_after: Option<String>,
     pub reconciled: bool,
     pub partitions: Vec<serde_json::Value>,
+    /// Partitions still short of their match count after being paged again.
+    pub incomplete: Vec<Short>,
 }
 
 /// The passes of one job in one run.
@@ -34,6 +37,8 @@ pub(super) struct JobPasses<'a> {
     search_hash: String,
     /// What the server offers; asked once per run, and only when a plan needs it.
     caps: Option<Capabilities>,
+    /// The collections' temporal extents; asked once per run, and only when a plan needs them.
+    extents: Option<HashMap<String, String>>,
     /// What they did.
     pub report: PassReport,
 }
@@ -46,6 +51,7 @@ impl<'a> JobPasses<'a> {
             run_id,
             search_hash: search_hash(job),
             caps: None,
+            extents: None,
             report: PassReport::default(),
         }
     }
@@ -115,8 +121,10 @@ impl<'a> JobPasses<'a> {
             Capabilities::default()
         };
         let strategy = plan::strategy(job, watermark, &offered);
+        let cut = self.cut(strategy == Strategy::Full).await?;
         let now = SystemTime::now();
-        let parts = plan::sync_parts(self.context.api.root(), job, strategy, watermark, now);
+        let root = self.context.api.root();
+        let parts = plan::sync_parts(root, job, strategy, watermark, &cut, now);
         self.store_plan(PassKind::Sync, changed, now, &parts)
             .await?;
         self.report.strategy = Some(strategy);
@@ -135,9 +143,14 @@ impl<'a> JobPasses<'a> {
             .and_then(|s| s.pass_started_at)
             .and_then(|at| plan::parse_instant(&at))
             .unwrap_or_else(SystemTime::now);
-        let watermark = plan::next_watermark(started, job.safety_lag);
-        if db.finish_sync_pass(&job.name, &watermark).await? {
-            self.report.watermark_after = Some(watermark);
+        let mut watermark = Some(plan::next_watermark(started, job.safety_lag));
+        if !self.report.incomplete.is_empty() {
+            tracing::warn!(job = %job.name, "the pass is incomplete: its watermark stays, so \
+                the next run looks for the missing items again");
+            watermark = None;
+        }
+        if db.finish_sync_pass(&job.name, watermark.as_deref()).await? {
+            self.report.watermark_after = watermark;
         } else {
             tracing::info!(job = %job.name,
                 "the pass's last partitions were another worker's: that worker ends the pass");
@@ -184,10 +197,27 @@ impl<'a> JobPasses<'a> {
             .await?;
         let remove = job.deleted_objects == DeletedObjects::Delete;
         let now = plan::rfc3339(SystemTime::now());
+        // What a collection's incomplete sweep did not see may still be there upstream.
+        let scopes: Vec<Scope<'_>> = scopes(job)
+            .into_iter()
+            .filter(|scope| {
+                let short = self
+                    .report
+                    .incomplete
+                    .iter()
+                    .any(|s| s.collection == scope.collection);
+                if short {
+                    tracing::warn!(job = %job.name, collection = scope.collection,
+                        "the reconcile sweep of this collection is incomplete: nothing in it is \
+                         marked deleted this time");
+                }
+                !short
+            })
+            .collect();
         counts.deleted += self
             .context
             .mirror
-            .tombstone(&job.name, &scopes(job), remove, lock, &now)
+            .tombstone(&job.name, &scopes, remove, lock, &now)
             .await?;
         self.report.reconciled = true;
         Ok(())
@@ -208,9 +238,10 @@ impl<'a> JobPasses<'a> {
     /// Plans a reconcile pass: ids only where the API offers the Fields extension.
     async fn plan_reconcile(&mut self) -> Result<Vec<Planned>, Error> {
         let offered = self.capabilities().await?;
+        let cut = self.cut(true).await?;
         let now = SystemTime::now();
         let root = self.context.api.root();
-        let parts = plan::reconcile_parts(root, self.job, offered.fields, now);
+        let parts = plan::reconcile_parts(root, self.job, offered.fields, &cut, now);
         self.store_plan(PassKind::Reconcile, false, now, &parts)
             .await?;
         tracing::info!(job = %self.job.name, ids_only = offered.fields, partitions = parts.len(),
@@ -222,6 +253,8 @@ impl<'a> JobPasses<'a> {
             .await
     }
 
+    /// Pages a pass's partitions, then checks each against the match count its first page
+    /// reported: those that fell short are paged once more; those still short are incomplete.
     async fn pass(
         &mut self,
         kind: PassKind,
@@ -235,15 +268,68 @@ impl<'a> JobPasses<'a> {
                 .iter()
                 .map(|p| serde_json::json!({"name": p.name, "query": p.first})),
         );
-        let pass = Pass {
-            context: self.context,
-            job: self.job,
-            run_id: self.run_id,
-            planned,
-            kind,
-            writes,
+        let (db, job) = (self.context.mirror.db(), &self.job.name);
+        let mut planned = planned.to_vec();
+        loop {
+            let pass = Pass {
+                context: self.context,
+                job: self.job,
+                run_id: self.run_id,
+                planned: &planned,
+                kind,
+                writes,
+            };
+            pass.run(lock, counts).await?;
+            let check = db.check_complete(job, kind).await?;
+            for short in &check.incomplete {
+                tracing::warn!(job = %job, partition = %short.partition, matched = short.matched,
+                    received = short.received, "a partition is still short of the items its API \
+                    reported after paging it again: the run is partial");
+            }
+            counts.incomplete += check.incomplete.len() as u64;
+            self.report.incomplete.extend(check.incomplete);
+            if check.repaged.is_empty() {
+                return Ok(());
+            }
+            for short in &check.repaged {
+                tracing::warn!(job = %job, partition = %short.partition, matched = short.matched,
+                    received = short.received, "a partition's pages held fewer items than its API \
+                    reported: paging it once more");
+                counts.missing += short.matched.saturating_sub(short.received);
+            }
+            planned = db.planned(job, kind).await?;
+        }
+    }
+
+    /// How a full or reconcile pass (`windowed`) cuts its windows: from each collection's
+    /// temporal extent when the job has no datetime, and at least as many as the cap on requests
+    /// in flight; unless the job asks for one window per collection. (An incremental pass is
+    /// short: it is not cut finer.)
+    async fn cut(&mut self, windowed: bool) -> Result<Cut, Error> {
+        let job = self.job;
+        if job.window == Window::None || !windowed {
+            return Ok(Cut::default());
+        }
+        let mut cut = Cut {
+            at_least: self.context.slots,
+            ..Cut::default()
         };
-        pass.run(lock, counts).await
+        if job.datetime.is_some() {
+            return Ok(cut);
+        }
+        if self.extents.is_none() {
+            let mut extents = HashMap::new();
+            for collection in &job.collections {
+                let doc = client::collection(&self.context.api, collection).await?;
+                let extent = doc.as_ref().and_then(client::temporal_extent);
+                tracing::info!(job = %job.name, collection, extent = extent.as_deref().unwrap_or("none"),
+                    "the collection's temporal extent, to cut its windows from");
+                extents.extend(extent.map(|extent| (collection.clone(), extent)));
+            }
+            self.extents = Some(extents);
+        }
+        cut.extents = self.extents.clone().unwrap_or_default();
+        Ok(cut)
     }
 
     async fn store_plan(

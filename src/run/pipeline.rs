@@ -11,7 +11,7 @@
 //! instead of waiting forever to hand over a page.
 
 use super::Context;
-use super::pager::{self, Budget, Fetched, Partition};
+use super::pager::{self, Budget, Fetched, Partition, Tally};
 use crate::config::Job;
 use crate::error::Error;
 use crate::mirror::db::{Counts, JobLock, Lease, PassKind, Planned};
@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 /// Parts of pages buffered between the pagers and the stager (within the pass's byte budget).
@@ -66,18 +66,17 @@ impl Pass<'_> {
         let writer = &self.context.mirror.writer(self.writes);
         let (fetched_tx, fetched_rx) = mpsc::channel::<Fetched>(PARTS_BUFFERED);
         let (ready_tx, ready_rx) = mpsc::channel::<Ready>(1);
-        let finished = &progress.finished;
+        let tally = &progress.tally;
         // The pagers' driver owns the sender, so the stager sees the channel close when it ends.
         let pagers = async move {
             let (context, job) = (self.context, self.job);
             match lease {
                 None => {
-                    pager::page_all(context, job, self.planned, budget, fetched_tx, finished).await
+                    pager::page_all(context, job, self.planned, budget, fetched_tx, tally).await
                 }
                 Some(lease) => {
                     let kind = self.kind;
-                    pager::page_leased(context, job, kind, lease, budget, fetched_tx, finished)
-                        .await
+                    pager::page_leased(context, job, kind, lease, budget, fetched_tx, tally).await
                 }
             }
         };
@@ -87,6 +86,7 @@ impl Pass<'_> {
             self.commit_all(writer, ready_rx, lock, counts, progress),
         );
         progress.finish();
+        counts.splits += (tally.added.load(Ordering::Relaxed) / 2) as u64;
         committed?;
         staged?;
         match errors.iter().position(|e| matches!(e, Error::Stopped)) {
@@ -265,9 +265,11 @@ impl Claim {
 /// The progress line a person at a terminal sees: items, items/s and partitions done.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
-    /// Partitions done, counted by the pagers.
-    finished: AtomicUsize,
-    total: usize,
+    /// Partitions ended and added (halves of split ones), counted by the pagers.
+    tally: Tally,
+    /// Partitions planned, and done before this run.
+    planned: usize,
+    done_before: usize,
 }
 
 impl Progress {
@@ -278,8 +280,9 @@ impl Progress {
                 .context
                 .progress
                 .then(|| progress_bar(pass.job, reconcile)),
-            finished: AtomicUsize::new(pass.planned.iter().filter(|p| p.done).count()),
-            total: pass.planned.len(),
+            tally: Tally::default(),
+            planned: pass.planned.len(),
+            done_before: pass.planned.iter().filter(|p| p.done).count(),
         }
     }
 
@@ -288,8 +291,8 @@ impl Progress {
             bar.inc(items as u64);
             bar.set_message(format!(
                 "{}/{} partitions done",
-                self.finished.load(Ordering::Relaxed),
-                self.total
+                self.done_before + self.tally.finished.load(Ordering::Relaxed),
+                self.planned + self.tally.added.load(Ordering::Relaxed)
             ));
         }
     }

@@ -219,6 +219,41 @@ pub async fn landing_page(api: &ApiClient) -> Result<serde_json::Value, Error> {
     .await
 }
 
+/// A collection's document (`GET /collections/{id}`); `None` if the API has no such collection
+/// or refuses it (a search then says more).
+pub async fn collection(api: &ApiClient, id: &str) -> Result<Option<serde_json::Value>, Error> {
+    let Ok(mut url) = api.root().join("collections") else {
+        return Ok(None);
+    };
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.push(id);
+    }
+    match api
+        .fetch("collection", &Request::get(url), json("collection"))
+        .await
+    {
+        Ok(doc) => Ok(Some(doc)),
+        Err(e) if e.is_rejected_request() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A collection's temporal extent as a STAC datetime interval (`start/end`, `start/..` when
+/// open-ended): its first interval, the one that spans all the others. `None` without a start.
+pub fn temporal_extent(collection: &serde_json::Value) -> Option<String> {
+    let interval = collection
+        .pointer("/extent/temporal/interval/0")?
+        .as_array()?;
+    let start = interval.first()?.as_str()?;
+    crate::domain::parse_instant(start)?;
+    let end = interval
+        .get(1)
+        .and_then(|end| end.as_str())
+        .filter(|end| crate::domain::parse_instant(end).is_some())
+        .unwrap_or("..");
+    Some(format!("{start}/{end}"))
+}
+
 /// What the server offers, given its landing page.
 pub async fn capabilities_from(
     api: &ApiClient,

@@ -90,6 +90,19 @@ pub struct Page {
     pub whole: bool,
     /// The bytes of the features read into it (what it holds in memory).
     pub bytes: usize,
+    /// Features received (items, rejected and repeated ones): what a match count is checked
+    /// against.
+    pub features: u64,
+    /// How many items the server says the search matches (`numberMatched`, or the Context
+    /// extension's `context.matched`), on the last part of a page that reports it.
+    pub matched: Option<u64>,
+}
+
+/// The Context extension's object (deprecated, still served by some APIs).
+#[derive(Deserialize)]
+struct Context {
+    #[serde(default)]
+    matched: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -231,6 +244,7 @@ pub struct PageReader {
     key: String,
     features: bool,
     links: Option<Bytes>,
+    matched: Option<u64>,
     part: Page,
     /// Every `(collection, id)` of the page so far: its index in `part`, or `None` if an
     /// earlier part took it.
@@ -255,6 +269,7 @@ impl PageReader {
             key: String::new(),
             features: false,
             links: None,
+            matched: None,
             part: Page::default(),
             seen: HashMap::new(),
             max_item_bytes: crate::config::DEFAULT_MAX_ITEM_BYTES,
@@ -304,6 +319,7 @@ impl PageReader {
         let mut page = self.take_part();
         page.next = next;
         page.whole = true;
+        page.matched = self.matched;
         Ok(page)
     }
 
@@ -357,8 +373,15 @@ impl PageReader {
                     let Some(value) = self.value(end)? else {
                         return Ok(());
                     };
-                    if self.key == "links" {
-                        self.links = Some(value);
+                    match self.key.as_str() {
+                        "links" => self.links = Some(value),
+                        "numberMatched" => self.matched = serde_json::from_slice(&value).ok(),
+                        "context" if self.matched.is_none() => {
+                            self.matched = serde_json::from_slice::<Context>(&value)
+                                .ok()
+                                .and_then(|c| c.matched);
+                        }
+                        _ => {}
                     }
                     self.at = At::AfterMember;
                 }
@@ -432,6 +455,7 @@ impl PageReader {
             return false;
         }
         let skip = std::mem::take(&mut self.skip);
+        self.part.features += 1;
         self.reject_oversized(skip.kept, skip.bytes);
         self.at = At::AfterFeature;
         true
@@ -530,6 +554,7 @@ impl PageReader {
 
     /// Reads one feature into the part, with its indexed fields if they were read already.
     fn add(&mut self, content: Bytes, head: Option<Head<'_>>) {
+        self.part.features += 1;
         if content.len() > self.max_item_bytes {
             let kept = content.slice(..KEPT_OF_OVERSIZED.min(content.len()));
             return self.reject_oversized(kept, content.len());
@@ -766,6 +791,24 @@ mod tests {
     }
 
     #[test]
+    fn the_match_count_comes_from_number_matched_or_the_context_extension() {
+        let page = |body: &str| {
+            parse_page(body.as_bytes(), &post(serde_json::json!({})), Some("c")).expect("page")
+        };
+        let context = r#"{"context":{"returned":1,"limit":1,"matched":77},"features":[{"id":"a"},7],"links":[]}"#;
+        assert_eq!(page(context).matched, Some(77));
+        assert_eq!(
+            page(context).features,
+            2,
+            "a rejected feature is received too"
+        );
+        let both = r#"{"numberMatched":5,"context":{"matched":6},"features":[]}"#;
+        assert_eq!(page(both).matched, Some(5));
+        let neither = r#"{"numberMatched":"many","features":[]}"#;
+        assert_eq!(page(neither).matched, None);
+    }
+
+    #[test]
     fn a_page_read_in_chunks_of_any_size_gives_the_same_items_and_next_link() {
         let body = page_of_40(37);
         let whole = parse_page(body.as_bytes(), &post(serde_json::json!({})), Some("c"))
@@ -785,6 +828,12 @@ mod tests {
                     last.next.as_ref().map(|n| n.url.as_str()),
                     Some("https://api.test/stac/search?page=2")
                 );
+                assert_eq!(
+                    last.matched,
+                    Some(12345),
+                    "numberMatched, after the features"
+                );
+                assert_eq!(parts.iter().map(|p| p.features).sum::<u64>(), 40);
                 if part == 1 && size < body.len() {
                     assert!(parts.len() > 1, "parts were taken");
                 }

@@ -331,42 +331,73 @@ impl PageSize {
     }
 }
 
-/// The page size a request asks for: `limit` in a POST body or in the query.
-fn limit_of(request: &Request) -> Option<u32> {
+/// A search parameter of a request: in a POST body as JSON, in a GET query as text.
+fn parameter(request: &Request, key: &str) -> Option<Value> {
     match &request.body {
-        Some(body) => body.get("limit")?.as_u64()?.try_into().ok(),
+        Some(body) => body.get(key).cloned(),
         None => request
             .url
             .query_pairs()
-            .find(|(key, _)| key == "limit")?
-            .1
-            .parse()
-            .ok(),
+            .find(|(name, _)| name == key)
+            .map(|(_, value)| Value::String(value.into_owned())),
+    }
+}
+
+/// `request` with the search parameter `key` set to `value` (added if absent).
+fn with_parameter(request: &Request, key: &str, value: Value) -> Request {
+    let mut changed = request.clone();
+    match &mut changed.body {
+        Some(Value::Object(body)) => {
+            body.insert(key.to_string(), value);
+        }
+        Some(_) => {}
+        None => {
+            let text = get_parameter(key, &value);
+            let mut pairs: Vec<(String, String)> = request
+                .url
+                .query_pairs()
+                .map(|(name, old)| {
+                    let value = if name == key {
+                        text.clone()
+                    } else {
+                        old.into_owned()
+                    };
+                    (name.into_owned(), value)
+                })
+                .collect();
+            if !pairs.iter().any(|(name, _)| name == key) {
+                pairs.push((key.to_string(), text));
+            }
+            changed.url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+    }
+    changed
+}
+
+/// The page size a request asks for: `limit` in a POST body or in the query.
+fn limit_of(request: &Request) -> Option<u32> {
+    match parameter(request, "limit")? {
+        Value::String(text) => text.parse().ok(),
+        number => number.as_u64()?.try_into().ok(),
     }
 }
 
 /// `request` asking for `limit` items a page instead.
 fn with_limit(request: &Request, limit: u32) -> Request {
-    let mut smaller = request.clone();
-    match &mut smaller.body {
-        Some(body) => body["limit"] = limit.into(),
-        None => {
-            let pairs: Vec<(String, String)> = request
-                .url
-                .query_pairs()
-                .map(|(key, value)| {
-                    let value = if key == "limit" {
-                        limit.to_string()
-                    } else {
-                        value.into_owned()
-                    };
-                    (key.into_owned(), value)
-                })
-                .collect();
-            smaller.url.query_pairs_mut().clear().extend_pairs(pairs);
-        }
+    with_parameter(request, "limit", limit.into())
+}
+
+/// The `datetime` a partition's first request (one of ours) sends.
+pub(crate) fn datetime_of(request: &Request) -> Option<String> {
+    match parameter(request, "datetime")? {
+        Value::String(text) => Some(text),
+        _ => None,
     }
-    smaller
+}
+
+/// A partition's first request with another `datetime`.
+pub(crate) fn with_datetime(request: &Request, datetime: &str) -> Request {
+    with_parameter(request, "datetime", datetime.into())
 }
 
 #[cfg(test)]

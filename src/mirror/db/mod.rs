@@ -161,6 +161,9 @@ pub struct Run {
     pub quarantined: i64,
     pub retries: i64,
     pub token_renewals: i64,
+    pub missing: i64,
+    pub incomplete: i64,
+    pub splits: i64,
     pub error: Option<String>,
 }
 
@@ -210,6 +213,38 @@ pub struct Planned {
     pub done: bool,
 }
 
+/// A partition that ended short of the match count its first page reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Short {
+    pub partition: String,
+    pub collection: String,
+    /// Items its first page said the search matches.
+    pub matched: u64,
+    /// Features its pages held.
+    pub received: u64,
+}
+
+impl std::fmt::Display for Short {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "partition {}: the API reported {} matching items, its pages held {}",
+            self.partition, self.matched, self.received
+        )
+    }
+}
+
+/// What a pass's completeness check found.
+#[derive(Debug, Default)]
+pub struct Completeness {
+    /// Short after their first paging: planned again.
+    pub repaged: Vec<Short>,
+    /// Still short after being paged again.
+    pub incomplete: Vec<Short>,
+}
+
+type ShortRow = (String, Option<String>, i64, i64, i64);
+
 /// A new pass's plan.
 #[derive(Debug)]
 pub struct PlanCommit<'a> {
@@ -248,6 +283,13 @@ pub struct Counts {
     pub retries: u64,
     /// Tokens renewed.
     pub token_renewals: u64,
+    /// Items a partition fell short of the count its server reported (completeness checks),
+    /// before it was paged again.
+    pub missing: u64,
+    /// Partitions still short of their count after being paged again: the run is partial.
+    pub incomplete: u64,
+    /// Partitions split in two (too many items for one search).
+    pub splits: u64,
 }
 
 impl std::ops::AddAssign<&Counts> for Counts {
@@ -261,6 +303,9 @@ impl std::ops::AddAssign<&Counts> for Counts {
         self.duplicate += other.duplicate;
         self.retries += other.retries;
         self.token_renewals += other.token_renewals;
+        self.missing += other.missing;
+        self.incomplete += other.incomplete;
+        self.splits += other.splits;
     }
 }
 
@@ -296,6 +341,11 @@ pub struct PageCommit<'a> {
     /// Whether this commit ends its page (counted in `pages_done`), rather than being a part of
     /// it read before its end.
     pub ends_page: bool,
+    /// Features the part held (items, quarantined and repeated ones), added to the
+    /// partition's `received`.
+    pub features: u64,
+    /// The match count its page reported; the partition keeps its first page's.
+    pub matched: Option<u64>,
     /// `(collection, id)` of every item on the page, during a reconcile pass.
     pub seen: Vec<(&'a str, &'a str)>,
     /// A worker's lease on the partition: the page commits only if the lease is still its own
@@ -567,14 +617,141 @@ impl Database {
         .map_err(self.fail("store the pass's plan"))
     }
 
+    /// Replaces a partition by `halves` of its datetime window, in one transaction: it is done
+    /// and marked split (commits of its pages still on their way change nothing), and the halves
+    /// are planned in its pass. With a lease, only while the partition is still this worker's.
+    pub async fn split(
+        &self,
+        job: &str,
+        partition: &str,
+        halves: &[(String, Request)],
+        lease: Option<&Lease<'_>>,
+    ) -> Result<Vec<Planned>, Error> {
+        let mut firsts = Vec::with_capacity(halves.len());
+        for (_, first) in halves {
+            firsts.push(
+                serde_json::to_string(first)
+                    .map_err(|e| Error::Internal(format!("cannot serialise a request: {e}")))?,
+            );
+        }
+        let owner = lease.map(|l| l.owner);
+        let collection: Option<Option<String>> = on_pool!(self, pool => async {
+            let mut tx = pool.begin().await?;
+            let collection: Option<Option<String>> = sqlx::query_scalar(
+                "UPDATE sync_state SET done = TRUE, split = TRUE, resume = NULL, \
+                 updated_at = CURRENT_TIMESTAMP WHERE job = $1 AND partition = $2 AND NOT split \
+                 AND ($3 IS NULL OR lease_owner = $3) RETURNING collection",
+            )
+            .bind(job)
+            .bind(partition)
+            .bind(owner)
+            .fetch_optional(&mut *tx)
+            .await?;
+            for ((name, _), first) in halves.iter().zip(&firsts) {
+                sqlx::query(
+                    "INSERT INTO sync_state (job, partition, kind, collection, query_hash, request, \
+                     resume, done, pages_done, updated_at) \
+                     SELECT job, $3, kind, collection, query_hash, $4, NULL, FALSE, 0, CURRENT_TIMESTAMP \
+                     FROM sync_state WHERE job = $1 AND partition = $2 \
+                     ON CONFLICT (job, partition) DO NOTHING",
+                )
+                .bind(job)
+                .bind(partition)
+                .bind(name.as_str())
+                .bind(first.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
+            if collection.is_some() {
+                tx.commit().await?;
+            }
+            Ok::<_, sqlx::Error>(collection)
+        }.await)
+        .map_err(self.fail("split a partition"))?;
+        let Some(collection) = collection else {
+            return match lease {
+                Some(_) => Err(Error::LeaseLost {
+                    partition: partition.to_string(),
+                }),
+                None => Ok(Vec::new()),
+            };
+        };
+        Ok(halves
+            .iter()
+            .map(|(name, first)| Planned {
+                name: name.clone(),
+                collection: collection.clone().unwrap_or_default(),
+                first: first.clone(),
+                resume: None,
+                done: false,
+            })
+            .collect())
+    }
+
+    /// The completeness check of a pass's partitions that ended short of the match count their
+    /// first page reported: those paged once are planned again from their start (in one
+    /// statement, so two workers never both do it); those already paged again are incomplete.
+    pub async fn check_complete(&self, job: &str, kind: PassKind) -> Result<Completeness, Error> {
+        macro_rules! short {
+            () => {
+                "job = $1 AND kind = $2 AND done AND NOT split AND matched IS NOT NULL \
+                 AND received < matched"
+            };
+        }
+        let (short, repaged): (Vec<ShortRow>, Vec<String>) = on_pool!(self, pool => async {
+            let short = sqlx::query_as(concat!(
+                "SELECT partition, collection, matched, received, attempts FROM sync_state WHERE ",
+                short!(),
+                " ORDER BY partition"
+            ))
+            .bind(job)
+            .bind(kind.as_str())
+            .fetch_all(pool)
+            .await?;
+            let repaged = sqlx::query_scalar(concat!(
+                "UPDATE sync_state SET done = FALSE, resume = NULL, matched = NULL, received = 0, \
+                 pages_done = 0, attempts = attempts + 1, lease_owner = NULL, lease_until = NULL, \
+                 updated_at = CURRENT_TIMESTAMP WHERE ",
+                short!(),
+                " AND attempts = 0 RETURNING partition"
+            ))
+            .bind(job)
+            .bind(kind.as_str())
+            .fetch_all(pool)
+            .await?;
+            Ok::<_, sqlx::Error>((short, repaged))
+        }.await)
+        .map_err(self.fail("check the partitions' completeness"))?;
+        let mut check = Completeness::default();
+        for (partition, collection, matched, received, attempts) in short {
+            let short = Short {
+                collection: collection.unwrap_or_default(),
+                matched: u64::try_from(matched).unwrap_or_default(),
+                received: u64::try_from(received).unwrap_or_default(),
+                partition,
+            };
+            if repaged.contains(&short.partition) {
+                check.repaged.push(short);
+            } else if attempts > 0 {
+                check.incomplete.push(short);
+            }
+        }
+        Ok(check)
+    }
+
     /// Ends the job's sync pass if it is planned and every partition is done: the watermark
     /// moves to `watermark` and the plan is removed, in one transaction. Returns whether it did
     /// (a worker may find the pass unfinished by others, or already ended by another worker).
-    pub async fn finish_sync_pass(&self, job: &str, watermark: &str) -> Result<bool, Error> {
+    /// `None` keeps the watermark where it was (the pass was incomplete).
+    pub async fn finish_sync_pass(
+        &self,
+        job: &str,
+        watermark: Option<&str>,
+    ) -> Result<bool, Error> {
         on_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
             let moved = sqlx::query(
-                "UPDATE sync_state SET watermark = $2, updated_at = CURRENT_TIMESTAMP \
+                "UPDATE sync_state SET watermark = COALESCE($2, watermark), updated_at = CURRENT_TIMESTAMP \
                  WHERE job = $1 AND partition = '' \
                  AND EXISTS (SELECT 1 FROM sync_state p WHERE p.job = $1 AND p.kind = 'sync') \
                  AND NOT EXISTS (SELECT 1 FROM sync_state p WHERE p.job = $1 AND p.kind = 'sync' AND NOT p.done)",
@@ -654,7 +831,8 @@ impl Database {
             "SELECT run_id, job, CAST(started_at AS TEXT) AS started_at, \
              CAST(finished_at AS TEXT) AS finished_at, status, pages, items_new AS new, \
              items_changed AS changed, items_unchanged AS unchanged, items_deleted AS deleted, \
-             items_quarantined AS quarantined, retries, token_renewals, error FROM sync_runs \
+             items_quarantined AS quarantined, retries, token_renewals, items_missing AS missing, \
+             partitions_incomplete AS incomplete, partitions_split AS splits, error FROM sync_runs \
              ORDER BY started_at DESC, run_id DESC LIMIT $1",
         )
         .bind(limit)

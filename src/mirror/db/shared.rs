@@ -61,7 +61,8 @@ where
         "UPDATE sync_runs SET finished_at = CURRENT_TIMESTAMP, status = $1, pages = $2, \
          items_new = $3, items_changed = $4, items_unchanged = $5, items_deleted = $6, \
          items_quarantined = $7, items_duplicate = $8, retries = $9, token_renewals = $10, \
-         error = $11 WHERE run_id = $12",
+         error = $11, items_missing = $13, partitions_incomplete = $14, partitions_split = $15 \
+         WHERE run_id = $12",
     )
     .bind(status)
     .bind(count(counts.pages))
@@ -75,6 +76,9 @@ where
     .bind(count(counts.token_renewals))
     .bind(error)
     .bind(run_id)
+    .bind(count(counts.missing))
+    .bind(count(counts.incomplete))
+    .bind(count(counts.splits))
     .execute(executor)
     .await
     .map(|_| ())
@@ -110,6 +114,8 @@ where
     for<'a> Option<&'a str>: Encode<'a, DB> + Type<DB>,
     String: for<'a> Encode<'a, DB> + Type<DB>,
     bool: for<'a> Encode<'a, DB> + Type<DB>,
+    i64: for<'a> Encode<'a, DB> + Type<DB>,
+    Option<i64>: for<'a> Encode<'a, DB> + Type<DB>,
 {
     for rejected in page.rejected.iter().chain(refused) {
         let collection = rejected.collection.as_deref().map(quarantine_key);
@@ -141,18 +147,25 @@ where
         .await?;
     }
     let resume = resume_json(page.resume).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    // A partition split while its first page was committing stays split: its halves page it.
     sqlx::query(
-        "INSERT INTO sync_state (job, partition, query_hash, resume, done, pages_done, updated_at) \
-         VALUES ($1, $2, '', $3, $4, CASE WHEN $5 THEN 1 ELSE 0 END, CURRENT_TIMESTAMP) \
+        "INSERT INTO sync_state (job, partition, query_hash, resume, done, pages_done, received, \
+         matched, updated_at) \
+         VALUES ($1, $2, '', $3, $4, CASE WHEN $5 THEN 1 ELSE 0 END, $6, $7, CURRENT_TIMESTAMP) \
          ON CONFLICT (job, partition) DO UPDATE SET \
          resume = excluded.resume, done = excluded.done, \
-         pages_done = sync_state.pages_done + excluded.pages_done, updated_at = excluded.updated_at",
+         pages_done = sync_state.pages_done + excluded.pages_done, \
+         received = sync_state.received + excluded.received, \
+         matched = COALESCE(sync_state.matched, excluded.matched), \
+         updated_at = excluded.updated_at WHERE NOT sync_state.split",
     )
     .bind(page.job)
     .bind(page.partition)
     .bind(resume.as_deref())
     .bind(page.resume.is_none())
     .bind(page.ends_page)
+    .bind(count(page.features))
+    .bind(page.matched.map(count))
     .execute(&mut *conn)
     .await?;
     Ok(())
