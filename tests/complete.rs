@@ -1,0 +1,373 @@
+//! Completeness on catalogs bigger and odder than one search can page: adaptive partitions
+//! under a server's result window, the completeness check against `numberMatched`, and windows
+//! cut from a collection's temporal extent. Against a real STAC API (stac-server) behind a
+//! layer that behaves like an Elasticsearch-backed one.
+
+mod common;
+
+use axum::response::IntoResponse;
+use common::tokens::Issuer;
+use common::{Setup, make_items, stored_items};
+use serde_json::Value;
+use stac::api::{ItemsClient, TransactionClient};
+use stac_server::MemoryBackend;
+use stac_sync::clock::ManualClock;
+use stac_sync::error::Exit;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// `n` items of collection `c`, acquired one every `days` days from 2020-01-01.
+fn items_over_time(n: usize, days: u64) -> Vec<Value> {
+    let start = stac_sync::plan::parse_instant("2020-01-01T00:00:00Z").expect("instant");
+    make_items("c", n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut item)| {
+            let at = start + std::time::Duration::from_secs(i as u64 * days * 86_400 + 3600);
+            let properties = item["properties"].as_object_mut().expect("properties");
+            properties.remove("start_datetime");
+            properties.remove("end_datetime");
+            properties.insert("datetime".into(), stac_sync::plan::rfc3339(at).into());
+            item
+        })
+        .collect()
+}
+
+/// What the layer in front of stac-server does.
+#[derive(Clone, Default)]
+struct Engine {
+    backend: Arc<OnceLock<MemoryBackend>>,
+    /// Refuse a search page that reaches past this many results (0: never), as a search
+    /// engine's result window does.
+    depth: usize,
+    /// Report `numberMatched` on every page.
+    report_matched: bool,
+    /// Serve this many second pages (`skip` = `limit`) without their features.
+    drops: Arc<AtomicUsize>,
+    /// Answer 503 to every search once this many were served (0: never).
+    fail_after: Arc<AtomicUsize>,
+    searches: Arc<AtomicUsize>,
+    refused: Arc<AtomicUsize>,
+}
+
+impl Engine {
+    /// Starts stac-server holding `items`, behind this layer.
+    async fn start(self, items: &[Value], clock: &Arc<ManualClock>) -> common::stac::StacServer {
+        let engine = self.clone();
+        let server = common::stac::start_with(
+            items,
+            Issuer::new(clock.clone(), "id", "secret"),
+            0,
+            move |router| router.layer(axum::middleware::from_fn_with_state(engine, engine_layer)),
+        )
+        .await;
+        let _ = self.backend.set(server.backend.clone());
+        server
+    }
+
+    /// Items the search `body` matches (every page of it).
+    async fn matched(&self, body: &Value) -> usize {
+        let mut whole = body.clone();
+        whole["limit"] = 1_000_000.into();
+        if let Some(search) = whole.as_object_mut() {
+            search.remove("skip");
+        }
+        let search: stac::api::Search = serde_json::from_value(whole).expect("a search");
+        let backend = self.backend.get().expect("started");
+        backend.search(search).await.expect("search").items.len()
+    }
+}
+
+async fn engine_layer(
+    axum::extract::State(engine): axum::extract::State<Engine>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if request.uri().path() != "/search" || request.method() != axum::http::Method::POST {
+        return next.run(request).await;
+    }
+    let served = engine.searches.fetch_add(1, Ordering::SeqCst) + 1;
+    let fail_after = engine.fail_after.load(Ordering::SeqCst);
+    if fail_after > 0 && served > fail_after {
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let search: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let skip = search["skip"].as_u64().unwrap_or(0) as usize;
+    let limit = search["limit"].as_u64().unwrap_or(10) as usize;
+    if engine.depth > 0 && skip + limit > engine.depth {
+        engine.refused.fetch_add(1, Ordering::SeqCst);
+        let refusal = serde_json::json!({"code": "BadRequest", "description":
+            format!("Result window is too large, from + size must be less than or equal to: [{}]", engine.depth)});
+        return (axum::http::StatusCode::BAD_REQUEST, axum::Json(refusal)).into_response();
+    }
+    let matched = engine.matched(&search).await;
+    let response = next
+        .run(axum::extract::Request::from_parts(
+            parts,
+            axum::body::Body::from(bytes),
+        ))
+        .await;
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let mut page: Value = serde_json::from_slice(&body).unwrap_or_default();
+    if engine.report_matched {
+        page["numberMatched"] = matched.into();
+    }
+    let drop = skip == limit
+        && engine
+            .drops
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+    if drop {
+        page["features"] = Value::Array(Vec::new());
+    }
+    (parts.status, axum::Json(page)).into_response()
+}
+
+fn setup<'a>(server: &'a common::stac::StacServer, dir: &'a std::path::Path) -> Setup<'a> {
+    Setup {
+        limit: 10,
+        ..Setup::new(
+            &server.url,
+            dir,
+            &["c"],
+            common::credentials(&server.token_url, "id", "secret"),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_deeper_than_the_result_window_is_split_until_each_partition_fits() {
+    let clock = Arc::new(ManualClock::default());
+    let items = items_over_time(100, 18);
+    for report_matched in [true, false] {
+        let engine = Engine {
+            depth: 20,
+            report_matched,
+            ..Engine::default()
+        };
+        let server = engine.clone().start(&items, &clock).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        // One partition of five years: 100 items, five times the result window.
+        let setup = Setup {
+            job_extra: "datetime = \"2020-01-01T00:00:00Z/2025-01-01T00:00:00Z\"\nwindow = \"none\"\nmax_partition_items = 20",
+            ..setup(&server, dir.path())
+        };
+
+        let summary = setup.run(clock.clone()).await;
+
+        let counts = &summary.jobs[0].counts;
+        assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+        assert_eq!(counts.new, 100, "{counts:?}");
+        assert_eq!(stored_items(&setup.database_url()).await.len(), 100);
+        assert!(counts.splits >= 3, "{counts:?}");
+        let recorded = common::scalar(
+            &setup.database_url(),
+            "SELECT partitions_split FROM sync_runs",
+        )
+        .await;
+        assert_eq!(recorded as u64, counts.splits);
+        let (searches, refused) = (
+            engine.searches.load(Ordering::SeqCst),
+            engine.refused.load(Ordering::SeqCst),
+        );
+        // With the count, a partition splits on its first page, before any deep page; without
+        // it, on the page the server refuses.
+        if report_matched {
+            assert_eq!(refused, 0);
+        } else {
+            assert!(refused >= 1);
+        }
+        eprintln!(
+            "numberMatched reported: {report_matched}; {} splits; {searches} search requests \
+             ({refused} refused) for {} pages committed; 10 pages of 10 without a result window",
+            counts.splits, counts.pages
+        );
+        let again = setup.run(clock.clone()).await;
+        assert_eq!(again.exit(), Exit::Success);
+        assert_eq!(again.jobs[0].counts.new + again.jobs[0].counts.changed, 0);
+        server.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_dies_mid_split_leaves_the_halves_planned_and_the_rerun_converges() {
+    let clock = Arc::new(ManualClock::default());
+    let items = items_over_time(100, 18);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job_extra = "datetime = \"2020-01-01T00:00:00Z/2025-01-01T00:00:00Z\"\nwindow = \"none\"\nmax_partition_items = 20";
+    let engine = Engine {
+        depth: 20,
+        report_matched: true,
+        fail_after: Arc::new(AtomicUsize::new(5)),
+        ..Engine::default()
+    };
+    let server = engine.clone().start(&items, &clock).await;
+    let rerun = Setup {
+        job_extra,
+        ..setup(&server, dir.path())
+    };
+    let first = rerun.run(clock.clone()).await;
+    assert_eq!(first.exit(), Exit::Upstream, "{:?}", first.jobs[0].error);
+    let url = rerun.database_url();
+    let split = common::scalar(&url, "SELECT COUNT(*) FROM sync_state WHERE split").await;
+    let planned = common::scalar(
+        &url,
+        "SELECT COUNT(*) FROM sync_state WHERE kind = 'sync' AND NOT split",
+    )
+    .await;
+    assert!(split >= 1, "the plan shows the splits");
+    assert_eq!(planned, split + 1, "each split planned two halves");
+
+    engine.fail_after.store(0, Ordering::SeqCst);
+    let second = rerun.run(clock.clone()).await;
+
+    assert_eq!(second.exit(), Exit::Success, "{:?}", second.jobs[0].error);
+    let reference_dir = tempfile::tempdir().expect("tempdir");
+    let reference = Setup {
+        job_extra,
+        ..setup(&server, reference_dir.path())
+    };
+    assert_eq!(reference.run(clock.clone()).await.exit(), Exit::Success);
+    assert_eq!(
+        stored_items(&rerun.database_url()).await,
+        stored_items(&reference.database_url()).await
+    );
+    assert_eq!(stored_items(&rerun.database_url()).await.len(), 100);
+    let left = common::scalar(
+        &rerun.database_url(),
+        "SELECT COUNT(*) FROM sync_state WHERE kind = 'sync'",
+    )
+    .await;
+    assert_eq!(left, 0, "the pass ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_came_back_empty_is_caught_by_the_count_and_paged_again() {
+    let clock = Arc::new(ManualClock::default());
+    let items = items_over_time(50, 18);
+    let engine = Engine {
+        report_matched: true,
+        drops: Arc::new(AtomicUsize::new(1)),
+        ..Engine::default()
+    };
+    let server = engine.clone().start(&items, &clock).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup {
+        job_extra: "window = \"none\"",
+        ..setup(&server, dir.path())
+    };
+
+    let summary = setup.run(clock.clone()).await;
+
+    let counts = &summary.jobs[0].counts;
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    assert_eq!(stored_items(&setup.database_url()).await.len(), 50);
+    assert_eq!((counts.missing, counts.incomplete), (10, 0), "{counts:?}");
+    let recorded =
+        common::scalar(&setup.database_url(), "SELECT items_missing FROM sync_runs").await;
+    assert_eq!(recorded, 10, "the run records the shortfall it fixed");
+    assert_eq!(
+        engine.searches.load(Ordering::SeqCst),
+        10,
+        "five pages, twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shortfall_that_persists_makes_the_run_partial_and_keeps_the_watermark() {
+    let clock = Arc::new(ManualClock::default());
+    let items = items_over_time(50, 18);
+    let engine = Engine {
+        report_matched: true,
+        drops: Arc::new(AtomicUsize::new(usize::MAX)),
+        ..Engine::default()
+    };
+    let server = engine.start(&items, &clock).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup {
+        job_extra: "window = \"none\"",
+        ..setup(&server, dir.path())
+    };
+
+    let summary = setup.run(clock.clone()).await;
+
+    assert_eq!(summary.exit(), Exit::Partial);
+    assert_eq!(summary.jobs[0].status, "partial");
+    assert_eq!(summary.jobs[0].counts.incomplete, 1);
+    assert_eq!(stored_items(&setup.database_url()).await.len(), 40);
+    let db = stac_sync::mirror::db::Database::connect(&setup.database_url())
+        .await
+        .expect("database");
+    let status = stac_sync::ops::status::read(&db, 5).await.expect("status");
+    let shown = status.render();
+    assert!(
+        shown.contains("partition c: the API reported 50 matching items, its pages held 40"),
+        "{shown}"
+    );
+    let watermark = common::scalar(
+        &setup.database_url(),
+        "SELECT COUNT(*) FROM sync_state WHERE partition = '' AND watermark IS NOT NULL",
+    )
+    .await;
+    assert_eq!(watermark, 0, "the next run is a full pass again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_without_a_datetime_is_cut_from_the_collections_extent_and_pages_it_in_parallel() {
+    let clock = Arc::new(ManualClock::default());
+    // Two years of items; the extent says 2020 to mid-2021, and one item is outside it.
+    let mut items = items_over_time(40, 18);
+    let mut late = items_over_time(41, 18).pop().expect("an item");
+    late["id"] = "after-the-extent".into();
+    late["properties"]["datetime"] = "2026-01-01T00:00:00Z".into();
+    items.push(late);
+    let engine = Engine::default();
+    let server = engine.clone().start(&items, &clock).await;
+    let mut collection = stac::Collection::new("c", "test collection");
+    collection.extent.temporal.interval = vec![[
+        Some("2020-01-01T00:00:00Z".parse().expect("instant")),
+        Some("2021-06-01T00:00:00Z".parse().expect("instant")),
+    ]];
+    server
+        .backend
+        .clone()
+        .add_collection(collection)
+        .await
+        .expect("collection");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = setup(&server, dir.path());
+
+    let summary = setup.run(clock.clone()).await;
+
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    assert_eq!(stored_items(&setup.database_url()).await.len(), 41);
+    let manifest = std::fs::read_dir(setup.objects_dir().join("_runs"))
+        .expect("manifests")
+        .next()
+        .expect("a manifest")
+        .expect("entry");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(manifest.path()).expect("read")).expect("JSON");
+    let windows: Vec<&str> = manifest["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| p["query"]["body"]["datetime"].as_str().unwrap_or("none"))
+        .collect();
+    // The extent's two calendar years, cut finer to the 4 requests in flight, then opened at
+    // both ends: nothing outside a stale extent is left out.
+    assert_eq!(windows.len(), 5, "{windows:?}");
+    assert_eq!(windows[0], "../2020-01-01T00:00:00Z");
+    assert_eq!(windows[4], "2021-01-01T00:00:00Z/..");
+    for pair in windows.windows(2) {
+        let end = pair[0].split_once('/').expect("interval").1;
+        assert!(pair[1].starts_with(&format!("{end}/")), "{windows:?}");
+    }
+}
