@@ -115,6 +115,24 @@ pub fn reconcile_parts(
     windowed(root, job, None, cut, now, "reconcile ", &shape)
 }
 
+/// Partitions of a reconcile pass that fetch whole again the items its sweep found changed
+/// (item-search `ids`, a page's worth at a time); `stale` is `(collection, id)`, sorted.
+pub fn refresh_parts(root: &Url, job: &Job, stale: &[(String, String)]) -> Vec<Part> {
+    let mut parts = Vec::new();
+    for same in stale.chunk_by(|a, b| a.0 == b.0) {
+        for batch in same.chunks(usize::try_from(job.limit).unwrap_or(1).max(1)) {
+            let collection = &batch[0].0;
+            let shape = Shape {
+                ids: batch.iter().map(|(_, id)| id.clone()).collect(),
+                ..Shape::default()
+            };
+            let name = format!("refresh {collection} {}", batch[0].1);
+            parts.push(part(root, job, collection, &shape, name));
+        }
+    }
+    parts
+}
+
 fn part(root: &Url, job: &Job, collection: &str, shape: &Shape, name: String) -> Part {
     Part {
         name,

@@ -44,6 +44,9 @@ struct Engine {
     report_matched: bool,
     /// Serve this many second pages (`skip` = `limit`) without their features.
     drops: Arc<AtomicUsize>,
+    /// Offer the Fields extension: conformance says so, and a search asking for `fields` gets
+    /// features of `id`, `collection` and `properties.updated` only.
+    fields: bool,
     /// Answer 503 to every search once this many were served (0: never).
     fail_after: Arc<AtomicUsize>,
     searches: Arc<AtomicUsize>,
@@ -83,6 +86,9 @@ async fn engine_layer(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    if engine.fields && matches!(request.uri().path(), "/" | "/conformance") {
+        return with_fields_conformance(next.run(request).await).await;
+    }
     if request.uri().path() != "/search" || request.method() != axum::http::Method::POST {
         return next.run(request).await;
     }
@@ -127,17 +133,48 @@ async fn engine_layer(
     if drop {
         page["features"] = Value::Array(Vec::new());
     }
+    if engine.fields
+        && search.get("fields").is_some()
+        && let Some(features) = page["features"].as_array_mut()
+    {
+        for feature in features {
+            *feature = serde_json::json!({
+                "type": "Feature",
+                "id": feature["id"],
+                "collection": feature["collection"],
+                "properties": {"updated": feature["properties"]["updated"]},
+            });
+        }
+    }
     (parts.status, axum::Json(page)).into_response()
 }
 
+/// The landing page or `/conformance`, saying that the Fields extension is offered.
+async fn with_fields_conformance(response: axum::response::Response) -> axum::response::Response {
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let mut doc: Value = serde_json::from_slice(&body).unwrap_or_default();
+    if let Some(classes) = doc["conformsTo"].as_array_mut() {
+        classes.push("https://api.stacspec.org/v1.0.0/item-search#fields".into());
+    }
+    (parts.status, axum::Json(doc)).into_response()
+}
+
 fn setup<'a>(server: &'a common::stac::StacServer, dir: &'a std::path::Path) -> Setup<'a> {
+    setup_at(&server.url, &server.token_url, dir)
+}
+
+/// A job over collection `c` of the API at `url`, pages of 10.
+fn setup_at<'a>(url: &'a str, token_url: &str, dir: &'a std::path::Path) -> Setup<'a> {
     Setup {
         limit: 10,
         ..Setup::new(
-            &server.url,
+            url,
             dir,
             &["c"],
-            common::credentials(&server.token_url, "id", "secret"),
+            common::credentials(token_url, "id", "secret"),
         )
     }
 }
@@ -370,4 +407,131 @@ async fn a_job_without_a_datetime_is_cut_from_the_collections_extent_and_pages_i
         let end = pair[0].split_once('/').expect("interval").1;
         assert!(pair[1].starts_with(&format!("{end}/")), "{windows:?}");
     }
+}
+
+/// `items` with `properties.updated` set to `updated`.
+fn updated_at(mut items: Vec<Value>, updated: &str) -> Vec<Value> {
+    for item in &mut items {
+        item["properties"]["updated"] = updated.into();
+    }
+    items
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_fetches_again_an_old_item_whose_updated_changed_that_a_datetime_pass_missed() {
+    let clock = Arc::new(ManualClock::default());
+    let before = updated_at(items_over_time(30, 18), "2024-01-01T00:00:00Z");
+    let engine = Engine {
+        fields: true,
+        ..Engine::default()
+    };
+    let server = engine.start(&before, &clock).await;
+    let port = url::Url::parse(&server.url)
+        .expect("url")
+        .port()
+        .expect("port");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, token_url) = (server.url.clone(), server.token_url.clone());
+    let setup = Setup {
+        job_extra: "incremental = \"datetime\"",
+        ..setup_at(&url, &token_url, dir.path())
+    };
+    assert_eq!(setup.run(clock.clone()).await.exit(), Exit::Success);
+    server.stop().await;
+    // Reprocessed upstream: an item acquired in 2020, far behind the datetime pass's lookback.
+    let mut after = before.clone();
+    after[3]["properties"]["updated"] = "2026-06-01T00:00:00Z".into();
+    after[3]["properties"]["processing:version"] = "05.11".into();
+    let requests = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let log = requests.clone();
+    let engine = Engine {
+        fields: true,
+        ..Engine::default()
+    };
+    let layer = engine.clone();
+    let server = common::stac::start_with(
+        &after,
+        Issuer::new(clock.clone(), "id", "secret"),
+        port,
+        move |router| {
+            router
+                .layer(axum::middleware::from_fn_with_state(layer, engine_layer))
+                .layer(axum::middleware::from_fn_with_state(log, log_searches))
+        },
+    )
+    .await;
+    let _ = engine.backend.set(server.backend.clone());
+    let stored = |id: &str| {
+        let url = setup.database_url();
+        let key = ("c".to_string(), id.to_string());
+        async move {
+            let stored = stored_items(&url).await.remove(&key).expect("stored");
+            let item: Value = serde_json::from_str(&stored).expect("JSON");
+            item["properties"]["updated"].clone()
+        }
+    };
+    let id = after[3]["id"].as_str().expect("id").to_string();
+
+    let incremental = setup.run(clock.clone()).await;
+    assert_eq!(
+        incremental.jobs[0].counts.changed, 0,
+        "the datetime pass cannot see it"
+    );
+    assert_eq!(stored(&id).await, "2024-01-01T00:00:00Z");
+    let searches_before = requests.lock().expect("lock").len();
+
+    let reconciled = stac_sync::run::run(
+        &setup.config(),
+        stac_sync::run::RunOptions {
+            clock: clock.clone(),
+            reconcile: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("the run is recorded");
+
+    assert_eq!(
+        reconciled.exit(),
+        Exit::Success,
+        "{:?}",
+        reconciled.jobs[0].error
+    );
+    let counts = &reconciled.jobs[0].counts;
+    assert_eq!((counts.changed, counts.deleted), (1, 0), "{counts:?}");
+    assert_eq!(stored(&id).await, "2026-06-01T00:00:00Z");
+    let searches = requests.lock().expect("lock")[searches_before..].to_vec();
+    // The run's datetime pass, the sweep's three pages of ids, and one search for the changed
+    // item, whole.
+    let whole: Vec<&Value> = searches
+        .iter()
+        .filter(|s| s.get("fields").is_none() && s.get("datetime").is_none())
+        .collect();
+    assert_eq!(whole.len(), 1, "{searches:?}");
+    assert_eq!(whole[0]["ids"], serde_json::json!([id]));
+}
+
+/// Records every search body.
+async fn log_searches(
+    axum::extract::State(log): axum::extract::State<Arc<std::sync::Mutex<Vec<Value>>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if request.uri().path() != "/search" {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    if let Ok(body) = serde_json::from_slice(&bytes)
+        && let Ok(mut log) = log.lock()
+    {
+        log.push(body);
+    }
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }

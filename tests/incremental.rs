@@ -347,7 +347,10 @@ async fn a_reconcile_asks_only_for_ids_where_offered_and_tombstones_what_vanishe
         .filter(|r| r.get("fields").is_some())
         .collect();
     assert_eq!(sweep.len(), 3, "{requests:?}");
-    assert_eq!(sweep[0]["fields"]["include"], json!(["id", "collection"]));
+    assert_eq!(
+        sweep[0]["fields"]["include"],
+        json!(["id", "collection", "properties.updated"])
+    );
     assert_eq!(reconciled.jobs[0].counts.deleted, 3);
     let live = live_items(&setup.database_url()).await;
     assert_eq!(live.len(), 9);

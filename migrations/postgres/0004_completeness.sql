@@ -15,3 +15,8 @@ ALTER TABLE sync_state ADD COLUMN split BOOLEAN NOT NULL DEFAULT FALSE;
 ALTER TABLE sync_runs ADD COLUMN items_missing BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE sync_runs ADD COLUMN partitions_incomplete BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE sync_runs ADD COLUMN partitions_split BIGINT NOT NULL DEFAULT 0;
+
+-- What a reconcile sweep saw of each item's `properties.updated` (where it asked for ids and
+-- `updated` only): an item whose stored `updated` differs, or that is not stored, is fetched
+-- whole again before the sweep ends.
+ALTER TABLE sync_seen ADD COLUMN updated TEXT;

@@ -24,7 +24,7 @@ use crate::stac::http::display_url;
 use crate::stac::reader::{Item, Page, Rejected};
 use crate::stac::search::Request;
 use bytes::Bytes;
-use db::{Counts, Database, JobLock, Known, Lease, PageCommit, Scope};
+use db::{Counts, Database, JobLock, Known, Lease, PageCommit, Scope, Seen};
 use futures_util::future::BoxFuture;
 use objects::ObjectSink;
 use std::collections::{BTreeMap, HashMap};
@@ -336,22 +336,26 @@ impl PageWriter<'_> {
     }
 
     /// `(collection, id)` of every feature on the page, during a reconcile.
-    fn seen<'p>(&self, page: &'p Page) -> Vec<(&'p str, &'p str)> {
+    fn seen<'p>(&self, page: &'p Page) -> Vec<Seen<'p>> {
         if self.writes == Writes::Items {
             return Vec::new();
         }
-        let items = page
-            .items
-            .iter()
-            .map(|i| (i.collection.as_str(), i.id.as_str()));
-        let rejected = page
-            .rejected
-            .iter()
-            .filter_map(|r| Some((r.collection.as_deref()?, r.id.as_deref()?)));
+        let items = page.items.iter().map(|i| Seen {
+            collection: &i.collection,
+            id: &i.id,
+            updated: i.updated.as_deref(),
+        });
+        let rejected = page.rejected.iter().filter_map(|r| {
+            Some(Seen {
+                collection: r.collection.as_deref()?,
+                id: r.id.as_deref()?,
+                updated: None,
+            })
+        });
         // A key the database cannot index was never stored, so there is nothing to keep live.
         items
             .chain(rejected)
-            .filter(|(collection, id)| self.mirror.db.indexes(collection, id))
+            .filter(|seen| self.mirror.db.indexes(seen.collection, seen.id))
             .collect()
     }
 

@@ -94,6 +94,31 @@ impl Partition {
         }
     }
 
+    /// The halves to page instead, if its first page says it matches more items than its
+    /// job's `max_partition_items` and its window can be halved.
+    async fn too_large(
+        &self,
+        context: &Context,
+        job: &Job,
+        lease: Option<&Lease<'_>>,
+        matched: Option<u64>,
+    ) -> Result<Option<Vec<Planned>>, Error> {
+        let Some(matched) = matched.filter(|m| self.max_items > 0 && *m > self.max_items) else {
+            return Ok(None);
+        };
+        let reason = format!(
+            "it matches {matched} items, more than max_partition_items ({})",
+            self.max_items
+        );
+        let halves = self.split(context, job, lease, &reason).await?;
+        if halves.is_none() {
+            tracing::info!(partition = %self.name, matched,
+                "a partition over max_partition_items cannot be split further (its window is \
+                 a second or has no start): paging it whole");
+        }
+        Ok(halves)
+    }
+
     /// Replaces it by the halves of its datetime window (see [`plan::split`]), if it has a
     /// window that can be halved; the halves to page (`None`: it cannot be split).
     async fn split(
@@ -337,19 +362,9 @@ async fn page_partition(
                 matched,
             } => {
                 if first
-                    && let Some(matched) =
-                        matched.filter(|m| partition.max_items > 0 && *m > partition.max_items)
+                    && let Some(halves) = partition.too_large(context, job, lease, matched).await?
                 {
-                    let reason = format!(
-                        "it matches {matched} items, more than max_partition_items ({})",
-                        partition.max_items
-                    );
-                    if let Some(halves) = partition.split(context, job, lease, &reason).await? {
-                        return Ok(halves);
-                    }
-                    tracing::info!(partition = %partition.name, matched,
-                        "a partition over max_partition_items cannot be split further (its \
-                         window is a second or has no start): paging it whole");
+                    return Ok(halves);
                 }
                 request = next;
             }

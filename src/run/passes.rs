@@ -187,14 +187,27 @@ impl<'a> JobPasses<'a> {
         if planned.is_empty() {
             planned = self.plan_reconcile().await?;
         }
-        let ids_only = planned.iter().any(|p| asks_ids_only(&p.first));
-        let writes = if ids_only {
-            Writes::Seen
-        } else {
-            Writes::ItemsAndSeen
-        };
-        self.pass(PassKind::Reconcile, writes, &planned, lock, counts)
-            .await?;
+        // A sweep of ids (and `updated`) only, then whole items: the sweep's partitions where
+        // the API offers Fields, those it found changed, and every partition where it does not.
+        if planned.iter().any(|p| asks_ids_only(&p.first)) {
+            self.pass(PassKind::Reconcile, Writes::Seen, &planned, lock, counts)
+                .await?;
+            self.plan_refresh().await?;
+            planned = self
+                .context
+                .mirror
+                .db()
+                .planned(&job.name, PassKind::Reconcile)
+                .await?;
+        }
+        self.pass(
+            PassKind::Reconcile,
+            Writes::ItemsAndSeen,
+            &planned,
+            lock,
+            counts,
+        )
+        .await?;
         let remove = job.deleted_objects == DeletedObjects::Delete;
         let now = plan::rfc3339(SystemTime::now());
         // What a collection's incomplete sweep did not see may still be there upstream.
@@ -235,6 +248,32 @@ impl<'a> JobPasses<'a> {
             })
     }
 
+    /// Adds to the reconcile pass partitions that fetch whole the items its sweep found changed
+    /// (or missing) here, so that a job whose passes re-scan only recent acquisitions still
+    /// gets old items that were reprocessed.
+    async fn plan_refresh(&mut self) -> Result<(), Error> {
+        let (db, job) = (self.context.mirror.db(), self.job);
+        let stale = db.stale_seen(&job.name).await?;
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let parts = plan::refresh_parts(self.context.api.root(), job, &stale);
+        tracing::info!(job = %job.name, items = stale.len(), partitions = parts.len(),
+            "the reconcile sweep saw items changed upstream (another `updated`) or missing here: \
+             fetching them whole");
+        let partitions: Vec<(String, String, Request)> = parts
+            .into_iter()
+            .map(|p| (p.name, p.collection, p.first))
+            .collect();
+        db.extend_plan(
+            &job.name,
+            PassKind::Reconcile,
+            &self.search_hash,
+            &partitions,
+        )
+        .await
+    }
+
     /// Plans a reconcile pass: ids only where the API offers the Fields extension.
     async fn plan_reconcile(&mut self) -> Result<Vec<Planned>, Error> {
         let offered = self.capabilities().await?;
@@ -263,13 +302,20 @@ impl<'a> JobPasses<'a> {
         lock: &mut JobLock,
         counts: &mut Counts,
     ) -> Result<(), Error> {
+        let (db, job) = (self.context.mirror.db(), &self.job.name);
+        // A reconcile sweep pages the partitions that ask for ids only; the rest of its pass
+        // those that fetch whole items.
+        let ours = |p: &Planned| match writes {
+            Writes::Items => true,
+            Writes::Seen => asks_ids_only(&p.first),
+            Writes::ItemsAndSeen => !asks_ids_only(&p.first),
+        };
+        let mut planned: Vec<Planned> = planned.iter().filter(|p| ours(p)).cloned().collect();
         self.report.partitions.extend(
             planned
                 .iter()
                 .map(|p| serde_json::json!({"name": p.name, "query": p.first})),
         );
-        let (db, job) = (self.context.mirror.db(), &self.job.name);
-        let mut planned = planned.to_vec();
         loop {
             let pass = Pass {
                 context: self.context,
@@ -298,6 +344,7 @@ impl<'a> JobPasses<'a> {
                 counts.missing += short.matched.saturating_sub(short.received);
             }
             planned = db.planned(job, kind).await?;
+            planned.retain(|p| ours(p));
         }
     }
 

@@ -63,8 +63,10 @@ pub struct Shape {
     pub updated_since: Option<String>,
     /// `updated_since` through the Query extension (`query: {"updated": {"gte": ...}}`).
     pub updated_by_query: bool,
-    /// Ask only for `id` and `collection` (Fields extension).
+    /// Ask only for `id`, `collection` and `properties.updated` (Fields extension).
     pub ids_only: bool,
+    /// Only these items (item-search `ids`).
+    pub ids: Vec<String>,
 }
 
 impl Shape {
@@ -107,8 +109,10 @@ fn query(job: &Job, since: Option<&str>) -> Option<Value> {
     Some(Value::Object(query))
 }
 
+/// Fields an ids-only sweep asks for: `updated` tells which stored items changed.
+const IDS_ONLY_INCLUDE: [&str; 3] = ["id", "collection", "properties.updated"];
 /// Fields left out of an ids-only sweep (Fields extension: `include` alone keeps the defaults).
-const IDS_ONLY_EXCLUDE: [&str; 5] = ["geometry", "bbox", "assets", "links", "properties"];
+const IDS_ONLY_EXCLUDE: [&str; 4] = ["geometry", "bbox", "assets", "links"];
 
 /// The first search request of a job over `collections` (STAC API item-search, GET or POST),
 /// shaped for one partition. Both methods carry the same parameters: a POST as its body, a GET
@@ -146,20 +150,23 @@ fn parameters(job: &Job, collections: &[String], shape: &Shape) -> Map<String, V
         ("bbox", job.bbox.clone().map(Value::from)),
         ("intersects", job.intersects.clone()),
         ("datetime", shape.datetime.clone().map(Value::from)),
+        (
+            "ids",
+            (!shape.ids.is_empty()).then(|| Value::from(shape.ids.clone())),
+        ),
         ("query", query),
         ("filter-lang", filter.as_ref().map(|_| "cql2-json".into())),
         ("filter", filter),
         (
             "sortby",
-            sorted.then(|| {
-                serde_json::json!([{"field": "properties.updated", "direction": "asc"}])
-            }),
+            sorted
+                .then(|| serde_json::json!([{"field": "properties.updated", "direction": "asc"}])),
         ),
         (
             "fields",
-            shape.ids_only.then(|| {
-                serde_json::json!({"include": ["id", "collection"], "exclude": IDS_ONLY_EXCLUDE})
-            }),
+            shape.ids_only.then(
+                || serde_json::json!({"include": IDS_ONLY_INCLUDE, "exclude": IDS_ONLY_EXCLUDE}),
+            ),
         ),
     ];
     let mut search = Map::new();
@@ -435,7 +442,7 @@ mod tests {
         assert_eq!(pairs["sortby"], "+properties.updated");
         assert_eq!(
             pairs["fields"],
-            "id,collection,-geometry,-bbox,-assets,-links,-properties"
+            "id,collection,properties.updated,-geometry,-bbox,-assets,-links"
         );
         assert_eq!(pairs["filter-lang"], "cql2-json");
         let filter: Value = serde_json::from_str(&pairs["filter"]).expect("JSON");

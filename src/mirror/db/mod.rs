@@ -213,6 +213,15 @@ pub struct Planned {
     pub done: bool,
 }
 
+/// An item a reconcile sweep saw.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen<'a> {
+    pub collection: &'a str,
+    pub id: &'a str,
+    /// Its `properties.updated`, if the page gave it.
+    pub updated: Option<&'a str>,
+}
+
 /// A partition that ended short of the match count its first page reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Short {
@@ -346,8 +355,8 @@ pub struct PageCommit<'a> {
     pub features: u64,
     /// The match count its page reported; the partition keeps its first page's.
     pub matched: Option<u64>,
-    /// `(collection, id)` of every item on the page, during a reconcile pass.
-    pub seen: Vec<(&'a str, &'a str)>,
+    /// Every item on the page, during a reconcile pass.
+    pub seen: Vec<Seen<'a>>,
     /// A worker's lease on the partition: the page commits only if the lease is still its own
     /// (and renews it), else fails with [`Error::LeaseLost`].
     pub lease: Option<Lease<'a>>,
@@ -686,6 +695,60 @@ impl Database {
                 done: false,
             })
             .collect())
+    }
+
+    /// The items the job's reconcile sweep saw that the mirror lacks, holds deleted, or holds
+    /// with another `properties.updated` than the sweep saw: changed upstream since stored.
+    pub async fn stale_seen(&self, job: &str) -> Result<Vec<(String, String)>, Error> {
+        on_pool!(self, pool => sqlx::query_as(
+            "SELECT s.collection, s.id FROM sync_seen s \
+             LEFT JOIN items i ON i.collection = s.collection AND i.id = s.id \
+             WHERE s.job = $1 AND (i.id IS NULL OR i.deleted_at IS NOT NULL \
+             OR (s.updated IS NOT NULL AND (i.updated IS NULL OR i.updated <> s.updated))) \
+             ORDER BY s.collection, s.id",
+        )
+        .bind(job)
+        .fetch_all(pool)
+        .await)
+        .map_err(self.fail("find the items a reconcile sweep saw changed"))
+    }
+
+    /// Adds partitions to the job's unfinished pass of this kind (those already planned under
+    /// the same name stay as they are).
+    pub async fn extend_plan(
+        &self,
+        job: &str,
+        kind: PassKind,
+        search_hash: &str,
+        partitions: &[(String, String, Request)],
+    ) -> Result<(), Error> {
+        let mut rows = Vec::with_capacity(partitions.len());
+        for (name, collection, first) in partitions {
+            let first = serde_json::to_string(first)
+                .map_err(|e| Error::Internal(format!("cannot serialise a request: {e}")))?;
+            rows.push((name.as_str(), collection.as_str(), first));
+        }
+        on_pool!(self, pool => async {
+            let mut tx = pool.begin().await?;
+            for (name, collection, first) in &rows {
+                sqlx::query(
+                    "INSERT INTO sync_state (job, partition, kind, collection, query_hash, request, \
+                     resume, done, pages_done, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, NULL, FALSE, 0, CURRENT_TIMESTAMP) \
+                     ON CONFLICT (job, partition) DO NOTHING",
+                )
+                .bind(job)
+                .bind(*name)
+                .bind(kind.as_str())
+                .bind(*collection)
+                .bind(search_hash)
+                .bind(first.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await
+        }.await)
+        .map_err(self.fail("add partitions to the pass's plan"))
     }
 
     /// The completeness check of a pass's partitions that ended short of the match count their

@@ -135,14 +135,15 @@ where
         .execute(&mut *conn)
         .await?;
     }
-    for (collection, id) in &page.seen {
+    for seen in &page.seen {
         sqlx::query(
-            "INSERT INTO sync_seen (job, collection, id) VALUES ($1, $2, $3) \
+            "INSERT INTO sync_seen (job, collection, id, updated) VALUES ($1, $2, $3, $4) \
              ON CONFLICT DO NOTHING",
         )
         .bind(page.job)
-        .bind(*collection)
-        .bind(*id)
+        .bind(seen.collection)
+        .bind(seen.id)
+        .bind(seen.updated)
         .execute(&mut *conn)
         .await?;
     }
