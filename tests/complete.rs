@@ -47,6 +47,8 @@ struct Engine {
     /// Offer the Fields extension: conformance says so, and a search asking for `fields` gets
     /// features of `id`, `collection` and `properties.updated` only.
     fields: bool,
+    /// Answer each search this late (a remote API).
+    delay: std::time::Duration,
     /// Answer 503 to every search once this many were served (0: never).
     fail_after: Arc<AtomicUsize>,
     searches: Arc<AtomicUsize>,
@@ -92,6 +94,7 @@ async fn engine_layer(
     if request.uri().path() != "/search" || request.method() != axum::http::Method::POST {
         return next.run(request).await;
     }
+    tokio::time::sleep(engine.delay).await;
     let served = engine.searches.fetch_add(1, Ordering::SeqCst) + 1;
     let fail_after = engine.fail_after.load(Ordering::SeqCst);
     if fail_after > 0 && served > fail_after {
@@ -534,4 +537,157 @@ async fn log_searches(
         axum::body::Body::from(bytes),
     ))
     .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_on_postgres_share_the_halves_of_the_partitions_they_split() {
+    if common::skip_without(common::Service::Postgres) {
+        return;
+    }
+    let clock = Arc::new(ManualClock::default());
+    let items = items_over_time(100, 18);
+    let engine = Engine {
+        depth: 20,
+        report_matched: true,
+        ..Engine::default()
+    };
+    let server = engine.clone().start(&items, &clock).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup {
+        job_extra: "datetime = \"2020-01-01T00:00:00Z/2025-01-01T00:00:00Z\"\nwindow = \"none\"\nmax_partition_items = 20",
+        database: Some(common::fresh_postgres().await),
+        ..setup(&server, dir.path())
+    };
+    let config = setup.config();
+    let worker = || {
+        stac_sync::run::run(
+            &config,
+            stac_sync::run::RunOptions {
+                clock: clock.clone(),
+                worker: true,
+                ..Default::default()
+            },
+        )
+    };
+
+    let (a, b) = tokio::join!(worker(), worker());
+
+    let (a, b) = (a.expect("recorded"), b.expect("recorded"));
+    assert_eq!(a.exit(), Exit::Success, "{:?}", a.jobs[0].error);
+    assert_eq!(b.exit(), Exit::Success, "{:?}", b.jobs[0].error);
+    let (a, b) = (&a.jobs[0].counts, &b.jobs[0].counts);
+    assert_eq!(a.new + b.new, 100, "{a:?} {b:?}");
+    assert!(a.splits + b.splits >= 3, "{a:?} {b:?}");
+    assert_eq!(stored_items(&setup.database_url()).await.len(), 100);
+    assert_eq!(engine.refused.load(Ordering::SeqCst), 0);
+    let left = common::scalar(
+        &setup.database_url(),
+        "SELECT COUNT(*) FROM sync_state WHERE kind = 'sync'",
+    )
+    .await;
+    assert_eq!(left, 0, "the pass ended");
+    // A single run into another Postgres database splits alike and stores the same.
+    let single_dir = tempfile::tempdir().expect("tempdir");
+    let single = Setup {
+        database: Some(common::fresh_postgres().await),
+        ..setup_at(&server.url, &server.token_url, single_dir.path())
+    };
+    let single = Setup {
+        job_extra: setup.job_extra,
+        ..single
+    };
+    let summary = single.run(clock.clone()).await;
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    assert_eq!(summary.jobs[0].counts.splits, 7);
+    assert_eq!(
+        stored_items(&single.database_url()).await,
+        stored_items(&setup.database_url()).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_killed_while_it_splits_partitions_converges_to_an_uninterrupted_one() {
+    use rand::Rng;
+    let clock = Arc::new(ManualClock::default());
+    let items = items_over_time(200, 9);
+    let engine = Engine {
+        depth: 20,
+        report_matched: true,
+        delay: std::time::Duration::from_millis(15),
+        ..Engine::default()
+    };
+    let server = engine.clone().start(&items, &clock).await;
+    let job = "datetime = \"2020-01-01T00:00:00Z/2025-01-01T00:00:00Z\"\nwindow = \"none\"\nmax_partition_items = 20";
+    let reference_dir = tempfile::tempdir().expect("tempdir");
+    let reference = Setup {
+        job_extra: job,
+        ..setup(&server, reference_dir.path())
+    };
+    assert_eq!(reference.run(clock.clone()).await.exit(), Exit::Success);
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("stac-sync.toml"),
+        format!(
+            "api_url = \"{}\"\n[[jobs]]\nname = \"test\"\ncollections = [\"c\"]\nlimit = 10\n{job}\n",
+            server.url
+        ),
+    )
+    .expect("config");
+    let binary = assert_cmd::cargo::cargo_bin!("stac-sync");
+    let spawn = || {
+        std::process::Command::new(binary)
+            .current_dir(dir.path())
+            .env_clear()
+            .env("RUST_LOG", "error")
+            .env("EDS_AUTH_URL", &server.token_url)
+            .env("EDS_CLIENT_ID", "id")
+            .env("EDS_SECRET", "secret")
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawns")
+    };
+    let database = format!("sqlite://{}", dir.path().join("stac-sync.db").display());
+    let mut split_when_killed = 0;
+    for _ in 0..4 {
+        let mut child = spawn();
+        let target = engine.searches.load(Ordering::SeqCst) + rand::rng().random_range(2..=6);
+        let watched = engine.searches.clone();
+        let killed = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return false;
+                }
+                if watched.load(Ordering::SeqCst) >= target {
+                    let _ = child.kill(); // SIGKILL
+                    let _ = child.wait();
+                    return true;
+                }
+                assert!(std::time::Instant::now() < deadline, "no progress");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })
+        .await
+        .expect("join");
+        assert!(killed, "the run finished before it could be killed");
+        split_when_killed =
+            common::scalar(&database, "SELECT COUNT(*) FROM sync_state WHERE split").await;
+    }
+    let mut child = spawn();
+    let last = tokio::task::spawn_blocking(move || child.wait().expect("exits"))
+        .await
+        .expect("join");
+
+    assert_eq!(last.code(), Some(0));
+    assert!(
+        split_when_killed > 0,
+        "the runs were killed with splits in the plan"
+    );
+    assert_eq!(
+        stored_items(&database).await,
+        stored_items(&reference.database_url()).await
+    );
+    assert_eq!(stored_items(&database).await.len(), 200);
 }
