@@ -165,8 +165,10 @@ fn the_readme_quick_start_and_try_it_commands_run_as_written() {
         succeeds(dir.path(), &command);
     }
     let items = dir.path().join("stac-sync-items");
-    assert_eq!(files_in(&items.join("sentinel-2-l2a")), 22_500);
-    assert_eq!(files_in(&items.join("sentinel-1-grd")), 7_500);
+    // Each collection's items, and its collection.json.
+    assert_eq!(files_in(&items.join("sentinel-2-l2a")), 22_500 + 1);
+    assert_eq!(files_in(&items.join("sentinel-1-grd")), 7_500 + 1);
+    assert!(items.join("sentinel-1-grd/collection.json").is_file());
 
     // The quick start's first command, with the EDS variables of the fixture's `.env`.
     for command in &quick_start {

@@ -44,6 +44,12 @@ pub trait Output: Send + Sync + std::fmt::Debug {
     /// Stores a run's manifest.
     fn manifest<'a>(&'a self, run_id: &'a str, manifest: Bytes)
     -> BoxFuture<'a, Result<(), Error>>;
+    /// Stores a collection's document (new or changed), before its row.
+    fn collection<'a>(
+        &'a self,
+        collection: &'a str,
+        content: Bytes,
+    ) -> BoxFuture<'a, Result<(), Error>>;
 }
 
 /// The database and the outputs, opened for a run.
@@ -96,6 +102,36 @@ impl Mirror {
                 Err(e) => tracing::warn!(job, error = %e, "could not clean the object folder"),
             }
         }
+    }
+
+    /// Stores a collection's document as fetched (`None`: the API has none now): written to
+    /// the outputs, then its row, when it is new or changed; a collection gone upstream is
+    /// marked, never dropped.
+    pub async fn collection(&self, id: &str, content: Option<Bytes>) -> Result<(), Error> {
+        let Some(content) = content else {
+            if self.db.collection_gone(id).await? {
+                tracing::warn!(
+                    collection = id,
+                    "the collection is gone upstream (no \
+                    /collections/{id}); its document and items are kept, marked in `status`"
+                );
+            }
+            return Ok(());
+        };
+        let text = std::str::from_utf8(&content).map_err(|e| {
+            Error::Upstream(format!("collection {id}: its document is not UTF-8 ({e})"))
+        })?;
+        let changed = self.db.collection_changed(id, text).await?;
+        if changed {
+            for output in &self.outputs {
+                output.collection(id, content.clone()).await?;
+            }
+            tracing::info!(
+                collection = id,
+                "storing the collection's document (new or changed)"
+            );
+        }
+        self.db.store_collection(id, text, changed).await
     }
 
     /// Stores a run's manifest where the outputs keep one; a failure is logged.

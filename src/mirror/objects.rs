@@ -291,6 +291,19 @@ impl ObjectSink {
         }
     }
 
+    /// Writes a collection's document, `{prefix}/{collection}/collection.json`.
+    pub async fn put_collection(&self, collection: &str, content: Bytes) -> Result<(), Error> {
+        let key = self.key(&format!(
+            "{}/{COLLECTION_DOCUMENT}.json",
+            encode_collection(collection)
+        ));
+        self.store
+            .put(&key, PutPayload::from(content))
+            .await
+            .map_err(self.fail(format!("writing {key}")))?;
+        Ok(())
+    }
+
     /// Writes a run's manifest.
     pub async fn put_manifest(&self, run_id: &str, manifest: Bytes) -> Result<(), Error> {
         let key = self.key(&format!("_runs/{}.json", encode_segment(run_id)));
@@ -329,7 +342,18 @@ impl super::Output for ObjectSink {
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(self.put_manifest(run_id, manifest))
     }
+
+    fn collection<'a>(
+        &'a self,
+        collection: &'a str,
+        content: Bytes,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.put_collection(collection, content))
+    }
 }
+
+/// The name of a collection's document beside its items (`collection.json`).
+const COLLECTION_DOCUMENT: &str = "collection";
 
 /// The longest encoded id kept whole in a key: file systems limit a name to 255 bytes (ext4,
 /// xfs), and `.json` and a writer's `#N` suffix need some of them.
@@ -341,6 +365,10 @@ const MAX_ID_SEGMENT: usize = 200;
 /// id itself.
 fn id_segment(id: &str) -> String {
     let encoded = encode_segment(id);
+    // `{collection}/collection.json` is the collection's document.
+    if encoded == COLLECTION_DOCUMENT {
+        return "%63ollection".into();
+    }
     if encoded.len() <= MAX_ID_SEGMENT {
         return encoded;
     }
@@ -487,6 +515,9 @@ mod tests {
         assert_eq!(encode_segment("é\n"), "%C3%A9%0A");
         assert_eq!(encode_collection("_runs"), "%5Fruns");
         assert_ne!(encode_segment("a b"), encode_segment("a+b"));
+        // `{collection}/collection.json` is the collection's document, never an item's.
+        assert_eq!(id_segment("collection"), "%63ollection");
+        assert_ne!(id_segment("collection"), id_segment("%63ollection"));
     }
 
     #[test]

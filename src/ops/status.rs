@@ -68,19 +68,28 @@ impl Status {
         out += &self.runs_table();
         out += "\nJobs\n";
         out += &self.jobs_table();
-        out += "\nItems\n";
+        out += "\nCollections\n";
         let collections: Vec<Vec<String>> = self
             .collections
             .iter()
             .map(|c| {
+                let document = match (&c.gone_at, c.described) {
+                    (Some(at), _) => format!("gone upstream since {at}"),
+                    (None, true) => "stored".into(),
+                    (None, false) => "-".into(),
+                };
                 vec![
                     c.collection.clone(),
                     c.live.to_string(),
                     c.deleted.to_string(),
+                    document,
                 ]
             })
             .collect();
-        out += &table(&["collection", "live", "deleted upstream"], &collections);
+        out += &table(
+            &["collection", "live", "deleted upstream", "collection.json"],
+            &collections,
+        );
         let _ = writeln!(out, "\nQuarantined features: {}", self.quarantined);
         if !self.recent_quarantine.is_empty() {
             let rows: Vec<Vec<String>> = self

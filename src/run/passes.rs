@@ -56,8 +56,10 @@ impl<'a> JobPasses<'a> {
         }
     }
 
-    /// The sync pass, then the reconcile pass where one is due (never on a worker).
+    /// The job's collections, then its sync pass, then the reconcile pass where one is due
+    /// (never on a worker).
     pub async fn run(&mut self, lock: &mut JobLock, counts: &mut Counts) -> Result<(), Error> {
+        self.collections().await?;
         let state = self.sync(lock, counts).await?;
         if self.context.worker.is_some() {
             if self.context.reconcile || self.job.reconcile_every.is_some() {
@@ -348,6 +350,26 @@ impl<'a> JobPasses<'a> {
         }
     }
 
+    /// Fetches the job's collections' documents, once per run, and stores them (see
+    /// [`crate::mirror::Mirror::collection`]); keeps their temporal extents for the plans.
+    async fn collections(&mut self) -> Result<(), Error> {
+        let job = self.job;
+        let mut extents = HashMap::new();
+        for collection in &job.collections {
+            let doc = client::collection(&self.context.api, collection).await?;
+            let extent = doc
+                .as_deref()
+                .and_then(|doc| serde_json::from_slice(doc).ok())
+                .and_then(|doc: serde_json::Value| client::temporal_extent(&doc));
+            tracing::debug!(job = %job.name, collection, extent = extent.as_deref().unwrap_or("none"),
+                "the collection's temporal extent");
+            extents.extend(extent.map(|extent| (collection.clone(), extent)));
+            self.context.mirror.collection(collection, doc).await?;
+        }
+        self.extents = Some(extents);
+        Ok(())
+    }
+
     /// How a full or reconcile pass (`windowed`) cuts its windows: from each collection's
     /// temporal extent when the job has no datetime, and at least as many as the cap on requests
     /// in flight; unless the job asks for one window per collection. (An incremental pass is
@@ -365,15 +387,7 @@ impl<'a> JobPasses<'a> {
             return Ok(cut);
         }
         if self.extents.is_none() {
-            let mut extents = HashMap::new();
-            for collection in &job.collections {
-                let doc = client::collection(&self.context.api, collection).await?;
-                let extent = doc.as_ref().and_then(client::temporal_extent);
-                tracing::info!(job = %job.name, collection, extent = extent.as_deref().unwrap_or("none"),
-                    "the collection's temporal extent, to cut its windows from");
-                extents.extend(extent.map(|extent| (collection.clone(), extent)));
-            }
-            self.extents = Some(extents);
+            self.collections().await?;
         }
         cut.extents = self.extents.clone().unwrap_or_default();
         Ok(cut)

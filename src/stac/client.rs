@@ -219,19 +219,21 @@ pub async fn landing_page(api: &ApiClient) -> Result<serde_json::Value, Error> {
     .await
 }
 
-/// A collection's document (`GET /collections/{id}`); `None` if the API has no such collection
-/// or refuses it (a search then says more).
-pub async fn collection(api: &ApiClient, id: &str) -> Result<Option<serde_json::Value>, Error> {
+/// A collection's document (`GET /collections/{id}`) as received; `None` if the API has no such
+/// collection (404) or refuses it (a search then says more).
+pub async fn collection(api: &ApiClient, id: &str) -> Result<Option<Bytes>, Error> {
     let Ok(mut url) = api.root().join("collections") else {
         return Ok(None);
     };
     if let Ok(mut path) = url.path_segments_mut() {
         path.push(id);
     }
-    match api
-        .fetch("collection", &Request::get(url), json("collection"))
-        .await
-    {
+    let document = |body: Bytes| match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(doc) if doc.is_object() => Ok(body),
+        Ok(_) => Err("the collection is not a JSON object".to_string()),
+        Err(e) => Err(format!("the collection is not JSON ({e})")),
+    };
+    match api.fetch("collection", &Request::get(url), document).await {
         Ok(doc) => Ok(Some(doc)),
         Err(e) if e.is_rejected_request() => Ok(None),
         Err(e) => Err(e),
