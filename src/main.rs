@@ -187,7 +187,11 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
             Ok(report.exit())
         }
         Command::Status { json, runs } => {
-            let db = stac_sync::mirror::db::Database::connect(&config.database_url).await?;
+            let db = stac_sync::mirror::db::Database::connect_as(
+                &config.database_url,
+                config.database_format,
+            )
+            .await?;
             let status = stac_sync::ops::status::read(&db, runs).await?;
             if json {
                 println!(
@@ -200,7 +204,11 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
             Ok(Exit::Success)
         }
         Command::Migrate => {
-            let db = stac_sync::mirror::db::Database::connect(&config.database_url).await?;
+            let db = stac_sync::mirror::db::Database::connect_as(
+                &config.database_url,
+                config.database_format,
+            )
+            .await?;
             db.migrate().await?;
             Ok(Exit::Success)
         }

@@ -16,6 +16,9 @@ use std::sync::Arc;
 enum Backend {
     Sqlite,
     Postgres,
+    /// Postgres with pgstac: items and collections go to pgstac, stac-sync's tables to schema
+    /// stac_sync (which the tests read).
+    Pgstac,
 }
 
 struct Case {
@@ -39,7 +42,12 @@ impl Case {
         let database = match backend {
             Backend::Sqlite => format!("sqlite://{}", dir.path().join("mirror.db").display()),
             Backend::Postgres => common::fresh_postgres().await,
+            Backend::Pgstac => common::fresh_pgstac().await,
         };
+        server.state.collections.store(
+            backend == Backend::Pgstac,
+            std::sync::atomic::Ordering::SeqCst,
+        );
         Case {
             backend,
             clock,
@@ -52,6 +60,10 @@ impl Case {
     fn setup(&self) -> Setup<'_> {
         Setup {
             database: Some(self.database.clone()),
+            top: match self.backend {
+                Backend::Pgstac => "database_format = \"pgstac\"",
+                _ => "",
+            },
             // Every run a full pass: these tests are about what a rerun writes.
             job_extra: "incremental = \"off\"",
             ..Setup::new(
@@ -63,15 +75,72 @@ impl Case {
         }
     }
 
+    /// The case's database, opened as its runs open it.
+    async fn db(&self) -> Database {
+        let format = match self.backend {
+            Backend::Pgstac => stac_sync::config::DatabaseFormat::Pgstac,
+            _ => stac_sync::config::DatabaseFormat::StacSync,
+        };
+        Database::connect_as(&self.database, format)
+            .await
+            .expect("db")
+    }
+
     async fn run(&self) -> stac_sync::run::Summary {
         self.setup().run(self.clock.clone()).await
     }
 
     fn objects(&self) -> std::collections::BTreeMap<String, Vec<u8>> {
         let mut objects = stored_objects(&self.setup().objects_dir());
-        objects.retain(|key, _| !key.starts_with("_runs/"));
+        objects.retain(|key, _| !key.starts_with("_runs/") && !key.ends_with("/collection.json"));
         objects
     }
+}
+
+/// On pgstac: what pgstac serves equals what stac-sync stored (every live item, hydrated back
+/// from pgstac, equals the item received), and the `xmin` of each pgstac row, so that a test
+/// can tell whether a rerun rewrote it. Empty on the other backends.
+async fn pgstac_rows(case: &Case) -> std::collections::BTreeMap<(String, String), String> {
+    use sqlx::Connection;
+    if case.backend != Backend::Pgstac {
+        return Default::default();
+    }
+    let live: Vec<(String, String, String)> = {
+        let mut conn = sqlx::PgConnection::connect(&case.database)
+            .await
+            .expect("db");
+        sqlx::query_as(
+            "SELECT collection, id, CAST(content AS TEXT) FROM stac_sync.items \
+             WHERE deleted_at IS NULL ORDER BY collection, id",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .expect("stac-sync rows")
+    };
+    let mut conn = sqlx::PgConnection::connect(&case.database)
+        .await
+        .expect("db");
+    let served: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT collection, id, CAST(pgstac.get_item(id, collection) AS TEXT), CAST(xmin AS TEXT) \
+         FROM pgstac.items ORDER BY collection, id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("pgstac rows");
+    assert_eq!(
+        served.iter().map(|r| (&r.0, &r.1)).collect::<Vec<_>>(),
+        live.iter().map(|r| (&r.0, &r.1)).collect::<Vec<_>>(),
+        "pgstac holds exactly the live items"
+    );
+    for ((_, id, hydrated, _), (_, _, stored)) in served.iter().zip(&live) {
+        let hydrated: Value = serde_json::from_str(hydrated).expect("JSON");
+        let stored: Value = serde_json::from_str(stored).expect("JSON");
+        assert_eq!(hydrated, stored, "pgstac serves item {id} as received");
+    }
+    served
+        .into_iter()
+        .map(|(c, i, _, xmin)| ((c, i), xmin))
+        .collect()
 }
 
 fn pages(count: usize, per_page: usize) -> Vec<Vec<Value>> {
@@ -87,6 +156,7 @@ async fn a_rerun_converges_and_rewrites_nothing(backend: Backend) {
     let first = case.run().await;
     let rows = stored_items(&case.database).await;
     let objects = case.objects();
+    let pgstac = pgstac_rows(&case).await;
     let mtimes: Vec<_> = objects
         .keys()
         .map(|k| {
@@ -116,6 +186,11 @@ async fn a_rerun_converges_and_rewrites_nothing(backend: Backend) {
         })
         .collect();
     assert_eq!(after, mtimes, "unchanged items' objects were rewritten");
+    assert_eq!(
+        pgstac_rows(&case).await,
+        pgstac,
+        "pgstac rows were rewritten"
+    );
     for ((collection, id), content) in &rows {
         let object = &objects[&format!("{collection}/{id}.json")];
         let stored: Value = serde_json::from_str(content).expect("json");
@@ -149,8 +224,10 @@ async fn changed_items_are_updated_in_rows_and_objects(backend: Backend) {
     let object: Value =
         serde_json::from_slice(&case.objects()[&format!("c/{id}.json")]).expect("json");
     assert_eq!(object["properties"]["eo:cloud_cover"], json!(42.5));
+    let pgstac = pgstac_rows(&case).await;
     let third = case.run().await;
     assert_eq!(third.jobs[0].counts.unchanged, 9);
+    assert_eq!(pgstac_rows(&case).await, pgstac);
 }
 
 async fn a_bad_item_is_quarantined_alone(backend: Backend) {
@@ -176,7 +253,7 @@ async fn a_bad_item_is_quarantined_alone(backend: Backend) {
             assert_eq!(reasons, ["the item has no id"]);
             assert_eq!(rows.len(), 4);
         }
-        Backend::Postgres => {
+        Backend::Postgres | Backend::Pgstac => {
             assert_eq!(reasons[0], "the item has no id");
             assert!(reasons[1].contains("NUL"), "{reasons:?}");
             assert_eq!(rows.len(), 3);
@@ -192,7 +269,7 @@ async fn a_bad_item_is_quarantined_alone(backend: Backend) {
 async fn an_item_the_database_refuses_at_commit_is_quarantined_alone(backend: Backend) {
     let items = make_items("c", 4);
     let case = Case::new(backend, vec![items.clone()]).await;
-    let db = Database::connect(&case.database).await.expect("db");
+    let db = case.db().await;
     db.migrate().await.expect("migrate");
     // A rule of the user's: a trigger that refuses one id.
     let refused_id = items[2]["id"].as_str().expect("id").to_string();
@@ -205,7 +282,7 @@ async fn an_item_the_database_refuses_at_commit_is_quarantined_alone(backend: Ba
             )
             .await;
         }
-        Backend::Postgres => {
+        Backend::Postgres | Backend::Pgstac => {
             common::execute(
                 &case.database,
                 "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql \
@@ -283,7 +360,7 @@ async fn a_run_killed_between_objects_and_commit_converges(backend: Backend) {
     let case = Case::new(backend, pages(3, 3)).await;
     let reference = Case::new(backend, pages(3, 3)).await;
     reference.run().await;
-    let db = Database::connect(&case.database).await.expect("db");
+    let db = case.db().await;
     db.migrate().await.expect("migrate");
     // The fail point: the database refuses the first page's commit (its resume point moves), after its objects are
     // written, as if the process died between the two.
@@ -294,7 +371,7 @@ async fn a_run_killed_between_objects_and_commit_converges(backend: Backend) {
              BEGIN SELECT RAISE(ABORT, 'fail point'); END",
             "DROP TRIGGER fail_point",
         ),
-        Backend::Postgres => (
+        Backend::Postgres | Backend::Pgstac => (
             Some(
                 "CREATE FUNCTION fail_point() RETURNS trigger LANGUAGE plpgsql \
                   AS $$ BEGIN RAISE EXCEPTION 'fail point'; END $$",
@@ -323,7 +400,7 @@ async fn a_run_killed_between_objects_and_commit_converges(backend: Backend) {
     // and the page after that is prepared meanwhile.
     let ahead = match backend {
         Backend::Sqlite => 1,
-        Backend::Postgres => 2,
+        Backend::Postgres | Backend::Pgstac => 2,
     };
     assert!(
         (3..=3 * (1 + ahead)).contains(&objects_after_failure),
@@ -340,11 +417,15 @@ async fn a_run_killed_between_objects_and_commit_converges(backend: Backend) {
         stored_items(&reference.database).await
     );
     assert_eq!(case.objects(), reference.objects());
+    assert_eq!(
+        pgstac_rows(&case).await.keys().collect::<Vec<_>>(),
+        pgstac_rows(&reference).await.keys().collect::<Vec<_>>()
+    );
 }
 
 async fn a_second_run_of_a_locked_job_exits_7_without_writing(backend: Backend) {
     let case = Case::new(backend, pages(2, 3)).await;
-    let db = Database::connect(&case.database).await.expect("db");
+    let db = case.db().await;
     db.migrate().await.expect("migrate");
     let lock = db
         .lock("test", false)
@@ -405,7 +486,7 @@ async fn ids_of_any_length_never_cost_their_page(backend: Backend) {
             assert!(stored(3));
             assert!(quarantined.is_empty(), "{quarantined:?}");
         }
-        Backend::Postgres => {
+        Backend::Postgres | Backend::Pgstac => {
             assert_eq!(first.exit(), Exit::Partial, "{:?}", first.jobs[0].error);
             assert!(!stored(3));
             assert!(
@@ -436,6 +517,17 @@ macro_rules! conformance {
                         return;
                     }
                     super::$name(super::Backend::Postgres).await
+                }
+            )*
+        }
+        mod pgstac {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if crate::common::skip_without(crate::common::Service::Pgstac) {
+                        return;
+                    }
+                    super::$name(super::Backend::Pgstac).await
                 }
             )*
         }

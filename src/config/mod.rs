@@ -48,6 +48,8 @@ pub struct FileConfig {
     pub api_url: Option<String>,
     /// `sqlite://...` or `postgres://...`.
     pub database_url: Option<String>,
+    /// `stac-sync` (its own schema) or `pgstac` (into an existing pgstac database).
+    pub database_format: Option<DatabaseFormat>,
     /// `file://...`, `s3://...`, ... or `none`.
     pub object_store_url: Option<String>,
     /// Default page size for jobs that set none.
@@ -154,6 +156,20 @@ pub enum AuthStyle {
     Basic,
     /// `client_id` and `client_secret` as form fields.
     Post,
+}
+
+/// What the database holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseFormat {
+    /// stac-sync's own tables (`items`, `collections`, ...), SQLite or Postgres.
+    #[default]
+    #[serde(rename = "stac-sync")]
+    #[value(name = "stac-sync")]
+    StacSync,
+    /// Items and collections in pgstac (through its staging tables and functions), so that
+    /// stac-fastapi-pgstac serves the mirror; stac-sync's own tables in schema `stac_sync`.
+    Pgstac,
 }
 
 /// The HTTP method of the first search request.
@@ -277,6 +293,11 @@ pub struct Overrides {
     /// Database URL [default: sqlite://stac-sync.db].
     #[arg(long, global = true, env = "STAC_SYNC_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// What the database holds: `stac-sync` (its own tables) or `pgstac` (items and
+    /// collections in an existing pgstac database, stac-sync's own tables in schema stac_sync)
+    /// [default: stac-sync].
+    #[arg(long, global = true, env = "STAC_SYNC_DATABASE_FORMAT", value_enum)]
+    pub database_format: Option<DatabaseFormat>,
     /// Object store URL, or `none` [default: file://./stac-sync-items].
     #[arg(long, global = true, env = "STAC_SYNC_OBJECT_STORE_URL")]
     pub object_store_url: Option<String>,
@@ -382,6 +403,8 @@ pub struct Config {
     pub concurrency: usize,
     /// The database URL.
     pub database_url: String,
+    /// What the database holds.
+    pub database_format: DatabaseFormat,
     /// The object store URL; `None` when turned off.
     pub object_store_url: Option<String>,
     /// Options for the object store.
@@ -554,6 +577,19 @@ impl Config {
             )));
         }
         let database_url = resolve_database_url(o.database_url.clone().or(file.database_url))?;
+        let database_format = o
+            .database_format
+            .or(file.database_format)
+            .unwrap_or_default();
+        if database_format == DatabaseFormat::Pgstac
+            && !crate::mirror::db::is_postgres(&database_url)
+        {
+            return Err(Error::Config(format!(
+                "database_format = \"pgstac\" needs a postgres:// database_url with pgstac \
+                 installed (`pypgstac migrate`), not {}",
+                redact_url(&database_url)
+            )));
+        }
         let object_store_url =
             resolve_object_store_url(o.object_store_url.clone().or(file.object_store_url))?;
         let max_requests_per_second = o.max_requests_per_second.or(file.max_requests_per_second);
@@ -594,6 +630,7 @@ impl Config {
             http,
             concurrency,
             database_url,
+            database_format,
             object_store_url,
             object_store_options: file.object_store,
             metrics_file: o.metrics_file.clone().or(file.metrics_file),

@@ -63,7 +63,7 @@ impl Mirror {
     /// Opens the database (migrating it if `migrate`) and the configured outputs, and checks
     /// that each output takes a write: a missing bucket fails here, before any page.
     pub async fn open(config: &Config, migrate: bool) -> Result<Mirror, Error> {
-        let db = Database::connect(&config.database_url).await?;
+        let db = Database::connect_as(&config.database_url, config.database_format).await?;
         if migrate {
             db.migrate().await?;
         }
@@ -109,6 +109,12 @@ impl Mirror {
     /// marked, never dropped.
     pub async fn collection(&self, id: &str, content: Option<Bytes>) -> Result<(), Error> {
         let Some(content) = content else {
+            if self.db.pgstac().is_some() && !self.db.collection_stored(id).await? {
+                return Err(Error::Upstream(format!(
+                    "collection {id}: the API has no /collections/{id} document, and pgstac \
+                     needs one to hold the collection's items; check the collection id"
+                )));
+            }
             if self.db.collection_gone(id).await? {
                 tracing::warn!(
                     collection = id,
@@ -125,6 +131,9 @@ impl Mirror {
         if changed {
             for output in &self.outputs {
                 output.collection(id, content.clone()).await?;
+            }
+            if let Some(pgstac) = self.db.pgstac() {
+                pgstac.pgstac_collection(text).await?;
             }
             tracing::info!(
                 collection = id,

@@ -228,7 +228,7 @@ async fn probe_collections(report: &mut Report, config: &Config, api: &ApiClient
 
 /// The database takes a write, and how many migrations it has.
 async fn probe_database(report: &mut Report, config: &Config) -> Option<Database> {
-    let db = match Database::connect(&config.database_url).await {
+    let db = match Database::connect_as(&config.database_url, config.database_format).await {
         Ok(db) => db,
         Err(error) => {
             report.push("database", Err(error));
@@ -244,6 +244,9 @@ async fn probe_database(report: &mut Report, config: &Config) -> Option<Database
             )
         }),
     );
+    if let Some(pgstac) = db.pgstac() {
+        report.push("pgstac", pgstac.pgstac_probe().await);
+    }
     match db.migrations().await {
         (0, _) => report.info(
             "migrations",

@@ -91,6 +91,8 @@ pub struct FixtureState {
     pub accepted_at: Mutex<VecDeque<std::time::Instant>>,
     /// Searches answered 429 for going over `per_second`.
     pub over_rate: AtomicUsize,
+    /// Serve `/collections/{id}` (a minimal document for any id); 404 otherwise.
+    pub collections: std::sync::atomic::AtomicBool,
 }
 
 /// Counts a request out of `in_flight` however its handler returns.
@@ -151,11 +153,13 @@ pub async fn start(pages: Vec<Vec<Value>>, paging: Paging, issuer: Arc<Issuer>) 
         per_second: Mutex::new(None),
         accepted_at: Mutex::new(VecDeque::new()),
         over_rate: AtomicUsize::new(0),
+        collections: std::sync::atomic::AtomicBool::new(false),
     });
     let app = Router::new()
         .route("/search", any(search))
         .route("/", get(landing))
         .route("/queryables", get(queryables))
+        .route("/collections/{id}", get(collection))
         .with_state(state.clone())
         .merge(
             Router::new()
@@ -180,6 +184,28 @@ async fn landing(State(state): State<Arc<FixtureState>>, headers: HeaderMap) -> 
     axum::Json(
         json!({"type": "Catalog", "id": "fixture", "description": "fixture",
         "stac_version": "1.0.0", "conformsTo": conformance, "links": []}),
+    )
+    .into_response()
+}
+
+/// A minimal collection document for any id, when `collections` is set (else 404).
+async fn collection(
+    State(state): State<Arc<FixtureState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !state.issuer.accepts(&headers) {
+        return state.issuer.refusal();
+    }
+    if !state.collections.load(Ordering::SeqCst) {
+        return (StatusCode::NOT_FOUND, "no such collection").into_response();
+    }
+    axum::Json(
+        json!({"type": "Collection", "stac_version": "1.0.0", "id": id,
+        "description": "fixture collection", "license": "other",
+        "extent": {"spatial": {"bbox": [[-180.0, -90.0, 180.0, 90.0]]},
+                   "temporal": {"interval": [[null, null]]}},
+        "links": []}),
     )
     .into_response()
 }

@@ -92,6 +92,8 @@ pub struct Setup<'a> {
     pub database: Option<String>,
     /// Object store URL; a folder in `dir` when `None`.
     pub objects: Option<String>,
+    /// Top-level keys (`database_format = "pgstac"`).
+    pub top: &'a str,
 }
 
 impl<'a> Setup<'a> {
@@ -108,6 +110,7 @@ impl<'a> Setup<'a> {
             env,
             database: None,
             objects: None,
+            top: "",
         }
     }
 
@@ -134,6 +137,7 @@ api_url = "{api}"
 database_url = "{db}"
 object_store_url = "{objects}"
 concurrency = 4
+{top}
 
 [http]
 backoff_base = "10ms"
@@ -156,6 +160,7 @@ method = "{method}"
             method = self.method,
             extra = self.extra,
             job_extra = self.job_extra,
+            top = self.top,
         );
         let file: FileConfig = toml::from_str(&toml).expect("test config parses");
         let overrides = Overrides {
@@ -239,6 +244,33 @@ pub async fn fresh_postgres() -> String {
         .await
         .expect("create database");
     format!("{server}/{name}")
+}
+
+/// A new Postgres database with pgstac installed (`pypgstac migrate`), for one test; its URL
+/// names stac-sync's schema first, so that the tests' queries read stac-sync's tables.
+pub async fn fresh_pgstac() -> String {
+    use sqlx::Connection;
+    let url = fresh_postgres().await;
+    // pgstac's roles are the server's, not the database's: one migration at a time, across
+    // the test binaries too.
+    let mut lock = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_server()))
+        .await
+        .expect("Postgres");
+    sqlx::query("SELECT pg_advisory_lock(4747)")
+        .execute(&mut lock)
+        .await
+        .expect("lock");
+    let output = std::process::Command::new("pypgstac")
+        .args(["migrate", "--dsn", &url])
+        .output()
+        .expect("pypgstac runs (scripts/test installs it)");
+    let _ = lock.close().await;
+    assert!(
+        output.status.success(),
+        "pypgstac migrate: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    format!("{url}?options=-c%20search_path%3Dstac_sync%2Cpublic")
 }
 
 /// Every object under a folder, by relative path.

@@ -20,6 +20,9 @@ pub enum Service {
     /// Prometheus's Pushgateway, `/usr/bin/prometheus-pushgateway` or
     /// `STAC_SYNC_TEST_PUSHGATEWAY`.
     Pushgateway,
+    /// pgstac: PostGIS in the Postgres server and `pypgstac` on the PATH, to `pypgstac migrate`
+    /// a fresh database; stac-fastapi-pgstac to serve it.
+    Pgstac,
 }
 
 impl Service {
@@ -49,6 +52,7 @@ impl Service {
                 })
             }
             Service::Moto => on_path("moto_server"),
+            Service::Pgstac => Service::Postgres.present() && on_path("pypgstac"),
             Service::Azurite => std::path::Path::new(concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/tests/azurite/node_modules/.bin/azurite-blob"

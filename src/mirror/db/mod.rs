@@ -12,6 +12,7 @@ mod sqlite;
 pub use postgres::PostgresDb;
 pub use sqlite::SqliteDb;
 
+use crate::config::DatabaseFormat;
 use crate::error::Error;
 use crate::stac::reader::{Item, Rejected};
 use crate::stac::search::Request;
@@ -436,12 +437,30 @@ pub enum Database {
 }
 
 impl Database {
-    /// Opens the database named by `url`.
+    /// Opens the database named by `url`, in stac-sync's own format.
     pub async fn connect(url: &str) -> Result<Database, Error> {
+        Database::connect_as(url, DatabaseFormat::StacSync).await
+    }
+
+    /// Opens the database named by `url`, holding `format`.
+    pub async fn connect_as(url: &str, format: DatabaseFormat) -> Result<Database, Error> {
+        let pgstac = format == DatabaseFormat::Pgstac;
         if is_postgres(url) {
-            Ok(Database::Postgres(PostgresDb::connect(url).await?))
+            Ok(Database::Postgres(PostgresDb::connect(url, pgstac).await?))
+        } else if pgstac {
+            Err(Error::Config(
+                "database_format = \"pgstac\" needs a postgres:// database_url".into(),
+            ))
         } else {
             Ok(Database::Sqlite(SqliteDb::connect(url).await?))
+        }
+    }
+
+    /// The pgstac database, when items and collections go to pgstac.
+    pub fn pgstac(&self) -> Option<&PostgresDb> {
+        match self {
+            Database::Postgres(db) if db.is_pgstac() => Some(db),
+            _ => None,
         }
     }
 
@@ -882,10 +901,23 @@ impl Database {
             "UPDATE items SET deleted_at = CURRENT_TIMESTAMP WHERE ",
             vanished!()
         );
+        let pgstac = self.pgstac().is_some();
         on_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
             for scope in scopes {
                 bind_scope!(sqlx::query(sql), scope, job).execute(&mut *tx).await?;
+                if pgstac {
+                    // The served catalog matches the source: what is tombstoned here is gone
+                    // from pgstac (and stays remembered as deleted here).
+                    sqlx::query(
+                        "DELETE FROM pgstac.items p USING stac_sync.items s \
+                         WHERE s.collection = $1 AND s.deleted_at IS NOT NULL \
+                         AND p.collection = s.collection AND p.id = s.id",
+                    )
+                    .bind(scope.collection)
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
             sqlx::query("DELETE FROM sync_seen WHERE job = $1").bind(job).execute(&mut *tx).await?;
             sqlx::query(
@@ -984,6 +1016,16 @@ impl Database {
             .await
             .map(|_| ()))
         .map_err(self.fail("store a collection"))
+    }
+
+    /// Whether a collection's document is stored.
+    pub async fn collection_stored(&self, id: &str) -> Result<bool, Error> {
+        on_pool!(self, pool => sqlx::query_scalar("SELECT COUNT(*) FROM collections WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .map(|n: i64| n > 0))
+        .map_err(self.fail("read a collection"))
     }
 
     /// Marks a collection gone upstream (its document and items are kept); whether it was

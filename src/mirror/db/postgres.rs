@@ -20,6 +20,9 @@ use sqlx::{Acquire, ConnectOptions, Connection};
 use std::str::FromStr;
 use std::time::Duration;
 
+/// The schema of stac-sync's own tables in a pgstac database.
+pub const SCHEMA: &str = "stac_sync";
+
 /// The schema migrations, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -29,6 +32,8 @@ pub struct PostgresDb {
     pool: PgPool,
     options: Box<PgConnectOptions>,
     shown: String,
+    /// Items and collections also go to pgstac; stac-sync's tables are in schema `stac_sync`.
+    pgstac: bool,
 }
 
 /// A held `pg_advisory_lock`, released when its connection closes (or the process dies).
@@ -193,13 +198,17 @@ fn escapes_nul(content: &[u8]) -> bool {
 }
 
 impl PostgresDb {
-    /// Connects to the database at `url`.
-    pub async fn connect(url: &str) -> Result<PostgresDb, Error> {
+    /// Connects to the database at `url`; with `pgstac`, stac-sync's own tables are those of
+    /// schema `stac_sync` (pgstac's are always named with their schema).
+    pub async fn connect(url: &str, pgstac: bool) -> Result<PostgresDb, Error> {
         let shown = redact_url(url);
-        let options = PgConnectOptions::from_str(url)
+        let mut options = PgConnectOptions::from_str(url)
             .map_err(|e| Error::Config(format!("database_url {shown}: {e}")))?
             .application_name("stac-sync")
             .log_statements(tracing::log::LevelFilter::Debug);
+        if pgstac {
+            options = options.options([("search_path", format!("{SCHEMA}, public"))]);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
@@ -210,6 +219,7 @@ impl PostgresDb {
             pool,
             options: Box::new(options),
             shown,
+            pgstac,
         })
     }
 
@@ -222,8 +232,15 @@ impl PostgresDb {
         super::sink_error(&self.shown, what)
     }
 
-    /// Applies the schema migrations.
+    /// Applies the schema migrations (into schema `stac_sync` beside pgstac's).
     pub async fn migrate(&self) -> Result<(), Error> {
+        if self.pgstac {
+            self.pgstac_version().await?;
+            sqlx::query(concat!("CREATE SCHEMA IF NOT EXISTS ", "stac_sync"))
+                .execute(&self.pool)
+                .await
+                .map_err(self.fail("create schema stac_sync"))?;
+        }
         MIGRATOR
             .run(&self.pool)
             .await
@@ -316,7 +333,7 @@ impl PostgresDb {
         let mut refused = Vec::new();
         let batch = {
             let mut savepoint = tx.begin().await.map_err(self.fail("begin a savepoint"))?;
-            match upsert(&mut savepoint, &page.items).await {
+            match self.store(&mut savepoint, &page.items).await {
                 Ok(()) => savepoint
                     .commit()
                     .await
@@ -328,7 +345,7 @@ impl PostgresDb {
             tracing::warn!(error = %batch_error, "Postgres refused the page as a batch; storing its items one by one");
             for item in &page.items {
                 let mut savepoint = tx.begin().await.map_err(self.fail("begin a savepoint"))?;
-                match upsert(&mut savepoint, std::slice::from_ref(item)).await {
+                match self.store(&mut savepoint, std::slice::from_ref(item)).await {
                     Ok(()) => savepoint
                         .commit()
                         .await
@@ -337,7 +354,11 @@ impl PostgresDb {
                         drop(savepoint);
                         refused.push(Rejected {
                             content: item.content.clone(),
-                            reason: format!("Postgres refused the item: {}", e.message()),
+                            reason: format!(
+                                "{} refused the item: {}",
+                                if self.pgstac { "pgstac" } else { "Postgres" },
+                                e.message()
+                            ),
                             collection: Some(item.collection.clone()),
                             id: Some(item.id.clone()),
                         });
@@ -356,6 +377,102 @@ impl PostgresDb {
             .map_err(self.fail("quarantine features and store the resume point"))?;
         tx.commit().await.map_err(self.fail("commit a page"))?;
         Ok(refused)
+    }
+
+    /// Stores items in the transaction `conn`: their rows, and with pgstac, the items in pgstac
+    /// through its upsert staging table, whose trigger dehydrates them into the collection's
+    /// partitions (made as needed; an item whose datetime changed moves partition).
+    async fn store(&self, conn: &mut PgConnection, items: &[&Item]) -> Result<(), sqlx::Error> {
+        upsert(conn, items).await?;
+        if self.pgstac && !items.is_empty() {
+            let mut contents = Vec::with_capacity(items.len());
+            for item in items {
+                contents.push(
+                    simdutf8::compat::from_utf8(&item.content)
+                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                );
+            }
+            // pgstac's staging trigger names its tables without their schema; `stac_sync`
+            // holds tables of the same names. Reverted with the savepoint if this fails.
+            sqlx::query("SET LOCAL search_path TO pgstac, public")
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(
+                "INSERT INTO pgstac.items_staging_upsert (content) \
+                 SELECT CAST(c AS JSONB) FROM UNNEST($1::text[]) AS c",
+            )
+            .bind(contents)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query("SET LOCAL search_path TO stac_sync, public")
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Whether items and collections also go to pgstac.
+    pub fn is_pgstac(&self) -> bool {
+        self.pgstac
+    }
+
+    /// The version of pgstac in the database; an error that says how to install it.
+    pub async fn pgstac_version(&self) -> Result<String, Error> {
+        sqlx::query_scalar("SELECT pgstac.get_version()")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| {
+                Error::Sink(format!(
+                    "database {}: database_format = \"pgstac\", but pgstac cannot be read there \
+                     ({e}); install it with `pypgstac migrate --dsn ...`, or grant this role \
+                     pgstac_ingest",
+                    self.shown
+                ))
+            })
+    }
+
+    /// What `check` says of pgstac: its version (0.9 or later), and whether this role may
+    /// write items (the upsert staging table) and collections.
+    pub async fn pgstac_probe(&self) -> Result<String, Error> {
+        let version = self.pgstac_version().await?;
+        let numbers: Vec<u32> = version
+            .split('.')
+            .take(2)
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        if numbers.as_slice() < [0, 9].as_slice() {
+            return Err(Error::Sink(format!(
+                "pgstac {version} is older than 0.9, which stac-sync needs (tested with 0.10); \
+                 upgrade it with `pypgstac migrate`"
+            )));
+        }
+        let may_write: bool = sqlx::query_scalar(
+            "SELECT has_table_privilege('pgstac.items_staging_upsert', 'INSERT') \
+             AND has_function_privilege('pgstac.upsert_collection(jsonb)', 'EXECUTE') \
+             AND has_schema_privilege('pgstac', 'USAGE')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(self.fail("read this role's pgstac privileges"))?;
+        if !may_write {
+            return Err(Error::Sink(format!(
+                "pgstac {version} is installed, but this role may not write items or \
+                 collections: grant it pgstac_ingest"
+            )));
+        }
+        Ok(format!(
+            "pgstac {version}; this role may write items and collections"
+        ))
+    }
+
+    /// Creates or updates a collection in pgstac (before its items).
+    pub async fn pgstac_collection(&self, content: &str) -> Result<(), Error> {
+        sqlx::query("SELECT pgstac.upsert_collection(CAST($1 AS JSONB))")
+            .bind(content)
+            .execute(&self.pool)
+            .await
+            .map_err(self.fail("store a collection in pgstac"))?;
+        Ok(())
     }
 
     /// Claims an unfinished partition of the job's `kind` pass for `lease`: one that no worker
