@@ -20,6 +20,30 @@ use sqlx::{Acquire, ConnectOptions, Connection};
 use std::str::FromStr;
 use std::time::Duration;
 
+/// Attempts at a page's transaction that deadlocks or fails to serialize (pgstac's partition
+/// management takes locks that another writer of the database may hold in another order).
+const COMMIT_ATTEMPTS: u32 = 5;
+
+/// Whether a transaction failed only because of other transactions: a deadlock, or a
+/// serialization failure. Its work is undone; done again, it may succeed.
+fn must_retry(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
+}
+
+/// How an attempt at a page's transaction failed.
+enum Failure {
+    /// Because of other transactions: try it again.
+    Retry(sqlx::Error),
+    /// For good.
+    Fail(Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure::Fail(e)
+    }
+}
+
 /// The schema of stac-sync's own tables in a pgstac database.
 pub const SCHEMA: &str = "stac_sync";
 
@@ -309,11 +333,33 @@ impl PostgresDb {
 
     /// Commits one page. Returns the items Postgres refused, which were quarantined.
     pub async fn commit_page(&self, page: PageCommit<'_>) -> Result<Vec<Rejected>, Error> {
+        let mut attempt = 0u32;
+        loop {
+            match self.commit_once(&page).await {
+                Ok(refused) => return Ok(refused),
+                Err(Failure::Fail(e)) => return Err(e),
+                Err(Failure::Retry(e)) if attempt < COMMIT_ATTEMPTS => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, partition = page.partition,
+                        "the page's transaction hit a deadlock or a serialization failure; \
+                         committing it again");
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                }
+                Err(Failure::Retry(e)) => {
+                    return Err(self.fail("commit a page (deadlocked every time)")(e));
+                }
+            }
+        }
+    }
+
+    /// One attempt at [`PostgresDb::commit_page`]; [`Failure::Retry`] when the transaction
+    /// deadlocked or failed to serialize (nothing of it was kept).
+    async fn commit_once(&self, page: &PageCommit<'_>) -> Result<Vec<Rejected>, Failure> {
         let mut tx = self
             .pool
             .begin()
             .await
-            .map_err(self.fail("begin transaction"))?;
+            .map_err(self.failure("begin transaction"))?;
         if let Some(lease) = &page.lease {
             let held = sqlx::query(FENCE)
                 .bind(page.job)
@@ -322,34 +368,42 @@ impl PostgresDb {
                 .bind(lease.ttl.as_secs_f64())
                 .execute(&mut *tx)
                 .await
-                .map_err(self.fail("check the partition's lease"))?
+                .map_err(self.failure("check the partition's lease"))?
                 .rows_affected();
             if held == 0 {
-                return Err(Error::LeaseLost {
+                return Err(Failure::Fail(Error::LeaseLost {
                     partition: page.partition.to_string(),
-                });
+                }));
             }
         }
         let mut refused = Vec::new();
         let batch = {
-            let mut savepoint = tx.begin().await.map_err(self.fail("begin a savepoint"))?;
+            let mut savepoint = tx
+                .begin()
+                .await
+                .map_err(self.failure("begin a savepoint"))?;
             match self.store(&mut savepoint, &page.items).await {
                 Ok(()) => savepoint
                     .commit()
                     .await
                     .map_err(self.fail("release a savepoint")),
+                Err(e) if must_retry(&e) => return Err(Failure::Retry(e)),
                 Err(e) => Err(self.fail("store a page of items")(e)),
             }
         };
         if let Err(batch_error) = batch {
             tracing::warn!(error = %batch_error, "Postgres refused the page as a batch; storing its items one by one");
             for item in &page.items {
-                let mut savepoint = tx.begin().await.map_err(self.fail("begin a savepoint"))?;
+                let mut savepoint = tx
+                    .begin()
+                    .await
+                    .map_err(self.failure("begin a savepoint"))?;
                 match self.store(&mut savepoint, std::slice::from_ref(item)).await {
                     Ok(()) => savepoint
                         .commit()
                         .await
-                        .map_err(self.fail("release a savepoint"))?,
+                        .map_err(self.failure("release a savepoint"))?,
+                    Err(e) if must_retry(&e) => return Err(Failure::Retry(e)),
                     Err(sqlx::Error::Database(e)) => {
                         drop(savepoint);
                         refused.push(Rejected {
@@ -364,19 +418,28 @@ impl PostgresDb {
                         });
                     }
                     Err(e) => {
-                        return Err(self
+                        return Err(Failure::Fail(self
                             .fail(&format!("store item {}/{}", item.collection, item.id))(
                             e
-                        ));
+                        )));
                     }
                 }
             }
         }
-        shared::finish_page::<sqlx::Postgres>(&mut tx, &page, &refused)
+        shared::finish_page::<sqlx::Postgres>(&mut tx, page, &refused)
             .await
-            .map_err(self.fail("quarantine features and store the resume point"))?;
-        tx.commit().await.map_err(self.fail("commit a page"))?;
+            .map_err(self.failure("quarantine features and store the resume point"))?;
+        tx.commit().await.map_err(self.failure("commit a page"))?;
         Ok(refused)
+    }
+
+    /// Maps a failed statement of a page's transaction: to try again if other transactions
+    /// caused it, else for good (saying `what` failed).
+    fn failure<'a>(&'a self, what: &'a str) -> impl Fn(sqlx::Error) -> Failure + 'a {
+        move |e| match must_retry(&e) {
+            true => Failure::Retry(e),
+            false => Failure::Fail(self.fail(what)(e)),
+        }
     }
 
     /// Stores items in the transaction `conn`: their rows, and with pgstac, the items in pgstac

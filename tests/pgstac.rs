@@ -1,0 +1,467 @@
+//! The pgstac output end to end: a real STAC API (stac-server) mirrored into pgstac, served by
+//! stac-fastapi-pgstac (pinned, from PyPI), and compared page by page with the source; then
+//! the source changes (new, changed, moved in time and withdrawn items) and an incremental run
+//! and a reconcile bring the served catalog back to equal.
+
+mod common;
+
+use common::tokens::Issuer;
+use common::{Setup, make_items};
+use serde_json::{Value, json};
+use stac_sync::clock::ManualClock;
+use stac_sync::error::Exit;
+use stac_sync::plan::{parse_instant, rfc3339};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// `n` items of `collection` acquired every `days` days from 2021-01-01, with an `updated`.
+fn items(collection: &str, n: usize, days: u64) -> Vec<Value> {
+    let start = parse_instant("2021-01-01T00:00:00Z").expect("instant");
+    make_items(collection, n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut item)| {
+            let at = start + Duration::from_secs(i as u64 * days * 86_400 + 3600);
+            let properties = item["properties"].as_object_mut().expect("properties");
+            properties.remove("start_datetime");
+            properties.remove("end_datetime");
+            properties.insert("datetime".into(), rfc3339(at).into());
+            properties.insert("updated".into(), "2024-06-01T00:00:00Z".into());
+            item
+        })
+        .collect()
+}
+
+/// stac-fastapi-pgstac serving the pgstac database `database` (a URL), stopped when dropped.
+struct Served {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn serve(database: &str) -> Served {
+    let parsed = url::Url::parse(database).expect("database URL");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let child = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "uvicorn",
+            "stac_fastapi.pgstac.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .env("PGUSER", parsed.username())
+        .env("PGPASSWORD", parsed.password().unwrap_or("unused"))
+        .env("PGHOST", parsed.host_str().expect("host"))
+        .env("PGPORT", parsed.port().unwrap_or(5432).to_string())
+        .env("PGDATABASE", parsed.path().trim_start_matches('/'))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("stac-fastapi-pgstac starts (scripts/test installs it)");
+    let served = Served {
+        child,
+        url: format!("http://127.0.0.1:{port}/"),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if reqwest::get(&served.url)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return served;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stac-fastapi-pgstac did not answer"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A client of an API: with a bearer token from `token_url` if given.
+struct Client {
+    http: reqwest::Client,
+    root: String,
+    token: Option<String>,
+}
+
+impl Client {
+    async fn new(root: &str, token_url: Option<&str>) -> Client {
+        let http = reqwest::Client::new();
+        let token = match token_url {
+            Some(url) => {
+                let token: Value = http
+                    .post(url)
+                    .basic_auth("id", Some("secret"))
+                    .form(&[("grant_type", "client_credentials")])
+                    .send()
+                    .await
+                    .expect("token")
+                    .json()
+                    .await
+                    .expect("token JSON");
+                token["access_token"].as_str().map(str::to_string)
+            }
+            None => None,
+        };
+        Client {
+            http,
+            root: root.to_string(),
+            token,
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Value {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let response = request.send().await.expect("request");
+        assert!(response.status().is_success(), "{response:?}");
+        response.json().await.expect("JSON")
+    }
+
+    /// Every item of `POST /search` over one collection, following the next links, by id,
+    /// without their links (each server makes its own); and the pages it took.
+    async fn search(&self, collection: &str) -> (BTreeMap<String, Value>, usize) {
+        let mut items = BTreeMap::new();
+        let mut body = json!({"collections": [collection], "limit": 7});
+        let mut url = format!("{}search", self.root);
+        let mut pages = 0;
+        loop {
+            pages += 1;
+            assert!(pages < 100, "paging does not end");
+            let page = self.send(self.http.post(&url).json(&body)).await;
+            for mut item in page["features"].as_array().expect("features").clone() {
+                item.as_object_mut().expect("object").remove("links");
+                let id = item["id"].as_str().expect("id").to_string();
+                assert!(items.insert(id.clone(), item).is_none(), "{id} twice");
+            }
+            let next = page["links"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|l| l["rel"] == "next");
+            let Some(next) = next else {
+                return (items, pages);
+            };
+            url = next["href"].as_str().expect("href").to_string();
+            if let Some(next_body) = next.get("body") {
+                body = match next["merge"].as_bool() {
+                    Some(true) => {
+                        let mut merged = body.clone();
+                        for (k, v) in next_body.as_object().expect("object") {
+                            merged[k] = v.clone();
+                        }
+                        merged
+                    }
+                    _ => next_body.clone(),
+                };
+            }
+        }
+    }
+
+    /// `/collections/{id}` without its links.
+    async fn collection(&self, id: &str) -> Value {
+        let mut doc = self
+            .send(self.http.get(format!("{}collections/{id}", self.root)))
+            .await;
+        doc.as_object_mut().expect("object").remove("links");
+        doc
+    }
+}
+
+/// Compares what stac-fastapi-pgstac serves with the source, collection by collection.
+async fn assert_served_equals_source(source: &Client, served: &Client, collections: &[&str]) {
+    for collection in collections {
+        let (expected, _) = source.search(collection).await;
+        let (got, pages) = served.search(collection).await;
+        assert!(pages > 1, "served in several pages");
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>(),
+            "{collection}: the same items"
+        );
+        for (id, item) in &expected {
+            assert_eq!(&got[id], item, "{collection}/{id}");
+        }
+        assert_eq!(
+            served.collection(collection).await,
+            source.collection(collection).await,
+            "{collection}: the collection document"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stac_fastapi_pgstac_serves_the_mirror_as_the_source_serves_it() {
+    if common::skip_without(common::Service::Pgstac) {
+        return;
+    }
+    let clock = Arc::new(ManualClock::default());
+    let mut source_items = items("s2", 30, 40);
+    source_items.extend(items("s1", 20, 61));
+    let issuer = Issuer::new(clock.clone(), "id", "secret");
+    let server = common::stac::start(&source_items, issuer.clone()).await;
+    let port = url::Url::parse(&server.url)
+        .expect("url")
+        .port()
+        .expect("port");
+    let database = common::fresh_pgstac().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, token_url) = (server.url.clone(), server.token_url.clone());
+    let setup = Setup {
+        limit: 10,
+        top: "database_format = \"pgstac\"",
+        database: Some(database.clone()),
+        ..Setup::new(
+            &url,
+            dir.path(),
+            &["s2", "s1"],
+            common::credentials(&token_url, "id", "secret"),
+        )
+    };
+    let backfill = setup.run(clock.clone()).await;
+    assert_eq!(
+        backfill.exit(),
+        Exit::Success,
+        "{:?} {:?} {:?}",
+        backfill.jobs[0].error,
+        backfill.jobs[0].counts,
+        common::quarantined(&database).await
+    );
+    assert_eq!(backfill.jobs[0].counts.new, 50);
+    let served = serve(&database).await;
+    let served_client = Client::new(&served.url, None).await;
+
+    assert_served_equals_source(
+        &Client::new(&url, Some(&token_url)).await,
+        &served_client,
+        &["s2", "s1"],
+    )
+    .await;
+
+    // The source changes: one new item, one changed (its datetime moves it two years on, to
+    // another pgstac partition), two withdrawn.
+    let mut changed = source_items.clone();
+    let moved = changed[3]["id"].as_str().expect("id").to_string();
+    changed[3]["properties"]["datetime"] = "2023-07-01T00:00:00Z".into();
+    changed[3]["properties"]["eo:cloud_cover"] = json!(1.5);
+    changed[3]["properties"]["updated"] = "2026-01-01T00:00:00Z".into();
+    let key = |item: &Value| (item["collection"].clone(), item["id"].clone());
+    let withdrawn = [key(&changed[10]), key(&changed[35])];
+    changed.retain(|i| !withdrawn.contains(&key(i)));
+    let mut new = items("s2", 31, 40).pop().expect("an item");
+    new["id"] = "s2-new".into();
+    new["properties"]["datetime"] = rfc3339(SystemTime::now() - Duration::from_secs(3600)).into();
+    changed.push(new);
+    server.stop().await;
+    let server = common::stac::start_with(&changed, issuer, port, |router| router).await;
+
+    let incremental = setup.run(clock.clone()).await;
+    assert_eq!(incremental.exit(), Exit::Success);
+    assert_eq!(incremental.jobs[0].counts.new, 1, "the new item");
+    let reconciled = stac_sync::run::run(
+        &setup.config(),
+        stac_sync::run::RunOptions {
+            clock: clock.clone(),
+            reconcile: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("the run is recorded");
+    assert_eq!(
+        reconciled.exit(),
+        Exit::Success,
+        "{:?}",
+        reconciled.jobs[0].error
+    );
+    let tombstoned: Vec<(String, String)> = {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&database).await.expect("db");
+        sqlx::query_as("SELECT collection, id FROM stac_sync.items WHERE deleted_at IS NOT NULL")
+            .fetch_all(&mut conn)
+            .await
+            .expect("rows")
+    };
+    let counts = &reconciled.jobs[0].counts;
+    assert_eq!(
+        (counts.changed, counts.deleted),
+        (1, 2),
+        "{tombstoned:?} vs withdrawn {withdrawn:?}"
+    );
+
+    assert_served_equals_source(
+        &Client::new(&url, Some(&token_url)).await,
+        &served_client,
+        &["s2", "s1"],
+    )
+    .await;
+    let moved_item = served_client
+        .send(
+            served_client
+                .http
+                .get(format!("{}collections/s2/items/{moved}", served.url)),
+        )
+        .await;
+    assert_eq!(moved_item["properties"]["datetime"], "2023-07-01T00:00:00Z");
+    let deleted_here = common::scalar(
+        &database,
+        "SELECT COUNT(*) FROM stac_sync.items WHERE deleted_at IS NOT NULL",
+    )
+    .await;
+    assert_eq!(
+        deleted_here, 2,
+        "remembered as deleted in stac-sync's schema"
+    );
+    server.stop().await;
+}
+
+/// Answers each search 15 ms late and counts them, so that kills land mid-run.
+async fn slow_and_counted(
+    axum::extract::State(searches): axum::extract::State<Arc<std::sync::atomic::AtomicUsize>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if request.uri().path() == "/search" {
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        searches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    next.run(request).await
+}
+
+/// `(collection, id, content)` of pgstac's items, hydrated.
+async fn pgstac_items(database: &str) -> Vec<(String, String, Value)> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(database).await.expect("db");
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT collection, id, CAST(pgstac.get_item(id, collection) AS TEXT) FROM pgstac.items \
+         ORDER BY collection, id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("pgstac items");
+    rows.into_iter()
+        .map(|(c, i, content)| (c, i, serde_json::from_str(&content).expect("JSON")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_into_pgstac_killed_at_random_instants_converges_to_an_uninterrupted_one() {
+    use rand::Rng;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    if common::skip_without(common::Service::Pgstac) {
+        return;
+    }
+    let clock = Arc::new(ManualClock::default());
+    let mut source_items = items("s2", 300, 5);
+    source_items.extend(items("s1", 200, 7));
+    let searches = Arc::new(AtomicUsize::new(0));
+    let counter = searches.clone();
+    let server = common::stac::start_with(
+        &source_items,
+        Issuer::new(clock.clone(), "id", "secret"),
+        0,
+        move |router| {
+            router.layer(axum::middleware::from_fn_with_state(
+                counter,
+                slow_and_counted,
+            ))
+        },
+    )
+    .await;
+    let reference_db = common::fresh_pgstac().await;
+    let reference_dir = tempfile::tempdir().expect("tempdir");
+    let reference = Setup {
+        limit: 20,
+        top: "database_format = \"pgstac\"",
+        database: Some(reference_db.clone()),
+        ..Setup::new(
+            &server.url,
+            reference_dir.path(),
+            &["s2", "s1"],
+            common::credentials(&server.token_url, "id", "secret"),
+        )
+    };
+    assert_eq!(reference.run(clock.clone()).await.exit(), Exit::Success);
+
+    let database = common::fresh_pgstac().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("stac-sync.toml"),
+        format!(
+            "api_url = \"{}\"\ndatabase_url = \"{database}\"\ndatabase_format = \"pgstac\"\n\
+             [[jobs]]\nname = \"test\"\ncollections = [\"s2\", \"s1\"]\nlimit = 20\n",
+            server.url
+        ),
+    )
+    .expect("config");
+    let binary = assert_cmd::cargo::cargo_bin!("stac-sync");
+    let spawn = || {
+        std::process::Command::new(binary)
+            .current_dir(dir.path())
+            .env_clear()
+            .env("RUST_LOG", "error")
+            .env("EDS_AUTH_URL", &server.token_url)
+            .env("EDS_CLIENT_ID", "id")
+            .env("EDS_SECRET", "secret")
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawns")
+    };
+    for _ in 0..5 {
+        let mut child = spawn();
+        let target = searches.load(Ordering::SeqCst) + rand::rng().random_range(2..=5);
+        let watched = searches.clone();
+        let killed = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return false;
+                }
+                if watched.load(Ordering::SeqCst) >= target {
+                    let _ = child.kill(); // SIGKILL
+                    let _ = child.wait();
+                    return true;
+                }
+                assert!(std::time::Instant::now() < deadline, "no progress");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+        .await
+        .expect("join");
+        assert!(killed, "the run finished before it could be killed");
+    }
+    let mut child = spawn();
+    let last = tokio::task::spawn_blocking(move || child.wait().expect("exits"))
+        .await
+        .expect("join");
+
+    assert_eq!(last.code(), Some(0));
+    let (got, expected) = (
+        pgstac_items(&database).await,
+        pgstac_items(&reference_db).await,
+    );
+    assert_eq!(got.len(), 500);
+    assert_eq!(
+        got, expected,
+        "pgstac holds what an uninterrupted run put there"
+    );
+}
