@@ -3,6 +3,8 @@
 //! NAME] --` prefix is replaced by the binary cargo built for this test (the same program, in
 //! its test build); every argument, redirection and `&` is the README's.
 
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -101,6 +103,18 @@ impl Drop for Background {
     }
 }
 
+/// A background process group (a shell and what it started), killed whole when dropped.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts a `... > FILE &` line and waits until FILE says the server is serving.
 fn start_in_background(dir: &Path, command: &str) -> Background {
     let line = command.trim_end_matches('&').trim();
@@ -174,4 +188,51 @@ fn the_readme_quick_start_and_try_it_commands_run_as_written() {
     for command in &quick_start {
         succeeds(dir.path(), &built(command));
     }
+
+    // "Serving the mirror": into a new pgstac database (the README's name, made unique), from
+    // the same fixture, then served by stac-fastapi-pgstac.
+    if common::skip_without(common::Service::Pgstac) {
+        return;
+    }
+    let serving = README
+        .split_once("## Serving the mirror")
+        .map(|(_, rest)| sh_blocks(rest).into_iter().next().unwrap_or_default())
+        .unwrap_or_default();
+    assert_eq!(serving.len(), 3, "the README's commands moved: {serving:?}");
+    let database = format!("stac_sync_test_readme_{:08x}", rand::random::<u32>());
+    let named = |command: &String| built(command).replace("stac_mirror", &database);
+    succeeds(dir.path(), &named(&serving[0]));
+    succeeds(dir.path(), &named(&serving[1]));
+    // The line starts with variable assignments, so not `exec LINE`: the shell and the server
+    // are one process group, stopped whole.
+    let _server = Group(
+        std::os::unix::process::CommandExt::process_group(
+            &mut shell(dir.path(), &named(&serving[2])),
+            0,
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starts"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let page = loop {
+        let answer = Command::new("curl")
+            .args([
+                "-sf",
+                "http://127.0.0.1:8082/collections/sentinel-1-grd/items?limit=2",
+            ])
+            .output()
+            .expect("curl runs");
+        if answer.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&answer.stdout).expect("JSON");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stac-fastapi-pgstac did not serve the mirror"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(page["features"].as_array().map(Vec::len), Some(2), "{page}");
+    assert_eq!(page["features"][0]["collection"], "sentinel-1-grd");
 }
