@@ -299,5 +299,134 @@ async fn main() {
             );
         }
     }
+    if let Some(line) = pgstac_pass(&pages, &request, dir.path()).await {
+        println!("{line}");
+    }
     println!("peak RSS of the benchmark process: {:.0} MB", peak_rss_mb());
+}
+
+/// CPU seconds this process has used (user and system), from `/proc/self/stat`.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and
+    // 13th, in clock ticks (100 a second on Linux).
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / 100.0
+}
+
+/// The pgstac output against `pypgstac load --method upsert` of the same items, each into a
+/// fresh pgstac database, in this run; `None` (and a note) without pypgstac.
+async fn pgstac_pass(pages: &[Bytes], request: &Request, dir: &std::path::Path) -> Option<String> {
+    if std::process::Command::new("pypgstac")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        println!("pgstac: skipped (no pypgstac; scripts/test installs it)");
+        return None;
+    }
+    let collection = json!({"type": "Collection", "stac_version": "1.0.0", "id": "sentinel-2-l2a",
+        "description": "bench", "license": "other", "links": [],
+        "extent": {"spatial": {"bbox": [[-180.0, -90.0, 180.0, 90.0]]},
+                   "temporal": {"interval": [[null, null]]}}});
+    // stac-sync into pgstac, measured as a run's write path is (one page at a time).
+    let ours = common::fresh_pgstac().await;
+    let db = Database::connect_as(&ours, stac_sync::config::DatabaseFormat::Pgstac)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    db.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+    db.pgstac()
+        .unwrap_or_else(|| panic!("a pgstac database"))
+        .pgstac_collection(&collection.to_string())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cpu = cpu_seconds();
+    let new = stac_sync_pass(&db, pages, request, 1).await;
+    let cpu_us = (cpu_seconds() - cpu) * 1e6 / (pages.len() * PER_PAGE) as f64;
+    let unchanged = stac_sync_pass(&db, pages, request, 1).await;
+    // The floor of pgstac's own ingest path: the same pages inserted into its upsert staging
+    // table alone (one statement a page, as stac-sync does), without stac-sync's tables.
+    let floor_db = common::fresh_pgstac().await;
+    common::execute(
+        &floor_db,
+        "SELECT pgstac.upsert_collection('{\"type\": \"Collection\", \"id\": \"sentinel-2-l2a\", \
+         \"description\": \"bench\", \"license\": \"other\", \"links\": [], \"extent\": \
+         {\"spatial\": {\"bbox\": [[-180, -90, 180, 90]]}, \"temporal\": {\"interval\": [[null, null]]}}}')",
+    )
+    .await;
+    let floor = {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&floor_db)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let started = Instant::now();
+        for body in pages {
+            let page =
+                reader::parse_page(body, request, None).unwrap_or_else(|e| panic!("page: {e}"));
+            let contents: Vec<&str> = page
+                .items
+                .iter()
+                .map(|i| std::str::from_utf8(&i.content).unwrap_or_default())
+                .collect();
+            let mut tx = conn.begin().await.unwrap_or_else(|e| panic!("{e}"));
+            sqlx::query("SET LOCAL search_path TO pgstac, public")
+                .execute(&mut *tx)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            sqlx::query(
+                "INSERT INTO pgstac.items_staging_upsert (content) \
+                 SELECT CAST(c AS JSONB) FROM UNNEST($1::text[]) AS c",
+            )
+            .bind(contents)
+            .execute(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+            tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        (pages.len() * PER_PAGE) as f64 / started.elapsed().as_secs_f64()
+    };
+    // pypgstac load of the same items, from NDJSON (the loader's input).
+    let theirs = common::fresh_pgstac().await;
+    let dsn = theirs.split('?').next().unwrap_or(&theirs).to_string();
+    let items_file = dir.join("items.ndjson");
+    let collection_file = dir.join("collection.json");
+    let mut ndjson = Vec::new();
+    for body in pages {
+        let page = reader::parse_page(body, request, None).unwrap_or_else(|e| panic!("page: {e}"));
+        for item in &page.items {
+            ndjson.extend_from_slice(&item.content);
+            ndjson.push(b'\n');
+        }
+    }
+    std::fs::write(&items_file, ndjson).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&collection_file, collection.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let load = |table: &str, file: &std::path::Path| {
+        let status = std::process::Command::new("pypgstac")
+            .args(["load", table, &file.display().to_string(), "--dsn", &dsn])
+            .args(["--method", "upsert"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(status.success(), "pypgstac load {table}");
+    };
+    load("collections", &collection_file);
+    let started = Instant::now();
+    load("items", &items_file);
+    let loaded = (pages.len() * PER_PAGE) as f64 / started.elapsed().as_secs_f64();
+    Some(format!(
+        "pgstac: stac-sync {:.0} new items/s, pypgstac load --method upsert {loaded:.0} items/s \
+         (ratio {:.2}x), pgstac's staging table alone {floor:.0} items/s ({:.0}% of it); \
+         stac-sync client CPU {cpu_us:.1} µs/item (parse {:.1}, write {:.1} wall); unchanged \
+         {:.0} items/s",
+        new.items_per_s,
+        new.items_per_s / loaded,
+        new.items_per_s / floor * 100.0,
+        new.parse_us,
+        new.write_us,
+        unchanged.items_per_s
+    ))
 }
