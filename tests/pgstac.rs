@@ -235,6 +235,19 @@ async fn stac_fastapi_pgstac_serves_the_mirror_as_the_source_serves_it() {
             common::credentials(&token_url, "id", "secret"),
         )
     };
+    let checked = stac_sync::ops::check::check(&setup.config(), clock.clone()).await;
+    let pgstac = checked
+        .probes
+        .iter()
+        .find(|p| p.check == "pgstac")
+        .unwrap_or_else(|| panic!("no pgstac probe in {}", checked.render()));
+    assert_eq!(
+        (pgstac.result.to_string().as_str(), pgstac.detail.as_str()),
+        (
+            "pass",
+            "pgstac 0.10.0; this role may write items and collections"
+        )
+    );
     let backfill = setup.run(clock.clone()).await;
     assert_eq!(
         backfill.exit(),
