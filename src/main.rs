@@ -64,6 +64,19 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         runs: i64,
     },
+    /// The change feed: what the runs stored and deleted after sequence number SEQ, oldest
+    /// first. Keep the last `seq` you read and pass it next time.
+    Changes {
+        /// Print changes after this sequence number (0: from the oldest kept).
+        #[arg(long, default_value_t = 0)]
+        since: i64,
+        /// Print at most this many (`--limit` is the page size of runs).
+        #[arg(long, default_value_t = 10_000)]
+        max: i64,
+        /// Print NDJSON: one change a line, with every field.
+        #[arg(long)]
+        json: bool,
+    },
     /// Apply the database schema migrations.
     Migrate,
 }
@@ -132,7 +145,20 @@ fn stop_on_signals(stop: tokio_util::sync::CancellationToken) {
 }
 
 async fn execute(cli: Cli) -> Result<Exit, Error> {
-    let config = Config::load(&cli.overrides)?;
+    // The database's commands need no STAC API: a consumer of the change feed may know only the
+    // database's URL.
+    let database_only = matches!(
+        cli.command,
+        Command::Status { .. } | Command::Changes { .. } | Command::Migrate
+    );
+    let config = match Config::load(&cli.overrides) {
+        Err(Error::Config(_)) if database_only && cli.overrides.api_url.is_none() => {
+            let mut overrides = cli.overrides.clone();
+            overrides.api_url = Some("http://api.unused.invalid/".into());
+            Config::load(&overrides)?
+        }
+        loaded => loaded?,
+    };
     match cli.command {
         Command::Run {
             no_migrate,
@@ -200,6 +226,24 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
                 );
             } else {
                 print!("{}", status.render());
+            }
+            Ok(Exit::Success)
+        }
+        Command::Changes { since, max, json } => {
+            let db = stac_sync::mirror::db::Database::connect_as(
+                &config.database_url,
+                config.database_format,
+            )
+            .await?;
+            for change in db.changes(since, max).await? {
+                if json {
+                    println!("{}", serde_json::to_string(&change).unwrap_or_default());
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}/{}",
+                        change.seq, change.at, change.change, change.collection, change.id
+                    );
+                }
             }
             Ok(Exit::Success)
         }

@@ -194,7 +194,7 @@ async fn check_passes_against_a_working_setup_and_names_what_fails() {
     };
     assert_eq!(detail(&good, "token").1, "obtained; lifetime 1h");
     assert_eq!(detail(&good, "collection sentinel-2-l2a").0, "pass");
-    assert_eq!(detail(&good, "migrations").1, "5 of 5 applied");
+    assert_eq!(detail(&good, "migrations").1, "6 of 6 applied");
     assert!(
         detail(&good, "job test")
             .1

@@ -29,6 +29,8 @@ pub const DEFAULT_OBJECT_STORE_URL: &str = "file://./stac-sync-items";
 /// Default worker lease: a worker renews it every third of it, so a minute rides out database
 /// hiccups, and a dead worker's partitions wait at most a minute for another.
 pub const DEFAULT_WORKER_LEASE: Duration = Duration::from_secs(60);
+/// How long the change feed keeps a change by default.
+pub const DEFAULT_CHANGES_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// The default configuration file, read if present.
 pub const DEFAULT_CONFIG_FILE: &str = "stac-sync.toml";
 /// Default page size: large pages mean fewer round trips; most APIs cap it anyway.
@@ -67,6 +69,9 @@ pub struct FileConfig {
     /// How long a worker's claim on a partition holds without renewal (`run --worker`).
     #[serde(default, with = "humantime_serde")]
     pub worker_lease: Option<Duration>,
+    /// How long the change feed keeps a change (`0s`: for ever).
+    #[serde(default, with = "humantime_serde")]
+    pub changes_retention: Option<Duration>,
     /// Options of the object store (object_store configuration keys, e.g. `aws_endpoint`).
     #[serde(default)]
     pub object_store: BTreeMap<String, String>,
@@ -319,6 +324,9 @@ pub struct Overrides {
     /// Pushgateway base URL to push each run's metrics to.
     #[arg(long, global = true, env = "STAC_SYNC_PUSHGATEWAY_URL")]
     pub pushgateway_url: Option<String>,
+    /// How long the change feed keeps a change; 0s keeps them for ever [default: 30d].
+    #[arg(long, global = true, env = "STAC_SYNC_CHANGES_RETENTION", value_parser = humantime::parse_duration)]
+    pub changes_retention: Option<Duration>,
     /// How long a worker's claim on a partition holds without renewal [default: 1m].
     #[arg(long, global = true, env = "STAC_SYNC_WORKER_LEASE", value_parser = humantime::parse_duration)]
     pub worker_lease: Option<Duration>,
@@ -415,6 +423,8 @@ pub struct Config {
     pub pushgateway_url: Option<Url>,
     /// How long a worker's claim on a partition holds without renewal.
     pub worker_lease: Duration,
+    /// How long the change feed keeps a change; `None`: for ever.
+    pub changes_retention: Option<Duration>,
     /// A feature larger than this (bytes) is quarantined with its size, not held whole.
     pub max_item_bytes: usize,
     /// Requests a second to the API, at most (per process); `None`: no limit but the server's.
@@ -636,6 +646,12 @@ impl Config {
             metrics_file: o.metrics_file.clone().or(file.metrics_file),
             pushgateway_url,
             worker_lease,
+            changes_retention: Some(
+                o.changes_retention
+                    .or(file.changes_retention)
+                    .unwrap_or(DEFAULT_CHANGES_RETENTION),
+            )
+            .filter(|keep| !keep.is_zero()),
             max_requests_per_second,
             max_item_bytes: o
                 .max_item_bytes

@@ -44,6 +44,8 @@ pub trait Output: Send + Sync + std::fmt::Debug {
     /// Stores a run's manifest.
     fn manifest<'a>(&'a self, run_id: &'a str, manifest: Bytes)
     -> BoxFuture<'a, Result<(), Error>>;
+    /// Stores a run's changes (NDJSON).
+    fn changes<'a>(&'a self, run_id: &'a str, changes: Bytes) -> BoxFuture<'a, Result<(), Error>>;
     /// Stores a collection's document (new or changed), before its row.
     fn collection<'a>(
         &'a self,
@@ -143,6 +145,31 @@ impl Mirror {
         self.db.store_collection(id, text, changed).await
     }
 
+    /// Stores a run's changes, one JSON line each, where the outputs keep them (beside its
+    /// manifest), if it made any; a failure is logged (the feed itself is in the database).
+    pub async fn changes(&self, run_id: &str) {
+        let changes = match self.db.run_changes(run_id).await {
+            Ok(changes) if changes.is_empty() => return,
+            Ok(changes) => changes,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the run's changes");
+                return;
+            }
+        };
+        let mut lines = Vec::new();
+        for change in &changes {
+            if serde_json::to_writer(&mut lines, change).is_ok() {
+                lines.push(b'\n');
+            }
+        }
+        let bytes = Bytes::from(lines);
+        for output in &self.outputs {
+            if let Err(e) = output.changes(run_id, bytes.clone()).await {
+                tracing::warn!(error = %e, "could not write the run's changes");
+            }
+        }
+    }
+
     /// Stores a run's manifest where the outputs keep one; a failure is logged.
     pub async fn manifest(&self, run_id: &str, manifest: &serde_json::Value) {
         let bytes = Bytes::from(manifest.to_string());
@@ -160,6 +187,7 @@ impl Mirror {
     pub async fn tombstone(
         &self,
         job: &str,
+        run_id: &str,
         scopes: &[Scope<'_>],
         remove: bool,
         lock: &mut JobLock,
@@ -178,7 +206,7 @@ impl Mirror {
             }
         }
         lock.check().await?;
-        self.db.finish_reconcile(job, scopes, at).await?;
+        self.db.finish_reconcile(job, run_id, scopes, at).await?;
         Ok(vanished.len() as u64)
     }
 }
@@ -351,6 +379,7 @@ impl PageWriter<'_> {
                 job: at.job,
                 partition: at.partition,
                 items: changed.iter().map(|(item, _)| *item).collect(),
+                kinds: changed.iter().map(|(_, known)| *known).collect(),
                 rejected: &staged.rejected,
                 page_url: &page_url,
                 // A part of a page: a restart fetches the page again.

@@ -304,6 +304,16 @@ impl ObjectSink {
         Ok(())
     }
 
+    /// Writes a run's changes, `{prefix}/_changes/{run_id}.ndjson`.
+    pub async fn put_changes(&self, run_id: &str, changes: Bytes) -> Result<(), Error> {
+        let key = self.key(&format!("_changes/{}.ndjson", encode_segment(run_id)));
+        self.store
+            .put(&key, PutPayload::from(changes))
+            .await
+            .map_err(self.fail(format!("writing {key}")))?;
+        Ok(())
+    }
+
     /// Writes a run's manifest.
     pub async fn put_manifest(&self, run_id: &str, manifest: Bytes) -> Result<(), Error> {
         let key = self.key(&format!("_runs/{}.json", encode_segment(run_id)));
@@ -341,6 +351,10 @@ impl super::Output for ObjectSink {
         manifest: Bytes,
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(self.put_manifest(run_id, manifest))
+    }
+
+    fn changes<'a>(&'a self, run_id: &'a str, changes: Bytes) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.put_changes(run_id, changes))
     }
 
     fn collection<'a>(

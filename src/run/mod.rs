@@ -120,6 +120,8 @@ pub struct Context {
     slots: usize,
     /// A feature larger than this is quarantined.
     max_item_bytes: usize,
+    /// How long the change feed keeps a change.
+    changes_retention: Option<Duration>,
 }
 
 impl Context {
@@ -158,6 +160,7 @@ impl Context {
             progress: options.progress,
             worker: options.worker.then_some(config.worker_lease),
             slots: config.concurrency,
+            changes_retention: config.changes_retention,
             max_item_bytes: config.max_item_bytes,
         })
     }
@@ -319,6 +322,16 @@ impl Record {
         }
         let manifest = self.manifest(job, status, &counts, &passes, message.as_deref());
         context.mirror.manifest(&self.run_id, &manifest).await;
+        context.mirror.changes(&self.run_id).await;
+        if let Some(keep) = context.changes_retention
+            && let Some(before) = SystemTime::now().checked_sub(keep)
+        {
+            match context.db().prune_changes(before).await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "pruned the change feed (changes_retention)"),
+                Err(e) => tracing::warn!(error = %e, "could not prune the change feed"),
+            }
+        }
         self.log(job, status, &counts, message.as_deref(), context.progress);
         let watermark = passes.watermark_after.or(passes.watermark_before);
         Ok(self.report(job, counts, error, status, watermark))

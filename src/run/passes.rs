@@ -232,7 +232,7 @@ impl<'a> JobPasses<'a> {
         counts.deleted += self
             .context
             .mirror
-            .tombstone(&job.name, &scopes, remove, lock, &now)
+            .tombstone(&job.name, self.run_id, &scopes, remove, lock, &now)
             .await?;
         self.report.reconciled = true;
         Ok(())

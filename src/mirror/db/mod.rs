@@ -218,6 +218,22 @@ pub struct Planned {
     pub done: bool,
 }
 
+/// A row of the change feed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct Change {
+    /// Only grows, in commit order: a consumer's cursor.
+    pub seq: i64,
+    pub run_id: String,
+    pub job: String,
+    pub collection: String,
+    pub id: String,
+    /// `new`, `changed` or `deleted`.
+    pub change: String,
+    pub content_hash: Option<String>,
+    /// When it was committed (UTC).
+    pub at: String,
+}
+
 /// An item a reconcile sweep saw.
 #[derive(Debug, Clone, Copy)]
 pub struct Seen<'a> {
@@ -358,6 +374,8 @@ pub struct PageCommit<'a> {
     pub partition: &'a str,
     /// New and changed items (unchanged ones are not rewritten).
     pub items: Vec<&'a Item>,
+    /// What the database held of each of `items` (new or changed), for the change feed.
+    pub kinds: Vec<Known>,
     /// Features to quarantine.
     pub rejected: &'a [Rejected],
     /// The URL of the page they came from.
@@ -890,10 +908,12 @@ impl Database {
     }
 
     /// Ends a reconcile pass: tombstones what it did not see in `scopes` (one per collection),
-    /// forgets the ids it saw, records when, and removes its plan, in one transaction.
+    /// records them in the change feed (as `run_id`'s), forgets the ids it saw, records when, and
+    /// removes its plan, in one transaction.
     pub async fn finish_reconcile(
         &self,
         job: &str,
+        run_id: &str,
         scopes: &[Scope<'_>],
         at: &str,
     ) -> Result<(), Error> {
@@ -901,10 +921,22 @@ impl Database {
             "UPDATE items SET deleted_at = CURRENT_TIMESTAMP WHERE ",
             vanished!()
         );
+        let record = concat!(
+            "INSERT INTO changes (run_id, job, collection, id, change, content_hash, at) \
+             SELECT $9, $2, collection, id, 'deleted', content_hash, CURRENT_TIMESTAMP \
+             FROM items WHERE ",
+            vanished!(),
+            " ORDER BY id"
+        );
         let pgstac = self.pgstac().is_some();
+        let feed_lock = matches!(self, Database::Postgres(_));
         on_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
+            if feed_lock {
+                sqlx::query(postgres::CHANGES_LOCK).execute(&mut *tx).await?;
+            }
             for scope in scopes {
+                bind_scope!(sqlx::query(record), scope, job).bind(run_id).execute(&mut *tx).await?;
                 bind_scope!(sqlx::query(sql), scope, job).execute(&mut *tx).await?;
                 if pgstac {
                     // The served catalog matches the source: what is tombstoned here is gone
@@ -935,6 +967,56 @@ impl Database {
             tx.commit().await
         }.await)
         .map_err(self.fail("record the deletions"))
+    }
+
+    /// The change feed after `since`, oldest first, at most `limit` rows.
+    pub async fn changes(&self, since: i64, limit: i64) -> Result<Vec<Change>, Error> {
+        on_pool!(self, pool => sqlx::query_as(
+            "SELECT seq, run_id, job, collection, id, change, content_hash, CAST(at AS TEXT) AS at \
+             FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(since)
+        .bind(limit)
+        .fetch_all(pool)
+        .await)
+        .map_err(self.fail("read the change feed"))
+    }
+
+    /// The changes of one run, in order.
+    pub async fn run_changes(&self, run_id: &str) -> Result<Vec<Change>, Error> {
+        on_pool!(self, pool => sqlx::query_as(
+            "SELECT seq, run_id, job, collection, id, change, content_hash, CAST(at AS TEXT) AS at \
+             FROM changes WHERE run_id = $1 ORDER BY seq",
+        )
+        .bind(run_id)
+        .fetch_all(pool)
+        .await)
+        .map_err(self.fail("read a run's changes"))
+    }
+
+    /// Removes the changes committed before `before`; how many.
+    pub async fn prune_changes(&self, before: std::time::SystemTime) -> Result<u64, Error> {
+        let done = match self {
+            Database::Sqlite(db) => sqlx::query("DELETE FROM changes WHERE at < $1")
+                .bind(
+                    humantime::format_rfc3339_seconds(before)
+                        .to_string()
+                        .replace('T', " ")
+                        .trim_end_matches('Z')
+                        .to_string(),
+                )
+                .execute(db.pool())
+                .await
+                .map(|r| r.rows_affected()),
+            Database::Postgres(db) => {
+                sqlx::query("DELETE FROM changes WHERE at < CAST($1 AS TIMESTAMPTZ)")
+                    .bind(humantime::format_rfc3339_seconds(before).to_string())
+                    .execute(db.pool())
+                    .await
+                    .map(|r| r.rows_affected())
+            }
+        };
+        done.map_err(self.fail("prune the change feed"))
     }
 
     /// The most recent runs, newest first (for `status`).

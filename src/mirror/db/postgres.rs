@@ -44,6 +44,18 @@ impl From<Error> for Failure {
     }
 }
 
+/// A page's changes, from the JSON array `$3`. The lock (held to the end of the transaction)
+/// makes transactions insert changes one at a time, so their seq follow commit order.
+const CHANGES: shared::ChangesSql = shared::ChangesSql {
+    lock: Some(CHANGES_LOCK),
+    insert: "INSERT INTO changes (run_id, job, collection, id, change, content_hash, at) \
+        SELECT $1, $2, e->>0, e->>1, e->>2, e->>3, now() \
+        FROM jsonb_array_elements(CAST($3 AS JSONB)) WITH ORDINALITY AS t(e, n) ORDER BY n",
+};
+
+/// The change feed's order: taken before inserting changes, held until commit.
+pub const CHANGES_LOCK: &str = "SELECT pg_advisory_xact_lock(7263686167657300)";
+
 /// The schema of stac-sync's own tables in a pgstac database.
 pub const SCHEMA: &str = "stac_sync";
 
@@ -426,7 +438,7 @@ impl PostgresDb {
                 }
             }
         }
-        shared::finish_page::<sqlx::Postgres>(&mut tx, page, &refused)
+        shared::finish_page::<sqlx::Postgres>(&mut tx, page, &refused, &CHANGES)
             .await
             .map_err(self.failure("quarantine features and store the resume point"))?;
         tx.commit().await.map_err(self.failure("commit a page"))?;

@@ -99,12 +99,45 @@ where
     .await
 }
 
+/// How a backend records a page's changes: the statement that takes the feed's order (if one
+/// is needed), and the insert from a JSON array of `[collection, id, change, hash]` (`$3`), with
+/// `$1` run and `$2` job, in the array's order.
+pub struct ChangesSql {
+    pub lock: Option<&'static str>,
+    pub insert: &'static str,
+}
+
+/// The change feed's rows of a page: its new and changed items but those the database refused,
+/// as the JSON array [`ChangesSql::insert`] reads; `None` if there are none.
+fn change_rows(page: &PageCommit<'_>, refused: &[Rejected]) -> Option<String> {
+    let rows: Vec<serde_json::Value> = page
+        .items
+        .iter()
+        .zip(&page.kinds)
+        .filter(|(item, _)| {
+            !refused.iter().any(|r| {
+                r.id.as_deref() == Some(&item.id)
+                    && r.collection.as_deref() == Some(&item.collection)
+            })
+        })
+        .map(|(item, known)| {
+            let change = match known {
+                super::Known::New => "new",
+                _ => "changed",
+            };
+            serde_json::json!([item.collection, item.id, change, item.hash])
+        })
+        .collect();
+    (!rows.is_empty()).then(|| serde_json::Value::Array(rows).to_string())
+}
+
 /// The end of a page's transaction: its quarantined features (`page.rejected` and the items the
-/// database refused) and the resume point after it.
+/// database refused), its changes (see [`ChangesSql`]) and the resume point after it.
 pub async fn finish_page<DB>(
     conn: &mut DB::Connection,
     page: &PageCommit<'_>,
     refused: &[Rejected],
+    changes: &ChangesSql,
 ) -> Result<(), sqlx::Error>
 where
     DB: Database,
@@ -146,6 +179,17 @@ where
         .bind(seen.updated)
         .execute(&mut *conn)
         .await?;
+    }
+    if let Some(rows) = change_rows(page, refused) {
+        if let Some(lock) = changes.lock {
+            sqlx::query(lock).execute(&mut *conn).await?;
+        }
+        sqlx::query(changes.insert)
+            .bind(page.run_id)
+            .bind(page.job)
+            .bind(rows)
+            .execute(&mut *conn)
+            .await?;
     }
     let resume = resume_json(page.resume).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
     // A partition split while its first page was committing stays split: its halves page it.

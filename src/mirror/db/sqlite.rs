@@ -15,6 +15,16 @@ use sqlx::sqlite::{
 use std::str::FromStr;
 use std::time::Duration;
 
+/// A page's changes, from the JSON array `$3` (SQLite has one writer: the feed's order is the
+/// commits').
+const CHANGES: shared::ChangesSql = shared::ChangesSql {
+    lock: None,
+    insert: "INSERT INTO changes (run_id, job, collection, id, change, content_hash, at) \
+        SELECT $1, $2, json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
+        json_extract(value, '$[2]'), json_extract(value, '$[3]'), CURRENT_TIMESTAMP \
+        FROM json_each($3) ORDER BY key",
+};
+
 /// The schema migrations, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -247,7 +257,7 @@ impl SqliteDb {
                 Err(e) => return Err(e),
             }
         }
-        shared::finish_page::<sqlx::Sqlite>(&mut tx, page, &refused).await?;
+        shared::finish_page::<sqlx::Sqlite>(&mut tx, page, &refused, &CHANGES).await?;
         tx.commit().await?;
         Ok(refused)
     }

@@ -1,0 +1,15 @@
+-- The change feed: what each commit did, in the same transaction as the rows. `seq` only grows
+-- (AUTOINCREMENT never reuses a number), so a consumer keeps its own cursor: the last seq it
+-- read. change: 'new', 'changed' (including an item back after it was deleted) or 'deleted'.
+CREATE TABLE changes (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id       TEXT NOT NULL,
+    job          TEXT NOT NULL,
+    collection   TEXT NOT NULL,
+    id           TEXT NOT NULL,
+    change       TEXT NOT NULL,
+    content_hash TEXT,
+    at           TEXT NOT NULL
+);
+CREATE INDEX changes_run ON changes (run_id);
+CREATE INDEX changes_at ON changes (at);
