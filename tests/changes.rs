@@ -227,3 +227,88 @@ async fn a_consumer_following_its_cursor_during_a_run_misses_nothing() {
         .collect();
     assert_eq!(ids.len(), 600);
 }
+
+/// A webhook receiver that answers 503 while `failing` is above zero (counting it down), and
+/// keeps the `seq` of every change it took.
+#[derive(Clone, Default)]
+struct Receiver {
+    failing: Arc<std::sync::atomic::AtomicUsize>,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+    seqs: Arc<std::sync::Mutex<Vec<i64>>>,
+}
+
+async fn receive(
+    axum::extract::State(receiver): axum::extract::State<Receiver>,
+    axum::Json(body): axum::Json<Value>,
+) -> axum::http::StatusCode {
+    use std::sync::atomic::Ordering;
+    receiver.calls.fetch_add(1, Ordering::SeqCst);
+    let failing = receiver
+        .failing
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if failing {
+        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let mut seqs = receiver.seqs.lock().expect("lock");
+    for change in body["changes"].as_array().into_iter().flatten() {
+        seqs.push(change["seq"].as_i64().expect("seq"));
+    }
+    axum::http::StatusCode::NO_CONTENT
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_gets_every_change_at_least_once_and_a_failing_one_never_blocks_the_mirror() {
+    use std::sync::atomic::Ordering;
+    let clock = Arc::new(ManualClock::default());
+    let receiver = Receiver::default();
+    receiver.failing.store(1_000, Ordering::SeqCst);
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(receive))
+        .with_state(receiver.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hook = format!("http://{}/hook", listener.local_addr().expect("address"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let server = common::stac::start(
+        &make_items("s2", 23),
+        Issuer::new(clock.clone(), "id", "secret"),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let top = format!("webhook_url = \"{hook}\"");
+    let setup = Setup {
+        limit: 5,
+        top: &top,
+        ..Setup::new(
+            &server.url,
+            dir.path(),
+            &["s2"],
+            common::credentials(&server.token_url, "id", "secret"),
+        )
+    };
+
+    // The receiver is down: the mirror goes on; nothing was delivered.
+    let first = setup.run(clock.clone()).await;
+    assert_eq!(first.exit(), Exit::Success, "{:?}", first.jobs[0].error);
+    assert_eq!(first.jobs[0].counts.new, 23);
+    assert!(receiver.calls.load(Ordering::SeqCst) >= 6, "it was retried");
+    assert!(receiver.seqs.lock().expect("lock").is_empty());
+
+    // It fails its next two calls, then takes them: the next run delivers from the cursor.
+    receiver.failing.store(2, Ordering::SeqCst);
+    let second = setup.run(clock.clone()).await;
+    assert_eq!(second.exit(), Exit::Success);
+    let mut seqs = receiver.seqs.lock().expect("lock").clone();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(
+        seqs,
+        (1..=23).collect::<Vec<i64>>(),
+        "every change, deduped on seq"
+    );
+    server.stop().await;
+}

@@ -13,3 +13,9 @@ CREATE TABLE changes (
 );
 CREATE INDEX changes_run ON changes (run_id);
 CREATE INDEX changes_at ON changes (at);
+
+-- Where each webhook's delivery of the feed stands: the last seq it took.
+CREATE TABLE webhook_state (
+    url           TEXT PRIMARY KEY,
+    delivered_seq BIGINT NOT NULL
+);

@@ -72,6 +72,8 @@ pub struct FileConfig {
     /// How long the change feed keeps a change (`0s`: for ever).
     #[serde(default, with = "humantime_serde")]
     pub changes_retention: Option<Duration>,
+    /// Where each run POSTs the change feed as it commits.
+    pub webhook_url: Option<String>,
     /// Options of the object store (object_store configuration keys, e.g. `aws_endpoint`).
     #[serde(default)]
     pub object_store: BTreeMap<String, String>,
@@ -324,6 +326,9 @@ pub struct Overrides {
     /// Pushgateway base URL to push each run's metrics to.
     #[arg(long, global = true, env = "STAC_SYNC_PUSHGATEWAY_URL")]
     pub pushgateway_url: Option<String>,
+    /// A URL each run POSTs the change feed to, as it commits (JSON, retried; at least once).
+    #[arg(long, global = true, env = "STAC_SYNC_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
     /// How long the change feed keeps a change; 0s keeps them for ever [default: 30d].
     #[arg(long, global = true, env = "STAC_SYNC_CHANGES_RETENTION", value_parser = humantime::parse_duration)]
     pub changes_retention: Option<Duration>,
@@ -425,6 +430,8 @@ pub struct Config {
     pub worker_lease: Duration,
     /// How long the change feed keeps a change; `None`: for ever.
     pub changes_retention: Option<Duration>,
+    /// Where runs POST the change feed.
+    pub webhook_url: Option<Url>,
     /// A feature larger than this (bytes) is quarantined with its size, not held whole.
     pub max_item_bytes: usize,
     /// Requests a second to the API, at most (per process); `None`: no limit but the server's.
@@ -624,6 +631,15 @@ impl Config {
                 humantime::format_duration(worker_lease)
             )));
         }
+        let webhook_url = match o.webhook_url.clone().or(file.webhook_url) {
+            Some(raw) => Some(Url::parse(&raw).map_err(|e| {
+                Error::Config(format!(
+                    "webhook_url {:?}: {e}; write it as http(s)://HOST/PATH",
+                    redact_url(&raw)
+                ))
+            })?),
+            None => None,
+        };
         let pushgateway_url = match o.pushgateway_url.clone().or(file.pushgateway_url) {
             Some(raw) => Some(Url::parse(&raw).map_err(|e| {
                 Error::Config(format!(
@@ -646,6 +662,7 @@ impl Config {
             metrics_file: o.metrics_file.clone().or(file.metrics_file),
             pushgateway_url,
             worker_lease,
+            webhook_url,
             changes_retention: Some(
                 o.changes_retention
                     .or(file.changes_retention)

@@ -122,6 +122,8 @@ pub struct Context {
     max_item_bytes: usize,
     /// How long the change feed keeps a change.
     changes_retention: Option<Duration>,
+    /// Where the change feed is delivered as pages commit.
+    webhook: Option<crate::ops::webhook::Webhook>,
 }
 
 impl Context {
@@ -161,6 +163,7 @@ impl Context {
             worker: options.worker.then_some(config.worker_lease),
             slots: config.concurrency,
             changes_retention: config.changes_retention,
+            webhook: crate::ops::webhook::Webhook::of(config)?,
             max_item_bytes: config.max_item_bytes,
         })
     }
@@ -179,14 +182,32 @@ pub async fn run(config: &Config, options: RunOptions) -> Result<Summary, Error>
         ));
     }
     let context = Context::open(config, &options).await?;
-    let mut jobs = Vec::new();
-    for job in &config.jobs {
-        if context.stop.is_cancelled() {
-            break;
+    let done = CancellationToken::new();
+    let jobs = async {
+        let mut jobs = Vec::new();
+        for job in &config.jobs {
+            if context.stop.is_cancelled() {
+                break;
+            }
+            match run_job(&context, job).await {
+                Ok(report) => jobs.push(report),
+                Err(e) => {
+                    done.cancel();
+                    return Err(e);
+                }
+            }
         }
-        jobs.push(run_job(&context, job).await?);
-    }
-    Ok(Summary { jobs })
+        done.cancel();
+        Ok(jobs)
+    };
+    // The change feed goes to the webhook while the jobs commit.
+    let delivery = async {
+        if let Some(webhook) = &context.webhook {
+            webhook.follow(context.db(), &done).await;
+        }
+    };
+    let (jobs, ()) = tokio::join!(jobs, delivery);
+    Ok(Summary { jobs: jobs? })
 }
 
 /// Runs one job and records it. Errors of the job itself land in the report; only a failure
@@ -220,9 +241,25 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
     let after = retries_and_renewals(&context.stats);
     counts.retries = after.0 - before.0;
     counts.token_renewals = after.1 - before.1;
-    record
+    let report = record
         .finish(context, job, lock, result, counts, passes.report)
-        .await
+        .await;
+    if let Some(webhook) = &context.webhook
+        && let Err(e) = webhook.deliver(context.db()).await
+    {
+        tracing::warn!(job = %job.name, error = %e, "could not deliver the change feed to the \
+            webhook; the next run tries again from where it stopped");
+    }
+    report
+}
+
+impl Context {
+    /// A page committed: the webhook, if any, delivers its changes.
+    pub(crate) fn committed(&self) {
+        if let Some(webhook) = &self.webhook {
+            webhook.poke();
+        }
+    }
 }
 
 /// Partitions a worker leaves unfinished (it failed or was stopped) go to the other workers

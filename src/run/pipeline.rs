@@ -189,6 +189,7 @@ impl Pass<'_> {
             }
             committed => {
                 *counts += &committed?;
+                self.context.committed();
                 progress.committed(page.staged.page.items.len());
                 Ok(())
             }

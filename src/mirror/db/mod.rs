@@ -994,6 +994,30 @@ impl Database {
         .map_err(self.fail("read a run's changes"))
     }
 
+    /// The last seq the webhook at `url` took (0: none yet).
+    pub async fn webhook_cursor(&self, url: &str) -> Result<i64, Error> {
+        on_pool!(self, pool => sqlx::query_scalar("SELECT delivered_seq FROM webhook_state WHERE url = $1")
+            .bind(url)
+            .fetch_optional(pool)
+            .await)
+        .map(Option::unwrap_or_default)
+        .map_err(self.fail("read the webhook's cursor"))
+    }
+
+    /// Records that the webhook at `url` took the changes up to `seq`.
+    pub async fn set_webhook_cursor(&self, url: &str, seq: i64) -> Result<(), Error> {
+        on_pool!(self, pool => sqlx::query(
+            "INSERT INTO webhook_state (url, delivered_seq) VALUES ($1, $2) \
+             ON CONFLICT (url) DO UPDATE SET delivered_seq = excluded.delivered_seq",
+        )
+        .bind(url)
+        .bind(seq)
+        .execute(pool)
+        .await
+        .map(|_| ()))
+        .map_err(self.fail("store the webhook's cursor"))
+    }
+
     /// Removes the changes committed before `before`; how many.
     pub async fn prune_changes(&self, before: std::time::SystemTime) -> Result<u64, Error> {
         let done = match self {
