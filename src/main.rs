@@ -144,6 +144,45 @@ fn stop_on_signals(stop: tokio_util::sync::CancellationToken) {
     });
 }
 
+/// The commands that read or set up the database alone: `status`, `changes`, `migrate`.
+async fn database_command(command: Command, config: &Config) -> Result<Exit, Error> {
+    let db =
+        stac_sync::mirror::db::Database::connect_as(&config.database_url, config.database_format)
+            .await?;
+    match command {
+        Command::Status { json, runs } => {
+            let status = stac_sync::ops::status::read(&db, runs).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+            } else {
+                print!("{}", status.render());
+            }
+        }
+        Command::Changes { since, max, json } => {
+            for change in db.changes(since, max).await? {
+                if json {
+                    println!("{}", serde_json::to_string(&change).unwrap_or_default());
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}/{}",
+                        change.seq, change.at, change.change, change.collection, change.id
+                    );
+                }
+            }
+        }
+        Command::Migrate => db.migrate().await?,
+        other => {
+            return Err(Error::Internal(format!(
+                "{other:?} is not a database command"
+            )));
+        }
+    }
+    Ok(Exit::Success)
+}
+
 async fn execute(cli: Cli) -> Result<Exit, Error> {
     // The database's commands need no STAC API: a consumer of the change feed may know only the
     // database's URL.
@@ -212,49 +251,6 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
             }
             Ok(report.exit())
         }
-        Command::Status { json, runs } => {
-            let db = stac_sync::mirror::db::Database::connect_as(
-                &config.database_url,
-                config.database_format,
-            )
-            .await?;
-            let status = stac_sync::ops::status::read(&db, runs).await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&status).unwrap_or_default()
-                );
-            } else {
-                print!("{}", status.render());
-            }
-            Ok(Exit::Success)
-        }
-        Command::Changes { since, max, json } => {
-            let db = stac_sync::mirror::db::Database::connect_as(
-                &config.database_url,
-                config.database_format,
-            )
-            .await?;
-            for change in db.changes(since, max).await? {
-                if json {
-                    println!("{}", serde_json::to_string(&change).unwrap_or_default());
-                } else {
-                    println!(
-                        "{}\t{}\t{}\t{}/{}",
-                        change.seq, change.at, change.change, change.collection, change.id
-                    );
-                }
-            }
-            Ok(Exit::Success)
-        }
-        Command::Migrate => {
-            let db = stac_sync::mirror::db::Database::connect_as(
-                &config.database_url,
-                config.database_format,
-            )
-            .await?;
-            db.migrate().await?;
-            Ok(Exit::Success)
-        }
+        database => database_command(database, &config).await,
     }
 }

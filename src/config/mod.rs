@@ -165,6 +165,11 @@ pub enum AuthStyle {
     Post,
 }
 
+/// Whether a database URL names Postgres (else SQLite).
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
 /// What the database holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -593,20 +598,8 @@ impl Config {
                 "concurrency = {concurrency}: must be between 1 and 256"
             )));
         }
-        let database_url = resolve_database_url(o.database_url.clone().or(file.database_url))?;
-        let database_format = o
-            .database_format
-            .or(file.database_format)
-            .unwrap_or_default();
-        if database_format == DatabaseFormat::Pgstac
-            && !crate::mirror::db::is_postgres(&database_url)
-        {
-            return Err(Error::Config(format!(
-                "database_format = \"pgstac\" needs a postgres:// database_url with pgstac \
-                 installed (`pypgstac migrate`), not {}",
-                redact_url(&database_url)
-            )));
-        }
+        let (database_url, database_format) =
+            resolve_database(o, file.database_url.clone(), file.database_format)?;
         let object_store_url =
             resolve_object_store_url(o.object_store_url.clone().or(file.object_store_url))?;
         let max_requests_per_second = o.max_requests_per_second.or(file.max_requests_per_second);
@@ -631,23 +624,16 @@ impl Config {
                 humantime::format_duration(worker_lease)
             )));
         }
-        let webhook_url = match o.webhook_url.clone().or(file.webhook_url) {
-            Some(raw) => Some(Url::parse(&raw).map_err(|e| {
-                Error::Config(format!(
-                    "webhook_url {:?}: {e}; write it as http(s)://HOST/PATH",
-                    redact_url(&raw)
-                ))
-            })?),
-            None => None,
-        };
-        let pushgateway_url = match o.pushgateway_url.clone().or(file.pushgateway_url) {
-            Some(raw) => Some(Url::parse(&raw).map_err(|e| {
-                Error::Config(format!(
-                    "pushgateway_url {raw:?}: {e}; write it as http://HOST:9091"
-                ))
-            })?),
-            None => None,
-        };
+        let webhook_url = parse_url(
+            "webhook_url",
+            o.webhook_url.clone().or(file.webhook_url),
+            "http(s)://HOST/PATH",
+        )?;
+        let pushgateway_url = parse_url(
+            "pushgateway_url",
+            o.pushgateway_url.clone().or(file.pushgateway_url),
+            "http://HOST:9091",
+        )?;
         Ok(Config {
             api_root,
             api_host,
@@ -678,6 +664,37 @@ impl Config {
             jobs,
         })
     }
+}
+
+/// The database URL and what it holds.
+fn resolve_database(
+    o: &Overrides,
+    url: Option<String>,
+    format: Option<DatabaseFormat>,
+) -> Result<(String, DatabaseFormat), Error> {
+    let database_url = resolve_database_url(o.database_url.clone().or(url))?;
+    let database_format = o.database_format.or(format).unwrap_or_default();
+    if database_format == DatabaseFormat::Pgstac && !is_postgres_url(&database_url) {
+        return Err(Error::Config(format!(
+            "database_format = \"pgstac\" needs a postgres:// database_url with pgstac \
+                 installed (`pypgstac migrate`), not {}",
+            redact_url(&database_url)
+        )));
+    }
+    Ok((database_url, database_format))
+}
+
+/// An optional URL setting, read; an error that says how to write it.
+fn parse_url(key: &str, raw: Option<String>, shape: &str) -> Result<Option<Url>, Error> {
+    raw.map(|raw| {
+        Url::parse(&raw).map_err(|e| {
+            Error::Config(format!(
+                "{key} {:?}: {e}; write it as {shape}",
+                redact_url(&raw)
+            ))
+        })
+    })
+    .transpose()
 }
 
 /// The STAC root. Only EDS_API_URL may be a bare host (newer EDS material); api_url, --api-url

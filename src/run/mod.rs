@@ -6,6 +6,7 @@
 mod pager;
 mod passes;
 mod pipeline;
+mod webhook;
 
 use crate::clock::{Clock, MonotonicClock};
 use crate::config::{Config, Job};
@@ -123,7 +124,7 @@ pub struct Context {
     /// How long the change feed keeps a change.
     changes_retention: Option<Duration>,
     /// Where the change feed is delivered as pages commit.
-    webhook: Option<crate::ops::webhook::Webhook>,
+    webhook: Option<webhook::Webhook>,
 }
 
 impl Context {
@@ -163,7 +164,7 @@ impl Context {
             worker: options.worker.then_some(config.worker_lease),
             slots: config.concurrency,
             changes_retention: config.changes_retention,
-            webhook: crate::ops::webhook::Webhook::of(config)?,
+            webhook: webhook::Webhook::of(config)?,
             max_item_bytes: config.max_item_bytes,
         })
     }

@@ -1259,7 +1259,7 @@ fn known(items: &[Item], rows: Vec<(i64, String, bool)>) -> Vec<Known> {
 
 /// Whether a database URL names Postgres.
 pub fn is_postgres(url: &str) -> bool {
-    url.starts_with("postgres://") || url.starts_with("postgresql://")
+    crate::config::is_postgres_url(url)
 }
 
 /// Why `run --worker` refuses SQLite.

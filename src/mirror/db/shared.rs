@@ -131,6 +131,35 @@ fn change_rows(page: &PageCommit<'_>, refused: &[Rejected]) -> Option<String> {
     (!rows.is_empty()).then(|| serde_json::Value::Array(rows).to_string())
 }
 
+/// Records a page's changes in the feed (see [`ChangesSql`]).
+async fn record_changes<DB>(
+    conn: &mut DB::Connection,
+    page: &PageCommit<'_>,
+    refused: &[Rejected],
+    changes: &ChangesSql,
+) -> Result<(), sqlx::Error>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+    String: for<'a> Encode<'a, DB> + Type<DB>,
+{
+    let Some(rows) = change_rows(page, refused) else {
+        return Ok(());
+    };
+    if let Some(lock) = changes.lock {
+        sqlx::query(lock).execute(&mut *conn).await?;
+    }
+    sqlx::query(changes.insert)
+        .bind(page.run_id)
+        .bind(page.job)
+        .bind(rows)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// The end of a page's transaction: its quarantined features (`page.rejected` and the items the
 /// database refused), its changes (see [`ChangesSql`]) and the resume point after it.
 pub async fn finish_page<DB>(
@@ -180,17 +209,7 @@ where
         .execute(&mut *conn)
         .await?;
     }
-    if let Some(rows) = change_rows(page, refused) {
-        if let Some(lock) = changes.lock {
-            sqlx::query(lock).execute(&mut *conn).await?;
-        }
-        sqlx::query(changes.insert)
-            .bind(page.run_id)
-            .bind(page.job)
-            .bind(rows)
-            .execute(&mut *conn)
-            .await?;
-    }
+    record_changes::<DB>(conn, page, refused, changes).await?;
     let resume = resume_json(page.resume).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
     // A partition split while its first page was committing stays split: its halves page it.
     sqlx::query(
