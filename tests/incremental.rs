@@ -84,7 +84,7 @@ async fn live_items(database_url: &str) -> BTreeMap<(String, String), String> {
 
 fn without_runs(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
     let mut objects = stored_objects(dir);
-    objects.retain(|k, _| !k.starts_with("_runs/"));
+    objects.retain(|k, _| !k.starts_with('_'));
     objects
 }
 

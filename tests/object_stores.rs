@@ -131,10 +131,10 @@ async fn postgres_and_s3_store_the_same_bytes_as_sqlite_and_a_folder() {
         cloud_run.jobs[0].error
     );
     let mut folder = stored_objects(&local.objects_dir());
-    folder.retain(|k, _| !k.starts_with("_runs/"));
+    folder.retain(|k, _| !k.starts_with('_'));
     let bucket: BTreeMap<String, Vec<u8>> = first
         .iter()
-        .filter(|(k, _)| !k.starts_with("_runs/"))
+        .filter(|(k, _)| !k.starts_with('_'))
         .map(|(k, (bytes, _))| (k.clone(), bytes.clone()))
         .collect();
     assert_eq!(bucket.len(), 10);
@@ -175,7 +175,7 @@ async fn postgres_and_s3_store_the_same_bytes_as_sqlite_and_a_folder() {
     let unchanged =
         |m: &BTreeMap<String, (Vec<u8>, String)>| -> BTreeMap<String, (Vec<u8>, String)> {
             m.iter()
-                .filter(|(k, _)| !k.starts_with("_runs/"))
+                .filter(|(k, _)| !k.starts_with('_'))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         };
@@ -297,11 +297,11 @@ async fn azure_blob_storage_holds_the_same_bytes_as_a_folder() {
     let blobs: BTreeMap<String, Vec<u8>> = list(&builder.build().expect("store"), "items")
         .await
         .into_iter()
-        .filter(|(k, _)| !k.starts_with("_runs/"))
+        .filter(|(k, _)| !k.starts_with('_'))
         .map(|(k, (bytes, _))| (k, bytes))
         .collect();
     let mut folder = stored_objects(&local.objects_dir());
-    folder.retain(|k, _| !k.starts_with("_runs/"));
+    folder.retain(|k, _| !k.starts_with('_'));
     assert_eq!(blobs.len(), 10);
     assert_eq!(blobs, folder, "Azure and the folder differ");
 }

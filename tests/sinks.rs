@@ -92,7 +92,7 @@ impl Case {
 
     fn objects(&self) -> std::collections::BTreeMap<String, Vec<u8>> {
         let mut objects = stored_objects(&self.setup().objects_dir());
-        objects.retain(|key, _| !key.starts_with("_runs/") && !key.ends_with("/collection.json"));
+        objects.retain(|key, _| !key.starts_with('_') && !key.ends_with("/collection.json"));
         objects
     }
 }

@@ -202,7 +202,7 @@ async fn postgres_pool(database: &str) -> sqlx::PgPool {
 /// Objects below `dir`, without the run manifests.
 fn objects(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut objects = stored_objects(dir);
-    objects.retain(|key, _| !key.starts_with("_runs/"));
+    objects.retain(|key, _| !key.starts_with('_'));
     objects
 }
 
