@@ -929,12 +929,8 @@ impl Database {
             " ORDER BY id"
         );
         let pgstac = self.pgstac().is_some();
-        let feed_lock = matches!(self, Database::Postgres(_));
         on_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
-            if feed_lock {
-                sqlx::query(postgres::CHANGES_LOCK).execute(&mut *tx).await?;
-            }
             for scope in scopes {
                 bind_scope!(sqlx::query(record), scope, job).bind(run_id).execute(&mut *tx).await?;
                 bind_scope!(sqlx::query(sql), scope, job).execute(&mut *tx).await?;
@@ -966,7 +962,11 @@ impl Database {
                 .await?;
             tx.commit().await
         }.await)
-        .map_err(self.fail("record the deletions"))
+        .map_err(self.fail("record the deletions"))?;
+        if let Database::Postgres(db) = self {
+            db.number_changes().await;
+        }
+        Ok(())
     }
 
     /// The change feed after `since`, oldest first, at most `limit` rows.
@@ -986,7 +986,7 @@ impl Database {
     pub async fn run_changes(&self, run_id: &str) -> Result<Vec<Change>, Error> {
         on_pool!(self, pool => sqlx::query_as(
             "SELECT seq, run_id, job, collection, id, change, content_hash, CAST(at AS TEXT) AS at \
-             FROM changes WHERE run_id = $1 ORDER BY seq",
+             FROM changes WHERE run_id = $1 AND seq IS NOT NULL ORDER BY seq",
         )
         .bind(run_id)
         .fetch_all(pool)

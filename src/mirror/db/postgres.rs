@@ -44,17 +44,22 @@ impl From<Error> for Failure {
     }
 }
 
-/// A page's changes, from the JSON array `$3`. The lock (held to the end of the transaction)
-/// makes transactions insert changes one at a time, so their seq follow commit order.
+/// A page's changes, from the JSON array `$3`, not yet numbered (see [`NUMBER_CHANGES`]).
 const CHANGES: shared::ChangesSql = shared::ChangesSql {
-    lock: Some(CHANGES_LOCK),
     insert: "INSERT INTO changes (run_id, job, collection, id, change, content_hash, at) \
         SELECT $1, $2, e->>0, e->>1, e->>2, e->>3, now() \
         FROM jsonb_array_elements(CAST($3 AS JSONB)) WITH ORDINALITY AS t(e, n) ORDER BY n",
 };
 
-/// The change feed's order: taken before inserting changes, held until commit.
-pub const CHANGES_LOCK: &str = "SELECT pg_advisory_xact_lock(7263686167657300)";
+/// Numbers the changes that have no seq yet, in the order they were inserted: run right after
+/// a commit, one numbering at a time (the advisory lock is held to the end of its
+/// transaction), so a seq is never given below one a consumer may already have read.
+const NUMBER_CHANGES: [&str; 2] = [
+    "SELECT pg_advisory_xact_lock(7263686167657300)",
+    "UPDATE changes c SET seq = n.seq FROM (SELECT change_id, nextval('changes_seq') AS seq \
+     FROM (SELECT change_id FROM changes WHERE seq IS NULL ORDER BY change_id) o) n \
+     WHERE c.change_id = n.change_id",
+];
 
 /// The schema of stac-sync's own tables in a pgstac database.
 pub const SCHEMA: &str = "stac_sync";
@@ -348,7 +353,10 @@ impl PostgresDb {
         let mut attempt = 0u32;
         loop {
             match self.commit_once(&page).await {
-                Ok(refused) => return Ok(refused),
+                Ok(refused) => {
+                    self.number_changes().await;
+                    return Ok(refused);
+                }
                 Err(Failure::Fail(e)) => return Err(e),
                 Err(Failure::Retry(e)) if attempt < COMMIT_ATTEMPTS => {
                     attempt += 1;
@@ -484,6 +492,22 @@ impl PostgresDb {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Numbers the committed changes that have none yet (see [`NUMBER_CHANGES`]). A failure is
+    /// logged: the next numbering (after the next commit) takes them.
+    pub async fn number_changes(&self) {
+        let numbered = async {
+            let mut tx = self.pool.begin().await?;
+            for sql in NUMBER_CHANGES {
+                sqlx::query(sql).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        };
+        if let Err(e) = numbered.await {
+            tracing::warn!(error = %e, "could not number the change feed's new changes; the \
+                next commit does");
+        }
     }
 
     /// Whether items and collections also go to pgstac.

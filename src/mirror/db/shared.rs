@@ -99,11 +99,9 @@ where
     .await
 }
 
-/// How a backend records a page's changes: the statement that takes the feed's order (if one
-/// is needed), and the insert from a JSON array of `[collection, id, change, hash]` (`$3`), with
-/// `$1` run and `$2` job, in the array's order.
+/// How a backend records a page's changes: the insert from a JSON array of `[collection, id,
+/// change, hash]` (`$3`), with `$1` run and `$2` job, in the array's order.
 pub struct ChangesSql {
-    pub lock: Option<&'static str>,
     pub insert: &'static str,
 }
 
@@ -148,9 +146,6 @@ where
     let Some(rows) = change_rows(page, refused) else {
         return Ok(());
     };
-    if let Some(lock) = changes.lock {
-        sqlx::query(lock).execute(&mut *conn).await?;
-    }
     sqlx::query(changes.insert)
         .bind(page.run_id)
         .bind(page.job)

@@ -18,7 +18,6 @@ use std::time::Duration;
 /// A page's changes, from the JSON array `$3` (SQLite has one writer: the feed's order is the
 /// commits').
 const CHANGES: shared::ChangesSql = shared::ChangesSql {
-    lock: None,
     insert: "INSERT INTO changes (run_id, job, collection, id, change, content_hash, at) \
         SELECT $1, $2, json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
         json_extract(value, '$[2]'), json_extract(value, '$[3]'), CURRENT_TIMESTAMP \
