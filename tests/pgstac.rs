@@ -478,3 +478,66 @@ async fn a_run_into_pgstac_killed_at_random_instants_converges_to_an_uninterrupt
         "pgstac holds what an uninterrupted run put there"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_share_a_job_into_pgstac_and_leave_what_a_single_run_leaves() {
+    if common::skip_without(common::Service::Pgstac) {
+        return;
+    }
+    let clock = Arc::new(ManualClock::default());
+    let mut source_items = items("s2", 120, 9);
+    source_items.extend(items("s1", 80, 13));
+    let server =
+        common::stac::start(&source_items, Issuer::new(clock.clone(), "id", "secret")).await;
+    let setup = |database: String, dir: &std::path::Path| -> stac_sync::config::Config {
+        Setup {
+            limit: 10,
+            top: "database_format = \"pgstac\"",
+            job_extra: "datetime = \"2021-01-01T00:00:00Z/2025-01-01T00:00:00Z\"\nwindow = \"year\"",
+            database: Some(database),
+            ..Setup::new(
+                &server.url,
+                dir,
+                &["s2", "s1"],
+                common::credentials(&server.token_url, "id", "secret"),
+            )
+        }
+        .config()
+    };
+    let (dir, single_dir) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let (shared_db, single_db) = (common::fresh_pgstac().await, common::fresh_pgstac().await);
+    let config = setup(shared_db.clone(), dir.path());
+    let worker = || {
+        stac_sync::run::run(
+            &config,
+            stac_sync::run::RunOptions {
+                clock: clock.clone(),
+                worker: true,
+                ..Default::default()
+            },
+        )
+    };
+
+    let (a, b, c) = tokio::join!(worker(), worker(), worker());
+
+    for summary in [a, b, c] {
+        let summary = summary.expect("recorded");
+        assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    }
+    let single = stac_sync::run::run(
+        &setup(single_db.clone(), single_dir.path()),
+        stac_sync::run::RunOptions {
+            clock: clock.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("recorded");
+    assert_eq!(single.exit(), Exit::Success);
+    let shared = pgstac_items(&shared_db).await;
+    assert_eq!(shared.len(), 200);
+    assert_eq!(shared, pgstac_items(&single_db).await);
+}

@@ -277,10 +277,18 @@ impl PostgresDb {
     pub async fn migrate(&self) -> Result<(), Error> {
         if self.pgstac {
             self.pgstac_version().await?;
-            sqlx::query(concat!("CREATE SCHEMA IF NOT EXISTS ", "stac_sync"))
+            // IF NOT EXISTS is not safe against a concurrent CREATE (workers starting at once):
+            // the loser's unique violation means the schema is there.
+            match sqlx::query(concat!("CREATE SCHEMA IF NOT EXISTS ", "stac_sync"))
                 .execute(&self.pool)
                 .await
-                .map_err(self.fail("create schema stac_sync"))?;
+            {
+                Err(sqlx::Error::Database(e))
+                    if matches!(e.code().as_deref(), Some("23505" | "42P06")) => {}
+                created => {
+                    created.map_err(self.fail("create schema stac_sync"))?;
+                }
+            }
         }
         MIGRATOR
             .run(&self.pool)
