@@ -29,12 +29,7 @@ async fn last_seq(database: &str) -> i64 {
 async fn the_feed_lists_what_each_run_added_changed_and_withdrew(database: Option<String>) {
     let clock = Arc::new(ManualClock::default());
     let before = make_items("s2", 12);
-    let issuer = Issuer::new(clock.clone(), "id", "secret");
-    let server = common::stac::start(&before, issuer.clone()).await;
-    let port = url::Url::parse(&server.url)
-        .expect("url")
-        .port()
-        .expect("port");
+    let server = common::stac::start(&before, Issuer::new(clock.clone(), "id", "secret")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (url, token_url) = (server.url.clone(), server.token_url.clone());
     let setup = Setup {
@@ -63,18 +58,8 @@ async fn the_feed_lists_what_each_run_added_changed_and_withdrew(database: Optio
         item["id"] = format!("s2-added-{n}").into();
     }
     after.extend(added);
-    server.stop().await;
-    let server = common::stac::start_with(&after, issuer, port, |router| router).await;
-    let reconciled = stac_sync::run::run(
-        &setup.config(),
-        stac_sync::run::RunOptions {
-            clock: clock.clone(),
-            reconcile: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("the run is recorded");
+    let server = server.restart_with(&after).await;
+    let reconciled = setup.reconcile(clock.clone()).await;
     assert_eq!(
         reconciled.exit(),
         Exit::Success,

@@ -6,7 +6,6 @@ mod common;
 
 use common::tokens::Issuer;
 use common::{Setup, make_items, stored_items, stored_objects};
-use rand::Rng;
 use stac_sync::clock::ManualClock;
 use stac_sync::error::Exit;
 use std::sync::Arc;
@@ -72,54 +71,13 @@ async fn a_run_killed_at_random_instants_converges_to_an_uninterrupted_one() {
     )
     .expect("config");
     let binary = assert_cmd::cargo::cargo_bin!("stac-sync");
-    let spawn = || {
-        std::process::Command::new(binary)
-            .current_dir(dir.path())
-            .env_clear()
-            .env("RUST_LOG", "error")
-            .env("EDS_AUTH_URL", &server.token_url)
-            .env("EDS_CLIENT_ID", "id")
-            .env("EDS_SECRET", "secret")
-            .arg("run")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawns")
-    };
+    let run = || common::binary_run(binary, dir.path(), &server.token_url);
     searches.store(0, Ordering::SeqCst);
     let kills = 6;
-    for _ in 0..kills {
-        let mut child = spawn();
-        let target = searches.load(Ordering::SeqCst) + rand::rng().random_range(1..=8);
-        let watched = searches.clone();
-        let finished = tokio::task::spawn_blocking(move || {
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return true;
-                }
-                if watched.load(Ordering::SeqCst) >= target {
-                    let _ = child.kill(); // SIGKILL
-                    let _ = child.wait();
-                    return false;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the run made no progress"
-                );
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        })
-        .await
-        .expect("join");
-        assert!(!finished, "the run finished before it could be killed");
-    }
-    let mut child = spawn();
-    let last = tokio::task::spawn_blocking(move || child.wait().expect("exits"))
-        .await
-        .expect("join");
+    common::kill_runs(run, &searches, kills, 1..=8).await;
+    let last = common::run_to_end(run()).await;
 
-    assert_eq!(last.code(), Some(0));
+    assert_eq!(last, Some(0));
     let database = format!("sqlite://{}", dir.path().join("stac-sync.db").display());
     let running = common::scalar(
         &database,

@@ -17,10 +17,6 @@ async fn a_collection_document_is_stored_when_it_changes_and_marked_when_it_goes
     let mut items = make_items("s2", 6);
     items.extend(make_items("s1", 3));
     let server = common::stac::start(&items, Issuer::new(clock.clone(), "id", "secret")).await;
-    let port = url::Url::parse(&server.url)
-        .expect("url")
-        .port()
-        .expect("port");
     let dir = tempfile::tempdir().expect("tempdir");
     let (url, token_url) = (server.url.clone(), server.token_url.clone());
     let setup = Setup::new(
@@ -31,20 +27,9 @@ async fn a_collection_document_is_stored_when_it_changes_and_marked_when_it_goes
     );
     let document = setup.objects_dir().join("s2/collection.json");
     let served = || async {
-        let client = reqwest::Client::new();
-        let token: serde_json::Value = client
-            .post(&token_url)
-            .basic_auth("id", Some("secret"))
-            .form(&[("grant_type", "client_credentials")])
-            .send()
-            .await
-            .expect("token")
-            .json()
-            .await
-            .expect("token JSON");
-        let response = client
+        let response = reqwest::Client::new()
             .get(format!("{url}collections/s2"))
-            .bearer_auth(token["access_token"].as_str().expect("a token"))
+            .bearer_auth(common::tokens::fetch(&token_url).await)
             .send()
             .await
             .expect("GET");
@@ -96,14 +81,7 @@ async fn a_collection_document_is_stored_when_it_changes_and_marked_when_it_goes
     assert!(String::from_utf8_lossy(&served().await).contains("reprocessed"));
 
     // Gone upstream: marked, with its document and items kept.
-    server.stop().await;
-    let server = common::stac::start_with(
-        &make_items("s1", 3),
-        Issuer::new(clock.clone(), "id", "secret"),
-        port,
-        |router| router,
-    )
-    .await;
+    let server = server.restart_with(&make_items("s1", 3)).await;
     let gone = setup.run(clock.clone()).await;
     assert!(document.is_file());
     let db = stac_sync::mirror::db::Database::connect(&setup.database_url())

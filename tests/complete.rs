@@ -429,10 +429,7 @@ async fn reconcile_fetches_again_an_old_item_whose_updated_changed_that_a_dateti
         ..Engine::default()
     };
     let server = engine.start(&before, &clock).await;
-    let port = url::Url::parse(&server.url)
-        .expect("url")
-        .port()
-        .expect("port");
+    let port = server.port();
     let dir = tempfile::tempdir().expect("tempdir");
     let (url, token_url) = (server.url.clone(), server.token_url.clone());
     let setup = Setup {
@@ -483,16 +480,7 @@ async fn reconcile_fetches_again_an_old_item_whose_updated_changed_that_a_dateti
     assert_eq!(stored(&id).await, "2024-01-01T00:00:00Z");
     let searches_before = requests.lock().expect("lock").len();
 
-    let reconciled = stac_sync::run::run(
-        &setup.config(),
-        stac_sync::run::RunOptions {
-            clock: clock.clone(),
-            reconcile: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("the run is recorded");
+    let reconciled = setup.reconcile(clock.clone()).await;
 
     assert_eq!(
         reconciled.exit(),
@@ -607,7 +595,6 @@ async fn workers_on_postgres_share_the_halves_of_the_partitions_they_split() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_killed_while_it_splits_partitions_converges_to_an_uninterrupted_one() {
-    use rand::Rng;
     let clock = Arc::new(ManualClock::default());
     let items = items_over_time(200, 9);
     let engine = Engine {
@@ -634,53 +621,14 @@ async fn a_run_killed_while_it_splits_partitions_converges_to_an_uninterrupted_o
     )
     .expect("config");
     let binary = assert_cmd::cargo::cargo_bin!("stac-sync");
-    let spawn = || {
-        std::process::Command::new(binary)
-            .current_dir(dir.path())
-            .env_clear()
-            .env("RUST_LOG", "error")
-            .env("EDS_AUTH_URL", &server.token_url)
-            .env("EDS_CLIENT_ID", "id")
-            .env("EDS_SECRET", "secret")
-            .arg("run")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawns")
-    };
+    let run = || common::binary_run(binary, dir.path(), &server.token_url);
+    common::kill_runs(run, &engine.searches, 4, 2..=6).await;
     let database = format!("sqlite://{}", dir.path().join("stac-sync.db").display());
-    let mut split_when_killed = 0;
-    for _ in 0..4 {
-        let mut child = spawn();
-        let target = engine.searches.load(Ordering::SeqCst) + rand::rng().random_range(2..=6);
-        let watched = engine.searches.clone();
-        let killed = tokio::task::spawn_blocking(move || {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return false;
-                }
-                if watched.load(Ordering::SeqCst) >= target {
-                    let _ = child.kill(); // SIGKILL
-                    let _ = child.wait();
-                    return true;
-                }
-                assert!(std::time::Instant::now() < deadline, "no progress");
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        })
-        .await
-        .expect("join");
-        assert!(killed, "the run finished before it could be killed");
-        split_when_killed =
-            common::scalar(&database, "SELECT COUNT(*) FROM sync_state WHERE split").await;
-    }
-    let mut child = spawn();
-    let last = tokio::task::spawn_blocking(move || child.wait().expect("exits"))
-        .await
-        .expect("join");
+    let split_when_killed =
+        common::scalar(&database, "SELECT COUNT(*) FROM sync_state WHERE split").await;
+    let last = common::run_to_end(run()).await;
 
-    assert_eq!(last.code(), Some(0));
+    assert_eq!(last, Some(0));
     assert!(
         split_when_killed > 0,
         "the runs were killed with splits in the plan"

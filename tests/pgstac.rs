@@ -101,25 +101,12 @@ struct Client {
 
 impl Client {
     async fn new(root: &str, token_url: Option<&str>) -> Client {
-        let http = reqwest::Client::new();
         let token = match token_url {
-            Some(url) => {
-                let token: Value = http
-                    .post(url)
-                    .basic_auth("id", Some("secret"))
-                    .form(&[("grant_type", "client_credentials")])
-                    .send()
-                    .await
-                    .expect("token")
-                    .json()
-                    .await
-                    .expect("token JSON");
-                token["access_token"].as_str().map(str::to_string)
-            }
+            Some(url) => Some(common::tokens::fetch(url).await),
             None => None,
         };
         Client {
-            http,
+            http: reqwest::Client::new(),
             root: root.to_string(),
             token,
         }
@@ -215,12 +202,8 @@ async fn stac_fastapi_pgstac_serves_the_mirror_as_the_source_serves_it() {
     let clock = Arc::new(ManualClock::default());
     let mut source_items = items("s2", 30, 40);
     source_items.extend(items("s1", 20, 61));
-    let issuer = Issuer::new(clock.clone(), "id", "secret");
-    let server = common::stac::start(&source_items, issuer.clone()).await;
-    let port = url::Url::parse(&server.url)
-        .expect("url")
-        .port()
-        .expect("port");
+    let server =
+        common::stac::start(&source_items, Issuer::new(clock.clone(), "id", "secret")).await;
     let database = common::fresh_pgstac().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (url, token_url) = (server.url.clone(), server.token_url.clone());
@@ -282,22 +265,12 @@ async fn stac_fastapi_pgstac_serves_the_mirror_as_the_source_serves_it() {
     new["id"] = "s2-new".into();
     new["properties"]["datetime"] = rfc3339(SystemTime::now() - Duration::from_secs(3600)).into();
     changed.push(new);
-    server.stop().await;
-    let server = common::stac::start_with(&changed, issuer, port, |router| router).await;
+    let server = server.restart_with(&changed).await;
 
     let incremental = setup.run(clock.clone()).await;
     assert_eq!(incremental.exit(), Exit::Success);
     assert_eq!(incremental.jobs[0].counts.new, 1, "the new item");
-    let reconciled = stac_sync::run::run(
-        &setup.config(),
-        stac_sync::run::RunOptions {
-            clock: clock.clone(),
-            reconcile: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("the run is recorded");
+    let reconciled = setup.reconcile(clock.clone()).await;
     assert_eq!(
         reconciled.exit(),
         Exit::Success,
@@ -376,8 +349,7 @@ async fn pgstac_items(database: &str) -> Vec<(String, String, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_into_pgstac_killed_at_random_instants_converges_to_an_uninterrupted_one() {
-    use rand::Rng;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
     if common::skip_without(common::Service::Pgstac) {
         return;
     }
@@ -425,49 +397,11 @@ async fn a_run_into_pgstac_killed_at_random_instants_converges_to_an_uninterrupt
     )
     .expect("config");
     let binary = assert_cmd::cargo::cargo_bin!("stac-sync");
-    let spawn = || {
-        std::process::Command::new(binary)
-            .current_dir(dir.path())
-            .env_clear()
-            .env("RUST_LOG", "error")
-            .env("EDS_AUTH_URL", &server.token_url)
-            .env("EDS_CLIENT_ID", "id")
-            .env("EDS_SECRET", "secret")
-            .arg("run")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawns")
-    };
-    for _ in 0..5 {
-        let mut child = spawn();
-        let target = searches.load(Ordering::SeqCst) + rand::rng().random_range(2..=5);
-        let watched = searches.clone();
-        let killed = tokio::task::spawn_blocking(move || {
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return false;
-                }
-                if watched.load(Ordering::SeqCst) >= target {
-                    let _ = child.kill(); // SIGKILL
-                    let _ = child.wait();
-                    return true;
-                }
-                assert!(std::time::Instant::now() < deadline, "no progress");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        })
-        .await
-        .expect("join");
-        assert!(killed, "the run finished before it could be killed");
-    }
-    let mut child = spawn();
-    let last = tokio::task::spawn_blocking(move || child.wait().expect("exits"))
-        .await
-        .expect("join");
+    let run = || common::binary_run(binary, dir.path(), &server.token_url);
+    common::kill_runs(run, &searches, 5, 2..=5).await;
+    let last = common::run_to_end(run()).await;
 
-    assert_eq!(last.code(), Some(0));
+    assert_eq!(last, Some(0));
     let (got, expected) = (
         pgstac_items(&database).await,
         pgstac_items(&reference_db).await,

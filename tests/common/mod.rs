@@ -171,17 +171,91 @@ method = "{method}"
     }
 
     pub async fn run(&self, clock: Arc<ManualClock>) -> Summary {
+        self.run_with(clock, false).await
+    }
+
+    /// A run that also reconciles (`run --reconcile`).
+    pub async fn reconcile(&self, clock: Arc<ManualClock>) -> Summary {
+        self.run_with(clock, true).await
+    }
+
+    async fn run_with(&self, clock: Arc<ManualClock>, reconcile: bool) -> Summary {
         run::run(
             &self.config(),
             RunOptions {
                 clock,
                 migrate: true,
+                reconcile,
                 ..RunOptions::default()
             },
         )
         .await
         .expect("the run is recorded")
     }
+}
+
+/// `stac-sync run` of `binary` (the test's `cargo_bin!("stac-sync")`) in `dir` (from its
+/// `stac-sync.toml`), with a clean environment but the token endpoint and the credentials `id`
+/// / `secret`, quiet.
+pub fn binary_run(binary: &Path, dir: &Path, token_url: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(binary);
+    command
+        .current_dir(dir)
+        .env_clear()
+        .env("RUST_LOG", "error")
+        .env("EDS_AUTH_URL", token_url)
+        .env("EDS_CLIENT_ID", "id")
+        .env("EDS_SECRET", "secret")
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    command
+}
+
+/// Starts `kills` runs of `run()`, and SIGKILLs each once the API has answered between
+/// `between` more `searches` than when it started (a random number). Panics if a run ends
+/// before it is killed, or makes no progress for a minute.
+pub async fn kill_runs(
+    run: impl Fn() -> std::process::Command,
+    searches: &Arc<std::sync::atomic::AtomicUsize>,
+    kills: usize,
+    between: std::ops::RangeInclusive<usize>,
+) {
+    use rand::Rng;
+    use std::sync::atomic::Ordering;
+    for _ in 0..kills {
+        let mut child = run().spawn().expect("spawns");
+        let target = searches.load(Ordering::SeqCst) + rand::rng().random_range(between.clone());
+        let watched = searches.clone();
+        let killed = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return false;
+                }
+                if watched.load(Ordering::SeqCst) >= target {
+                    let _ = child.kill(); // SIGKILL
+                    let _ = child.wait();
+                    return true;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the run made no progress"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })
+        .await
+        .expect("join");
+        assert!(killed, "the run finished before it could be killed");
+    }
+}
+
+/// Runs `run` to its end; its exit code.
+pub async fn run_to_end(mut run: std::process::Command) -> Option<i32> {
+    tokio::task::spawn_blocking(move || run.status().expect("runs").code())
+        .await
+        .expect("join")
 }
 
 /// Every stored row: (collection, id) → content.

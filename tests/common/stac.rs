@@ -21,6 +21,22 @@ pub struct StacServer {
 }
 
 impl StacServer {
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        url::Url::parse(&self.url)
+            .ok()
+            .and_then(|url| url.port())
+            .expect("the server's URL has a port")
+    }
+
+    /// The same API at the same address (resume points and next links stay valid), now
+    /// holding `items` (the source changed upstream).
+    pub async fn restart_with(self, items: &[Value]) -> StacServer {
+        let (issuer, port) = (self.issuer.clone(), self.port());
+        self.stop().await;
+        start_with(items, issuer, port, |router| router).await
+    }
+
     /// Stops serving and frees the port (connections already open stay up; each run builds
     /// its own HTTP client, so the next run connects anew).
     pub async fn stop(self) {

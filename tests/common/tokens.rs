@@ -187,3 +187,22 @@ pub async fn require_token(
         issuer.refusal()
     }
 }
+
+/// A token for the test client `id` / `secret` from `token_url`, as a test's own HTTP client
+/// asks for one.
+pub async fn fetch(token_url: &str) -> String {
+    let token: serde_json::Value = reqwest::Client::new()
+        .post(token_url)
+        .basic_auth("id", Some("secret"))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .expect("token")
+        .json()
+        .await
+        .expect("token JSON");
+    token["access_token"]
+        .as_str()
+        .expect("an access token")
+        .to_string()
+}
