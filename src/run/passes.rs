@@ -37,8 +37,8 @@ pub(super) struct JobPasses<'a> {
     search_hash: String,
     /// What the server offers; asked once per run, and only when a plan needs it.
     caps: Option<Capabilities>,
-    /// The collections' temporal extents; asked once per run, and only when a plan needs them.
-    extents: Option<HashMap<String, String>>,
+    /// The collections' temporal extents, from their documents (fetched as the run starts).
+    extents: HashMap<String, String>,
     /// What they did.
     pub report: PassReport,
 }
@@ -51,7 +51,7 @@ impl<'a> JobPasses<'a> {
             run_id,
             search_hash: search_hash(job),
             caps: None,
-            extents: None,
+            extents: HashMap::new(),
             report: PassReport::default(),
         }
     }
@@ -123,7 +123,7 @@ impl<'a> JobPasses<'a> {
             Capabilities::default()
         };
         let strategy = plan::strategy(job, watermark, &offered);
-        let cut = self.cut(strategy == Strategy::Full).await?;
+        let cut = self.cut(strategy == Strategy::Full);
         let now = SystemTime::now();
         let root = self.context.api.root();
         let parts = plan::sync_parts(root, job, strategy, watermark, &cut, now);
@@ -279,7 +279,7 @@ impl<'a> JobPasses<'a> {
     /// Plans a reconcile pass: ids only where the API offers the Fields extension.
     async fn plan_reconcile(&mut self) -> Result<Vec<Planned>, Error> {
         let offered = self.capabilities().await?;
-        let cut = self.cut(true).await?;
+        let cut = self.cut(true);
         let now = SystemTime::now();
         let root = self.context.api.root();
         let parts = plan::reconcile_parts(root, self.job, offered.fields, &cut, now);
@@ -366,7 +366,7 @@ impl<'a> JobPasses<'a> {
             extents.extend(extent.map(|extent| (collection.clone(), extent)));
             self.context.mirror.collection(collection, doc).await?;
         }
-        self.extents = Some(extents);
+        self.extents = extents;
         Ok(())
     }
 
@@ -374,23 +374,14 @@ impl<'a> JobPasses<'a> {
     /// temporal extent when the job has no datetime, and at least as many as the cap on requests
     /// in flight; unless the job asks for one window per collection. (An incremental pass is
     /// short: it is not cut finer.)
-    async fn cut(&mut self, windowed: bool) -> Result<Cut, Error> {
-        let job = self.job;
-        if job.window == Window::None || !windowed {
-            return Ok(Cut::default());
+    fn cut(&self, windowed: bool) -> Cut {
+        if self.job.window == Window::None || !windowed {
+            return Cut::default();
         }
-        let mut cut = Cut {
+        Cut {
             at_least: self.context.slots,
-            ..Cut::default()
-        };
-        if job.datetime.is_some() {
-            return Ok(cut);
+            extents: self.extents.clone(),
         }
-        if self.extents.is_none() {
-            self.collections().await?;
-        }
-        cut.extents = self.extents.clone().unwrap_or_default();
-        Ok(cut)
     }
 
     async fn store_plan(

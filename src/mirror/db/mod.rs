@@ -243,6 +243,27 @@ pub struct Seen<'a> {
     pub updated: Option<&'a str>,
 }
 
+/// Plans a partition (`$1` job, `$2` name, `$3` kind, `$4` collection, `$5` search hash, `$6`
+/// first request); one already planned under that name stays as it is.
+const INSERT_PARTITION: &str = "INSERT INTO sync_state (job, partition, kind, collection, \
+    query_hash, request, resume, done, pages_done, updated_at) \
+    VALUES ($1, $2, $3, $4, $5, $6, NULL, FALSE, 0, CURRENT_TIMESTAMP) \
+    ON CONFLICT (job, partition) DO NOTHING";
+
+/// `(name, collection, first request as JSON)` of partitions to plan.
+fn partition_rows(
+    partitions: &[(String, String, Request)],
+) -> Result<Vec<(&str, &str, String)>, Error> {
+    partitions
+        .iter()
+        .map(|(name, collection, first)| {
+            let first = serde_json::to_string(first)
+                .map_err(|e| Error::Internal(format!("cannot serialise a request: {e}")))?;
+            Ok((name.as_str(), collection.as_str(), first))
+        })
+        .collect()
+}
+
 /// Stores a collection's new content (`$1` id, `$2` content, `$3` hash).
 const UPSERT_COLLECTION_SQLITE: &str = "INSERT INTO collections (id, content, content_hash, \
     first_seen_at, last_seen_at, changed_at) \
@@ -618,12 +639,7 @@ impl Database {
     /// Stores a new pass's plan, replacing any earlier unfinished pass of that kind (and, when
     /// the job's search changed, its watermark and every unfinished pass).
     pub async fn plan(&self, plan: PlanCommit<'_>) -> Result<(), Error> {
-        let mut partitions = Vec::with_capacity(plan.partitions.len());
-        for (name, collection, first) in plan.partitions {
-            let first = serde_json::to_string(first)
-                .map_err(|e| Error::Internal(format!("cannot serialise a request: {e}")))?;
-            partitions.push((name.as_str(), collection.as_str(), first));
-        }
+        let partitions = partition_rows(plan.partitions)?;
         let kind = plan.kind.as_str();
         on_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
@@ -661,11 +677,7 @@ impl Database {
                     .await?;
             }
             for (name, collection, first) in &partitions {
-                sqlx::query(
-                    "INSERT INTO sync_state (job, partition, kind, collection, query_hash, request, \
-                     resume, done, pages_done, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, NULL, FALSE, 0, CURRENT_TIMESTAMP)",
-                )
+                sqlx::query(INSERT_PARTITION)
                 .bind(plan.job)
                 .bind(*name)
                 .bind(kind)
@@ -776,21 +788,11 @@ impl Database {
         search_hash: &str,
         partitions: &[(String, String, Request)],
     ) -> Result<(), Error> {
-        let mut rows = Vec::with_capacity(partitions.len());
-        for (name, collection, first) in partitions {
-            let first = serde_json::to_string(first)
-                .map_err(|e| Error::Internal(format!("cannot serialise a request: {e}")))?;
-            rows.push((name.as_str(), collection.as_str(), first));
-        }
+        let rows = partition_rows(partitions)?;
         on_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
             for (name, collection, first) in &rows {
-                sqlx::query(
-                    "INSERT INTO sync_state (job, partition, kind, collection, query_hash, request, \
-                     resume, done, pages_done, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, NULL, FALSE, 0, CURRENT_TIMESTAMP) \
-                     ON CONFLICT (job, partition) DO NOTHING",
-                )
+                sqlx::query(INSERT_PARTITION)
                 .bind(job)
                 .bind(*name)
                 .bind(kind.as_str())

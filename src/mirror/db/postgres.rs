@@ -362,7 +362,10 @@ impl PostgresDb {
         loop {
             match self.commit_once(&page).await {
                 Ok(refused) => {
-                    self.number_changes().await;
+                    // Only a page that stored something recorded changes to number.
+                    if page.items.len() > refused.len() {
+                        self.number_changes().await;
+                    }
                     return Ok(refused);
                 }
                 Err(Failure::Fail(e)) => return Err(e),
@@ -476,13 +479,7 @@ impl PostgresDb {
     async fn store(&self, conn: &mut PgConnection, items: &[&Item]) -> Result<(), sqlx::Error> {
         upsert(conn, items).await?;
         if self.pgstac && !items.is_empty() {
-            let mut contents = Vec::with_capacity(items.len());
-            for item in items {
-                contents.push(
-                    simdutf8::compat::from_utf8(&item.content)
-                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                );
-            }
+            let contents = contents(items)?;
             // pgstac's staging trigger names its tables without their schema; `stac_sync`
             // holds tables of the same names. Reverted with the savepoint if this fails.
             sqlx::query("SET LOCAL search_path TO pgstac, public")
@@ -690,6 +687,16 @@ async fn upsert(conn: &mut PgConnection, items: &[&Item]) -> Result<(), sqlx::Er
     Ok(())
 }
 
+/// The items' JSON as text, to bind as an array.
+fn contents<'a>(items: &[&'a Item]) -> Result<Vec<&'a str>, sqlx::Error> {
+    items
+        .iter()
+        .map(|item| {
+            simdutf8::compat::from_utf8(&item.content).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+        })
+        .collect()
+}
+
 /// One multi-row upsert of `items` from arrays.
 async fn upsert_batch(conn: &mut PgConnection, items: &[&Item]) -> Result<(), sqlx::Error> {
     if items.is_empty() {
@@ -700,13 +707,7 @@ async fn upsert_batch(conn: &mut PgConnection, items: &[&Item]) -> Result<(), sq
     };
     let bbox =
         |k: usize| -> Vec<Option<f64>> { items.iter().map(|i| i.bbox.map(|b| b[k])).collect() };
-    let mut contents = Vec::with_capacity(items.len());
-    for item in items {
-        contents.push(
-            simdutf8::compat::from_utf8(&item.content)
-                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-        );
-    }
+    let contents = contents(items)?;
     sqlx::query(UPSERT)
         .bind(
             items
