@@ -297,3 +297,51 @@ async fn the_webhook_gets_every_change_at_least_once_and_a_failing_one_never_blo
     );
     server.stop().await;
 }
+
+/// Two commits of the same new items, both classified before either committed (two workers,
+/// or a partition's first page and the half of it that a split pages): on Postgres the second
+/// writes nothing, and the feed and the counts say `new` once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_another_commit_stored_meanwhile_are_not_new_twice_on_postgres() {
+    if common::skip_without(common::Service::Postgres) {
+        return;
+    }
+    let database = common::fresh_postgres().await;
+    let db = Database::connect(&database).await.expect("db");
+    db.migrate().await.expect("migrate");
+    let items = make_items("s2", 5);
+    let body = serde_json::to_vec(&serde_json::json!({"features": items})).expect("JSON");
+    let request = stac_sync::stac::search::Request::get(
+        url::Url::parse("http://127.0.0.1:9/search").expect("url"),
+    );
+    let page = stac_sync::stac::reader::parse_page(&body, &request, None).expect("page");
+    let classified = db.classify(&page.items).await.expect("classify");
+    let commit = |partition: &'static str| stac_sync::mirror::db::PageCommit {
+        run_id: "r",
+        job: "test",
+        partition,
+        items: page.items.iter().collect(),
+        kinds: classified.clone(),
+        rejected: &[],
+        page_url: "http://127.0.0.1:9/search",
+        resume: None,
+        ends_page: true,
+        features: page.features,
+        matched: None,
+        seen: Vec::new(),
+        lease: None,
+    };
+
+    let first = db.commit_page(commit("a")).await.expect("first");
+    let second = db.commit_page(commit("b")).await.expect("second");
+
+    assert!(
+        classified
+            .iter()
+            .all(|k| *k == stac_sync::mirror::db::Known::New)
+    );
+    assert_eq!(first.written.map(|w| w.len()), Some(5));
+    assert_eq!(second.written.map(|w| w.len()), Some(0));
+    let feed = feed(&database, 0).await;
+    assert_eq!(feed.len(), 5, "{feed:?}");
+}

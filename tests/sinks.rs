@@ -592,7 +592,8 @@ async fn a_page_larger_than_one_upsert_statement_is_stored_whole_on_postgres() {
             lease: None,
         })
         .await
-        .expect("committed");
+        .expect("committed")
+        .refused;
 
     assert!(refused.is_empty());
     let stored = stored_items(&database).await;

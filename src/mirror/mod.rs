@@ -24,7 +24,7 @@ use crate::stac::http::display_url;
 use crate::stac::reader::{Item, Page, Rejected};
 use crate::stac::search::Request;
 use bytes::Bytes;
-use db::{Counts, Database, JobLock, Known, Lease, PageCommit, Scope, Seen};
+use db::{Committed, Counts, Database, JobLock, Known, Lease, PageCommit, Scope, Seen};
 use futures_util::future::BoxFuture;
 use objects::ObjectSink;
 use std::collections::{BTreeMap, HashMap};
@@ -371,7 +371,7 @@ impl PageWriter<'_> {
         let page = &staged.page;
         let changed = staged.changed();
         let page_url = display_url(&at.request.url);
-        let refused = self
+        let committed = self
             .mirror
             .db
             .commit_page(PageCommit {
@@ -395,15 +395,16 @@ impl PageWriter<'_> {
                 lease: at.lease,
             })
             .await?;
-        for feature in staged.rejected.iter().chain(&refused) {
+        let refused = &committed.refused;
+        for feature in staged.rejected.iter().chain(refused) {
             tracing::warn!(job = at.job, page = %page_url,
                 collection = feature.collection.as_deref().unwrap_or(""),
                 id = feature.id.as_deref().unwrap_or(""), reason = %feature.reason,
                 "feature quarantined");
         }
-        let mut counts = self.settle(&changed, &refused).await?;
+        let mut counts = self.settle(&changed, &committed).await?;
         counts.pages = u64::from(page.whole);
-        counts.unchanged = staged.unchanged;
+        counts.unchanged += staged.unchanged;
         counts.quarantined = (staged.rejected.len() + refused.len()) as u64;
         if self.writes != Writes::Seen {
             counts.duplicate = page.duplicates;
@@ -440,13 +441,26 @@ impl PageWriter<'_> {
     async fn settle(
         &self,
         changed: &[(&Item, Known)],
-        refused: &[Rejected],
+        committed: &Committed,
     ) -> Result<Counts, Error> {
         let mut counts = Counts::default();
         for (item, known) in changed {
-            let stored = !refused.iter().any(|r| {
+            let stored = !committed.refused.iter().any(|r| {
                 r.id.as_ref() == Some(&item.id) && r.collection.as_ref() == Some(&item.collection)
             });
+            // What the database wrote, where it tells: another commit may have stored the
+            // item, identically or not, since this page was classified.
+            let known = match &committed.written {
+                Some(written) if stored => match written.get(&key(item)) {
+                    Some(true) => Known::New,
+                    Some(false) => Known::Changed,
+                    None => {
+                        counts.unchanged += 1;
+                        continue;
+                    }
+                },
+                _ => *known,
+            };
             match (stored, known) {
                 (false, Known::New) => {
                     for output in &self.mirror.outputs {

@@ -218,6 +218,22 @@ pub struct Planned {
     pub done: bool,
 }
 
+/// The rows a commit wrote: `(collection, id)` → whether the row was new. An item of the page
+/// missing here was already stored with that content (another commit wrote it since the page
+/// was classified).
+pub type Written = std::collections::HashMap<(String, String), bool>;
+
+/// What a page's commit did.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// Items the database refused, quarantined.
+    pub refused: Vec<Rejected>,
+    /// The rows it wrote, where the database says (Postgres, where commits of several pages or
+    /// workers run at once); `None`: every item not refused, as classified (SQLite, one
+    /// writer).
+    pub written: Option<Written>,
+}
+
 /// A row of the change feed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct Change {
@@ -585,9 +601,10 @@ impl Database {
         }
     }
 
-    /// Commits one page: rows, quarantine and resume point, atomically. Returns the features
-    /// quarantined because the database refused them (beyond `page.rejected`).
-    pub async fn commit_page(&self, page: PageCommit<'_>) -> Result<Vec<Rejected>, Error> {
+    /// Commits one page: rows, changes, quarantine and resume point, atomically. Returns the
+    /// features quarantined because the database refused them (beyond `page.rejected`), and
+    /// where the database tells, the rows it wrote.
+    pub async fn commit_page(&self, page: PageCommit<'_>) -> Result<Committed, Error> {
         match self {
             Database::Sqlite(db) => db.commit_page(page).await,
             Database::Postgres(db) => db.commit_page(page).await,

@@ -11,7 +11,9 @@
 //! mode (so a single run and a worker never both write), one at a time plans under a second,
 //! exclusive lock, and they claim partitions with leases (see [`PostgresDb::claim`]).
 
-use super::{JobLock, Known, Lease, PageCommit, PassKind, Planned, PlannedRow, shared};
+use super::{
+    Committed, JobLock, Known, Lease, PageCommit, PassKind, Planned, PlannedRow, Written, shared,
+};
 use crate::config::redact_url;
 use crate::error::Error;
 use crate::stac::reader::{Item, Rejected};
@@ -186,7 +188,8 @@ const UPSERT: &str = "INSERT INTO items (collection, id, content, content_hash, 
     updated = excluded.updated, bbox_xmin = excluded.bbox_xmin, bbox_ymin = excluded.bbox_ymin, \
     bbox_xmax = excluded.bbox_xmax, bbox_ymax = excluded.bbox_ymax, last_seen_at = excluded.last_seen_at, \
     deleted_at = NULL \
-    WHERE items.content_hash <> excluded.content_hash OR items.deleted_at IS NOT NULL";
+    WHERE items.content_hash <> excluded.content_hash OR items.deleted_at IS NOT NULL \
+    RETURNING collection, id, xmax = 0";
 
 /// Why Postgres would refuse an item: `jsonb` and `text` cannot hold the NUL character, which
 /// JSON can carry as the escape `\u0000`.
@@ -357,16 +360,16 @@ impl PostgresDb {
     }
 
     /// Commits one page. Returns the items Postgres refused, which were quarantined.
-    pub async fn commit_page(&self, page: PageCommit<'_>) -> Result<Vec<Rejected>, Error> {
+    pub async fn commit_page(&self, page: PageCommit<'_>) -> Result<Committed, Error> {
         let mut attempt = 0u32;
         loop {
             match self.commit_once(&page).await {
-                Ok(refused) => {
+                Ok(committed) => {
                     // Only a page that stored something recorded changes to number.
-                    if page.items.len() > refused.len() {
+                    if committed.written.as_ref().is_some_and(|w| !w.is_empty()) {
                         self.number_changes().await;
                     }
-                    return Ok(refused);
+                    return Ok(committed);
                 }
                 Err(Failure::Fail(e)) => return Err(e),
                 Err(Failure::Retry(e)) if attempt < COMMIT_ATTEMPTS => {
@@ -385,7 +388,7 @@ impl PostgresDb {
 
     /// One attempt at [`PostgresDb::commit_page`]; [`Failure::Retry`] when the transaction
     /// deadlocked or failed to serialize (nothing of it was kept).
-    async fn commit_once(&self, page: &PageCommit<'_>) -> Result<Vec<Rejected>, Failure> {
+    async fn commit_once(&self, page: &PageCommit<'_>) -> Result<Committed, Failure> {
         let mut tx = self
             .pool
             .begin()
@@ -408,16 +411,20 @@ impl PostgresDb {
             }
         }
         let mut refused = Vec::new();
+        let mut written = Written::new();
         let batch = {
             let mut savepoint = tx
                 .begin()
                 .await
                 .map_err(self.failure("begin a savepoint"))?;
             match self.store(&mut savepoint, &page.items).await {
-                Ok(()) => savepoint
-                    .commit()
-                    .await
-                    .map_err(self.fail("release a savepoint")),
+                Ok(rows) => {
+                    written = rows;
+                    savepoint
+                        .commit()
+                        .await
+                        .map_err(self.fail("release a savepoint"))
+                }
                 Err(e) if must_retry(&e) => return Err(Failure::Retry(e)),
                 Err(e) => Err(self.fail("store a page of items")(e)),
             }
@@ -430,10 +437,13 @@ impl PostgresDb {
                     .await
                     .map_err(self.failure("begin a savepoint"))?;
                 match self.store(&mut savepoint, std::slice::from_ref(item)).await {
-                    Ok(()) => savepoint
-                        .commit()
-                        .await
-                        .map_err(self.failure("release a savepoint"))?,
+                    Ok(rows) => {
+                        written.extend(rows);
+                        savepoint
+                            .commit()
+                            .await
+                            .map_err(self.failure("release a savepoint"))?;
+                    }
                     Err(e) if must_retry(&e) => return Err(Failure::Retry(e)),
                     Err(sqlx::Error::Database(e)) => {
                         drop(savepoint);
@@ -457,11 +467,14 @@ impl PostgresDb {
                 }
             }
         }
-        shared::finish_page::<sqlx::Postgres>(&mut tx, page, &refused, &CHANGES)
+        shared::finish_page::<sqlx::Postgres>(&mut tx, page, &refused, Some(&written), &CHANGES)
             .await
             .map_err(self.failure("quarantine features and store the resume point"))?;
         tx.commit().await.map_err(self.failure("commit a page"))?;
-        Ok(refused)
+        Ok(Committed {
+            refused,
+            written: Some(written),
+        })
     }
 
     /// Maps a failed statement of a page's transaction: to try again if other transactions
@@ -476,10 +489,21 @@ impl PostgresDb {
     /// Stores items in the transaction `conn`: their rows, and with pgstac, the items in pgstac
     /// through its upsert staging table, whose trigger dehydrates them into the collection's
     /// partitions (made as needed; an item whose datetime changed moves partition).
-    async fn store(&self, conn: &mut PgConnection, items: &[&Item]) -> Result<(), sqlx::Error> {
-        upsert(conn, items).await?;
+    async fn store(
+        &self,
+        conn: &mut PgConnection,
+        items: &[&Item],
+    ) -> Result<Written, sqlx::Error> {
+        let written = upsert(conn, items).await?;
+        // Only what this commit wrote: an item another commit stored identically meanwhile is
+        // in pgstac already.
+        let items: Vec<&Item> = items
+            .iter()
+            .filter(|item| written.contains_key(&(item.collection.clone(), item.id.clone())))
+            .copied()
+            .collect();
         if self.pgstac && !items.is_empty() {
-            let contents = contents(items)?;
+            let contents = contents(&items)?;
             // pgstac's staging trigger names its tables without their schema; `stac_sync`
             // holds tables of the same names. Reverted with the savepoint if this fails.
             sqlx::query("SET LOCAL search_path TO pgstac, public")
@@ -496,7 +520,7 @@ impl PostgresDb {
                 .execute(&mut *conn)
                 .await?;
         }
-        Ok(())
+        Ok(written)
     }
 
     /// Numbers the committed changes that have none yet (see [`NUMBER_CHANGES`]). A failure is
@@ -672,7 +696,8 @@ impl PostgresDb {
 const UPSERT_BYTES: usize = 8 << 20;
 
 /// Upserts `items` in statements of at most [`UPSERT_BYTES`] of content each (at least one item).
-async fn upsert(conn: &mut PgConnection, items: &[&Item]) -> Result<(), sqlx::Error> {
+async fn upsert(conn: &mut PgConnection, items: &[&Item]) -> Result<Written, sqlx::Error> {
+    let mut written = Written::new();
     let mut start = 0;
     while start < items.len() {
         let mut end = start + 1;
@@ -681,10 +706,10 @@ async fn upsert(conn: &mut PgConnection, items: &[&Item]) -> Result<(), sqlx::Er
             bytes += items[end].content.len();
             end += 1;
         }
-        upsert_batch(conn, &items[start..end]).await?;
+        written.extend(upsert_batch(conn, &items[start..end]).await?);
         start = end;
     }
-    Ok(())
+    Ok(written)
 }
 
 /// The items' JSON as text, to bind as an array.
@@ -697,10 +722,13 @@ fn contents<'a>(items: &[&'a Item]) -> Result<Vec<&'a str>, sqlx::Error> {
         .collect()
 }
 
-/// One multi-row upsert of `items` from arrays.
-async fn upsert_batch(conn: &mut PgConnection, items: &[&Item]) -> Result<(), sqlx::Error> {
+/// One multi-row upsert of `items` from arrays; the rows it wrote, and whether each was new.
+async fn upsert_batch(
+    conn: &mut PgConnection,
+    items: &[&Item],
+) -> Result<Vec<((String, String), bool)>, sqlx::Error> {
     if items.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let text = |f: fn(&Item) -> Option<&String>| -> Vec<Option<&str>> {
         items.iter().map(|i| f(i).map(String::as_str)).collect()
@@ -708,7 +736,7 @@ async fn upsert_batch(conn: &mut PgConnection, items: &[&Item]) -> Result<(), sq
     let bbox =
         |k: usize| -> Vec<Option<f64>> { items.iter().map(|i| i.bbox.map(|b| b[k])).collect() };
     let contents = contents(items)?;
-    sqlx::query(UPSERT)
+    let rows: Vec<(String, String, bool)> = sqlx::query_as(UPSERT)
         .bind(
             items
                 .iter()
@@ -726,9 +754,9 @@ async fn upsert_batch(conn: &mut PgConnection, items: &[&Item]) -> Result<(), sq
         .bind(bbox(1))
         .bind(bbox(2))
         .bind(bbox(3))
-        .execute(conn)
+        .fetch_all(conn)
         .await?;
-    Ok(())
+    Ok(rows.into_iter().map(|(c, i, new)| ((c, i), new)).collect())
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! placeholders, and `CURRENT_TIMESTAMP` is standard SQL on both. (Page writes differ for real:
 //! SQLite upserts row by row in one local transaction, Postgres from arrays in one round trip.)
 
-use super::{Counts, PageCommit, count, resume_json};
+use super::{Counts, PageCommit, Written, count, resume_json};
 use crate::stac::reader::Rejected;
 use sqlx::{Database, Encode, Executor, IntoArguments, Type};
 
@@ -105,25 +105,29 @@ pub struct ChangesSql {
     pub insert: &'static str,
 }
 
-/// The change feed's rows of a page: its new and changed items but those the database refused,
-/// as the JSON array [`ChangesSql::insert`] reads; `None` if there are none.
-fn change_rows(page: &PageCommit<'_>, refused: &[Rejected]) -> Option<String> {
+/// The change feed's rows of a page: the items it wrote (`written`, where the database told;
+/// else its new and changed items but those the database refused), as the JSON array
+/// [`ChangesSql::insert`] reads; `None` if there are none.
+fn change_rows(
+    page: &PageCommit<'_>,
+    refused: &[Rejected],
+    written: Option<&Written>,
+) -> Option<String> {
     let rows: Vec<serde_json::Value> = page
         .items
         .iter()
         .zip(&page.kinds)
-        .filter(|(item, _)| {
-            !refused.iter().any(|r| {
+        .filter_map(|(item, known)| {
+            let new = match written {
+                Some(written) => *written.get(&(item.collection.clone(), item.id.clone()))?,
+                None => *known == super::Known::New,
+            };
+            let refused = refused.iter().any(|r| {
                 r.id.as_deref() == Some(&item.id)
                     && r.collection.as_deref() == Some(&item.collection)
-            })
-        })
-        .map(|(item, known)| {
-            let change = match known {
-                super::Known::New => "new",
-                _ => "changed",
-            };
-            serde_json::json!([item.collection, item.id, change, item.hash])
+            });
+            let change = if new { "new" } else { "changed" };
+            (!refused).then(|| serde_json::json!([item.collection, item.id, change, item.hash]))
         })
         .collect();
     (!rows.is_empty()).then(|| serde_json::Value::Array(rows).to_string())
@@ -134,6 +138,7 @@ async fn record_changes<DB>(
     conn: &mut DB::Connection,
     page: &PageCommit<'_>,
     refused: &[Rejected],
+    written: Option<&Written>,
     changes: &ChangesSql,
 ) -> Result<(), sqlx::Error>
 where
@@ -143,7 +148,7 @@ where
     for<'a> &'a str: Encode<'a, DB> + Type<DB>,
     String: for<'a> Encode<'a, DB> + Type<DB>,
 {
-    let Some(rows) = change_rows(page, refused) else {
+    let Some(rows) = change_rows(page, refused, written) else {
         return Ok(());
     };
     sqlx::query(changes.insert)
@@ -161,6 +166,7 @@ pub async fn finish_page<DB>(
     conn: &mut DB::Connection,
     page: &PageCommit<'_>,
     refused: &[Rejected],
+    written: Option<&Written>,
     changes: &ChangesSql,
 ) -> Result<(), sqlx::Error>
 where
@@ -204,7 +210,7 @@ where
         .execute(&mut *conn)
         .await?;
     }
-    record_changes::<DB>(conn, page, refused, changes).await?;
+    record_changes::<DB>(conn, page, refused, written, changes).await?;
     let resume = resume_json(page.resume).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
     // A partition split while its first page was committing stays split: its halves page it.
     sqlx::query(

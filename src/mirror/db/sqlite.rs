@@ -5,7 +5,7 @@
 //! after it commit in one transaction, which takes SQLite's write lock up front
 //! (`BEGIN IMMEDIATE`) so it never fails half-way on a lock upgrade.
 
-use super::{JobLock, Known, PageCommit, shared};
+use super::{Committed, JobLock, Known, PageCommit, shared};
 use crate::config::redact_url;
 use crate::error::Error;
 use crate::stac::reader::{Item, Rejected};
@@ -186,8 +186,8 @@ impl SqliteDb {
     /// Commits one page: rows, quarantine and resume point, atomically. If SQLite refuses an
     /// item (a trigger or constraint of the user's), the page is written again with each item
     /// under a savepoint, and the refused ones are quarantined; returns them.
-    pub async fn commit_page(&self, page: PageCommit<'_>) -> Result<Vec<Rejected>, Error> {
-        match self.write_page(&page, false).await {
+    pub async fn commit_page(&self, page: PageCommit<'_>) -> Result<Committed, Error> {
+        let refused = match self.write_page(&page, false).await {
             Err(sqlx::Error::Database(e)) => {
                 tracing::warn!(error = %e, "SQLite refused the page; storing its items one by one");
                 self.write_page(&page, true)
@@ -195,7 +195,11 @@ impl SqliteDb {
                     .map_err(self.fail("commit a page"))
             }
             other => other.map_err(self.fail("commit a page")),
-        }
+        }?;
+        Ok(Committed {
+            refused,
+            written: None,
+        })
     }
 
     async fn write_page(
@@ -256,7 +260,7 @@ impl SqliteDb {
                 Err(e) => return Err(e),
             }
         }
-        shared::finish_page::<sqlx::Sqlite>(&mut tx, page, &refused, &CHANGES).await?;
+        shared::finish_page::<sqlx::Sqlite>(&mut tx, page, &refused, None, &CHANGES).await?;
         tx.commit().await?;
         Ok(refused)
     }
