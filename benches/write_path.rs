@@ -105,7 +105,6 @@ async fn stac_sync_pass(db: &Database, pages: &[Bytes], request: &Request, at_on
                 run_id: "bench",
                 job: "bench",
                 partition,
-                kinds: vec![stac_sync::mirror::db::Known::New; changed.len()],
                 items: changed,
                 rejected: &[],
                 page_url: "http://bench/search",

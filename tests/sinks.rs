@@ -581,7 +581,6 @@ async fn a_page_larger_than_one_upsert_statement_is_stored_whole_on_postgres() {
             job: "test",
             partition: "p",
             items: page.items.iter().collect(),
-            kinds: vec![stac_sync::mirror::db::Known::New; page.items.len()],
             rejected: &[],
             page_url: "http://127.0.0.1:9/search",
             resume: Some(&request),

@@ -454,7 +454,6 @@ async fn a_worker_whose_lease_was_taken_over_cannot_commit_the_partition() {
                 job: "test",
                 partition: "a",
                 items: Vec::new(),
-                kinds: Vec::new(),
                 rejected: &[],
                 page_url: "http://127.0.0.1:9/search",
                 resume: Some(&first),

@@ -379,7 +379,6 @@ impl PageWriter<'_> {
                 job: at.job,
                 partition: at.partition,
                 items: changed.iter().map(|(item, _)| *item).collect(),
-                kinds: changed.iter().map(|(_, known)| *known).collect(),
                 rejected: &staged.rejected,
                 page_url: &page_url,
                 // A part of a page: a restart fetches the page again.
@@ -448,18 +447,16 @@ impl PageWriter<'_> {
             let stored = !committed.refused.iter().any(|r| {
                 r.id.as_ref() == Some(&item.id) && r.collection.as_ref() == Some(&item.collection)
             });
-            // What the database wrote, where it tells: another commit may have stored the
-            // item, identically or not, since this page was classified.
-            let known = match &committed.written {
-                Some(written) if stored => match written.get(&key(item)) {
-                    Some(true) => Known::New,
-                    Some(false) => Known::Changed,
-                    None => {
-                        counts.unchanged += 1;
-                        continue;
-                    }
-                },
-                _ => *known,
+            // What the database wrote: another commit may have stored the item, identically
+            // or not, since this page was classified.
+            let known = match committed.written.get(&key(item)) {
+                _ if !stored => *known,
+                Some(true) => Known::New,
+                Some(false) => Known::Changed,
+                None => {
+                    counts.unchanged += 1;
+                    continue;
+                }
             };
             match (stored, known) {
                 (false, Known::New) => {

@@ -228,10 +228,9 @@ pub type Written = std::collections::HashMap<(String, String), bool>;
 pub struct Committed {
     /// Items the database refused, quarantined.
     pub refused: Vec<Rejected>,
-    /// The rows it wrote, where the database says (Postgres, where commits of several pages or
-    /// workers run at once); `None`: every item not refused, as classified (SQLite, one
-    /// writer).
-    pub written: Option<Written>,
+    /// The rows it wrote, as the database says: a page is classified before it commits, and
+    /// another commit (of another page or worker) may have stored its items meanwhile.
+    pub written: Written,
 }
 
 /// A row of the change feed.
@@ -411,8 +410,6 @@ pub struct PageCommit<'a> {
     pub partition: &'a str,
     /// New and changed items (unchanged ones are not rewritten).
     pub items: Vec<&'a Item>,
-    /// What the database held of each of `items` (new or changed), for the change feed.
-    pub kinds: Vec<Known>,
     /// Features to quarantine.
     pub rejected: &'a [Rejected],
     /// The URL of the page they came from.

@@ -366,7 +366,7 @@ impl PostgresDb {
             match self.commit_once(&page).await {
                 Ok(committed) => {
                     // Only a page that stored something recorded changes to number.
-                    if committed.written.as_ref().is_some_and(|w| !w.is_empty()) {
+                    if !committed.written.is_empty() {
                         self.number_changes().await;
                     }
                     return Ok(committed);
@@ -431,50 +431,13 @@ impl PostgresDb {
         };
         if let Err(batch_error) = batch {
             tracing::warn!(error = %batch_error, "Postgres refused the page as a batch; storing its items one by one");
-            for item in &page.items {
-                let mut savepoint = tx
-                    .begin()
-                    .await
-                    .map_err(self.failure("begin a savepoint"))?;
-                match self.store(&mut savepoint, std::slice::from_ref(item)).await {
-                    Ok(rows) => {
-                        written.extend(rows);
-                        savepoint
-                            .commit()
-                            .await
-                            .map_err(self.failure("release a savepoint"))?;
-                    }
-                    Err(e) if must_retry(&e) => return Err(Failure::Retry(e)),
-                    Err(sqlx::Error::Database(e)) => {
-                        drop(savepoint);
-                        refused.push(Rejected {
-                            content: item.content.clone(),
-                            reason: format!(
-                                "{} refused the item: {}",
-                                if self.pgstac { "pgstac" } else { "Postgres" },
-                                e.message()
-                            ),
-                            collection: Some(item.collection.clone()),
-                            id: Some(item.id.clone()),
-                        });
-                    }
-                    Err(e) => {
-                        return Err(Failure::Fail(self
-                            .fail(&format!("store item {}/{}", item.collection, item.id))(
-                            e
-                        )));
-                    }
-                }
-            }
+            (written, refused) = self.store_one_by_one(&mut tx, &page.items).await?;
         }
-        shared::finish_page::<sqlx::Postgres>(&mut tx, page, &refused, Some(&written), &CHANGES)
+        shared::finish_page::<sqlx::Postgres>(&mut tx, page, &refused, &written, &CHANGES)
             .await
             .map_err(self.failure("quarantine features and store the resume point"))?;
         tx.commit().await.map_err(self.failure("commit a page"))?;
-        Ok(Committed {
-            refused,
-            written: Some(written),
-        })
+        Ok(Committed { refused, written })
     }
 
     /// Maps a failed statement of a page's transaction: to try again if other transactions
@@ -521,6 +484,51 @@ impl PostgresDb {
                 .await?;
         }
         Ok(written)
+    }
+
+    /// Stores items one at a time, each under a savepoint: those the database refuses are
+    /// quarantined, the others stored. What it wrote, and the refused ones.
+    async fn store_one_by_one(
+        &self,
+        tx: &mut PgConnection,
+        items: &[&Item],
+    ) -> Result<(Written, Vec<Rejected>), Failure> {
+        let (mut written, mut refused) = (Written::new(), Vec::new());
+        for item in items {
+            let mut savepoint = Connection::begin(&mut *tx)
+                .await
+                .map_err(self.failure("begin a savepoint"))?;
+            match self.store(&mut savepoint, std::slice::from_ref(item)).await {
+                Ok(rows) => {
+                    written.extend(rows);
+                    savepoint
+                        .commit()
+                        .await
+                        .map_err(self.failure("release a savepoint"))?;
+                }
+                Err(e) if must_retry(&e) => return Err(Failure::Retry(e)),
+                Err(sqlx::Error::Database(e)) => {
+                    drop(savepoint);
+                    refused.push(Rejected {
+                        content: item.content.clone(),
+                        reason: format!(
+                            "{} refused the item: {}",
+                            if self.pgstac { "pgstac" } else { "Postgres" },
+                            e.message()
+                        ),
+                        collection: Some(item.collection.clone()),
+                        id: Some(item.id.clone()),
+                    });
+                }
+                Err(e) => {
+                    return Err(Failure::Fail(self
+                        .fail(&format!("store item {}/{}", item.collection, item.id))(
+                        e
+                    )));
+                }
+            }
+        }
+        Ok((written, refused))
     }
 
     /// Numbers the committed changes that have none yet (see [`NUMBER_CHANGES`]). A failure is

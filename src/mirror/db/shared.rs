@@ -105,23 +105,14 @@ pub struct ChangesSql {
     pub insert: &'static str,
 }
 
-/// The change feed's rows of a page: the items it wrote (`written`, where the database told;
-/// else its new and changed items but those the database refused), as the JSON array
-/// [`ChangesSql::insert`] reads; `None` if there are none.
-fn change_rows(
-    page: &PageCommit<'_>,
-    refused: &[Rejected],
-    written: Option<&Written>,
-) -> Option<String> {
+/// The change feed's rows of a page: the items it wrote but those the database refused, as the
+/// JSON array [`ChangesSql::insert`] reads; `None` if there are none.
+fn change_rows(page: &PageCommit<'_>, refused: &[Rejected], written: &Written) -> Option<String> {
     let rows: Vec<serde_json::Value> = page
         .items
         .iter()
-        .zip(&page.kinds)
-        .filter_map(|(item, known)| {
-            let new = match written {
-                Some(written) => *written.get(&(item.collection.clone(), item.id.clone()))?,
-                None => *known == super::Known::New,
-            };
+        .filter_map(|item| {
+            let new = *written.get(&(item.collection.clone(), item.id.clone()))?;
             let refused = refused.iter().any(|r| {
                 r.id.as_deref() == Some(&item.id)
                     && r.collection.as_deref() == Some(&item.collection)
@@ -138,7 +129,7 @@ async fn record_changes<DB>(
     conn: &mut DB::Connection,
     page: &PageCommit<'_>,
     refused: &[Rejected],
-    written: Option<&Written>,
+    written: &Written,
     changes: &ChangesSql,
 ) -> Result<(), sqlx::Error>
 where
@@ -166,7 +157,7 @@ pub async fn finish_page<DB>(
     conn: &mut DB::Connection,
     page: &PageCommit<'_>,
     refused: &[Rejected],
-    written: Option<&Written>,
+    written: &Written,
     changes: &ChangesSql,
 ) -> Result<(), sqlx::Error>
 where

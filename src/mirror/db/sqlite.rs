@@ -5,7 +5,7 @@
 //! after it commit in one transaction, which takes SQLite's write lock up front
 //! (`BEGIN IMMEDIATE`) so it never fails half-way on a lock upgrade.
 
-use super::{Committed, JobLock, Known, PageCommit, shared};
+use super::{Committed, JobLock, Known, PageCommit, Written, shared};
 use crate::config::redact_url;
 use crate::error::Error;
 use crate::stac::reader::{Item, Rejected};
@@ -14,6 +14,12 @@ use sqlx::sqlite::{
 };
 use std::str::FromStr;
 use std::time::Duration;
+
+/// The stored hash of each item of a page, from a JSON array of `[collection, id]` (`$1`): its
+/// index in the array, the hash, and whether it is deleted.
+const CLASSIFY: &str = "SELECT j.key, i.content_hash, i.deleted_at IS NOT NULL FROM json_each($1) AS j \
+    JOIN items i ON i.collection = json_extract(j.value, '$[0]') \
+    AND i.id = json_extract(j.value, '$[1]')";
 
 /// A page's changes, from the JSON array `$3` (SQLite has one writer: the feed's order is the
 /// commits').
@@ -171,15 +177,11 @@ impl SqliteDb {
             .collect();
         let keys = serde_json::to_string(&keys)
             .map_err(|e| Error::Internal(format!("cannot serialise item keys: {e}")))?;
-        let rows: Vec<(i64, String, bool)> = sqlx::query_as(
-            "SELECT j.key, i.content_hash, i.deleted_at IS NOT NULL FROM json_each($1) AS j \
-             JOIN items i ON i.collection = json_extract(j.value, '$[0]') \
-             AND i.id = json_extract(j.value, '$[1]')",
-        )
-        .bind(keys)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(self.fail("read item hashes"))?;
+        let rows: Vec<(i64, String, bool)> = sqlx::query_as(CLASSIFY)
+            .bind(keys)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.fail("read item hashes"))?;
         Ok(super::known(items, rows))
     }
 
@@ -187,7 +189,7 @@ impl SqliteDb {
     /// item (a trigger or constraint of the user's), the page is written again with each item
     /// under a savepoint, and the refused ones are quarantined; returns them.
     pub async fn commit_page(&self, page: PageCommit<'_>) -> Result<Committed, Error> {
-        let refused = match self.write_page(&page, false).await {
+        let (refused, written) = match self.write_page(&page, false).await {
             Err(sqlx::Error::Database(e)) => {
                 tracing::warn!(error = %e, "SQLite refused the page; storing its items one by one");
                 self.write_page(&page, true)
@@ -196,18 +198,52 @@ impl SqliteDb {
             }
             other => other.map_err(self.fail("commit a page")),
         }?;
-        Ok(Committed {
-            refused,
-            written: None,
-        })
+        Ok(Committed { refused, written })
+    }
+
+    /// What the page's upserts will write, read in their transaction (which holds the only
+    /// write lock): `(collection, id)` → new, for each item not stored with that content. A page
+    /// classified before an earlier page with the same items committed (a partition's first
+    /// page, and the half of it that a split pages next) writes nothing for them.
+    async fn to_write(
+        conn: &mut sqlx::SqliteConnection,
+        items: &[&Item],
+    ) -> Result<Written, sqlx::Error> {
+        let keys: Vec<[&str; 2]> = items
+            .iter()
+            .map(|i| [i.collection.as_str(), i.id.as_str()])
+            .collect();
+        let keys =
+            serde_json::to_string(&keys).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        let stored: Vec<(i64, String, bool)> = sqlx::query_as(CLASSIFY)
+            .bind(keys)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut written: Written = items
+            .iter()
+            .map(|i| ((i.collection.clone(), i.id.clone()), true))
+            .collect();
+        for (at, hash, deleted) in stored {
+            let Some(item) = usize::try_from(at).ok().and_then(|at| items.get(at)) else {
+                continue;
+            };
+            let key = (item.collection.clone(), item.id.clone());
+            if hash == item.hash && !deleted {
+                written.remove(&key);
+            } else {
+                written.insert(key, false);
+            }
+        }
+        Ok(written)
     }
 
     async fn write_page(
         &self,
         page: &PageCommit<'_>,
         careful: bool,
-    ) -> Result<Vec<Rejected>, sqlx::Error> {
+    ) -> Result<(Vec<Rejected>, Written), sqlx::Error> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let written = Self::to_write(&mut tx, &page.items).await?;
         let mut refused = Vec::new();
         // Rows go many to a call: each call is a round trip to sqlx's SQLite thread. Careful,
         // each item goes alone under a savepoint.
@@ -260,9 +296,9 @@ impl SqliteDb {
                 Err(e) => return Err(e),
             }
         }
-        shared::finish_page::<sqlx::Sqlite>(&mut tx, page, &refused, None, &CHANGES).await?;
+        shared::finish_page::<sqlx::Sqlite>(&mut tx, page, &refused, &written, &CHANGES).await?;
         tx.commit().await?;
-        Ok(refused)
+        Ok((refused, written))
     }
 
     /// The URL, without its password, for messages.
