@@ -114,6 +114,7 @@ async fn stac_sync_pass(db: &Database, pages: &[Bytes], request: &Request, at_on
                 matched: None,
                 seen: Vec::new(),
                 lease: None,
+                snapshots: None,
             }));
             items += page.items.len();
         }

@@ -324,6 +324,7 @@ async fn items_another_commit_stored_meanwhile_are_not_new_twice(database: Strin
         matched: None,
         seen: Vec::new(),
         lease: None,
+        snapshots: None,
     };
 
     let first = db.commit_page(commit("a")).await.expect("first");

@@ -589,6 +589,7 @@ async fn a_page_larger_than_one_upsert_statement_is_stored_whole_on_postgres() {
             matched: None,
             seen: Vec::new(),
             lease: None,
+            snapshots: None,
         })
         .await
         .expect("committed")

@@ -462,6 +462,7 @@ async fn a_worker_whose_lease_was_taken_over_cannot_commit_the_partition() {
                 matched: None,
                 seen: Vec::new(),
                 lease: Some(lease),
+                snapshots: None,
             })
             .await
         }

@@ -74,6 +74,11 @@ pub struct FileConfig {
     pub changes_retention: Option<Duration>,
     /// Where each run POSTs the change feed as it commits.
     pub webhook_url: Option<String>,
+    /// Files rewritten after each pass from the database for the windows it changed:
+    /// `["geoparquet"]`, or `[]` (the default). A job's own `snapshots` replaces it.
+    pub snapshots: Option<Vec<SnapshotFormat>>,
+    /// The datetime window of one snapshot file: `year` (the default) or `month`.
+    pub snapshot_window: Option<SnapshotWindow>,
     /// Options of the object store (object_store configuration keys, e.g. `aws_endpoint`).
     #[serde(default)]
     pub object_store: BTreeMap<String, String>,
@@ -184,6 +189,36 @@ pub enum DatabaseFormat {
     Pgstac,
 }
 
+/// A kind of snapshot file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotFormat {
+    /// stac-geoparquet, one file per collection and datetime window.
+    Geoparquet,
+}
+
+/// The datetime window of one snapshot file, by the calendar date its items' `datetime` (or
+/// `start_datetime`) is written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotWindow {
+    /// `{year}.parquet`.
+    #[default]
+    Year,
+    /// `{year}-{month}.parquet`: for collections of hundreds of thousands of items a year.
+    Month,
+}
+
+impl SnapshotWindow {
+    /// How many leading characters of a datetime name its window: 4 (`2024`) or 7 (`2024-05`).
+    pub fn prefix_len(self) -> usize {
+        match self {
+            SnapshotWindow::Year => 4,
+            SnapshotWindow::Month => 7,
+        }
+    }
+}
+
 /// The HTTP method of the first search request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "UPPERCASE")]
@@ -242,6 +277,8 @@ pub struct JobConfig {
     /// A partition whose search matches more items than this is split in two halves of its
     /// datetime window, recursively (0: never split).
     pub max_partition_items: Option<u64>,
+    /// Snapshot files of this job's collections (replaces the file's top-level `snapshots`).
+    pub snapshots: Option<Vec<SnapshotFormat>>,
 }
 
 /// The datetime window of a partition.
@@ -334,6 +371,13 @@ pub struct Overrides {
     /// A URL each run POSTs the change feed to, as it commits (JSON, retried; at least once).
     #[arg(long, global = true, env = "STAC_SYNC_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
+    /// Snapshot files rewritten after each pass for the windows it changed: `geoparquet`
+    /// (several: comma-separated; `none`: none) [default: none].
+    #[arg(long, global = true, env = "STAC_SYNC_SNAPSHOTS", value_delimiter = ',', value_parser = parse_snapshots)]
+    pub snapshots: Option<Vec<Option<SnapshotFormat>>>,
+    /// The datetime window of one snapshot file: `year` or `month` [default: year].
+    #[arg(long, global = true, env = "STAC_SYNC_SNAPSHOT_WINDOW", value_enum)]
+    pub snapshot_window: Option<SnapshotWindow>,
     /// How long the change feed keeps a change; 0s keeps them for ever [default: 30d].
     #[arg(long, global = true, env = "STAC_SYNC_CHANGES_RETENTION", value_parser = humantime::parse_duration)]
     pub changes_retention: Option<Duration>,
@@ -437,6 +481,8 @@ pub struct Config {
     pub changes_retention: Option<Duration>,
     /// Where runs POST the change feed.
     pub webhook_url: Option<Url>,
+    /// The datetime window of one snapshot file (for `export` too).
+    pub snapshot_window: SnapshotWindow,
     /// A feature larger than this (bytes) is quarantined with its size, not held whole.
     pub max_item_bytes: usize,
     /// Requests a second to the API, at most (per process); `None`: no limit but the server's.
@@ -551,6 +597,8 @@ pub struct Job {
     pub deleted_objects: DeletedObjects,
     /// Split a partition that matches more items than this (0: never).
     pub max_partition_items: u64,
+    /// The window of this job's GeoParquet snapshot files; `None`: it writes none.
+    pub snapshots: Option<SnapshotWindow>,
 }
 
 impl Job {
@@ -613,7 +661,28 @@ impl Config {
         }
         let http = resolve_http(&file.http);
         let headers = resolve_headers(file.headers)?;
-        let jobs = resolve_jobs(file.jobs, o, limit)?;
+        let snapshot_window = o
+            .snapshot_window
+            .or(file.snapshot_window)
+            .unwrap_or_default();
+        let snapshots = Snapshots {
+            flag: o
+                .snapshots
+                .as_ref()
+                .map(|formats| formats.iter().flatten().copied().collect()),
+            file: file.snapshots.clone().unwrap_or_default(),
+            window: snapshot_window,
+        };
+        let jobs = resolve_jobs(file.jobs, o, limit, &snapshots)?;
+        if object_store_url.is_none()
+            && let Some(job) = jobs.iter().find(|j| j.snapshots.is_some())
+        {
+            return Err(Error::Config(format!(
+                "job {}: snapshots are files in the object store, and object_store_url is \
+                 none; set an object store or remove snapshots",
+                job.name
+            )));
+        }
         let worker_lease = o
             .worker_lease
             .or(file.worker_lease)
@@ -649,6 +718,7 @@ impl Config {
             pushgateway_url,
             worker_lease,
             webhook_url,
+            snapshot_window,
             changes_retention: Some(
                 o.changes_retention
                     .or(file.changes_retention)
@@ -878,7 +948,39 @@ fn resolve_auth(file: AuthFile, o: &Overrides) -> Result<Auth, Error> {
     }
 }
 
-fn resolve_jobs(file_jobs: Vec<JobConfig>, o: &Overrides, limit: u32) -> Result<Vec<Job>, Error> {
+/// Where the snapshot settings come from: `--snapshots` beats a job's own, which beats the
+/// file's top-level list.
+struct Snapshots {
+    flag: Option<Vec<SnapshotFormat>>,
+    file: Vec<SnapshotFormat>,
+    window: SnapshotWindow,
+}
+
+impl Snapshots {
+    fn of(&self, job: Option<&[SnapshotFormat]>) -> Option<SnapshotWindow> {
+        let formats = self.flag.as_deref().or(job).unwrap_or(&self.file);
+        formats
+            .contains(&SnapshotFormat::Geoparquet)
+            .then_some(self.window)
+    }
+}
+
+/// One value of `--snapshots`: a format, or `none`.
+fn parse_snapshots(value: &str) -> Result<Option<SnapshotFormat>, String> {
+    match value.trim() {
+        "none" | "" => Ok(None),
+        other => <SnapshotFormat as clap::ValueEnum>::from_str(other, true)
+            .map(Some)
+            .map_err(|_| format!("{other:?}: the snapshot formats are geoparquet (or none)")),
+    }
+}
+
+fn resolve_jobs(
+    file_jobs: Vec<JobConfig>,
+    o: &Overrides,
+    limit: u32,
+    snapshots: &Snapshots,
+) -> Result<Vec<Job>, Error> {
     let jobs = if !o.collections.is_empty() {
         // A one-off job from the command line replaces the file's jobs.
         vec![JobConfig {
@@ -900,6 +1002,7 @@ fn resolve_jobs(file_jobs: Vec<JobConfig>, o: &Overrides, limit: u32) -> Result<
             reconcile_every: None,
             deleted_objects: None,
             max_partition_items: None,
+            snapshots: None,
         }]
     } else {
         if o.bbox.is_some() || o.datetime.is_some() {
@@ -923,7 +1026,7 @@ fn resolve_jobs(file_jobs: Vec<JobConfig>, o: &Overrides, limit: u32) -> Result<
     let mut names = HashSet::new();
     jobs.into_iter()
         .map(|j| {
-            let job = validate_job(j, o, limit)?;
+            let job = validate_job(j, o, limit, snapshots)?;
             if !names.insert(job.name.clone()) {
                 return Err(Error::Config(format!("job {}: name used twice", job.name)));
             }
@@ -932,7 +1035,12 @@ fn resolve_jobs(file_jobs: Vec<JobConfig>, o: &Overrides, limit: u32) -> Result<
         .collect()
 }
 
-fn validate_job(j: JobConfig, o: &Overrides, default_limit: u32) -> Result<Job, Error> {
+fn validate_job(
+    j: JobConfig,
+    o: &Overrides,
+    default_limit: u32,
+    snapshots: &Snapshots,
+) -> Result<Job, Error> {
     let name = &j.name;
     if name.is_empty()
         || !name
@@ -998,6 +1106,7 @@ fn validate_job(j: JobConfig, o: &Overrides, default_limit: u32) -> Result<Job, 
         reconcile_every: j.reconcile_every,
         deleted_objects: j.deleted_objects.unwrap_or_default(),
         max_partition_items: j.max_partition_items.unwrap_or(DEFAULT_MAX_PARTITION_ITEMS),
+        snapshots: snapshots.of(j.snapshots.as_deref()),
     })
 }
 

@@ -17,8 +17,9 @@
 
 pub mod db;
 pub mod objects;
+pub mod snapshot;
 
-use crate::config::Config;
+use crate::config::{Config, DeletedObjects, Job, SnapshotWindow};
 use crate::error::Error;
 use crate::stac::http::display_url;
 use crate::stac::reader::{Item, Page, Rejected};
@@ -59,6 +60,8 @@ pub trait Output: Send + Sync + std::fmt::Debug {
 pub struct Mirror {
     db: Database,
     outputs: Vec<Arc<dyn Output>>,
+    /// The object store, where snapshot files go.
+    objects: Option<ObjectSink>,
 }
 
 impl Mirror {
@@ -70,12 +73,18 @@ impl Mirror {
             db.migrate().await?;
         }
         let mut outputs: Vec<Arc<dyn Output>> = Vec::new();
+        let mut objects = None;
         if let Some(url) = config.object_store_url.as_deref() {
             let sink = ObjectSink::from_url(url, &config.object_store_options)?;
             sink.probe().await?;
-            outputs.push(Arc::new(sink));
+            outputs.push(Arc::new(sink.clone()));
+            objects = Some(sink);
         }
-        Ok(Mirror { db, outputs })
+        Ok(Mirror {
+            db,
+            outputs,
+            objects,
+        })
     }
 
     /// The database: runs, plans, resume points, locks and leases.
@@ -84,10 +93,15 @@ impl Mirror {
     }
 
     /// A writer for the pages of one pass.
-    pub(crate) fn writer(&self, writes: Writes) -> PageWriter<'_> {
+    pub(crate) fn writer(
+        &self,
+        writes: Writes,
+        snapshots: Option<SnapshotWindow>,
+    ) -> PageWriter<'_> {
         PageWriter {
             mirror: self,
             writes,
+            snapshots,
             ahead: Ahead::default(),
         }
     }
@@ -109,7 +123,14 @@ impl Mirror {
     /// Stores a collection's document as fetched (`None`: the API has none now): written to
     /// the outputs, then its row, when it is new or changed; a collection gone upstream is
     /// marked, never dropped.
-    pub async fn collection(&self, id: &str, content: Option<Bytes>) -> Result<(), Error> {
+    /// With `snapshots`, the written document gains a `geoparquet-items` asset pointing at the
+    /// snapshot files.
+    pub async fn collection(
+        &self,
+        id: &str,
+        content: Option<Bytes>,
+        snapshots: Option<SnapshotWindow>,
+    ) -> Result<(), Error> {
         let Some(content) = content else {
             if self.db.pgstac().is_some() && !self.db.collection_stored(id).await? {
                 return Err(Error::Upstream(format!(
@@ -129,10 +150,15 @@ impl Mirror {
         let text = std::str::from_utf8(&content).map_err(|e| {
             Error::Upstream(format!("collection {id}: its document is not UTF-8 ({e})"))
         })?;
-        let changed = self.db.collection_changed(id, text).await?;
+        let variant = snapshots.map_or("", snapshot::asset_variant);
+        let changed = self.db.collection_changed(id, text, variant).await?;
         if changed {
+            let written = match snapshots {
+                Some(window) => snapshot::with_asset(&content, window),
+                None => content.clone(),
+            };
             for output in &self.outputs {
-                output.collection(id, content.clone()).await?;
+                output.collection(id, written.clone()).await?;
             }
             if let Some(pgstac) = self.db.pgstac() {
                 pgstac.pgstac_collection(text).await?;
@@ -142,7 +168,45 @@ impl Mirror {
                 "storing the collection's document (new or changed)"
             );
         }
-        self.db.store_collection(id, text, changed).await
+        self.db.store_collection(id, text, variant, changed).await
+    }
+
+    /// Rewrites the snapshot files of `collections` due (see the `snapshot_due` table), each
+    /// from the database, and clears them. A window a commit marked again while it was written
+    /// stays due. Returns the windows and items written.
+    pub async fn snapshots(
+        &self,
+        collections: &[String],
+        window: SnapshotWindow,
+    ) -> Result<(u64, u64), Error> {
+        let Some(sink) = &self.objects else {
+            return Ok((0, 0));
+        };
+        let (mut windows, mut items) = (0, 0);
+        for due in self.db.due_windows(collections).await? {
+            if !snapshot::is_window(&due.window) {
+                tracing::warn!(collection = %due.collection, window = %due.window,
+                    "not a snapshot window; cleared");
+                self.db.clear_due(&due).await?;
+                continue;
+            }
+            let document = self.db.collection_document(&due.collection).await?;
+            let written = snapshot::write_window(
+                &self.db,
+                sink,
+                (&due.collection, &due.window),
+                window,
+                snapshot::Format::Geoparquet,
+                document.as_deref(),
+            )
+            .await?;
+            tracing::info!(collection = %due.collection, window = %due.window,
+                items = written.items, bytes = written.bytes, "snapshot written");
+            self.db.clear_due(&due).await?;
+            windows += 1;
+            items += written.items;
+        }
+        Ok((windows, items))
     }
 
     /// Stores a run's changes, one JSON line each, where the outputs keep them (beside its
@@ -181,18 +245,19 @@ impl Mirror {
     }
 
     /// Ends a reconcile of `job`: the live items in `scopes` its sweep did not see are
-    /// tombstoned (and removed from the outputs first when `remove` is set: a kill in between
-    /// leaves live rows without objects, which the next reconcile finds again and finishes).
-    /// Returns how many.
+    /// tombstoned (and removed from the outputs first when the job deletes objects: a kill in
+    /// between leaves live rows without objects, which the next reconcile finds again and
+    /// finishes), and their snapshot windows marked due. Returns how many.
     pub async fn tombstone(
         &self,
-        job: &str,
+        job: &Job,
         run_id: &str,
         scopes: &[Scope<'_>],
-        remove: bool,
         lock: &mut JobLock,
         at: &str,
     ) -> Result<u64, Error> {
+        let remove = job.deleted_objects == DeletedObjects::Delete;
+        let (job, snapshots) = (job.name.as_str(), job.snapshots);
         let mut vanished = Vec::new();
         for scope in scopes {
             vanished.extend(self.db.vanished(job, scope).await?);
@@ -206,7 +271,9 @@ impl Mirror {
             }
         }
         lock.check().await?;
-        self.db.finish_reconcile(job, run_id, scopes, at).await?;
+        self.db
+            .finish_reconcile(job, run_id, scopes, at, snapshots)
+            .await?;
         Ok(vanished.len() as u64)
     }
 }
@@ -227,6 +294,8 @@ pub(crate) enum Writes {
 pub(crate) struct PageWriter<'m> {
     mirror: &'m Mirror,
     writes: Writes,
+    /// The job's snapshot window, if it writes snapshots.
+    snapshots: Option<SnapshotWindow>,
     ahead: Ahead,
 }
 
@@ -392,6 +461,7 @@ impl PageWriter<'_> {
                 matched: page.matched,
                 seen: self.seen(page),
                 lease: at.lease,
+                snapshots: self.snapshots,
             })
             .await?;
         let refused = &committed.refused;

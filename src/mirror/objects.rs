@@ -304,6 +304,42 @@ impl ObjectSink {
         Ok(())
     }
 
+    /// The key of a snapshot file: `{prefix}/{collection}/items/{window}.{extension}`.
+    pub fn snapshot_key(&self, collection: &str, window: &str, extension: &str) -> Path {
+        self.key(&format!(
+            "{}/items/{}.{extension}",
+            encode_collection(collection),
+            encode_segment(window)
+        ))
+    }
+
+    /// Puts a local file whole at `key`, streamed (a multipart upload on cloud stores, a file
+    /// renamed into place in a folder): readers see the old object or the new one, never half.
+    pub async fn put_file(&self, key: &Path, file: &std::path::Path) -> Result<u64, Error> {
+        use tokio::io::AsyncWriteExt;
+        let fail = |e: std::io::Error| Error::Sink(format!("{}: writing {key}: {e}", self.shown));
+        let mut upload = object_store::buffered::BufWriter::new(self.store.clone(), key.clone());
+        let mut source = tokio::fs::File::open(file).await.map_err(fail)?;
+        let copied = match tokio::io::copy(&mut source, &mut upload).await {
+            Ok(copied) => copied,
+            Err(e) => {
+                // Nothing of a failed upload stays behind (a multipart upload is aborted).
+                let _ = upload.abort().await;
+                return Err(fail(e));
+            }
+        };
+        upload.shutdown().await.map_err(fail)?;
+        Ok(copied)
+    }
+
+    /// Removes the object at `key`; removing what is not there succeeds.
+    pub async fn delete_key(&self, key: &Path) -> Result<(), Error> {
+        match self.store.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.fail(format!("deleting {key}"))(e)),
+        }
+    }
+
     /// Writes a run's changes, `{prefix}/_changes/{run_id}.ndjson`.
     pub async fn put_changes(&self, run_id: &str, changes: Bytes) -> Result<(), Error> {
         let key = self.key(&format!("_changes/{}.ndjson", encode_segment(run_id)));

@@ -235,7 +235,17 @@ pub async fn run_job(context: &Context, job: &Job) -> Result<JobReport, Error> {
     let mut counts = Counts::default();
     let run_id = record.run_id.clone();
     let mut passes = JobPasses::new(context, job, &run_id);
-    let result = passes.run(&mut lock, &mut counts).await;
+    let mut result = passes.run(&mut lock, &mut counts).await;
+    if let (Ok(()), Some(window)) = (&result, job.snapshots) {
+        // After the passes committed, under the job's lock: the windows they changed.
+        match context.mirror.snapshots(&job.collections, window).await {
+            Ok((0, _)) => {}
+            Ok((windows, items)) => {
+                tracing::info!(job = %job.name, windows, items, "snapshot files rewritten")
+            }
+            Err(e) => result = Err(e),
+        }
+    }
     if record.worker {
         give_up_leases(context, job, &run_id).await;
     }

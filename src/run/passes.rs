@@ -6,7 +6,7 @@
 
 use super::Context;
 use super::pipeline::Pass;
-use crate::config::{DeletedObjects, Incremental, Job, Window};
+use crate::config::{Incremental, Job, Window};
 use crate::domain::{Datetime, bbox_2d};
 use crate::error::Error;
 use crate::mirror::Writes;
@@ -210,7 +210,6 @@ impl<'a> JobPasses<'a> {
             counts,
         )
         .await?;
-        let remove = job.deleted_objects == DeletedObjects::Delete;
         let now = plan::rfc3339(SystemTime::now());
         // What a collection's incomplete sweep did not see may still be there upstream.
         let scopes: Vec<Scope<'_>> = scopes(job)
@@ -232,7 +231,7 @@ impl<'a> JobPasses<'a> {
         counts.deleted += self
             .context
             .mirror
-            .tombstone(&job.name, self.run_id, &scopes, remove, lock, &now)
+            .tombstone(job, self.run_id, &scopes, lock, &now)
             .await?;
         self.report.reconciled = true;
         Ok(())
@@ -364,7 +363,10 @@ impl<'a> JobPasses<'a> {
             tracing::debug!(job = %job.name, collection, extent = extent.as_deref().unwrap_or("none"),
                 "the collection's temporal extent");
             extents.extend(extent.map(|extent| (collection.clone(), extent)));
-            self.context.mirror.collection(collection, doc).await?;
+            self.context
+                .mirror
+                .collection(collection, doc, self.job.snapshots)
+                .await?;
         }
         self.extents = extents;
         Ok(())

@@ -63,7 +63,7 @@ impl Pass<'_> {
         });
         let budget = &Budget::new();
         let progress = &Progress::new(self);
-        let writer = &self.context.mirror.writer(self.writes);
+        let writer = &self.context.mirror.writer(self.writes, self.job.snapshots);
         let (fetched_tx, fetched_rx) = mpsc::channel::<Fetched>(PARTS_BUFFERED);
         let (ready_tx, ready_rx) = mpsc::channel::<Ready>(1);
         let tally = &progress.tally;

@@ -271,6 +271,15 @@ pub async fn stored_items(
         .collect()
 }
 
+/// Runs one query without parameters, valid on both backends, returning pairs of text.
+pub async fn pairs(database_url: &str, sql: &'static str) -> Vec<(String, String)> {
+    match Database::connect(database_url).await.expect("db") {
+        Database::Sqlite(db) => sqlx::query_as(sql).fetch_all(db.pool()).await,
+        Database::Postgres(db) => sqlx::query_as(sql).fetch_all(db.pool()).await,
+    }
+    .expect(sql)
+}
+
 /// Runs one SQL statement without parameters, valid on both backends, returning one integer.
 pub async fn scalar(database_url: &str, sql: &'static str) -> i64 {
     match Database::connect(database_url).await.expect("db") {

@@ -34,6 +34,9 @@ macro_rules! on_pool {
     };
 }
 
+mod snapshots;
+pub use snapshots::{Due, window_range};
+
 /// Stored items in a reconcile scope that the pass did not see. Binds: `$1` collection, `$2`
 /// job, `$3`/`$4` the job's datetime range, `$5`..`$8` its bbox. Datetimes are compared to the
 /// second and strictly, and an item counts as in the bbox only if its own bbox lies inside: an
@@ -430,6 +433,9 @@ pub struct PageCommit<'a> {
     /// A worker's lease on the partition: the page commits only if the lease is still its own
     /// (and renews it), else fails with [`Error::LeaseLost`].
     pub lease: Option<Lease<'a>>,
+    /// The job's snapshot window, if it writes snapshots: the commit marks the windows it
+    /// changes due (see the `snapshot_due` table).
+    pub snapshots: Option<crate::config::SnapshotWindow>,
 }
 
 /// A job's single-runner lock, held until dropped.
@@ -932,7 +938,20 @@ impl Database {
         run_id: &str,
         scopes: &[Scope<'_>],
         at: &str,
+        snapshots: Option<crate::config::SnapshotWindow>,
     ) -> Result<(), Error> {
+        // The windows of what this reconcile tombstones (their rows keep their datetimes).
+        let due = snapshots.map(|window| {
+            let collate = match self {
+                Database::Postgres(_) => " COLLATE \"C\"",
+                Database::Sqlite(_) => "",
+            };
+            shared::due_sql(
+                window,
+                collate,
+                "SELECT collection, id FROM changes WHERE run_id = $1 AND change = 'deleted'",
+            )
+        });
         let sql = concat!(
             "UPDATE items SET deleted_at = CURRENT_TIMESTAMP WHERE ",
             vanished!()
@@ -962,6 +981,10 @@ impl Database {
                     .execute(&mut *tx)
                     .await?;
                 }
+            }
+            if let Some(due) = &due {
+                // Built from constants only.
+                sqlx::query(sqlx::AssertSqlSafe(due.as_str())).bind(run_id).execute(&mut *tx).await?;
             }
             sqlx::query("DELETE FROM sync_seen WHERE job = $1").bind(job).execute(&mut *tx).await?;
             sqlx::query(
@@ -1105,8 +1128,15 @@ impl Database {
 
     /// Whether a collection's document as fetched now is new, changed, or back after it was
     /// gone: then the outputs get it, and [`Database::store_collection`] stores it.
-    pub async fn collection_changed(&self, id: &str, content: &str) -> Result<bool, Error> {
-        let hash = blake3::hash(content.as_bytes()).to_hex().to_string();
+    /// `variant` names what stac-sync adds to the document it writes (the snapshots' asset):
+    /// a document written with other additions counts as changed.
+    pub async fn collection_changed(
+        &self,
+        id: &str,
+        content: &str,
+        variant: &str,
+    ) -> Result<bool, Error> {
+        let hash = collection_hash(content, variant);
         let stored: Option<(String, bool)> = on_pool!(self, pool => sqlx::query_as(
             "SELECT content_hash, deleted_at IS NOT NULL FROM collections WHERE id = $1",
         )
@@ -1117,14 +1147,26 @@ impl Database {
         Ok(stored.is_none_or(|(stored, gone)| stored != hash || gone))
     }
 
+    /// A collection's document as stored, if any.
+    pub async fn collection_document(&self, id: &str) -> Result<Option<String>, Error> {
+        on_pool!(self, pool => sqlx::query_scalar(
+            "SELECT CAST(content AS TEXT) FROM collections WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await)
+        .map_err(self.fail("read a collection"))
+    }
+
     /// Records a collection fetched in this run: its document if `changed`, else only when.
     pub async fn store_collection(
         &self,
         id: &str,
         content: &str,
+        variant: &str,
         changed: bool,
     ) -> Result<(), Error> {
-        let hash = blake3::hash(content.as_bytes()).to_hex().to_string();
+        let hash = collection_hash(content, variant);
         let sql = match (changed, self) {
             (false, _) => "UPDATE collections SET last_seen_at = CURRENT_TIMESTAMP WHERE id = $1",
             (true, Database::Sqlite(_)) => UPSERT_COLLECTION_SQLITE,
@@ -1304,4 +1346,13 @@ fn resume_json(resume: Option<&Request>) -> Result<Option<String>, Error> {
 /// Converts a count for the database.
 fn count(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The hash a collection's row keeps: of its document as received, and of what stac-sync adds
+/// to the copy it writes (`variant`, empty when nothing).
+fn collection_hash(content: &str, variant: &str) -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(content.as_bytes());
+    hasher.update(variant.as_bytes());
+    hasher.finalize().to_hex().to_string()
 }

@@ -51,6 +51,8 @@ const CHANGES: shared::ChangesSql = shared::ChangesSql {
     insert: "INSERT INTO changes (run_id, job, collection, id, change, content_hash, at) \
         SELECT $1, $2, e->>0, e->>1, e->>2, e->>3, now() \
         FROM jsonb_array_elements(CAST($3 AS JSONB)) WITH ORDINALITY AS t(e, n) ORDER BY n",
+    keys: "SELECT e->>0 AS collection, e->>1 AS id FROM jsonb_array_elements(CAST($1 AS JSONB)) AS e",
+    collate: " COLLATE \"C\"",
 };
 
 /// Numbers the changes that have no seq yet, in the order they were inserted: run right after
@@ -409,6 +411,18 @@ impl PostgresDb {
                     partition: page.partition.to_string(),
                 }));
             }
+        }
+        if let Some(window) = page.snapshots {
+            // The windows changed items leave: their datetime may move them.
+            let keys: Vec<[&str; 2]> = page
+                .items
+                .iter()
+                .map(|i| [i.collection.as_str(), i.id.as_str()])
+                .collect();
+            let keys = serde_json::to_string(&keys).map_err(|e| Error::Internal(e.to_string()))?;
+            shared::mark_due::<sqlx::Postgres>(&mut tx, window, &CHANGES, CHANGES.keys, &keys)
+                .await
+                .map_err(self.failure("mark snapshot windows due"))?;
         }
         let mut refused = Vec::new();
         let mut written = Written::new();

@@ -3,6 +3,7 @@
 //! SQLite upserts row by row in one local transaction, Postgres from arrays in one round trip.)
 
 use super::{Counts, PageCommit, Written, count, resume_json};
+use crate::config::SnapshotWindow;
 use crate::stac::reader::Rejected;
 use sqlx::{Database, Encode, Executor, IntoArguments, Type};
 
@@ -103,6 +104,70 @@ where
 /// change, hash]` (`$3`), with `$1` run and `$2` job, in the array's order.
 pub struct ChangesSql {
     pub insert: &'static str,
+    /// `collection, id` of each element of a JSON array (`$1`) whose elements start with them.
+    pub keys: &'static str,
+    /// What makes a comparison of characters bytewise (Postgres's default collation may not).
+    pub collate: &'static str,
+}
+
+/// The snapshot window of a stored row `i` as SQL text: the first characters of its
+/// `datetime` (or `start_datetime`) when they are a date (`2024`, `2024-05`), else `undated`.
+/// Only digits and `-` pass, so a window is always a safe file name.
+pub fn window_expr(window: SnapshotWindow, collate: &str) -> String {
+    let date = "COALESCE(i.datetime, i.start_datetime)";
+    let checks: Vec<String> = "0000-00"
+        .chars()
+        .take(window.prefix_len())
+        .enumerate()
+        .map(|(at, c)| {
+            let char = format!("substr({date}, {}, 1){collate}", at + 1);
+            match c {
+                '-' => format!("{char} = '-'"),
+                _ => format!("{char} BETWEEN '0' AND '9'"),
+            }
+        })
+        .collect();
+    format!(
+        "CASE WHEN {} THEN substr({date}, 1, {}) ELSE 'undated' END",
+        checks.join(" AND "),
+        window.prefix_len()
+    )
+}
+
+/// The statement that marks due the snapshot windows of the rows `keys_sql` selects (`collection,
+/// id`), see [`mark_due`].
+pub fn due_sql(window: SnapshotWindow, collate: &str, keys_sql: &str) -> String {
+    format!(
+        "INSERT INTO snapshot_due (collection, win) \
+         SELECT DISTINCT i.collection, {} FROM ({keys_sql}) k \
+         JOIN items i ON i.collection = k.collection AND i.id = k.id WHERE true ORDER BY 1, 2 \
+         ON CONFLICT (collection, win) DO UPDATE SET marks = snapshot_due.marks + 1",
+        window_expr(window, collate)
+    )
+}
+
+/// Marks due the snapshot windows of the stored rows named by `keys` (`$1` of `keys_sql`, a
+/// query of `collection, id`), in the caller's transaction: a window already due counts one
+/// more mark (see the `snapshot_due` table).
+pub async fn mark_due<DB>(
+    conn: &mut DB::Connection,
+    window: SnapshotWindow,
+    sql: &ChangesSql,
+    keys_sql: &str,
+    keys: &str,
+) -> Result<(), sqlx::Error>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+{
+    // Built from constants only.
+    sqlx::query(sqlx::AssertSqlSafe(due_sql(window, sql.collate, keys_sql)))
+        .bind(keys)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// The change feed's rows of a page: the items it wrote but those the database refused, as the
@@ -124,7 +189,8 @@ fn change_rows(page: &PageCommit<'_>, refused: &[Rejected], written: &Written) -
     (!rows.is_empty()).then(|| serde_json::Value::Array(rows).to_string())
 }
 
-/// Records a page's changes in the feed (see [`ChangesSql`]).
+/// Records a page's changes in the feed (see [`ChangesSql`]), and marks their snapshot windows
+/// due when the job writes snapshots.
 async fn record_changes<DB>(
     conn: &mut DB::Connection,
     page: &PageCommit<'_>,
@@ -142,6 +208,9 @@ where
     let Some(rows) = change_rows(page, refused, written) else {
         return Ok(());
     };
+    if let Some(window) = page.snapshots {
+        mark_due::<DB>(conn, window, changes, changes.keys, &rows).await?;
+    }
     sqlx::query(changes.insert)
         .bind(page.run_id)
         .bind(page.job)

@@ -28,6 +28,9 @@ const CHANGES: shared::ChangesSql = shared::ChangesSql {
         SELECT $1, $2, json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
         json_extract(value, '$[2]'), json_extract(value, '$[3]'), CURRENT_TIMESTAMP \
         FROM json_each($3) ORDER BY key",
+    keys: "SELECT json_extract(value, '$[0]') AS collection, json_extract(value, '$[1]') AS id \
+        FROM json_each($1)",
+    collate: "",
 };
 
 /// The schema migrations, embedded in the binary.
@@ -244,6 +247,20 @@ impl SqliteDb {
     ) -> Result<(Vec<Rejected>, Written), sqlx::Error> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let written = Self::to_write(&mut tx, &page.items).await?;
+        if let Some(window) = page.snapshots {
+            // The windows changed items leave: their datetime may move them.
+            let changed: Vec<[&str; 2]> = written
+                .iter()
+                .filter(|(_, new)| !**new)
+                .map(|((collection, id), _)| [collection.as_str(), id.as_str()])
+                .collect();
+            if !changed.is_empty() {
+                let keys = serde_json::to_string(&changed)
+                    .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                shared::mark_due::<sqlx::Sqlite>(&mut tx, window, &CHANGES, CHANGES.keys, &keys)
+                    .await?;
+            }
+        }
         let mut refused = Vec::new();
         // Rows go many to a call: each call is a round trip to sqlx's SQLite thread. Careful,
         // each item goes alone under a savepoint.

@@ -1,0 +1,444 @@
+//! Snapshot files: the live items of one collection and datetime window, from the database,
+//! at `{prefix}/{collection}/items/{window}.parquet` (stac-geoparquet) or `.ndjson`.
+//!
+//! A window is streamed from the database in batches, never held whole. stac-geoparquet has one
+//! schema per file, inferred from the items, and `stac`'s streaming writer fixes it from the
+//! first batch (a later batch with another property fails, or loses the property). So a
+//! window is read twice: the first pass encodes each batch with `stac` and merges their
+//! schemas (a property missing from a batch, an integer in one and a float in another); the
+//! second encodes them again and writes each, widened to the merged schema, to a local
+//! temporary file, which is then put whole.
+
+use super::db::{Database, window_range};
+use super::objects::ObjectSink;
+use crate::config::SnapshotWindow;
+use crate::error::Error;
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, ListArray, RecordBatch, StructArray, new_null_array};
+use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef};
+use futures_util::{StreamExt, TryStreamExt};
+use geoparquet::metadata::{GeoParquetBboxCovering, GeoParquetCovering};
+use geoparquet::writer::{GeoParquetRecordBatchEncoder, GeoParquetWriterOptionsBuilder};
+use parquet::arrow::ArrowWriter;
+use parquet::file::metadata::KeyValue;
+use std::io::Write;
+use std::sync::Arc;
+
+/// Items encoded at a time: a batch's JSON and Arrow are in memory at once.
+const BATCH_ITEMS: usize = 1000;
+/// Rows of a Parquet row group (the encoded rows of one group are buffered before it is
+/// written).
+const ROW_GROUP_ROWS: usize = 10_000;
+/// zstd level: files about as small as stac's default (15), written several times faster.
+const ZSTD_LEVEL: i32 = 3;
+
+/// A snapshot file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// stac-geoparquet.
+    Geoparquet,
+    /// One item JSON per line, as stored.
+    Ndjson,
+}
+
+impl Format {
+    /// The file name's extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Geoparquet => "parquet",
+            Format::Ndjson => "ndjson",
+        }
+    }
+}
+
+/// What writing one window did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Written {
+    /// Items in the file (0: the window is empty and its file removed).
+    pub items: u64,
+    /// The file's size in bytes.
+    pub bytes: u64,
+}
+
+/// Rewrites the file of one window of `collection` from the database: the window's live items
+/// in order, put whole; an empty window's file is removed. `document` is the collection's
+/// document, kept in the file's stac-geoparquet metadata.
+pub async fn write_window(
+    db: &Database,
+    sink: &ObjectSink,
+    (collection, window): (&str, &str),
+    size: SnapshotWindow,
+    format: Format,
+    document: Option<&str>,
+) -> Result<Written, Error> {
+    let key = sink.snapshot_key(collection, window, format.extension());
+    let what = format!("collection {collection}, window {window} ({key})");
+    let file = tempfile::NamedTempFile::new().map_err(|e| {
+        Error::Sink(format!(
+            "{what}: cannot create a temporary file for the snapshot ({e}); set TMPDIR to a \
+             folder with space"
+        ))
+    })?;
+    let items = match format {
+        Format::Ndjson => ndjson(db, (collection, window), size, file.as_file(), &what).await?,
+        Format::Geoparquet => {
+            let Some(schema) = merged_schema(db, (collection, window), size, &what).await? else {
+                sink.delete_key(&key).await?;
+                return Ok(Written::default());
+            };
+            let handle = file
+                .reopen()
+                .map_err(|e| Error::Sink(format!("{what}: {e}")))?;
+            let mut writer = ParquetFile::new(handle, &schema, document, &what)?;
+            let mut batches = batches(db, (collection, window), size);
+            while let Some(batch) = batches.try_next().await? {
+                writer.write(batch, &what)?;
+            }
+            writer.finish(&what)?
+        }
+    };
+    if items == 0 {
+        sink.delete_key(&key).await?;
+        return Ok(Written::default());
+    }
+    let bytes = sink.put_file(&key, file.path()).await?;
+    Ok(Written { items, bytes })
+}
+
+/// The window's items in batches of [`BATCH_ITEMS`], parsed.
+fn batches<'a>(
+    db: &'a Database,
+    (collection, window): (&'a str, &'a str),
+    size: SnapshotWindow,
+) -> impl futures_util::Stream<Item = Result<Vec<stac::Item>, Error>> + 'a {
+    db.window_items(collection, window, size)
+        .try_chunks(BATCH_ITEMS)
+        .map_err(|e| e.1)
+        .map(move |texts| {
+            texts?
+                .iter()
+                .map(|text| {
+                    serde_json::from_str::<stac::Item>(text).map_err(|e| {
+                        Error::Sink(format!(
+                            "collection {collection}, window {window}: an item cannot be read as \
+                             a STAC item for the snapshot ({e}); it is in the database and its \
+                             object; the window is written again on the next run: {}",
+                            item_id(text)
+                        ))
+                    })
+                })
+                .collect()
+        })
+}
+
+/// The `id` of an item's JSON, for messages.
+fn item_id(text: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_string))
+        .map_or_else(|| "(no id)".into(), |id| format!("item {id}"))
+}
+
+/// Writes the window's items, one per line, as stored; how many.
+async fn ndjson(
+    db: &Database,
+    (collection, window): (&str, &str),
+    size: SnapshotWindow,
+    file: &std::fs::File,
+    what: &str,
+) -> Result<u64, Error> {
+    let mut out = std::io::BufWriter::new(file);
+    let mut items = db.window_items(collection, window, size);
+    let mut count = 0u64;
+    let fail = |e: std::io::Error| Error::Sink(format!("{what}: writing the temporary file: {e}"));
+    while let Some(text) = items.try_next().await? {
+        out.write_all(text.as_bytes()).map_err(fail)?;
+        out.write_all(b"\n").map_err(fail)?;
+        count += 1;
+    }
+    out.flush().map_err(fail)?;
+    Ok(count)
+}
+
+/// The first pass: the schema that holds every batch of the window; `None` if it is empty.
+async fn merged_schema(
+    db: &Database,
+    window: (&str, &str),
+    size: SnapshotWindow,
+    what: &str,
+) -> Result<Option<SchemaRef>, Error> {
+    let mut merged: Option<Schema> = None;
+    let mut batches = batches(db, window, size);
+    while let Some(items) = batches.try_next().await? {
+        let (_, schema) = encode(items, what)?;
+        merged = Some(match merged {
+            None => schema.as_ref().clone(),
+            Some(merged) => merge_schemas(&merged, &schema)
+                .map_err(|why| Error::Sink(format!("{what}: {why}")))?,
+        });
+    }
+    Ok(merged.map(Arc::new))
+}
+
+fn encode(items: Vec<stac::Item>, what: &str) -> Result<(RecordBatch, SchemaRef), Error> {
+    stac::geoarrow::encode(items)
+        .map_err(|e| Error::Sink(format!("{what}: encoding items as stac-geoparquet: {e}")))
+}
+
+/// A stac-geoparquet file being written.
+struct ParquetFile {
+    schema: SchemaRef,
+    encoder: GeoParquetRecordBatchEncoder,
+    writer: ArrowWriter<std::fs::File>,
+    stac: KeyValue,
+    rows: u64,
+}
+
+impl ParquetFile {
+    fn new(
+        file: std::fs::File,
+        schema: &SchemaRef,
+        document: Option<&str>,
+        what: &str,
+    ) -> Result<ParquetFile, Error> {
+        let fail = |e: String| Error::Sink(format!("{what}: {e}"));
+        let options = GeoParquetWriterOptionsBuilder::default()
+            .set_primary_column("geometry".to_string())
+            .build();
+        let encoder = GeoParquetRecordBatchEncoder::try_new(schema, &options)
+            .map_err(|e| fail(e.to_string()))?;
+        let level =
+            stac::geoparquet::ZstdLevel::try_new(ZSTD_LEVEL).map_err(|e| fail(e.to_string()))?;
+        let properties = stac::geoparquet::WriterOptions::new()
+            .with_compression(stac::geoparquet::Compression::ZSTD(level))
+            .with_max_row_group_row_count(ROW_GROUP_ROWS)
+            .into();
+        let writer = ArrowWriter::try_new(file, encoder.target_schema(), Some(properties))
+            .map_err(|e| fail(e.to_string()))?;
+        // The collection, as stac-geoparquet's metadata carries it.
+        let mut metadata = stac::geoparquet::Metadata::default();
+        if let Some(collection) =
+            document.and_then(|d| serde_json::from_str::<stac::Collection>(d).ok())
+        {
+            metadata
+                .collections
+                .insert(collection.id.clone(), collection);
+        }
+        let stac = KeyValue::new(
+            stac::geoparquet::METADATA_KEY.to_string(),
+            serde_json::to_string(&metadata).map_err(|e| fail(e.to_string()))?,
+        );
+        Ok(ParquetFile {
+            schema: schema.clone(),
+            encoder,
+            writer,
+            stac,
+            rows: 0,
+        })
+    }
+
+    /// The second pass: encodes a batch and writes it, widened to the merged schema.
+    fn write(&mut self, items: Vec<stac::Item>, what: &str) -> Result<(), Error> {
+        let fail = |e: String| Error::Sink(format!("{what}: {e}"));
+        let (batch, _) = encode(items, what)?;
+        let batch = widen_batch(&batch, &self.schema).map_err(|e| fail(e.to_string()))?;
+        let batch = self
+            .encoder
+            .encode_record_batch(&batch)
+            .map_err(|e| fail(e.to_string()))?;
+        self.rows += batch.num_rows() as u64;
+        self.writer.write(&batch).map_err(|e| fail(e.to_string()))
+    }
+
+    /// Writes the footer, with the GeoParquet (`geo`, with the `bbox` covering) and
+    /// stac-geoparquet metadata; the rows written.
+    fn finish(mut self, what: &str) -> Result<u64, Error> {
+        let fail = |e: String| Error::Sink(format!("{what}: {e}"));
+        let mut geo = self.encoder.into_geoparquet_metadata();
+        if let Some(covering) = bbox_covering(&self.schema) {
+            let primary = geo.primary_column.clone();
+            if let Some(column) = geo.columns.get_mut(&primary) {
+                column.covering = Some(covering);
+            }
+        }
+        let geo = serde_json::to_string(&geo).map_err(|e| fail(e.to_string()))?;
+        self.writer
+            .append_key_value_metadata(KeyValue::new("geo".to_string(), geo));
+        self.writer.append_key_value_metadata(self.stac);
+        self.writer.close().map_err(|e| fail(e.to_string()))?;
+        Ok(self.rows)
+    }
+}
+
+/// The `bbox` struct column as the covering of the geometry (as `stac` writes it).
+fn bbox_covering(schema: &Schema) -> Option<GeoParquetCovering> {
+    let field = schema.field_with_name("bbox").ok()?;
+    let DataType::Struct(fields) = field.data_type() else {
+        return None;
+    };
+    let path = |name: &str| {
+        fields
+            .find(name)
+            .map(|_| vec!["bbox".to_string(), name.to_string()])
+    };
+    Some(GeoParquetCovering {
+        bbox: GeoParquetBboxCovering {
+            xmin: path("xmin")?,
+            ymin: path("ymin")?,
+            zmin: path("zmin"),
+            xmax: path("xmax")?,
+            ymax: path("ymax")?,
+            zmax: path("zmax"),
+        },
+    })
+}
+
+/// The schema that holds the rows of both: every column of either, nullable, each of a type
+/// that holds the values of both.
+pub fn merge_schemas(a: &Schema, b: &Schema) -> Result<Schema, String> {
+    let fields = merge_fields(a.fields(), b.fields(), "")?;
+    Ok(Schema::new_with_metadata(fields, a.metadata().clone()))
+}
+
+fn merge_fields(a: &Fields, b: &Fields, path: &str) -> Result<Fields, String> {
+    let mut merged: Vec<Field> = a.iter().map(|f| f.as_ref().clone()).collect();
+    for field in b {
+        match merged.iter_mut().find(|f| f.name() == field.name()) {
+            Some(into) => {
+                let path = format!("{path}{}", field.name());
+                let data_type = merge_type(into.data_type(), field.data_type(), &path)?;
+                *into = into.clone().with_data_type(data_type);
+            }
+            None => merged.push(field.as_ref().clone()),
+        }
+    }
+    Ok(merged.into_iter().map(|f| f.with_nullable(true)).collect())
+}
+
+/// A type that holds the values of both, or why there is none.
+fn merge_type(a: &DataType, b: &DataType, path: &str) -> Result<DataType, String> {
+    Ok(match (a, b) {
+        _ if a == b => a.clone(),
+        (DataType::Null, other) | (other, DataType::Null) => other.clone(),
+        (DataType::Int64, DataType::Float64) | (DataType::Float64, DataType::Int64) => {
+            DataType::Float64
+        }
+        (DataType::Struct(a), DataType::Struct(b)) => {
+            DataType::Struct(merge_fields(a, b, &format!("{path}."))?)
+        }
+        (DataType::List(a), DataType::List(b)) => {
+            let values = merge_type(a.data_type(), b.data_type(), &format!("{path}[]"))?;
+            DataType::List(Arc::new(
+                a.as_ref()
+                    .clone()
+                    .with_data_type(values)
+                    .with_nullable(true),
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "`{path}` is {a} in some items and {b} in others; one stac-geoparquet file \
+                 cannot hold both (the window is written again on the next run)"
+            ));
+        }
+    })
+}
+
+/// `batch` with the columns and types of `schema` (a wider one, from [`merge_schemas`]):
+/// columns it lacks are null.
+fn widen_batch(
+    batch: &RecordBatch,
+    schema: &SchemaRef,
+) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let rows = batch.num_rows();
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| match batch.column_by_name(field.name()) {
+            Some(column) => widen(column, field.data_type()),
+            None => Ok(new_null_array(field.data_type(), rows)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
+fn widen(array: &ArrayRef, to: &DataType) -> Result<ArrayRef, arrow_schema::ArrowError> {
+    if array.data_type() == to {
+        return Ok(array.clone());
+    }
+    match (array.data_type(), to) {
+        (DataType::Null, _) => Ok(new_null_array(to, array.len())),
+        (DataType::Struct(_), DataType::Struct(fields)) => {
+            let array = array.as_struct();
+            let columns = fields
+                .iter()
+                .map(|field| match array.column_by_name(field.name()) {
+                    Some(column) => widen(column, field.data_type()),
+                    None => Ok(new_null_array(field.data_type(), array.len())),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Arc::new(StructArray::try_new(
+                fields.clone(),
+                columns,
+                array.nulls().cloned(),
+            )?))
+        }
+        (DataType::List(_), DataType::List(field)) => {
+            let array = array.as_list::<i32>();
+            let values = widen(array.values(), field.data_type())?;
+            Ok(Arc::new(ListArray::try_new(
+                field.clone(),
+                array.offsets().clone(),
+                values,
+                array.nulls().cloned(),
+            )?))
+        }
+        _ => arrow_cast::cast(array, to),
+    }
+}
+
+/// The window a snapshot file of `window` names is one (`2024`, `2024-05`, `undated`).
+pub fn is_window(window: &str) -> bool {
+    window == "undated" || window_range(window).is_some()
+}
+
+/// The asset that points a reader of `collection.json` at the snapshot files (Planetary
+/// Computer's `geoparquet-items` convention: a folder of stac-geoparquet files).
+pub const ASSET: &str = "geoparquet-items";
+
+/// What [`with_asset`] adds, as the collection's row remembers it.
+pub fn asset_variant(window: SnapshotWindow) -> &'static str {
+    match window {
+        SnapshotWindow::Year => "+geoparquet-items/year",
+        SnapshotWindow::Month => "+geoparquet-items/month",
+    }
+}
+
+/// A collection document with the [`ASSET`] asset added (a document that is not a JSON object
+/// is returned as it is).
+pub fn with_asset(document: &bytes::Bytes, window: SnapshotWindow) -> bytes::Bytes {
+    let Ok(serde_json::Value::Object(mut collection)) = serde_json::from_slice(document) else {
+        return document.clone();
+    };
+    let (frequency, files) = match window {
+        SnapshotWindow::Year => ("YS", "items/{year}.parquet"),
+        SnapshotWindow::Month => ("MS", "items/{year}-{month}.parquet"),
+    };
+    let asset = serde_json::json!({
+        "href": "./items",
+        "type": "application/x-parquet",
+        "title": "GeoParquet STAC items",
+        "description": format!("The collection's items as stac-geoparquet, one file per \
+            datetime window ({files}; items without a date in items/undated.parquet), \
+            rewritten by stac-sync after each run that changes the window"),
+        "roles": ["stac-items"],
+        "msft:partition_info": {"is_partitioned": true, "partition_frequency": frequency},
+    });
+    let assets = collection
+        .entry("assets")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    if let serde_json::Value::Object(assets) = assets {
+        assets.insert(ASSET.to_string(), asset);
+    }
+    serde_json::to_vec(&collection).map_or_else(|_| document.clone(), bytes::Bytes::from)
+}
