@@ -442,3 +442,115 @@ pub fn with_asset(document: &bytes::Bytes, window: SnapshotWindow) -> bytes::Byt
     }
     serde_json::to_vec(&collection).map_or_else(|_| document.clone(), bytes::Bytes::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn item(id: &str, properties: Value, assets: Value) -> stac::Item {
+        let mut properties = properties;
+        properties["datetime"] = json!("2024-01-01T00:00:00Z");
+        serde_json::from_value(json!({
+            "type": "Feature", "stac_version": "1.0.0", "id": id, "collection": "c",
+            "geometry": {"type": "Point", "coordinates": [1.0, 2.0]}, "bbox": [1.0, 2.0, 1.0, 2.0],
+            "properties": properties, "links": [], "assets": assets,
+        }))
+        .expect("an item")
+    }
+
+    fn read(bytes: Vec<u8>) -> Vec<Value> {
+        fn strip(value: &mut Value) {
+            match value {
+                Value::Object(map) => {
+                    map.retain(|_, v| !v.is_null());
+                    map.values_mut().for_each(strip);
+                }
+                Value::Array(values) => values.iter_mut().for_each(strip),
+                // One column holds integers and floats as floats.
+                Value::Number(n) => *value = json!(n.as_f64()),
+                _ => {}
+            }
+        }
+        stac::geoparquet::from_reader(bytes::Bytes::from(bytes))
+            .expect("stac-geoparquet")
+            .items
+            .iter()
+            .map(|item| {
+                let mut value = serde_json::to_value(item).expect("JSON");
+                strip(&mut value);
+                value
+            })
+            .collect()
+    }
+
+    /// Batches whose items differ (a property only in the second, an integer then a float, an
+    /// asset only in one, a property null throughout the first) go into one file, and every
+    /// item reads back as it reads back alone (an integer of a column that also holds floats
+    /// reads back as a float).
+    #[test]
+    fn batches_of_different_items_share_one_file() {
+        let first = vec![
+            item(
+                "a",
+                json!({"n": 1, "gone": null}),
+                json!({"x": {"href": "x.tif"}}),
+            ),
+            item(
+                "b",
+                json!({"n": 2, "gone": null}),
+                json!({"x": {"href": "x.tif"}}),
+            ),
+        ];
+        let second = vec![item(
+            "c",
+            json!({"n": 2.5, "gone": "now here", "more": {"deep": [1, 2]}}),
+            json!({"y": {"href": "y.tif", "roles": ["data"]}}),
+        )];
+        // rustac's own streaming writer takes its schema from the first batch.
+        let mut alone = Vec::new();
+        let mut writer = stac::geoparquet::WriterBuilder::new(&mut alone)
+            .build(first.clone())
+            .expect("first batch");
+        assert!(
+            writer.write(second.clone()).is_err(),
+            "stac alone cannot append it"
+        );
+
+        let what = "test";
+        let (_, a) = encode(first.clone(), what).expect("encodes");
+        let (_, b) = encode(second.clone(), what).expect("encodes");
+        let schema = Arc::new(merge_schemas(&a, &b).expect("merges"));
+        let file = tempfile::tempfile().expect("temp file");
+        let mut parquet =
+            ParquetFile::new(file.try_clone().expect("dup"), &schema, None, what).expect("writer");
+        parquet.write(first.clone(), what).expect("first");
+        parquet.write(second.clone(), what).expect("second");
+        assert_eq!(parquet.finish(what).expect("finishes"), 3);
+        let mut bytes = Vec::new();
+        std::io::Seek::rewind(&mut &file).expect("rewinds");
+        std::io::Read::read_to_end(&mut &file, &mut bytes).expect("reads");
+
+        let each_alone: Vec<Value> = first
+            .into_iter()
+            .chain(second)
+            .flat_map(|item| {
+                let mut bytes = Vec::new();
+                stac::geoparquet::into_writer(&mut bytes, vec![item]).expect("writes");
+                read(bytes)
+            })
+            .collect();
+        let in_file = read(bytes);
+        assert_eq!(in_file, each_alone, "numbers compared as floats");
+        assert_eq!(in_file[2]["properties"]["more"]["deep"], json!([1.0, 2.0]));
+        assert_eq!(in_file[2]["properties"]["n"], json!(2.5));
+    }
+
+    #[test]
+    fn a_string_and_a_number_in_one_field_are_refused_by_name() {
+        let (_, a) = encode(vec![item("a", json!({"v": "1"}), json!({}))], "t").expect("a");
+        let (_, b) = encode(vec![item("b", json!({"v": 1}), json!({}))], "t").expect("b");
+        let why = merge_schemas(&a, &b).expect_err("no type holds both");
+        assert!(why.contains("`v`"), "{why}");
+    }
+}
