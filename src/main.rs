@@ -4,6 +4,8 @@
 use clap::{Parser, Subcommand};
 use stac_sync::config::{Config, EnvVars, Overrides};
 use stac_sync::error::{Error, Exit};
+use stac_sync::mirror::objects::ObjectSink;
+use stac_sync::mirror::snapshot;
 use stac_sync::ops::telemetry::LogFormat;
 use stac_sync::run::{self, RunOptions};
 use std::process::ExitCode;
@@ -79,6 +81,24 @@ enum Command {
     },
     /// Apply the database schema migrations.
     Migrate,
+    /// Write snapshot files of the mirror once, from the database: for each collection (all, or
+    /// each --collection) and datetime window (`snapshot_window`),
+    /// DEST/{collection}/items/{window}.parquet (or .ndjson).
+    Export {
+        /// stac-geoparquet (`geoparquet`) or one item JSON a line (`ndjson`).
+        #[arg(long, value_enum, default_value = "geoparquet")]
+        format: ExportFormat,
+        /// A folder, or an object store URL (`file://`, `s3://`, `gs://`, `az://`; options from
+        /// the config file's `[object_store]`).
+        dest: String,
+    },
+}
+
+/// The file format of `export`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Geoparquet,
+    Ndjson,
 }
 
 fn main() -> ExitCode {
@@ -145,7 +165,12 @@ fn stop_on_signals(stop: tokio_util::sync::CancellationToken) {
 }
 
 /// The commands that read or set up the database alone: `status`, `changes`, `migrate`.
-async fn database_command(command: Command, config: &Config) -> Result<Exit, Error> {
+/// `collections`: the `--collection` flags given (for `export`).
+async fn database_command(
+    command: Command,
+    config: &Config,
+    collections: &[String],
+) -> Result<Exit, Error> {
     let db =
         stac_sync::mirror::db::Database::connect_as(&config.database_url, config.database_format)
             .await?;
@@ -174,6 +199,21 @@ async fn database_command(command: Command, config: &Config) -> Result<Exit, Err
             }
         }
         Command::Migrate => db.migrate().await?,
+        Command::Export { format, dest } => {
+            let format = match format {
+                ExportFormat::Geoparquet => snapshot::Format::Geoparquet,
+                ExportFormat::Ndjson => snapshot::Format::Ndjson,
+            };
+            let url = if dest.contains("://") {
+                dest
+            } else {
+                format!("file://{dest}")
+            };
+            let sink = ObjectSink::from_url(&url, &config.object_store_options)?;
+            let (windows, items) =
+                snapshot::export(&db, &sink, collections, config.snapshot_window, format).await?;
+            eprintln!("exported {items} items in {windows} files to {url}");
+        }
         other => {
             return Err(Error::Internal(format!(
                 "{other:?} is not a database command"
@@ -188,7 +228,10 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
     // database's URL.
     let database_only = matches!(
         cli.command,
-        Command::Status { .. } | Command::Changes { .. } | Command::Migrate
+        Command::Status { .. }
+            | Command::Changes { .. }
+            | Command::Migrate
+            | Command::Export { .. }
     );
     let config = match Config::load(&cli.overrides) {
         Err(Error::Config(_)) if database_only && cli.overrides.api_url.is_none() => {
@@ -251,6 +294,6 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
             }
             Ok(report.exit())
         }
-        database => database_command(database, &config).await,
+        database => database_command(database, &config, &cli.overrides.collections).await,
     }
 }

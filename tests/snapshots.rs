@@ -124,7 +124,12 @@ fn strip_nulls(value: &mut Value) {
 /// as stac-geoparquet round-trips it alone), in files named by their window, each file sorted
 /// by datetime then id.
 async fn assert_snapshots_equal_database(setup: &Setup<'_>) {
-    let objects = setup.objects_dir();
+    assert_files_equal_database(setup, &setup.objects_dir()).await;
+}
+
+/// [`assert_snapshots_equal_database`] for the files under `objects`.
+async fn assert_files_equal_database(setup: &Setup<'_>, objects: &Path) {
+    let objects = objects.to_path_buf();
     let stored = common::stored_items(&setup.database_url()).await;
     let live = common::pairs(
         &setup.database_url(),
@@ -196,6 +201,20 @@ async fn assert_snapshots_equal_database(setup: &Setup<'_>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_equal_the_database_and_only_changed_windows_are_rewritten() {
+    only_changed_windows_are_rewritten(None, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_snapshots_equal_the_database_and_only_changed_windows_are_rewritten() {
+    only_changed_windows_are_rewritten(Some(common::fresh_postgres().await), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_pgstac_snapshots_equal_the_database_and_only_changed_windows_are_rewritten() {
+    only_changed_windows_are_rewritten(Some(common::fresh_pgstac().await), true).await;
+}
+
+async fn only_changed_windows_are_rewritten(database: Option<String>, pgstac: bool) {
     let clock = Arc::new(ManualClock::default());
     let mut source = items(
         "s2",
@@ -222,7 +241,12 @@ async fn snapshots_equal_the_database_and_only_changed_windows_are_rewritten() {
         &["s2", "s1"],
         common::credentials(&token_url, "id", "secret"),
     );
-    setup.top = r#"snapshots = ["geoparquet"]"#;
+    setup.top = if pgstac {
+        "snapshots = [\"geoparquet\"]\ndatabase_format = \"pgstac\""
+    } else {
+        r#"snapshots = ["geoparquet"]"#
+    };
+    setup.database = database;
 
     assert_eq!(setup.run(clock.clone()).await.exit(), Exit::Success);
     assert_snapshots_equal_database(&setup).await;
@@ -293,5 +317,195 @@ async fn snapshots_equal_the_database_and_only_changed_windows_are_rewritten() {
         common::scalar(&setup.database_url(), "SELECT COUNT(*) FROM snapshot_due").await,
         0
     );
+    server.stop().await;
+}
+
+/// The source of the durability tests: two collections over several years, items of 15 KB.
+fn source() -> Vec<Value> {
+    let base = common::eds_items().remove(0);
+    let mut all: Vec<Value> = (0..400)
+        .map(|i| {
+            let datetime = format!("{}-0{}-01T00:00:00Z", 2019 + i % 6, 1 + i % 9);
+            common::realistic_item(&base, &format!("s2-{i:04}"), "s2", &datetime)
+        })
+        .collect();
+    all.extend(items(
+        "s1",
+        30,
+        &["2020-05-01T00:00:00Z", "2022-02-02T00:00:00Z"],
+    ));
+    all
+}
+
+/// A run that fails while writing snapshots (here: a window's folder cannot be created)
+/// leaves the windows due; the next run writes them, equal to the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_a_failed_run_did_not_write_are_written_by_the_next() {
+    let clock = Arc::new(ManualClock::default());
+    let server = common::stac::start(&source(), Issuer::new(clock.clone(), "id", "secret")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut setup = Setup::new(
+        &server.url,
+        dir.path(),
+        &["s2", "s1"],
+        common::credentials(&server.token_url, "id", "secret"),
+    );
+    setup.top = r#"snapshots = ["geoparquet"]"#;
+    setup.limit = 50;
+    let blocker = setup.objects_dir().join("s2/items");
+    std::fs::create_dir_all(setup.objects_dir().join("s2")).expect("folder");
+    std::fs::write(&blocker, "not a folder").expect("blocker");
+
+    let failed = setup.run(clock.clone()).await;
+    assert_ne!(failed.exit(), Exit::Success);
+    let due = common::scalar(&setup.database_url(), "SELECT COUNT(*) FROM snapshot_due").await;
+    assert!(due >= 6, "s2's windows stay due: {due}");
+
+    std::fs::remove_file(&blocker).expect("unblock");
+    assert_eq!(setup.run(clock.clone()).await.exit(), Exit::Success);
+    assert_snapshots_equal_database(&setup).await;
+    assert_eq!(
+        common::scalar(&setup.database_url(), "SELECT COUNT(*) FROM snapshot_due").await,
+        0
+    );
+    server.stop().await;
+}
+
+/// The binary SIGKILLed while it writes snapshot files (as soon as one appears), then run
+/// again: the files equal the database, and nothing half-written is left in the folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_killed_while_writing_snapshots_leaves_them_to_the_next() {
+    let clock = Arc::new(ManualClock::default());
+    let server = common::stac::start(&source(), Issuer::new(clock.clone(), "id", "secret")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut setup = Setup::new(
+        &server.url,
+        dir.path(),
+        &["s2", "s1"],
+        common::credentials(&server.token_url, "id", "secret"),
+    );
+    setup.top = r#"snapshots = ["geoparquet"]"#;
+    setup.limit = 50;
+    std::fs::write(
+        dir.path().join("stac-sync.toml"),
+        format!(
+            "api_url = \"{}\"\ndatabase_url = \"{}\"\nobject_store_url = \"{}\"\n\
+             snapshots = [\"geoparquet\"]\n[[jobs]]\nname = \"test\"\n\
+             collections = [\"s2\", \"s1\"]\nlimit = 50\n",
+            server.url,
+            setup.database_url(),
+            setup.object_store_url()
+        ),
+    )
+    .expect("config");
+    let binary = assert_cmd::cargo::cargo_bin!("stac-sync");
+    let objects = setup.objects_dir();
+    let mut child = common::binary_run(binary, dir.path(), &server.token_url)
+        .spawn()
+        .expect("spawns");
+    let writing = objects.clone();
+    let killed = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            let started = ["s1", "s2"].iter().any(|c| {
+                std::fs::read_dir(writing.join(c).join("items"))
+                    .is_ok_and(|mut files| files.next().is_some())
+            });
+            if started {
+                let _ = child.kill(); // SIGKILL
+                let _ = child.wait();
+                return true;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no snapshot was written"
+            );
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    })
+    .await
+    .expect("join");
+    assert!(killed, "the run finished before it could be killed");
+    let due = common::scalar(&setup.database_url(), "SELECT COUNT(*) FROM snapshot_due").await;
+    assert!(due > 0, "the windows not yet written stay due");
+
+    let run = common::binary_run(binary, dir.path(), &server.token_url);
+    assert_eq!(common::run_to_end(run).await, Some(0));
+    assert_snapshots_equal_database(&setup).await;
+    assert_eq!(
+        common::scalar(&setup.database_url(), "SELECT COUNT(*) FROM snapshot_due").await,
+        0
+    );
+    server.stop().await;
+}
+
+/// `stac-sync export` writes the same files from a mirror that keeps no snapshots, as
+/// stac-geoparquet and as NDJSON (each line an item as stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_writes_the_files_of_an_existing_mirror() {
+    let clock = Arc::new(ManualClock::default());
+    let source = items("s2", 9, &["2021-03-01T10:00:00Z", "2023-09-01T10:00:00Z"]);
+    let server = common::stac::start(&source, Issuer::new(clock.clone(), "id", "secret")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup::new(
+        &server.url,
+        dir.path(),
+        &["s2"],
+        common::credentials(&server.token_url, "id", "secret"),
+    );
+    assert_eq!(setup.run(clock.clone()).await.exit(), Exit::Success);
+    assert!(
+        snapshot_files(&setup.objects_dir()).is_empty(),
+        "none without snapshots"
+    );
+
+    let binary = assert_cmd::cargo::cargo_bin!("stac-sync");
+    let export = |format: &str, dest: &Path| {
+        let output = std::process::Command::new(binary)
+            .current_dir(dir.path())
+            .env_clear()
+            .args([
+                "--database-url",
+                &setup.database_url(),
+                "export",
+                "--format",
+                format,
+            ])
+            .arg(dest)
+            .output()
+            .expect("runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let parquet = dir.path().join("parquet");
+    export("geoparquet", &parquet);
+    assert_files_equal_database(&setup, &parquet).await;
+
+    let ndjson = dir.path().join("ndjson");
+    export("ndjson", &ndjson);
+    let stored = common::stored_items(&setup.database_url()).await;
+    for window in ["2021", "2023"] {
+        let text = std::fs::read_to_string(ndjson.join(format!("s2/items/{window}.ndjson")))
+            .expect("ndjson");
+        let lines: Vec<&str> = text.lines().collect();
+        let mut want: Vec<(&str, &str)> = stored
+            .iter()
+            .filter(|((_, _), content)| content.contains(&format!("\"datetime\":\"{window}")))
+            .map(|((_, id), content)| (id.as_str(), content.as_str()))
+            .collect();
+        want.sort();
+        assert_eq!(lines.len(), want.len(), "{window}");
+        let mut got: Vec<&str> = lines.clone();
+        got.sort();
+        let mut contents: Vec<&str> = want.iter().map(|(_, c)| *c).collect();
+        contents.sort();
+        assert_eq!(got, contents, "{window}: the items as stored");
+    }
     server.stop().await;
 }

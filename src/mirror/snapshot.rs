@@ -397,6 +397,52 @@ fn widen(array: &ArrayRef, to: &DataType) -> Result<ArrayRef, arrow_schema::Arro
     }
 }
 
+/// `stac-sync export`: writes every window of `collections` (all the database holds when
+/// empty) to `sink`, from the database; returns the files and items written.
+pub async fn export(
+    db: &Database,
+    sink: &ObjectSink,
+    collections: &[String],
+    size: SnapshotWindow,
+    format: Format,
+) -> Result<(u64, u64), Error> {
+    let collections = if collections.is_empty() {
+        db.collection_counts()
+            .await?
+            .into_iter()
+            .filter(|c| c.live > 0)
+            .map(|c| c.collection)
+            .collect()
+    } else {
+        collections.to_vec()
+    };
+    let (mut files, mut items) = (0, 0);
+    for collection in &collections {
+        let document = db.collection_document(collection).await?;
+        for window in db.windows(collection, size).await? {
+            let written = write_window(
+                db,
+                sink,
+                (collection, &window),
+                size,
+                format,
+                document.as_deref(),
+            )
+            .await?;
+            tracing::info!(
+                collection,
+                window,
+                items = written.items,
+                bytes = written.bytes,
+                "exported"
+            );
+            files += u64::from(written.items > 0);
+            items += written.items;
+        }
+    }
+    Ok((files, items))
+}
+
 /// The window a snapshot file of `window` names is one (`2024`, `2024-05`, `undated`).
 pub fn is_window(window: &str) -> bool {
     window == "undated" || window_range(window).is_some()
