@@ -509,3 +509,53 @@ async fn export_writes_the_files_of_an_existing_mirror() {
     }
     server.stop().await;
 }
+
+/// A window larger than one encoded batch (1,000 items) whose later items carry what the
+/// earlier ones lack (a property, an asset, a float in an integer column) is one file holding
+/// all of it: the writer widens its schema and writes the file again, and every item reads
+/// back as it does when the window is written in one go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_property_first_seen_late_in_a_large_window_is_kept() {
+    let clock = Arc::new(ManualClock::default());
+    let source: Vec<Value> = make_items("s2", 1_500)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut item)| {
+            item["id"] = format!("s2-{i:04}").into();
+            let properties = item["properties"].as_object_mut().expect("properties");
+            properties.remove("start_datetime");
+            properties.remove("end_datetime");
+            // In order: the items after the 1,200th sort into the window's second batch.
+            let datetime = format!("2024-01-01T00:{:02}:{:02}Z", i / 60, i % 60);
+            properties.insert("datetime".into(), datetime.into());
+            properties.insert("eo:cloud_cover".into(), (i as i64 % 50).into());
+            if i >= 1_200 {
+                properties.insert("late:note".into(), format!("note {i}").into());
+                properties.insert("eo:cloud_cover".into(), 12.5.into());
+                item["assets"]["late"] = serde_json::json!({"href": "s3://b/late.tif"});
+            }
+            item
+        })
+        .collect();
+    let server = common::stac::start(&source, Issuer::new(clock.clone(), "id", "secret")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut setup = Setup::new(
+        &server.url,
+        dir.path(),
+        &["s2"],
+        common::credentials(&server.token_url, "id", "secret"),
+    );
+    setup.top = r#"snapshots = ["geoparquet"]"#;
+    assert_eq!(setup.run(clock.clone()).await.exit(), Exit::Success);
+    assert_snapshots_equal_database(&setup).await;
+    let file = setup.objects_dir().join("s2/items/2024.parquet");
+    let read = read_back(std::fs::read(&file).expect("the window's file"));
+    assert_eq!(read.len(), 1_500);
+    assert_eq!(
+        read["s2-1499"]["properties"]["late:note"],
+        Value::from("note 1499")
+    );
+    assert_eq!(read["s2-1499"]["assets"]["late"]["href"], "s3://b/late.tif");
+    assert_eq!(read["s2-0001"]["properties"]["eo:cloud_cover"], 1.0);
+    server.stop().await;
+}

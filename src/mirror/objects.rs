@@ -115,7 +115,8 @@ impl ObjectSink {
     /// Removes what a killed run left in a local folder: objects that are not written unnamed
     /// go to `KEY#N`, renamed to `KEY` (by [`write_whole`], as by `LocalFileSystem`), so a
     /// process killed between the two leaves `KEY#N` behind. Our keys never contain `#` (it is
-    /// percent-encoded), so every such file in the job's collection folders is a leftover.
+    /// percent-encoded), so every such file in the job's collection folders (and their snapshot
+    /// folders) is a leftover.
     /// Called with the job's lock held, so no run of this job is writing them; returns how many
     /// were removed.
     pub fn sweep_staging(&self, collections: &[String]) -> Result<usize, Error> {
@@ -123,9 +124,13 @@ impl ObjectSink {
             return Ok(0);
         };
         let mut removed = 0;
-        for collection in collections {
-            let Ok(folder) = local.path_to_filesystem(&self.key(&encode_collection(collection)))
-            else {
+        // Items sit in the collection's folder, its snapshots in `items/` below it.
+        let folders = collections.iter().flat_map(|c| {
+            let c = encode_collection(c);
+            [self.key(&c), self.key(&format!("{c}/items"))]
+        });
+        for folder in folders {
+            let Ok(folder) = local.path_to_filesystem(&folder) else {
                 continue;
             };
             let Ok(entries) = std::fs::read_dir(&folder) else {
@@ -605,9 +610,14 @@ mod tests {
         let mut staged = whole.clone().into_os_string();
         staged.push("#1");
         std::fs::write(&staged, b"{").expect("staged");
+        // A snapshot upload killed half-way leaves its staging file in `items/`.
+        let snapshot = whole.with_file_name("items").join("2024.parquet#2");
+        std::fs::create_dir_all(snapshot.parent().expect("items/")).expect("items/");
+        std::fs::write(&snapshot, b"PAR1").expect("staged snapshot");
 
-        assert_eq!(sink.sweep_staging(&["s2".into()]).expect("swept"), 1);
+        assert_eq!(sink.sweep_staging(&["s2".into()]).expect("swept"), 2);
         assert!(!std::path::Path::new(&staged).exists());
+        assert!(!snapshot.exists());
         assert_eq!(std::fs::read(&whole).expect("kept"), b"{}");
     }
 }

@@ -1,13 +1,15 @@
 //! Snapshot files: the live items of one collection and datetime window, from the database,
 //! at `{prefix}/{collection}/items/{window}.parquet` (stac-geoparquet) or `.ndjson`.
 //!
-//! A window is streamed from the database in batches, never held whole. stac-geoparquet has one
-//! schema per file, inferred from the items, and `stac`'s streaming writer fixes it from the
-//! first batch (a later batch with another property fails, or loses the property). So a
-//! window is read twice: the first pass encodes each batch with `stac` and merges their
-//! schemas (a property missing from a batch, an integer in one and a float in another); the
-//! second encodes them again and writes each, widened to the merged schema, to a local
-//! temporary file, which is then put whole.
+//! A window is read from the database a page at a time, never held whole, and written to a
+//! local temporary file, which is then put whole. stac-geoparquet has one schema per file,
+//! inferred from the items, and `stac`'s streaming writer fixes it from the first batch (a
+//! later batch with another property fails, or loses the property). So each batch is encoded
+//! with `stac` on its own, and written widened to the file's schema (a property it lacks is
+//! null, an integer column of it is a float column of the file); a batch the schema cannot
+//! hold (a property the earlier batches lacked) widens the schema, and the file is written
+//! again, from the start, with the schema of all the batches (a second read of the window,
+//! only then).
 
 use super::db::{Database, window_range};
 use super::objects::ObjectSink;
@@ -82,19 +84,23 @@ pub async fn write_window(
     let items = match format {
         Format::Ndjson => ndjson(db, (collection, window), size, file.as_file(), &what).await?,
         Format::Geoparquet => {
-            let Some(schema) = merged_schema(db, (collection, window), size, &what).await? else {
-                sink.delete_key(&key).await?;
-                return Ok(Written::default());
-            };
-            let handle = file
-                .reopen()
-                .map_err(|e| Error::Sink(format!("{what}: {e}")))?;
-            let mut writer = ParquetFile::new(handle, &schema, document, &what)?;
-            let mut batches = batches(db, (collection, window), size);
-            while let Some(batch) = batches.try_next().await? {
-                writer.write(batch, &what)?;
+            let mut schema = None;
+            loop {
+                match parquet(
+                    db,
+                    (collection, window),
+                    size,
+                    &file,
+                    schema,
+                    document,
+                    &what,
+                )
+                .await?
+                {
+                    Pass::Written(items) => break items,
+                    Pass::Widened(wider) => schema = Some(wider),
+                }
             }
-            writer.finish(&what)?
         }
     };
     if items == 0 {
@@ -105,15 +111,71 @@ pub async fn write_window(
     Ok(Written { items, bytes })
 }
 
+/// How a pass over a window ended.
+enum Pass {
+    /// The file is written, with this many items.
+    Written(u64),
+    /// A batch did not fit the schema: the schema of every batch, for another pass.
+    Widened(SchemaRef),
+}
+
+/// Writes the window's items into `file` with `schema` (or the first batch's); when a batch
+/// does not fit it, reads on only to learn the schema of every batch.
+async fn parquet(
+    db: &Database,
+    window: (&str, &str),
+    size: SnapshotWindow,
+    file: &tempfile::NamedTempFile,
+    schema: Option<SchemaRef>,
+    document: Option<&str>,
+    what: &str,
+) -> Result<Pass, Error> {
+    let fail = |e: std::io::Error| Error::Sink(format!("{what}: the temporary file: {e}"));
+    file.as_file().set_len(0).map_err(fail)?;
+    let mut writer: Option<ParquetFile> = None;
+    let mut schema = schema;
+    let mut widened = false;
+    let mut batches = batches(db, window, size);
+    while let Some(items) = batches.try_next().await? {
+        let (batch, own) = encode(items, what)?;
+        let wider = match &schema {
+            None => merge_schemas(&own, &own),
+            Some(schema) => merge_schemas(schema, &own),
+        }
+        .map_err(|why| Error::Sink(format!("{what}: {why}")))?;
+        if schema.as_deref() != Some(&wider) {
+            // The first batch, or one that does not fit: a wider schema.
+            widened |= schema.is_some();
+            schema = Some(Arc::new(wider));
+        }
+        if widened {
+            continue;
+        }
+        let schema = schema
+            .as_ref()
+            .ok_or_else(|| Error::Internal("no schema".into()))?;
+        if writer.is_none() {
+            let handle = file.reopen().map_err(fail)?;
+            writer = Some(ParquetFile::new(handle, schema, document, what)?);
+        }
+        if let Some(writer) = writer.as_mut() {
+            writer.write(&batch, what)?;
+        }
+    }
+    match (widened, schema, writer) {
+        (true, Some(schema), _) => Ok(Pass::Widened(schema)),
+        (_, _, Some(writer)) => writer.finish(what).map(Pass::Written),
+        _ => Ok(Pass::Written(0)),
+    }
+}
+
 /// The window's items in batches of [`BATCH_ITEMS`], parsed.
 fn batches<'a>(
     db: &'a Database,
     (collection, window): (&'a str, &'a str),
     size: SnapshotWindow,
 ) -> impl futures_util::Stream<Item = Result<Vec<stac::Item>, Error>> + 'a {
-    db.window_items(collection, window, size)
-        .try_chunks(BATCH_ITEMS)
-        .map_err(|e| e.1)
+    db.window_pages(collection, window, size, BATCH_ITEMS)
         .map(move |texts| {
             texts?
                 .iter()
@@ -148,36 +210,18 @@ async fn ndjson(
     what: &str,
 ) -> Result<u64, Error> {
     let mut out = std::io::BufWriter::new(file);
-    let mut items = db.window_items(collection, window, size);
+    let mut pages = db.window_pages(collection, window, size, BATCH_ITEMS);
     let mut count = 0u64;
     let fail = |e: std::io::Error| Error::Sink(format!("{what}: writing the temporary file: {e}"));
-    while let Some(text) = items.try_next().await? {
-        out.write_all(text.as_bytes()).map_err(fail)?;
-        out.write_all(b"\n").map_err(fail)?;
-        count += 1;
+    while let Some(texts) = pages.try_next().await? {
+        for text in texts {
+            out.write_all(text.as_bytes()).map_err(fail)?;
+            out.write_all(b"\n").map_err(fail)?;
+            count += 1;
+        }
     }
     out.flush().map_err(fail)?;
     Ok(count)
-}
-
-/// The first pass: the schema that holds every batch of the window; `None` if it is empty.
-async fn merged_schema(
-    db: &Database,
-    window: (&str, &str),
-    size: SnapshotWindow,
-    what: &str,
-) -> Result<Option<SchemaRef>, Error> {
-    let mut merged: Option<Schema> = None;
-    let mut batches = batches(db, window, size);
-    while let Some(items) = batches.try_next().await? {
-        let (_, schema) = encode(items, what)?;
-        merged = Some(match merged {
-            None => schema.as_ref().clone(),
-            Some(merged) => merge_schemas(&merged, &schema)
-                .map_err(|why| Error::Sink(format!("{what}: {why}")))?,
-        });
-    }
-    Ok(merged.map(Arc::new))
 }
 
 fn encode(items: Vec<stac::Item>, what: &str) -> Result<(RecordBatch, SchemaRef), Error> {
@@ -237,11 +281,10 @@ impl ParquetFile {
         })
     }
 
-    /// The second pass: encodes a batch and writes it, widened to the merged schema.
-    fn write(&mut self, items: Vec<stac::Item>, what: &str) -> Result<(), Error> {
+    /// Writes a batch, widened to the file's schema.
+    fn write(&mut self, batch: &RecordBatch, what: &str) -> Result<(), Error> {
         let fail = |e: String| Error::Sink(format!("{what}: {e}"));
-        let (batch, _) = encode(items, what)?;
-        let batch = widen_batch(&batch, &self.schema).map_err(|e| fail(e.to_string()))?;
+        let batch = widen_batch(batch, &self.schema).map_err(|e| fail(e.to_string()))?;
         let batch = self
             .encoder
             .encode_record_batch(&batch)
@@ -570,8 +613,10 @@ mod tests {
         let file = tempfile::tempfile().expect("temp file");
         let mut parquet =
             ParquetFile::new(file.try_clone().expect("dup"), &schema, None, what).expect("writer");
-        parquet.write(first.clone(), what).expect("first");
-        parquet.write(second.clone(), what).expect("second");
+        let (first_batch, _) = encode(first.clone(), what).expect("encodes");
+        let (second_batch, _) = encode(second.clone(), what).expect("encodes");
+        parquet.write(&first_batch, what).expect("first");
+        parquet.write(&second_batch, what).expect("second");
         assert_eq!(parquet.finish(what).expect("finishes"), 3);
         let mut bytes = Vec::new();
         std::io::Seek::rewind(&mut &file).expect("rewinds");

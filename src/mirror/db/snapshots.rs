@@ -4,7 +4,7 @@
 use super::{Database, shared};
 use crate::config::SnapshotWindow;
 use crate::error::Error;
-use futures_util::stream::{BoxStream, StreamExt, TryStreamExt};
+use futures_util::stream::{BoxStream, StreamExt};
 
 /// A snapshot window due to be rewritten, as the table holds it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -110,52 +110,77 @@ impl Database {
         .map_err(self.fail("list a collection's snapshot windows"))
     }
 
-    /// The live items of a window, as JSON text, streamed (never held whole) in the order of
-    /// the file: by `datetime` then id, then the items without one by `start_datetime` then id.
-    pub fn window_items<'a>(
+    /// The live items of a window, as JSON text, in pages of at most `page` (read one at a
+    /// time, by key: never more than a page in memory), in the order of the file: by
+    /// `datetime` then id, then the items without one by `start_datetime` then id.
+    pub fn window_pages<'a>(
         &'a self,
         collection: &'a str,
         window: &'a str,
         size: SnapshotWindow,
-    ) -> BoxStream<'a, Result<String, Error>> {
-        let live = "SELECT CAST(content AS TEXT) FROM items i WHERE i.collection = $1 \
-                    AND i.deleted_at IS NULL";
-        let queries = match window_range(window) {
+        page: usize,
+    ) -> BoxStream<'a, Result<Vec<String>, Error>> {
+        // Each part of the window: its sort key, its filter, the bounds of its range.
+        type Part = (String, String, Option<(String, String)>);
+        let parts: Vec<Part> = match window_range(window) {
             Some((start, end)) => vec![
                 (
-                    format!(
-                        "{live} AND i.datetime >= $2 AND i.datetime < $3 ORDER BY i.datetime, i.id"
-                    ),
+                    "i.datetime".into(),
+                    "i.datetime >= $4 AND i.datetime < $5".into(),
                     Some((start.clone(), end.clone())),
                 ),
                 (
-                    format!(
-                        "{live} AND i.datetime IS NULL AND i.start_datetime >= $2 \
-                         AND i.start_datetime < $3 ORDER BY i.start_datetime, i.id"
-                    ),
+                    "i.start_datetime".into(),
+                    "i.datetime IS NULL AND i.start_datetime >= $4 AND i.start_datetime < $5"
+                        .into(),
                     Some((start, end)),
                 ),
             ],
             None => vec![(
-                format!(
-                    "{live} AND {} = 'undated' ORDER BY i.id",
-                    shared::window_expr(size, self.collate())
-                ),
+                "''".into(),
+                format!("{} = 'undated'", shared::window_expr(size, self.collate())),
                 None,
             )],
         };
-        let streams = queries.into_iter().map(move |(sql, range)| {
-            let fail = self.fail("read a snapshot window's items");
-            on_pool!(self, pool => {
-                // Built from constants only.
-                let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(collection);
-                if let Some((start, end)) = range {
-                    query = query.bind(start).bind(end);
+        let pages = futures_util::stream::iter(parts).flat_map(move |(key, filter, range)| {
+            let sql = format!(
+                "SELECT {key} AS k, i.id, CAST(i.content AS TEXT) FROM items i \
+                 WHERE i.collection = $1 AND i.deleted_at IS NULL AND {filter} \
+                 AND ({key} > $2 OR ({key} = $2 AND i.id > $3)) ORDER BY {key}, i.id LIMIT {page}"
+            );
+            let first = range
+                .as_ref()
+                .map_or_else(String::new, |(start, _)| start.clone());
+            futures_util::stream::try_unfold(Some((first, String::new())), move |cursor| {
+                let (sql, range) = (sql.clone(), range.clone());
+                async move {
+                    let Some((key, id)) = cursor else {
+                        return Ok(None);
+                    };
+                    let rows: Vec<(String, String, String)> = on_pool!(self, pool => {
+                        // Built from constants only.
+                        let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                            .bind(collection)
+                            .bind(key)
+                            .bind(id);
+                        if let Some((start, end)) = range {
+                            query = query.bind(start).bind(end);
+                        }
+                        query.fetch_all(pool).await
+                    })
+                    .map_err(self.fail("read a snapshot window's items"))?;
+                    if rows.is_empty() {
+                        return Ok(None);
+                    }
+                    let next = (rows.len() == page).then(|| {
+                        let (key, id, _) = &rows[rows.len() - 1];
+                        (key.clone(), id.clone())
+                    });
+                    Ok(Some((rows.into_iter().map(|(_, _, c)| c).collect(), next)))
                 }
-                query.fetch(pool).map_err(fail).boxed()
             })
         });
-        futures_util::stream::iter(streams).flatten().boxed()
+        pages.boxed()
     }
 }
 
