@@ -1,7 +1,7 @@
-//! The README's quick start and "try it without an account" commands, run as written, so that a
-//! flag that moves breaks the build and not a new user. Only the `cargo run --release [--example
-//! NAME] --` prefix is replaced by the binary cargo built for this test (the same program, in
-//! its test build); every argument, redirection and `&` is the README's.
+//! The README's quick start, "try it without an account", DuckDB and pgstac commands, run as
+//! written, so that a flag that moves breaks the build and not a new user. Only the `cargo run
+//! --release [--example NAME] --` prefix is replaced by the binary cargo built for this test
+//! (the same program, in its test build); every argument, redirection and `&` is the README's.
 
 mod common;
 
@@ -188,6 +188,29 @@ fn the_readme_quick_start_and_try_it_commands_run_as_written() {
     for command in &quick_start {
         succeeds(dir.path(), &built(command));
     }
+
+    // "Reading the mirror with DuckDB": a collection exported from that mirror, then counted
+    // by DuckDB (installed with pypgstac by scripts/test, tests/python/requirements.txt).
+    let reading = README
+        .split_once("## Reading the mirror with DuckDB")
+        .map(|(_, rest)| sh_blocks(rest).into_iter().next().unwrap_or_default())
+        .unwrap_or_default();
+    assert_eq!(reading.len(), 2, "the README's commands moved: {reading:?}");
+    succeeds(dir.path(), &built(&reading[0]));
+    assert!(
+        dir.path()
+            .join("geoparquet/sentinel-1-grd/items")
+            .read_dir()
+            .is_ok_and(|mut files| files.next().is_some()),
+        "export wrote the collection's files"
+    );
+    let counted = shell(dir.path(), &reading[1]).output().expect("runs");
+    assert_eq!(
+        String::from_utf8_lossy(&counted.stdout).trim(),
+        "7500",
+        "DuckDB counts the collection's items: {}",
+        String::from_utf8_lossy(&counted.stderr)
+    );
 
     // "Serving the mirror": into a new pgstac database (the README's name, made unique), from
     // the same fixture, then served by stac-fastapi-pgstac.

@@ -510,7 +510,7 @@ async fn export_writes_the_files_of_an_existing_mirror() {
     server.stop().await;
 }
 
-/// A window larger than one encoded batch (1,000 items) whose later items carry what the
+/// A window larger than several encoded batches (250 items each) whose later items carry what the
 /// earlier ones lack (a property, an asset, a float in an integer column) is one file holding
 /// all of it: the writer widens its schema and writes the file again, and every item reads
 /// back as it does when the window is written in one go.

@@ -103,9 +103,10 @@ impl SqliteDb {
             .busy_timeout(Duration::from_secs(30))
             // Items are about 15 KB: with 32 KB pages (set when the file is created) one fits
             // a page instead of spilling over four 4 KB overflow pages, each written apart.
-            .page_size(32_768)
-            // Reads of the file go through the page cache mapping instead of a pread each.
-            .pragma("mmap_size", "268435456");
+            .page_size(32_768);
+        // No mmap_size: reading a snapshot window through a 256 MB mapping counted every page
+        // read in the process's RSS (export of 20,000 items: 425 MB against 41 MB), and the
+        // write path was no faster with it (docs/benchmarks.md, 2026-12-01).
         let filename = options.get_filename();
         let path = (!filename.as_os_str().is_empty() && filename.as_os_str() != ":memory:")
             .then(|| filename.to_path_buf());
