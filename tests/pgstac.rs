@@ -459,7 +459,13 @@ async fn workers_share_a_job_into_pgstac_and_leave_what_a_single_run_leaves() {
 
     for summary in [a, b, c] {
         let summary = summary.expect("recorded");
-        assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+        assert_eq!(
+            summary.exit(),
+            Exit::Success,
+            "{:?} {:?}",
+            summary.jobs[0].error,
+            summary.jobs[0].counts
+        );
     }
     let single = stac_sync::run::run(
         &setup(single_db.clone(), single_dir.path()),

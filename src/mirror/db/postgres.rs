@@ -26,10 +26,23 @@ use std::time::Duration;
 /// management takes locks that another writer of the database may hold in another order).
 const COMMIT_ATTEMPTS: u32 = 5;
 
-/// Whether a transaction failed only because of other transactions: a deadlock, or a
-/// serialization failure. Its work is undone; done again, it may succeed.
+/// Whether a transaction failed only because of other transactions: a deadlock, a
+/// serialization failure, or pgstac's datetime constraint of a partition (`_items_N_dt`),
+/// which pgstac rewrites as writers add items: another writer's commit can narrow it between
+/// this transaction's widening of it and its insert (seen with three workers into one fresh
+/// pgstac database; the items were quarantined). Its work is undone; done again, it may
+/// succeed.
 fn must_retry(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    match db.code().as_deref() {
+        Some("40P01" | "40001") => true,
+        Some("23514") => db
+            .constraint()
+            .is_some_and(|c| c.starts_with("_items_") && c.ends_with("_dt")),
+        _ => false,
+    }
 }
 
 /// How an attempt at a page's transaction failed.
@@ -377,7 +390,8 @@ impl PostgresDb {
                 Err(Failure::Retry(e)) if attempt < COMMIT_ATTEMPTS => {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, partition = page.partition,
-                        "the page's transaction hit a deadlock or a serialization failure; \
+                        "the page's transaction conflicted with another writer (deadlock, serialization, \
+                         pgstac's partition constraint); \
                          committing it again");
                     tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
                 }
