@@ -338,7 +338,8 @@ fn source() -> Vec<Value> {
 }
 
 /// A run that fails while writing snapshots (here: a window's folder cannot be created)
-/// leaves the windows due; the next run writes them, equal to the database.
+/// leaves those windows due and still writes the others; the next run writes them, equal to
+/// the database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn windows_a_failed_run_did_not_write_are_written_by_the_next() {
     let clock = Arc::new(ManualClock::default());
@@ -360,6 +361,15 @@ async fn windows_a_failed_run_did_not_write_are_written_by_the_next() {
     assert_ne!(failed.exit(), Exit::Success);
     let due = common::scalar(&setup.database_url(), "SELECT COUNT(*) FROM snapshot_due").await;
     assert!(due >= 6, "s2's windows stay due: {due}");
+    for window in ["2020", "2022"] {
+        assert!(
+            setup
+                .objects_dir()
+                .join(format!("s1/items/{window}.parquet"))
+                .is_file(),
+            "s1's window {window} is written though s2's cannot be"
+        );
+    }
 
     std::fs::remove_file(&blocker).expect("unblock");
     assert_eq!(setup.run(clock.clone()).await.exit(), Exit::Success);

@@ -173,7 +173,9 @@ impl Mirror {
 
     /// Rewrites the snapshot files of `collections` due (see the `snapshot_due` table), each
     /// from the database, and clears them. A window a commit marked again while it was written
-    /// stays due. Returns the windows and items written.
+    /// stays due, and so does one that fails: the others are still written (one window that
+    /// cannot be written never holds back the rest), then the first failure is returned.
+    /// Returns the windows and items written.
     pub async fn snapshots(
         &self,
         collections: &[String],
@@ -183,6 +185,7 @@ impl Mirror {
             return Ok((0, 0));
         };
         let (mut windows, mut items) = (0, 0);
+        let mut failed = None;
         for due in self.db.due_windows(collections).await? {
             if !snapshot::is_window(&due.window) {
                 tracing::warn!(collection = %due.collection, window = %due.window,
@@ -191,7 +194,7 @@ impl Mirror {
                 continue;
             }
             let document = self.db.collection_document(&due.collection).await?;
-            let written = snapshot::write_window(
+            let written = match snapshot::write_window(
                 &self.db,
                 sink,
                 (&due.collection, &due.window),
@@ -199,14 +202,23 @@ impl Mirror {
                 snapshot::Format::Geoparquet,
                 document.as_deref(),
             )
-            .await?;
+            .await
+            {
+                Ok(written) => written,
+                Err(e) => {
+                    tracing::error!(collection = %due.collection, window = %due.window,
+                        error = %e, "snapshot not written; the window stays due");
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
             tracing::info!(collection = %due.collection, window = %due.window,
                 items = written.items, bytes = written.bytes, "snapshot written");
             self.db.clear_due(&due).await?;
             windows += 1;
             items += written.items;
         }
-        Ok((windows, items))
+        failed.map_or(Ok((windows, items)), Err)
     }
 
     /// Stores a run's changes, one JSON line each, where the outputs keep them (beside its

@@ -128,41 +128,38 @@ async fn parquet(
     window: (&str, &str),
     size: SnapshotWindow,
     file: &tempfile::NamedTempFile,
-    schema: Option<SchemaRef>,
+    mut schema: Option<SchemaRef>,
     document: Option<&str>,
     what: &str,
 ) -> Result<Pass, Error> {
     let fail = |e: std::io::Error| Error::Sink(format!("{what}: the temporary file: {e}"));
     file.as_file().set_len(0).map_err(fail)?;
     let mut writer: Option<ParquetFile> = None;
-    let mut schema = schema;
     let mut widened = false;
     let mut batches = batches(db, window, size);
     while let Some(items) = batches.try_next().await? {
         let (batch, own) = encode(items, what)?;
-        let wider = match &schema {
-            None => merge_schemas(&own, &own),
-            Some(schema) => merge_schemas(schema, &own),
-        }
-        .map_err(|why| Error::Sink(format!("{what}: {why}")))?;
+        let wider = merge_schemas(schema.as_deref().unwrap_or(&own), &own)
+            .map_err(|why| Error::Sink(format!("{what}: {why}")))?;
+        // The first batch sets the schema; a later one that does not fit widens it, and this
+        // pass only reads on.
         if schema.as_deref() != Some(&wider) {
-            // The first batch, or one that does not fit: a wider schema.
             widened |= schema.is_some();
             schema = Some(Arc::new(wider));
         }
-        if widened {
+        let Some(schema) = schema.as_ref().filter(|_| !widened) else {
             continue;
-        }
-        let schema = schema
-            .as_ref()
-            .ok_or_else(|| Error::Internal("no schema".into()))?;
-        if writer.is_none() {
-            let handle = file.reopen().map_err(fail)?;
-            writer = Some(ParquetFile::new(handle, schema, document, what)?);
-        }
-        if let Some(writer) = writer.as_mut() {
-            writer.write(&batch, what)?;
-        }
+        };
+        let writer = match &mut writer {
+            Some(writer) => writer,
+            None => writer.insert(ParquetFile::new(
+                file.reopen().map_err(fail)?,
+                schema,
+                document,
+                what,
+            )?),
+        };
+        writer.write(&batch, what)?;
     }
     match (widened, schema, writer) {
         (true, Some(schema), _) => Ok(Pass::Widened(schema)),

@@ -390,9 +390,9 @@ impl PostgresDb {
                 Err(Failure::Retry(e)) if attempt < COMMIT_ATTEMPTS => {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, partition = page.partition,
-                        "the page's transaction conflicted with another writer (deadlock, serialization, \
-                         pgstac's partition constraint); \
-                         committing it again");
+                        "the page's transaction conflicted with another writer (a deadlock, a \
+                         serialization failure or pgstac's partition constraint); committing it \
+                         again");
                     tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
                 }
                 Err(Failure::Retry(e)) => {
