@@ -45,8 +45,12 @@ pub trait Output: Send + Sync + std::fmt::Debug {
     /// Stores a run's manifest.
     fn manifest<'a>(&'a self, run_id: &'a str, manifest: Bytes)
     -> BoxFuture<'a, Result<(), Error>>;
-    /// Stores a run's changes (NDJSON).
-    fn changes<'a>(&'a self, run_id: &'a str, changes: Bytes) -> BoxFuture<'a, Result<(), Error>>;
+    /// Stores a run's changes (NDJSON), from a local file.
+    fn changes<'a>(
+        &'a self,
+        run_id: &'a str,
+        changes: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<(), Error>>;
     /// Stores a collection's document (new or changed), before its row.
     fn collection<'a>(
         &'a self,
@@ -223,27 +227,57 @@ impl Mirror {
 
     /// Stores a run's changes, one JSON line each, where the outputs keep them (beside its
     /// manifest), if it made any; a failure is logged (the feed itself is in the database).
+    /// The lines go through a temporary file, a page of rows at a time, so a backfill of a
+    /// million items does not hold its million changes in memory.
     pub async fn changes(&self, run_id: &str) {
-        let changes = match self.db.run_changes(run_id).await {
-            Ok(changes) if changes.is_empty() => return,
-            Ok(changes) => changes,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the run's changes");
-                return;
+        if self.outputs.is_empty() {
+            return;
+        }
+        match self.changes_file(run_id).await {
+            Ok(None) => {}
+            Ok(Some(file)) => {
+                for output in &self.outputs {
+                    if let Err(e) = output.changes(run_id, file.path()).await {
+                        tracing::warn!(error = %e, "could not write the run's changes");
+                    }
+                }
             }
+            Err(e) => tracing::warn!(error = %e, "could not write the run's changes"),
+        }
+    }
+
+    /// The run's changes as NDJSON in a temporary file, or `None` if it made none.
+    async fn changes_file(&self, run_id: &str) -> Result<Option<tempfile::NamedTempFile>, Error> {
+        use std::io::Write;
+        const PAGE: i64 = 10_000;
+        let fail = |e: std::io::Error| {
+            Error::Sink(format!(
+                "a temporary file for the run's changes (set TMPDIR to a folder with room): {e}"
+            ))
         };
-        let mut lines = Vec::new();
-        for change in &changes {
-            if serde_json::to_writer(&mut lines, change).is_ok() {
-                lines.push(b'\n');
+        let mut file: Option<std::io::BufWriter<tempfile::NamedTempFile>> = None;
+        let mut after = 0;
+        loop {
+            let changes = self.db.run_changes(run_id, after, PAGE).await?;
+            let Some(last) = changes.last() else { break };
+            after = last.seq;
+            let out = match &mut file {
+                Some(out) => out,
+                None => file.insert(std::io::BufWriter::new(
+                    tempfile::NamedTempFile::new().map_err(fail)?,
+                )),
+            };
+            for change in &changes {
+                serde_json::to_writer(&mut *out, change)
+                    .map_err(|e| Error::Internal(format!("a change as JSON: {e}")))?;
+                out.write_all(b"\n").map_err(fail)?;
+            }
+            if changes.len() < PAGE as usize {
+                break;
             }
         }
-        let bytes = Bytes::from(lines);
-        for output in &self.outputs {
-            if let Err(e) = output.changes(run_id, bytes.clone()).await {
-                tracing::warn!(error = %e, "could not write the run's changes");
-            }
-        }
+        file.map(|out| out.into_inner().map_err(|e| fail(e.into_error())))
+            .transpose()
     }
 
     /// Stores a run's manifest where the outputs keep one; a failure is logged.

@@ -346,13 +346,9 @@ impl ObjectSink {
     }
 
     /// Writes a run's changes, `{prefix}/_changes/{run_id}.ndjson`.
-    pub async fn put_changes(&self, run_id: &str, changes: Bytes) -> Result<(), Error> {
+    pub async fn put_changes(&self, run_id: &str, changes: &std::path::Path) -> Result<(), Error> {
         let key = self.key(&format!("_changes/{}.ndjson", encode_segment(run_id)));
-        self.store
-            .put(&key, PutPayload::from(changes))
-            .await
-            .map_err(self.fail(format!("writing {key}")))?;
-        Ok(())
+        self.put_file(&key, changes).await.map(drop)
     }
 
     /// Writes a run's manifest.
@@ -394,7 +390,11 @@ impl super::Output for ObjectSink {
         Box::pin(self.put_manifest(run_id, manifest))
     }
 
-    fn changes<'a>(&'a self, run_id: &'a str, changes: Bytes) -> BoxFuture<'a, Result<(), Error>> {
+    fn changes<'a>(
+        &'a self,
+        run_id: &'a str,
+        changes: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(self.put_changes(run_id, changes))
     }
 

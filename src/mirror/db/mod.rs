@@ -1021,13 +1021,21 @@ impl Database {
         .map_err(self.fail("read the change feed"))
     }
 
-    /// The changes of one run, in order.
-    pub async fn run_changes(&self, run_id: &str) -> Result<Vec<Change>, Error> {
+    /// The changes of one run after `after`, in order, at most `limit`: a run's changes are
+    /// read a page at a time, as a backfill of millions has as many.
+    pub async fn run_changes(
+        &self,
+        run_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Change>, Error> {
         on_pool!(self, pool => sqlx::query_as(
             "SELECT seq, run_id, job, collection, id, change, content_hash, CAST(at AS TEXT) AS at \
-             FROM changes WHERE run_id = $1 AND seq IS NOT NULL ORDER BY seq",
+             FROM changes WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(run_id)
+        .bind(after)
+        .bind(limit)
         .fetch_all(pool)
         .await)
         .map_err(self.fail("read a run's changes"))
