@@ -46,57 +46,162 @@ struct Args {
     port: u16,
 }
 
-/// One collection's items, sorted by datetime: (datetime, serialised item).
+/// The items of one collection, sorted by datetime: (datetime, item number).
 struct Collection {
     name: String,
-    items: Vec<(SystemTime, Bytes)>,
+    items: Vec<(SystemTime, usize)>,
 }
+
+/// What is served: the collections and which items have changed since the first generation.
+struct Served {
+    collections: Vec<Collection>,
+    /// Items whose `updated` is later than the first generation's (their bytes differ).
+    changed: std::collections::HashSet<usize>,
+}
+
+/// An item's JSON as the bytes around its id, datetime and `updated`: a real item serialised
+/// once per (template, collection) with markers that are then cut out. An item's bytes are
+/// these parts with its own values between them, so serving N items holds N small keys, not
+/// N times 15 KB (a million items would not fit in memory twice over).
+struct Template {
+    parts: Vec<Vec<u8>>,
+    /// Which value goes after each part but the last: 0 id, 1 datetime, 2 updated.
+    holes: Vec<usize>,
+}
+
+const MARKERS: [&str; 3] = ["@@bench-id@@", "@@bench-datetime@@", "@@bench-updated@@"];
+
+impl Template {
+    fn new(item: &Value) -> Template {
+        let bytes = serde_json::to_vec(item).unwrap_or_default();
+        let (mut parts, mut holes, mut rest) = (Vec::new(), Vec::new(), &bytes[..]);
+        loop {
+            let next = MARKERS
+                .iter()
+                .enumerate()
+                .filter_map(|(k, m)| find(rest, m.as_bytes()).map(|at| (at, k)))
+                .min();
+            let Some((at, k)) = next else { break };
+            parts.push(rest[..at].to_vec());
+            holes.push(k);
+            rest = &rest[at + MARKERS[k].len()..];
+        }
+        parts.push(rest.to_vec());
+        Template { parts, holes }
+    }
+
+    fn len(&self, values: &[&str; 3]) -> usize {
+        let fixed: usize = self.parts.iter().map(Vec::len).sum();
+        fixed + self.holes.iter().map(|&k| values[k].len()).sum::<usize>()
+    }
+
+    fn write(&self, values: &[&str; 3], out: &mut Vec<u8>) {
+        for (i, part) in self.parts.iter().enumerate() {
+            out.extend_from_slice(part);
+            if let Some(&k) = self.holes.get(i) {
+                out.extend_from_slice(values[k].as_bytes());
+            }
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Item n's datetime: three items per datetime (tiles of one acquisition), over ten years.
+fn datetime(n: usize) -> String {
+    let acquisition = n / 3;
+    format!(
+        "{}-{:02}-{:02}T10:{:02}:{:02}Z",
+        2017 + acquisition % 10,
+        1 + (acquisition / 10) % 12,
+        1 + (acquisition / 120) % 28,
+        (acquisition / 3360) % 60,
+        (acquisition / 201_600) % 60
+    )
+}
+
+const UPDATED: [&str; 2] = ["2026-01-01T00:00:00Z", "2026-06-01T00:00:00Z"];
 
 struct Api {
     url: String,
     issuer: Arc<Issuer>,
-    collections: Vec<Collection>,
+    names: Vec<String>,
+    /// Templates by collection, then by the real item they were made from.
+    templates: Vec<Vec<Template>>,
+    served: std::sync::RwLock<Arc<Served>>,
     delay: Duration,
+}
+
+impl Api {
+    fn item(&self, n: usize, served: &Served, out: &mut Vec<u8>) {
+        let c = n % self.names.len();
+        let templates = &self.templates[c];
+        let id = format!("S2-bench-{n:07}");
+        let datetime = datetime(n);
+        let updated = UPDATED[usize::from(served.changed.contains(&n))];
+        templates[n % templates.len()].write(&[&id, &datetime, updated], out);
+    }
+
+    /// Items 0..items, with `changed` of them (spread evenly) given a later `updated`.
+    fn serve(&self, items: usize, changed: usize) -> usize {
+        let mut collections: Vec<Collection> = self
+            .names
+            .iter()
+            .map(|name| Collection {
+                name: name.clone(),
+                items: Vec::new(),
+            })
+            .collect();
+        let mut bytes = 0;
+        let count = collections.len();
+        for n in 0..items {
+            let datetime = datetime(n);
+            let at = stac_sync::plan::parse_instant(&datetime).unwrap_or(SystemTime::UNIX_EPOCH);
+            collections[n % count].items.push((at, n));
+            let templates = &self.templates[n % count];
+            let id = format!("S2-bench-{n:07}");
+            bytes += templates[n % templates.len()].len(&[&id, &datetime, UPDATED[0]]);
+        }
+        for collection in &mut collections {
+            collection.items.sort_by_key(|(at, n)| (*at, *n));
+        }
+        let step = items.checked_div(changed).unwrap_or(0).max(1);
+        let changed = (0..changed)
+            .map(|k| k * step)
+            .filter(|&n| n < items)
+            .collect();
+        let served = Arc::new(Served {
+            collections,
+            changed,
+        });
+        match self.served.write() {
+            Ok(mut guard) => *guard = served,
+            Err(poisoned) => *poisoned.into_inner() = served,
+        }
+        bytes
+    }
+}
+
+fn templates(names: &[String]) -> Vec<Vec<Template>> {
+    let base = common::eds_items();
+    names
+        .iter()
+        .map(|name| {
+            base.iter()
+                .map(|b| {
+                    let mut item = common::realistic_item(b, MARKERS[0], name, MARKERS[1]);
+                    item["properties"]["updated"] = Value::String(MARKERS[2].to_string());
+                    Template::new(&item)
+                })
+                .collect()
+        })
+        .collect()
 }
 
 fn collection_name(i: usize) -> String {
     format!("sentinel-2-l2a-{}", (b'a' + i as u8) as char)
-}
-
-fn build(args: &Args) -> Vec<Collection> {
-    let base = common::eds_items();
-    let mut collections: Vec<Collection> = (0..args.collections)
-        .map(|i| Collection {
-            name: collection_name(i),
-            items: Vec::new(),
-        })
-        .collect();
-    for n in 0..args.items {
-        // Three items per datetime (tiles of one acquisition), over ten years.
-        let acquisition = n / 3;
-        let datetime = format!(
-            "{}-{:02}-{:02}T10:{:02}:{:02}Z",
-            2017 + acquisition % 10,
-            1 + (acquisition / 10) % 12,
-            1 + (acquisition / 120) % 28,
-            (acquisition / 3360) % 60,
-            (acquisition / 201_600) % 60
-        );
-        let c = n % args.collections;
-        let item = common::realistic_item(
-            &base[n % base.len()],
-            &format!("S2-bench-{n:07}"),
-            &collections[c].name,
-            &datetime,
-        );
-        let at = stac_sync::plan::parse_instant(&datetime).unwrap_or(SystemTime::UNIX_EPOCH);
-        let bytes = serde_json::to_vec(&item).unwrap_or_default();
-        collections[c].items.push((at, Bytes::from(bytes)));
-    }
-    for collection in &mut collections {
-        collection.items.sort_by_key(|(at, _)| *at);
-    }
-    collections
 }
 
 /// The search parameters, from a POST body or a GET query.
@@ -155,8 +260,12 @@ async fn search(
         None => (None, None),
     };
     // The matching items, collection after collection, each a sorted slice.
-    let mut matched: Vec<&[(SystemTime, Bytes)]> = Vec::new();
-    for collection in &api.collections {
+    let served = match api.served.read() {
+        Ok(guard) => guard.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    let mut matched: Vec<&[(SystemTime, usize)]> = Vec::new();
+    for collection in &served.collections {
         if !wanted.is_empty() && !wanted.contains(&collection.name.as_str()) {
             continue;
         }
@@ -177,14 +286,14 @@ async fn search(
             index += slice.len();
             continue;
         }
-        for (_, item) in slice.iter().skip(skip.saturating_sub(index)) {
+        for (_, n) in slice.iter().skip(skip.saturating_sub(index)) {
             if written == limit {
                 break 'outer;
             }
             if written > 0 {
                 page.push(b',');
             }
-            page.extend_from_slice(item);
+            api.item(*n, &served, &mut page);
             written += 1;
         }
         index += slice.len();
@@ -202,6 +311,29 @@ async fn search(
     }
     page.extend_from_slice(format!(r#"],"numberMatched":{total}}}"#).as_bytes());
     ([(header::CONTENT_TYPE, "application/geo+json")], page).into_response()
+}
+
+/// `POST /bench/serve?items=N&changed=M`: from now on serve items 0..N, M of them changed
+/// (a later `updated`), as a catalog would after new acquisitions and reprocessing. Answers
+/// the number of items. For the benchmark of an incremental run over a large mirror.
+async fn reserve(State(api): State<Arc<Api>>, RawQuery(query): RawQuery) -> Response {
+    let mut items = 0;
+    let mut changed = 0;
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let value = value.parse().unwrap_or(0);
+        match key.as_ref() {
+            "items" => items = value,
+            "changed" => changed = value,
+            _ => {}
+        }
+    }
+    let served = tokio::task::spawn_blocking(move || {
+        api.serve(items, changed);
+        items
+    })
+    .await
+    .unwrap_or(0);
+    served.to_string().into_response()
 }
 
 async fn landing(State(api): State<Arc<Api>>) -> Response {
@@ -233,21 +365,23 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let collections = build(&args);
-    let names: Vec<String> = collections.iter().map(|c| c.name.clone()).collect();
-    let bytes: usize = collections
-        .iter()
-        .flat_map(|c| c.items.iter().map(|(_, b)| b.len()))
-        .sum();
+    let names: Vec<String> = (0..args.collections).map(collection_name).collect();
     let api = Arc::new(Api {
         url: url.clone(),
         issuer: issuer.clone(),
-        collections,
+        templates: templates(&names),
+        names: names.clone(),
+        served: std::sync::RwLock::new(Arc::new(Served {
+            collections: Vec::new(),
+            changed: Default::default(),
+        })),
         delay: Duration::from_millis(args.delay_ms),
     });
+    let bytes = api.serve(args.items, 0);
     let app = Router::new()
         .route("/", get(landing))
         .route("/search", any(search))
+        .route("/bench/serve", post(reserve))
         .with_state(api)
         .merge(
             Router::new()
