@@ -393,6 +393,7 @@ async fn main() {
     println!("EDS_CLIENT_ID=bench-client");
     println!("EDS_SECRET=bench-secret");
     println!("BENCH_COLLECTIONS={}", names.join(","));
+    println!("BENCH_ITEM_BYTES={}", bytes / args.items.max(1));
     println!(
         "# serving {} items ({:.1} KB each on average) in {} collections; delay {} ms; token lifetime {} s",
         args.items,
