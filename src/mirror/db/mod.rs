@@ -526,7 +526,12 @@ impl Database {
     pub async fn migrate(&self) -> Result<(), Error> {
         match self {
             Database::Sqlite(db) => db.migrate().await,
-            Database::Postgres(db) => db.migrate().await,
+            Database::Postgres(db) => {
+                db.migrate().await?;
+                // Changes an earlier version left without a seq (it numbered them after commit).
+                db.number_changes().await;
+                Ok(())
+            }
         }
     }
 

@@ -59,18 +59,26 @@ impl From<Error> for Failure {
     }
 }
 
-/// A page's changes, from the JSON array `$3`, not yet numbered (see [`NUMBER_CHANGES`]).
+/// A page's changes, from the JSON array `$3`, numbered as they are inserted. The advisory lock
+/// is taken first and held to the end of the page's transaction (this is its last statement
+/// but the resume point's), so pages commit in the order of their numbers: a seq is never
+/// given below one a consumer may already have read. Numbering each commit's changes after it
+/// (an `UPDATE` of the rows without a seq) left a dead entry per change in the index of the
+/// unnumbered rows until a vacuum, so each numbering scanned every change since: 266 ms per
+/// page after 967,000 (docs/benchmarks.md, 2026-12-02).
 const CHANGES: shared::ChangesSql = shared::ChangesSql {
-    insert: "INSERT INTO changes (run_id, job, collection, id, change, content_hash, at) \
-        SELECT $1, $2, e->>0, e->>1, e->>2, e->>3, now() \
-        FROM jsonb_array_elements(CAST($3 AS JSONB)) WITH ORDINALITY AS t(e, n) ORDER BY n",
+    insert: "WITH turn AS (SELECT pg_advisory_xact_lock(7263686167657300)) \
+        INSERT INTO changes (seq, run_id, job, collection, id, change, content_hash, at) \
+        SELECT nextval('changes_seq'), $1, $2, e->>0, e->>1, e->>2, e->>3, now() \
+        FROM turn, (SELECT e, n FROM jsonb_array_elements(CAST($3 AS JSONB)) \
+            WITH ORDINALITY AS t(e, n) ORDER BY n) o",
     keys: "SELECT e->>0 AS collection, e->>1 AS id FROM jsonb_array_elements(CAST($1 AS JSONB)) AS e",
     collate: " COLLATE \"C\"",
 };
 
-/// Numbers the changes that have no seq yet, in the order they were inserted: run right after
-/// a commit, one numbering at a time (the advisory lock is held to the end of its
-/// transaction), so a seq is never given below one a consumer may already have read.
+/// Numbers the changes that have no seq yet, in the order they were inserted: those of a
+/// reconcile's deletions, run right after their commit, and any an earlier version left.
+/// One numbering at a time (the advisory lock is held to the end of its transaction).
 const NUMBER_CHANGES: [&str; 2] = [
     "SELECT pg_advisory_xact_lock(7263686167657300)",
     "UPDATE changes c SET seq = n.seq FROM (SELECT change_id, nextval('changes_seq') AS seq \
@@ -379,13 +387,7 @@ impl PostgresDb {
         let mut attempt = 0u32;
         loop {
             match self.commit_once(&page).await {
-                Ok(committed) => {
-                    // Only a page that stored something recorded changes to number.
-                    if !committed.written.is_empty() {
-                        self.number_changes().await;
-                    }
-                    return Ok(committed);
-                }
+                Ok(committed) => return Ok(committed),
                 Err(Failure::Fail(e)) => return Err(e),
                 Err(Failure::Retry(e)) if attempt < COMMIT_ATTEMPTS => {
                     attempt += 1;
