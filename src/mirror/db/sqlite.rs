@@ -104,8 +104,8 @@ impl SqliteDb {
             // 8 KB pages (set when the file is created). The primary key's index takes items in
             // no order of theirs, so once it outgrows the cache each item reads and rewrites
             // a leaf of it: at 32 KB a page, a backfill of 300,000 items read 118 KB and wrote
-            // 78 KB per item of 15 KB (96.6 KB and 218 KB at 1,000,000) and its CPU per item
-            // grew 1.4x over 30,000; at 8 KB it read 50 and wrote 59 (docs/benchmarks.md).
+            // 78 KB per item of 15 KB (218 and 97 at 1,000,000), and its CPU per item grew
+            // 1.3x-1.6x over 30,000; at 8 KB it read 50 and wrote 59 (docs/benchmarks.md).
             .page_size(8_192);
         // No mmap_size: reading a snapshot window through a 256 MB mapping counted every page
         // read in the process's RSS (export of 20,000 items: 425 MB against 41 MB), and the
