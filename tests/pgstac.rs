@@ -481,3 +481,201 @@ async fn workers_share_a_job_into_pgstac_and_leave_what_a_single_run_leaves() {
     assert_eq!(shared.len(), 200);
     assert_eq!(shared, pgstac_items(&single_db).await);
 }
+
+/// The items of a comparison with pypgstac: real EDS items, in two months, with what makes
+/// dehydration hard: assets the collection's `item_assets` lists and the item lacks (the
+/// do-not-merge marker), asset fields that differ from the base, nulls and empty lists (where
+/// the base has a value and where it has none), nested arrays, a `private` member, a datetime
+/// range, a 3D geometry, and numbers of 17 significant digits.
+fn hard_items() -> (Value, Vec<Value>) {
+    let base = common::eds_items();
+    let first = &base[0];
+    let mut item_assets = serde_json::Map::new();
+    for (key, asset) in first["assets"].as_object().expect("assets") {
+        let mut asset = asset.clone();
+        if let Some(asset) = asset.as_object_mut() {
+            asset.remove("href");
+            asset.insert("x:scale".into(), json!(2.5));
+        }
+        item_assets.insert(key.clone(), asset);
+    }
+    item_assets.insert(
+        "never-on-items".into(),
+        json!({"type": "image/tiff", "roles": ["data"], "title": "Listed, never present"}),
+    );
+    let collection = json!({
+        "type": "Collection", "stac_version": "1.0.0", "id": "s2-hard",
+        "description": "items that are hard to dehydrate", "license": "proprietary",
+        "extent": {"spatial": {"bbox": [[-180, -90, 180, 90]]},
+                   "temporal": {"interval": [["2024-01-01T00:00:00Z", null]]}},
+        "links": [], "item_assets": item_assets,
+    });
+    let items = (0..40)
+        .map(|i| {
+            let datetime = format!("2024-{:02}-{:02}T10:{i:02}:00Z", 1 + i % 2, 1 + i % 28);
+            let mut item = base[i % base.len()].clone();
+            item["id"] = json!(format!("hard-{i:03}"));
+            item["collection"] = json!("s2-hard");
+            let properties = item["properties"].as_object_mut().expect("properties");
+            properties.insert("datetime".into(), json!(datetime));
+            properties.insert("x:null".into(), Value::Null);
+            properties.insert("x:empty".into(), json!([]));
+            properties.insert("x:nested".into(), json!([[1, 2.5], [], [{"a": null}]]));
+            properties.insert(
+                "x:precise".into(),
+                json!(0.123_456_789_012_345_67 + i as f64),
+            );
+            let assets = item["assets"].as_object_mut().expect("assets");
+            if i % 3 == 0 {
+                let key = assets.keys().next().cloned().expect("an asset");
+                assets.remove(&key);
+            }
+            if let Some(asset) = assets.values_mut().next().and_then(Value::as_object_mut) {
+                asset.insert(
+                    "x:scale".into(),
+                    if i % 2 == 0 { Value::Null } else { json!([]) },
+                );
+                asset.insert("title".into(), json!(format!("retitled {i}")));
+            }
+            if i % 5 == 0 {
+                item["private"] = json!({"note": format!("kept out of search {i}")});
+            }
+            if i % 7 == 0 {
+                let properties = item["properties"].as_object_mut().expect("properties");
+                properties.insert("start_datetime".into(), json!("2023-12-31T00:00:00Z"));
+                properties.insert("end_datetime".into(), json!(datetime));
+            }
+            if i % 11 == 0 {
+                item["geometry"] = json!({"type": "Point", "coordinates": [2.35, 48.85, 35.5]});
+            }
+            item
+        })
+        .collect();
+    (collection, items)
+}
+
+/// pgstac's rows, column by column as text (content and private as pgstac's `jsonb` prints
+/// them, the geometry as EWKB), by key.
+async fn pgstac_columns(database: &str) -> BTreeMap<(String, String), Vec<Option<String>>> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(database).await.expect("db");
+    let rows: Vec<(String, String, [Option<String>; 5])> = sqlx::query(
+        "SELECT collection, id, CAST(datetime AS TEXT), CAST(end_datetime AS TEXT), \
+         encode(ST_AsEWKB(geometry), 'hex'), CAST(content AS TEXT), CAST(private AS TEXT) \
+         FROM pgstac.items ORDER BY collection, id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("pgstac rows")
+    .iter()
+    .map(|row| {
+        use sqlx::Row;
+        let text = |n: usize| row.get::<Option<String>, _>(n);
+        (
+            row.get(0),
+            row.get(1),
+            [text(2), text(3), text(4), text(5), text(6)],
+        )
+    })
+    .collect();
+    rows.into_iter()
+        .map(|(c, i, columns)| ((c, i), columns.to_vec()))
+        .collect()
+}
+
+/// What stac-sync stores in pgstac is, column by column, what `pypgstac load` stores for the
+/// same items (those stac-sync received) into a second pgstac database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgstac_rows_are_those_pypgstac_load_writes_for_the_same_items() {
+    use sqlx::Connection;
+    if common::skip_without(common::Service::Pgstac) {
+        return;
+    }
+    let clock = Arc::new(ManualClock::default());
+    let (collection, source) = hard_items();
+    let server = common::stac::start_with_collections(
+        std::slice::from_ref(&collection),
+        &source,
+        Issuer::new(clock.clone(), "id", "secret"),
+        0,
+        |router| router,
+    )
+    .await;
+    let database = common::fresh_pgstac().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup {
+        limit: 7,
+        top: "database_format = \"pgstac\"",
+        database: Some(database.clone()),
+        ..Setup::new(
+            &server.url,
+            dir.path(),
+            &["s2-hard"],
+            common::credentials(&server.token_url, "id", "secret"),
+        )
+    };
+    assert_eq!(setup.run(clock.clone()).await.exit(), Exit::Success);
+
+    // What stac-sync received, and the collection as it stored it, loaded by pypgstac.
+    let mut conn = sqlx::PgConnection::connect(&database).await.expect("db");
+    let items: Vec<String> =
+        sqlx::query_scalar("SELECT CAST(content AS TEXT) FROM stac_sync.items ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .expect("stored items");
+    let collections: Vec<String> =
+        sqlx::query_scalar("SELECT CAST(content AS TEXT) FROM pgstac.collections")
+            .fetch_all(&mut conn)
+            .await
+            .expect("pgstac collections");
+    assert_eq!(items.len(), source.len());
+    std::fs::write(dir.path().join("items.ndjson"), items.join("\n")).expect("write");
+    std::fs::write(
+        dir.path().join("collections.ndjson"),
+        collections.join("\n"),
+    )
+    .expect("write");
+    let loaded = common::fresh_pgstac().await;
+    let dsn = loaded.split('?').next().expect("a URL");
+    for (table, file) in [
+        ("collections", "collections.ndjson"),
+        ("items", "items.ndjson"),
+    ] {
+        let output = std::process::Command::new("pypgstac")
+            .args(["load", table, "--dsn", dsn, "--method", "upsert"])
+            .arg(dir.path().join(file))
+            .output()
+            .expect("pypgstac runs");
+        assert!(
+            output.status.success(),
+            "pypgstac load {table}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    let (ours, theirs) = (
+        pgstac_columns(&database).await,
+        pgstac_columns(&loaded).await,
+    );
+    assert_eq!(ours.len(), source.len());
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    let marked = ours
+        .values()
+        .filter(|row| row[3].as_deref().is_some_and(|c| c.contains("𒍟※")))
+        .count();
+    assert_eq!(
+        marked,
+        source.len(),
+        "every item lacks an asset the collection lists"
+    );
+    for (key, row) in &ours {
+        assert_eq!(
+            Some(row),
+            theirs.get(key),
+            "item {key:?}: ours, then pypgstac's"
+        );
+    }
+}

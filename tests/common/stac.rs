@@ -57,6 +57,18 @@ pub async fn start_with(
     port: u16,
     wrap: impl FnOnce(Router) -> Router,
 ) -> StacServer {
+    start_with_collections(&[], items, issuer, port, wrap).await
+}
+
+/// Like [`start_with`], serving `collections` as given (an `item_assets`, say); the items'
+/// other collections are made.
+pub async fn start_with_collections(
+    given: &[Value],
+    items: &[Value],
+    issuer: Arc<Issuer>,
+    port: u16,
+    wrap: impl FnOnce(Router) -> Router,
+) -> StacServer {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .expect("bind");
@@ -64,6 +76,15 @@ pub async fn start_with(
     let url = format!("http://{address}/");
     let mut backend = MemoryBackend::new();
     let mut collections = std::collections::BTreeSet::new();
+    for collection in given {
+        let collection: stac::Collection =
+            serde_json::from_value(collection.clone()).expect("a STAC collection");
+        collections.insert(collection.id.clone());
+        backend
+            .add_collection(collection)
+            .await
+            .expect("collection");
+    }
     for item in items {
         let collection = item["collection"].as_str().expect("collection").to_string();
         if collections.insert(collection.clone()) {

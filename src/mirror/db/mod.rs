@@ -5,6 +5,7 @@
 //! rewritten, and a page's rows, quarantined features and resume point committed in one
 //! transaction. [`Database`] dispatches to the backend named by the URL.
 
+mod pgstac;
 mod postgres;
 mod shared;
 mod sqlite;

@@ -12,14 +12,17 @@
 //! exclusive lock, and they claim partitions with leases (see [`PostgresDb::claim`]).
 
 use super::{
-    Committed, JobLock, Known, Lease, PageCommit, PassKind, Planned, PlannedRow, Written, shared,
+    Committed, JobLock, Known, Lease, PageCommit, PassKind, Planned, PlannedRow, Written, pgstac,
+    shared,
 };
 use crate::config::redact_url;
 use crate::error::Error;
 use crate::stac::reader::{Item, Rejected};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Acquire, ConnectOptions, Connection};
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Attempts at a page's transaction that deadlocks or fails to serialize (pgstac's partition
@@ -100,7 +103,12 @@ pub struct PostgresDb {
     shown: String,
     /// Items and collections also go to pgstac; stac-sync's tables are in schema `stac_sync`.
     pgstac: bool,
+    /// Whether pgstac versions its collections' base items (0.10), read once.
+    versioned: Arc<tokio::sync::OnceCell<bool>>,
 }
+
+/// A page's items as pgstac stores them, by key (empty unless the database is pgstac).
+type PgstacRows<'a> = HashMap<(&'a str, &'a str), pgstac::Row>;
 
 /// A held `pg_advisory_lock`, released when its connection closes (or the process dies).
 #[derive(Debug)]
@@ -287,6 +295,7 @@ impl PostgresDb {
             options: Box::new(options),
             shown,
             pgstac,
+            versioned: Arc::default(),
         })
     }
 
@@ -440,14 +449,14 @@ impl PostgresDb {
                 .await
                 .map_err(self.failure("mark snapshot windows due"))?;
         }
-        let mut refused = Vec::new();
+        let (items, rows, mut refused) = self.pgstac_rows(&mut tx, &page.items).await?;
         let mut written = Written::new();
         let batch = {
             let mut savepoint = tx
                 .begin()
                 .await
                 .map_err(self.failure("begin a savepoint"))?;
-            match self.store(&mut savepoint, &page.items).await {
+            match self.store(&mut savepoint, &items, &rows).await {
                 Ok(rows) => {
                     written = rows;
                     savepoint
@@ -461,7 +470,9 @@ impl PostgresDb {
         };
         if let Err(batch_error) = batch {
             tracing::warn!(error = %batch_error, "Postgres refused the page as a batch; storing its items one by one");
-            (written, refused) = self.store_one_by_one(&mut tx, &page.items).await?;
+            let one_by_one;
+            (written, one_by_one) = self.store_one_by_one(&mut tx, &items, &rows).await?;
+            refused.extend(one_by_one);
         }
         shared::finish_page::<sqlx::Postgres>(&mut tx, page, &refused, &written, &CHANGES)
             .await
@@ -479,40 +490,82 @@ impl PostgresDb {
         }
     }
 
-    /// Stores items in the transaction `conn`: their rows, and with pgstac, the items in pgstac
-    /// through its upsert staging table, whose trigger dehydrates them into the collection's
-    /// partitions (made as needed; an item whose datetime changed moves partition).
+    /// With pgstac, the page's items as pgstac stores them, dehydrated against their
+    /// collections' base items as this transaction reads them; the items to store, and those
+    /// pgstac cannot (quarantined, and not stored here either).
+    async fn pgstac_rows<'a>(
+        &self,
+        tx: &mut PgConnection,
+        items: &[&'a Item],
+    ) -> Result<(Vec<&'a Item>, PgstacRows<'a>, Vec<Rejected>), Failure> {
+        if !self.pgstac || items.is_empty() {
+            return Ok((items.to_vec(), HashMap::new(), Vec::new()));
+        }
+        let versioned = match self.versioned.get() {
+            Some(versioned) => *versioned,
+            None => {
+                let versioned: bool = sqlx::query_scalar(
+                    "SELECT to_regprocedure('pgstac.current_base_item(text)') IS NOT NULL",
+                )
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(self.failure("read pgstac's functions"))?;
+                *self.versioned.get_or_init(|| async { versioned }).await
+            }
+        };
+        let mut collections: Vec<&str> = items.iter().map(|i| i.collection.as_str()).collect();
+        collections.sort_unstable();
+        collections.dedup();
+        let bases = pgstac::bases(tx, &collections, versioned)
+            .await
+            .map_err(self.failure("read the collections' base items from pgstac"))?;
+        let (accepted, refused) = pgstac::rows(items, &bases);
+        let items = accepted.iter().map(|(item, _)| *item).collect();
+        let rows = accepted
+            .into_iter()
+            .map(|(item, row)| ((item.collection.as_str(), item.id.as_str()), row))
+            .collect();
+        Ok((items, rows, refused))
+    }
+
+    /// Stores items in the transaction `conn`: their rows, and with pgstac, the ones this
+    /// commit wrote in pgstac too (`rows`), an item pgstac may hold already (changed, or stored
+    /// alone) deleted there first.
     async fn store(
         &self,
         conn: &mut PgConnection,
         items: &[&Item],
+        rows: &PgstacRows<'_>,
     ) -> Result<Written, sqlx::Error> {
         let written = upsert(conn, items).await?;
+        if !self.pgstac {
+            return Ok(written);
+        }
         // Only what this commit wrote: an item another commit stored identically meanwhile is
         // in pgstac already.
-        let items: Vec<&Item> = items
-            .iter()
-            .filter(|item| written.contains_key(&(item.collection.clone(), item.id.clone())))
-            .copied()
-            .collect();
-        if self.pgstac && !items.is_empty() {
-            let contents = contents(&items)?;
-            // pgstac's staging trigger names its tables without their schema; `stac_sync`
-            // holds tables of the same names. Reverted with the savepoint if this fails.
-            sqlx::query("SET LOCAL search_path TO pgstac, public")
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query(
-                "INSERT INTO pgstac.items_staging_upsert (content) \
-                 SELECT CAST(c AS JSONB) FROM UNNEST($1::text[]) AS c",
-            )
-            .bind(contents)
+        let (mut copy, mut replace) = (Vec::new(), Vec::new());
+        for item in items {
+            let key = (item.collection.clone(), item.id.clone());
+            let (Some(&new), Some(row)) = (
+                written.get(&key),
+                rows.get(&(item.collection.as_str(), item.id.as_str())),
+            ) else {
+                continue;
+            };
+            copy.push(row);
+            if !new || items.len() == 1 {
+                replace.push(row);
+            }
+        }
+        // pgstac's functions of 0.9 name its tables without their schema; `stac_sync` holds
+        // tables of the same names. Reverted with the savepoint if this fails.
+        sqlx::query("SET LOCAL search_path TO pgstac, public")
             .execute(&mut *conn)
             .await?;
-            sqlx::query("SET LOCAL search_path TO stac_sync, public")
-                .execute(&mut *conn)
-                .await?;
-        }
+        pgstac::write(conn, &copy, &replace).await?;
+        sqlx::query("SET LOCAL search_path TO stac_sync, public")
+            .execute(&mut *conn)
+            .await?;
         Ok(written)
     }
 
@@ -522,13 +575,17 @@ impl PostgresDb {
         &self,
         tx: &mut PgConnection,
         items: &[&Item],
+        rows: &PgstacRows<'_>,
     ) -> Result<(Written, Vec<Rejected>), Failure> {
         let (mut written, mut refused) = (Written::new(), Vec::new());
         for item in items {
             let mut savepoint = Connection::begin(&mut *tx)
                 .await
                 .map_err(self.failure("begin a savepoint"))?;
-            match self.store(&mut savepoint, std::slice::from_ref(item)).await {
+            match self
+                .store(&mut savepoint, std::slice::from_ref(item), rows)
+                .await
+            {
                 Ok(rows) => {
                     written.extend(rows);
                     savepoint
@@ -598,7 +655,8 @@ impl PostgresDb {
     }
 
     /// What `check` says of pgstac: its version (0.9 or later), and whether this role may
-    /// write items (the upsert staging table) and collections.
+    /// write items (into `pgstac.items`, its partitions made by `check_partition`) and
+    /// collections.
     pub async fn pgstac_probe(&self) -> Result<String, Error> {
         let version = self.pgstac_version().await?;
         let numbers: Vec<u32> = version
@@ -613,7 +671,9 @@ impl PostgresDb {
             )));
         }
         let may_write: bool = sqlx::query_scalar(
-            "SELECT has_table_privilege('pgstac.items_staging_upsert', 'INSERT') \
+            "SELECT has_table_privilege('pgstac.items', 'INSERT, DELETE') \
+             AND has_function_privilege('pgstac.check_partition(text, tstzrange, tstzrange)', \
+                 'EXECUTE') \
              AND has_function_privilege('pgstac.upsert_collection(jsonb)', 'EXECUTE') \
              AND has_schema_privilege('pgstac', 'USAGE')",
         )

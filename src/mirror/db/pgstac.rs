@@ -1,0 +1,671 @@
+//! The pgstac output: items dehydrated here, as pgstac's own loader (pypgstac `load`) does, and
+//! `COPY`ed into pgstac's `items` table in the page's transaction.
+//!
+//! pgstac stores an item as its row (`id`, `collection`, `datetime`, `end_datetime`, `geometry`)
+//! and a `content` that holds only what differs from its collection's `base_item` (the item
+//! assets and the constant fields), with a do-not-merge marker for each key the base item has
+//! and the item lacks. pgstac's staging tables do the same in PL/pgSQL, one item at a time on the
+//! server; this module does it in Rust and hands the server rows it only has to store. The
+//! content is what `pypgstac load` stores for the same item (`format_item` and
+//! `hydration.dehydrate`), so that pgstac hydrates it back (`get_item`, stac-fastapi-pgstac) to
+//! the item received.
+//!
+//! The rows go through the parent table, so that Postgres routes them to their partitions and
+//! pgstac's statement trigger keeps the partitions' stats, exactly as its own ingest does; the
+//! partitions are made, and their datetime constraints widened, by `pgstac.check_partition`
+//! first, grouped as pgstac's staging trigger groups them.
+
+use crate::stac::reader::{Item, Rejected};
+use serde_json::{Map, Value};
+use sqlx::postgres::PgConnection;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+/// The value pgstac's dehydration gives a key the base item has and the item lacks, so that
+/// hydration does not bring it back.
+pub const DO_NOT_MERGE: &str = "𒍟※";
+
+/// What pgstac knows of a collection that its items need: the base item they are dehydrated
+/// against, and the id of its row in `pgstac.base_items` (pgstac 0.10; `None` before).
+#[derive(Debug, Clone)]
+pub struct Base {
+    pub item: Value,
+    pub id: Option<i32>,
+}
+
+/// An item as pgstac stores it: the columns of `pgstac.items`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub id: String,
+    pub collection: String,
+    /// `start_datetime` if the item has both ends of a range, else `datetime`, as written.
+    pub datetime: String,
+    /// `end_datetime` if the item has both ends of a range, else `datetime`, as written.
+    pub end_datetime: String,
+    /// The geometry as hex EWKB (SRID 4326), as the loader writes it.
+    pub geometry: Option<String>,
+    /// The dehydrated item, as JSON text.
+    pub content: String,
+    /// The item's top-level `private` member, which pgstac keeps out of what it serves.
+    pub private: Option<String>,
+}
+
+/// Python's `==` on JSON values, which the loader's dehydration compares with: numbers compare
+/// by value (`1 == 1.0`, and `true == 1`), objects whatever their key order.
+fn py_eq(a: &Value, b: &Value) -> bool {
+    fn number(v: &Value) -> Option<f64> {
+        match v {
+            Value::Number(n) => n.as_f64(),
+            Value::Bool(b) => Some(f64::from(u8::from(*b))),
+            _ => None,
+        }
+    }
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64()) {
+            (Some(x), Some(y)) => x == y,
+            _ => match (x.as_u64(), y.as_u64()) {
+                (Some(x), Some(y)) => x == y,
+                _ => number(a) == number(b),
+            },
+        },
+        (Value::Bool(x), Value::Bool(y)) => x == y,
+        (Value::Bool(_), Value::Number(_)) | (Value::Number(_), Value::Bool(_)) => {
+            number(a) == number(b)
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| py_eq(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| py_eq(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+/// Marks each key of `base` that `item` lacks as not to be merged back (`apply_marked_keys`).
+fn mark_absent(base: &Value, item: &Map<String, Value>, out: &mut Map<String, Value>) {
+    if let Value::Object(base) = base {
+        for key in base.keys() {
+            if !item.contains_key(key) {
+                out.insert(key.clone(), Value::String(DO_NOT_MERGE.into()));
+            }
+        }
+    }
+}
+
+/// What of `item` differs from `base`, key by key: pypgstac's `hydration.dehydrate`. A base
+/// value that is not an object, where the item has an object, is kept whole (the loader fails
+/// on such an item).
+pub fn dehydrate(base: &Value, item: &Map<String, Value>) -> Map<String, Value> {
+    let Value::Object(base_map) = base else {
+        return item.clone();
+    };
+    let mut out = Map::new();
+    for (key, value) in item {
+        let Some(base_value) = base_map.get(key) else {
+            out.insert(key.clone(), value.clone());
+            continue;
+        };
+        if py_eq(base_value, value) {
+            continue;
+        }
+        match (base_value, value) {
+            (Value::Array(bs), Value::Array(vs)) => {
+                let kept = if bs.len() == vs.len() {
+                    Value::Array(
+                        bs.iter()
+                            .zip(vs)
+                            .map(|(b, v)| match (b, v) {
+                                (Value::Object(_), Value::Object(v)) => {
+                                    let mut d = dehydrate(b, v);
+                                    mark_absent(b, v, &mut d);
+                                    Value::Object(d)
+                                }
+                                _ => v.clone(),
+                            })
+                            .collect(),
+                    )
+                } else {
+                    value.clone()
+                };
+                out.insert(key.clone(), kept);
+            }
+            // The loader drops empty values (pgstac's hydration would give the base's back).
+            (_, Value::Null) => {}
+            (_, Value::Array(vs)) if vs.is_empty() => {}
+            (_, Value::Object(v)) => {
+                let mut d = dehydrate(base_value, v);
+                mark_absent(base_value, v, &mut d);
+                out.insert(key.clone(), Value::Object(d));
+            }
+            _ => {
+                out.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    mark_absent(base, item, &mut out);
+    out
+}
+
+/// An item as pgstac's loader stores it (`Loader.format_item`); why not, if it cannot be.
+pub fn row(item: &Item, base: &Base) -> Result<Row, String> {
+    let parsed: Value = serde_json::from_slice(&item.content)
+        .map_err(|e| format!("the item is not JSON pgstac can store: {e}"))?;
+    let Value::Object(object) = parsed else {
+        return Err("the item is not a JSON object".into());
+    };
+    let (datetime, end_datetime) = range(&object)?;
+    let geometry = match object.get("geometry") {
+        None | Some(Value::Null) => None,
+        Some(g) => Some(ewkb_hex(g).map_err(|e| format!("pgstac cannot store its geometry: {e}"))?),
+    };
+    let mut content = dehydrate(&base.item, &object);
+    for key in ["id", "collection", "geometry", "pgstac:base_item"] {
+        content.remove(key);
+    }
+    if let Some(id) = base.id {
+        content.insert("pgstac:base_item".into(), Value::from(id));
+    }
+    let private = match content.remove("private") {
+        None | Some(Value::Null) => None,
+        Some(p) => Some(p.to_string()),
+    };
+    Ok(Row {
+        id: item.id.clone(),
+        collection: item.collection.clone(),
+        datetime,
+        end_datetime,
+        geometry,
+        content: Value::Object(content).to_string(),
+        private,
+    })
+}
+
+/// The `datetime` and `end_datetime` columns, as the loader takes them from the properties:
+/// `start_datetime`/`end_datetime` when both are there (and in order), else `datetime`.
+fn range(item: &Map<String, Value>) -> Result<(String, String), String> {
+    let properties = item.get("properties").and_then(Value::as_object);
+    let text = |key: &str| {
+        properties
+            .and_then(|p| p.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    match (
+        text("start_datetime"),
+        text("end_datetime"),
+        text("datetime"),
+    ) {
+        (Some(start), Some(end), _) => {
+            let instant = |t: &str| chrono::DateTime::parse_from_rfc3339(t).ok();
+            if let (Some(s), Some(e)) = (instant(&start), instant(&end))
+                && s > e
+            {
+                return Err(format!(
+                    "its start_datetime {start} is after its end_datetime {end}: pgstac could \
+                     store it but no temporal search would find it"
+                ));
+            }
+            Ok((start, end))
+        }
+        (_, _, Some(datetime)) => Ok((datetime.clone(), datetime)),
+        _ => Err(
+            "it has neither properties.datetime nor both start_datetime and end_datetime, \
+             which pgstac needs"
+                .into(),
+        ),
+    }
+}
+
+/// A GeoJSON geometry as hex EWKB, little-endian, with SRID 4326 (and Z when its first
+/// position has three numbers), as the loader writes it (`plpygis` `Geometry.ewkb`).
+pub fn ewkb_hex(geometry: &Value) -> Result<String, String> {
+    let mut out = Vec::with_capacity(256);
+    let z = first_position(geometry).is_some_and(|p| p.len() >= 3);
+    encode(geometry, z, true, &mut out)?;
+    let mut hex = String::with_capacity(out.len() * 2);
+    for byte in out {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    Ok(hex)
+}
+
+/// The first position of a geometry, to tell 2D from 3D.
+fn first_position(geometry: &Value) -> Option<&Vec<Value>> {
+    if let Some(parts) = geometry.get("geometries").and_then(Value::as_array) {
+        return parts.iter().find_map(first_position);
+    }
+    let mut at = geometry.get("coordinates")?;
+    loop {
+        let array = at.as_array()?;
+        match array.first() {
+            Some(Value::Array(_)) => at = &array[0],
+            _ => return Some(array),
+        }
+    }
+}
+
+fn encode(geometry: &Value, z: bool, top: bool, out: &mut Vec<u8>) -> Result<(), String> {
+    let kind = geometry
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or("a geometry without a \"type\"")?;
+    let code: u32 = match kind {
+        "Point" => 1,
+        "LineString" => 2,
+        "Polygon" => 3,
+        "MultiPoint" => 4,
+        "MultiLineString" => 5,
+        "MultiPolygon" => 6,
+        "GeometryCollection" => 7,
+        other => return Err(format!("unknown geometry type {other:?}")),
+    };
+    out.push(1);
+    let flags = if z { 0x8000_0000 } else { 0 } | if top { 0x2000_0000 } else { 0 };
+    out.extend_from_slice(&(code | flags).to_le_bytes());
+    if top {
+        out.extend_from_slice(&4326u32.to_le_bytes());
+    }
+    if code == 7 {
+        let parts = geometry
+            .get("geometries")
+            .and_then(Value::as_array)
+            .ok_or("a GeometryCollection without \"geometries\"")?;
+        count(parts.len(), out)?;
+        for part in parts {
+            encode(part, z, false, out)?;
+        }
+        return Ok(());
+    }
+    let coordinates = geometry
+        .get("coordinates")
+        .ok_or_else(|| format!("a {kind} without \"coordinates\""))?;
+    match code {
+        1 => position(coordinates, z, out),
+        2 => positions(coordinates, z, out),
+        3 => rings(coordinates, z, out),
+        _ => {
+            let parts = array(coordinates)?;
+            count(parts.len(), out)?;
+            for part in parts {
+                out.push(1);
+                out.extend_from_slice(
+                    &((code - 3) | if z { 0x8000_0000 } else { 0 }).to_le_bytes(),
+                );
+                match code {
+                    4 => position(part, z, out)?,
+                    5 => positions(part, z, out)?,
+                    _ => rings(part, z, out)?,
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn array(value: &Value) -> Result<&Vec<Value>, String> {
+    value
+        .as_array()
+        .ok_or_else(|| format!("coordinates that are not an array: {value}"))
+}
+
+fn count(n: usize, out: &mut Vec<u8>) -> Result<(), String> {
+    let n = u32::try_from(n).map_err(|_| "too many parts".to_string())?;
+    out.extend_from_slice(&n.to_le_bytes());
+    Ok(())
+}
+
+fn rings(value: &Value, z: bool, out: &mut Vec<u8>) -> Result<(), String> {
+    let rings = array(value)?;
+    count(rings.len(), out)?;
+    rings.iter().try_for_each(|ring| positions(ring, z, out))
+}
+
+fn positions(value: &Value, z: bool, out: &mut Vec<u8>) -> Result<(), String> {
+    let positions = array(value)?;
+    count(positions.len(), out)?;
+    positions.iter().try_for_each(|p| position(p, z, out))
+}
+
+fn position(value: &Value, z: bool, out: &mut Vec<u8>) -> Result<(), String> {
+    let numbers = array(value)?;
+    let wanted = if z { 3 } else { 2 };
+    if numbers.len() < wanted {
+        return Err(format!(
+            "a position with fewer than {wanted} numbers: {value}"
+        ));
+    }
+    for n in &numbers[..wanted] {
+        let n = n
+            .as_f64()
+            .ok_or_else(|| format!("a position that holds a non-number: {value}"))?;
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// The base items of `collections`, read in the page's transaction (a collection upserted since
+/// has another). pgstac 0.10 names the base item's row, which hydration then uses.
+pub async fn bases(
+    conn: &mut PgConnection,
+    collections: &[&str],
+    versioned: bool,
+) -> Result<HashMap<String, Base>, sqlx::Error> {
+    let sql = if versioned {
+        "SELECT c.id, CAST(b.base_item AS TEXT), b.base_item_id FROM pgstac.collections c, \
+         pgstac.current_base_item(c.id) b WHERE c.id = ANY($1)"
+    } else {
+        "SELECT id, CAST(base_item AS TEXT), CAST(NULL AS INTEGER) FROM pgstac.collections \
+         WHERE id = ANY($1)"
+    };
+    let rows: Vec<(String, Option<String>, Option<i32>)> = sqlx::query_as(sql)
+        .bind(collections)
+        .fetch_all(conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(collection, item, id)| {
+            let item = item
+                .and_then(|text| serde_json::from_str(&text).ok())
+                .unwrap_or(Value::Null);
+            (collection, Base { item, id })
+        })
+        .collect())
+}
+
+/// Rows for `items`; the ones pgstac cannot store (no collection there, no datetime, a
+/// geometry it cannot read), refused with the reason.
+pub fn rows<'a>(
+    items: &[&'a Item],
+    bases: &HashMap<String, Base>,
+) -> (Vec<(&'a Item, Row)>, Vec<Rejected>) {
+    let (mut accepted, mut refused) = (Vec::with_capacity(items.len()), Vec::new());
+    for &item in items {
+        let made = match bases.get(&item.collection) {
+            Some(base) => row(item, base),
+            None => Err(format!(
+                "pgstac has no collection {:?}: it stores an item only after its collection",
+                item.collection
+            )),
+        };
+        match made {
+            Ok(row) => accepted.push((item, row)),
+            Err(reason) => refused.push(Rejected {
+                content: item.content.clone(),
+                reason: format!("pgstac cannot store the item: {reason}"),
+                collection: Some(item.collection.clone()),
+                id: Some(item.id.clone()),
+            }),
+        }
+    }
+    (accepted, refused)
+}
+
+/// Makes the partitions `rows` go to, widening their datetime constraints to hold them: one
+/// `check_partition` per collection and partition period, as pgstac's staging trigger calls it.
+const CHECK_PARTITIONS: &str = "WITH t AS ( \
+        SELECT n.c AS collection, CAST(n.d AS timestamptz) AS d, CAST(n.e AS timestamptz) AS e, \
+            c.partition_trunc \
+        FROM UNNEST($1::text[], $2::text[], $3::text[]) AS n(c, d, e) \
+        JOIN pgstac.collections c ON c.id = n.c), \
+    p AS ( \
+        SELECT collection, COALESCE(date_trunc(partition_trunc::text, d), '-infinity') AS period, \
+            tstzrange(min(d), max(d), '[]') AS dtrange, tstzrange(min(e), max(e), '[]') AS edtrange \
+        FROM t GROUP BY 1, 2) \
+    SELECT pgstac.check_partition(collection, dtrange, edtrange) FROM p ORDER BY collection, period";
+
+/// Rows of text per `COPY` message: the server parses as they arrive.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Stores `rows` in pgstac, in the transaction `conn`. `replace` lists the items pgstac may hold
+/// already (changed, or stored again): their rows are deleted first, from whichever partition
+/// holds them (a changed datetime moves an item).
+pub async fn write(
+    conn: &mut PgConnection,
+    rows: &[&Row],
+    replace: &[&Row],
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let column = |f: fn(&Row) -> &str| rows.iter().map(|r| f(r)).collect::<Vec<&str>>();
+    sqlx::query(CHECK_PARTITIONS)
+        .bind(column(|r| &r.collection))
+        .bind(column(|r| &r.datetime))
+        .bind(column(|r| &r.end_datetime))
+        .execute(&mut *conn)
+        .await?;
+    let mut by_collection: HashMap<&str, Vec<&str>> = HashMap::new();
+    for row in replace {
+        by_collection
+            .entry(&row.collection)
+            .or_default()
+            .push(&row.id);
+    }
+    for (collection, ids) in by_collection {
+        sqlx::query("DELETE FROM pgstac.items WHERE collection = $1 AND id = ANY($2)")
+            .bind(collection)
+            .bind(ids)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY pgstac.items (id, collection, datetime, end_datetime, geometry, content, \
+             private) FROM STDIN",
+        )
+        .await?;
+    let mut buffer = Vec::with_capacity(COPY_CHUNK + (64 << 10));
+    for row in rows {
+        copy_line(row, &mut buffer);
+        if buffer.len() >= COPY_CHUNK {
+            copy.send(std::mem::take(&mut buffer)).await?;
+            buffer.reserve(COPY_CHUNK + (64 << 10));
+        }
+    }
+    if !buffer.is_empty() {
+        copy.send(buffer).await?;
+    }
+    copy.finish().await?;
+    Ok(())
+}
+
+/// A row in `COPY`'s text format.
+fn copy_line(row: &Row, out: &mut Vec<u8>) {
+    let fields = [
+        Some(row.id.as_str()),
+        Some(row.collection.as_str()),
+        Some(row.datetime.as_str()),
+        Some(row.end_datetime.as_str()),
+        row.geometry.as_deref(),
+        Some(row.content.as_str()),
+        row.private.as_deref(),
+    ];
+    for (n, field) in fields.into_iter().enumerate() {
+        if n > 0 {
+            out.push(b'\t');
+        }
+        match field {
+            None => out.extend_from_slice(br"\N"),
+            Some(text) => escape(text, out),
+        }
+    }
+    out.push(b'\n');
+}
+
+/// Text escaped for `COPY`: backslash, and the separators a value may hold.
+fn escape(text: &str, out: &mut Vec<u8>) {
+    let bytes = text.as_bytes();
+    // Most values hold no such byte: copy them whole.
+    if !bytes
+        .iter()
+        .any(|b| matches!(b, b'\\' | b'\n' | b'\t' | b'\r'))
+    {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    let mut start = 0;
+    for (at, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => br"\\",
+            b'\n' => br"\n",
+            b'\t' => br"\t",
+            b'\r' => br"\r",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..at]);
+        out.extend_from_slice(escaped);
+        start = at + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DO_NOT_MERGE as M, dehydrate, ewkb_hex, py_eq};
+    use serde_json::{Value, json};
+
+    fn dehydrated(base: Value, item: Value) -> Value {
+        let Value::Object(item) = item else {
+            panic!("test items are objects")
+        };
+        Value::Object(dehydrate(&base, &item))
+    }
+
+    /// pypgstac's own cases (`tests/hydration/test_dehydrate.py`), with what it gives.
+    #[test]
+    fn dehydrates_as_the_loader_does() {
+        let cases = [
+            (
+                json!({"a": "1", "c": {"d": "3"}}),
+                json!({"a": "1", "c": {"d": "3"}}),
+                json!({}),
+            ),
+            (
+                json!({"a": "1", "c": {"d": "3"}}),
+                json!({"a": "1", "c": {"d": "3", "e": "4", "f": "5"}}),
+                json!({"c": {"e": "4", "f": "5"}}),
+            ),
+            (
+                json!({"a": [{"b1": 1, "b2": 2}, {"c1": 1, "c2": 2}]}),
+                json!({"a": [{"b1": 1, "b2": 2, "b3": 3}, {"c1": 1, "c2": 2, "c3": 3}]}),
+                json!({"a": [{"b3": 3}, {"c3": 3}]}),
+            ),
+            (
+                json!({"a": [{"b1": 1, "b2": 2}, "foo", {"c1": 1, "c2": 2}, "bar"]}),
+                json!({"a": [{"b1": 1, "b2": 2, "b3": 3}, "far", {"c1": 1, "c2": 2, "c3": 3}, "boo"]}),
+                json!({"a": [{"b3": 3}, "far", {"c3": 3}, "boo"]}),
+            ),
+            (
+                json!({"a": [{"b1": 1}, {"c1": 1}, {"d1": 1}]}),
+                json!({"a": [{"b1": 1, "b2": 2}, {"c1": 1, "c2": 2}]}),
+                json!({"a": [{"b1": 1, "b2": 2}, {"c1": 1, "c2": 2}]}),
+            ),
+            // The marker: a key the base has and the item lacks, at any depth and in lists.
+            (
+                json!({"a": "1", "c": {"d": "3", "e": "4"}}),
+                json!({"a": "1", "c": {"d": "3", "f": "5"}}),
+                json!({"c": {"e": M, "f": "5"}}),
+            ),
+            (
+                json!({"a": [{"b": "1", "d": "3"}, {"c": "2", "e": "4"}]}),
+                json!({"a": [{"b": "1"}, {"c": "2", "f": "5"}]}),
+                json!({"a": [{"d": M}, {"e": M, "f": "5"}]}),
+            ),
+            (
+                json!({"type": "Feature", "assets": {"a1": {"name": "one"}, "a2": {"name": "two"}}}),
+                json!({"assets": {"a1": {"name": "one", "href": "http://foo.com"}}}),
+                json!({"type": M, "assets": {"a1": {"href": "http://foo.com"}, "a2": M}}),
+            ),
+            (
+                json!({"single": "F", "double": {"n": "v"}, "included": "v"}),
+                json!({"included": "v", "unique": "v"}),
+                json!({"single": M, "double": M, "unique": "v"}),
+            ),
+            (
+                json!({"assets": {"thumbnail": {"roles": ["thumbnail"]}}}),
+                json!({"assets": {"thumbnail": {"roles": ["thumbnail"], "href": "h"}}}),
+                json!({"assets": {"thumbnail": {"href": "h"}}}),
+            ),
+            // Nulls and empty lists: kept where the base lacks the key, dropped where it has
+            // another value (the loader's rule), equal numbers compared as Python does.
+            (
+                json!({"p": {"a": 1, "b": [1], "c": {"x": 1}}}),
+                json!({"p": {"a": null, "b": [], "c": null, "d": null, "e": []}}),
+                json!({"p": {"b": [], "d": null, "e": []}}),
+            ),
+            (
+                json!({"p": {"a": 1, "b": true, "c": 2.5}}),
+                json!({"p": {"a": 1.0, "b": 1, "c": 2.5}}),
+                json!({}),
+            ),
+            // A key the base lacks keeps the item's value whole, nested objects too.
+            (
+                json!({"assets": {}}),
+                json!({"assets": {"new": {"href": "h", "roles": ["data"]}}}),
+                json!({"assets": {"new": {"href": "h", "roles": ["data"]}}}),
+            ),
+        ];
+        for (base, item, expected) in cases {
+            assert_eq!(
+                dehydrated(base.clone(), item.clone()),
+                expected,
+                "{base} {item}"
+            );
+        }
+    }
+
+    #[test]
+    fn python_equality() {
+        assert!(py_eq(&json!(1), &json!(1.0)));
+        assert!(py_eq(&json!(true), &json!(1)));
+        assert!(!py_eq(&json!("1"), &json!(1)));
+        assert!(py_eq(&json!({"a": [1, 2]}), &json!({"a": [1.0, 2]})));
+        assert!(!py_eq(&json!([1, 2]), &json!([2, 1])));
+    }
+
+    /// The bytes plpygis gives (`Geometry.from_geojson(g).ewkb`, printed by pypgstac 0.10).
+    #[test]
+    fn geometry_as_the_loader_writes_it() -> Result<(), String> {
+        assert_eq!(
+            ewkb_hex(
+                &json!({"type": "Polygon", "coordinates": [[[1, 2], [3, 4.5], [5, 6], [1, 2]]]})
+            )?,
+            "0103000020e61000000100000004000000000000000000f03f000000000000004000000000000008400000\
+             00000000124000000000000014400000000000001840000000000000f03f0000000000000040"
+        );
+        assert_eq!(
+            ewkb_hex(&json!({"type": "Point", "coordinates": [1, 2, 3]}))?,
+            "01010000a0e6100000000000000000f03f00000000000000400000000000000840"
+        );
+        let multi = [
+            (
+                json!({"type": "MultiPolygon", "coordinates": [[[[1, 2], [3, 4], [5, 6], [1, 2]]], [[[7, 8], [9, 10], [11, 12], [7, 8]]]]}),
+                "0106000020e61000000200000001030000000100000004000000000000000000f03f000000000000004000000000000008400000000000001040000000000000144000000000000018400000\
+                 00000000f03f0000000000000040010300000001000000040000000000000000001c40000000000000204000000000000022400000000000002440000000000000264000000000000028400000000000001c400000000000002040",
+            ),
+            (
+                json!({"type": "GeometryCollection", "geometries": [{"type": "Point", "coordinates": [1, 2]}, {"type": "LineString", "coordinates": [[1, 2], [3, 4]]}]}),
+                "0107000020e6100000020000000101000000000000000000f03f0000000000000040010200000002000000000000000000f03f000000000000004000000000000008400000000000001040",
+            ),
+            (
+                json!({"type": "MultiPoint", "coordinates": [[1, 2], [3, 4]]}),
+                "0104000020e6100000020000000101000000000000000000f03f0000000000000040010100000000000000000008400000000000001040",
+            ),
+        ];
+        for (geometry, plpygis) in multi {
+            assert_eq!(ewkb_hex(&geometry)?, plpygis, "{geometry}");
+        }
+        assert!(ewkb_hex(&json!({"type": "Circle", "coordinates": [1, 2]})).is_err());
+        assert!(ewkb_hex(&json!({"type": "Point", "coordinates": [1]})).is_err());
+        assert!(ewkb_hex(&json!({"type": "Polygon", "coordinates": "x"})).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn copy_text_escapes_what_would_end_a_field() {
+        let mut out = Vec::new();
+        super::escape("a\\b\tc\nd\re", &mut out);
+        assert_eq!(out, br"a\\b\tc\nd\re");
+    }
+}
