@@ -322,9 +322,25 @@ fn usage_errors_exit_3_and_one_off_flags_work_after_run() {
         "--bbox",
         "2.25,48.81,2.42,48.90",
     ]);
+    // Western and southern boxes, in the documented form, and a collection id with a colon.
+    let west = run(&["run", "--collection", "c", "--bbox", "-5.2,41.3,9.6,51.1"]);
+    let south = run(&[
+        "run",
+        "--bbox",
+        "-74.1,-34.2,-73.9,-33.9",
+        "--collection",
+        "c",
+    ]);
+    let colon = run(&["run", "--collection", "landsat:c2l2-sr"]);
     let help = run(&["run", "--help"]);
 
     assert_eq!(negative.status.code(), Some(3));
+    for (name, output) in [("west", &west), ("south", &south), ("colon", &colon)] {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("unexpected argument"), "{name}: {stderr}");
+        assert!(!stderr.contains("job name"), "{name}: {stderr}");
+        assert!(first_error_line(output).contains("API"), "{name}: {stderr}");
+    }
     assert_eq!(unknown.status.code(), Some(3));
     assert_eq!(help.status.code(), Some(0));
     // Parsed: it gets as far as asking for the API it was not given.

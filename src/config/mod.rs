@@ -398,7 +398,7 @@ pub struct Overrides {
         long,
         global = true,
         value_delimiter = ',',
-        allow_negative_numbers = true,
+        allow_hyphen_values = true,
         num_args = 1
     )]
     pub bbox: Option<Vec<f64>>,
@@ -984,7 +984,10 @@ fn resolve_jobs(
     let jobs = if !o.collections.is_empty() {
         // A one-off job from the command line replaces the file's jobs.
         vec![JobConfig {
-            name: o.job.clone().unwrap_or_else(|| o.collections.join("+")),
+            name: o
+                .job
+                .clone()
+                .unwrap_or_else(|| one_off_name(&o.collections)),
             collections: o.collections.clone(),
             bbox: o.bbox.clone(),
             intersects: None,
@@ -1035,6 +1038,28 @@ fn resolve_jobs(
         .collect()
 }
 
+/// Whether `c` may be part of a job name (which names the job's state in the database).
+fn job_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+')
+}
+
+/// The name of the one-off job over `collections` (`run --collection a --collection b`):
+/// `a+b`. Collection ids often hold characters a job name cannot (`landsat:c2l2-sr`,
+/// `EO:ESA:DAT:SENTINEL-2`): each becomes `-`, and a short hash of the ids keeps two such jobs
+/// apart (`landsat-c2l2-sr` the collection and `landsat:c2l2-sr` are not one job).
+fn one_off_name(collections: &[String]) -> String {
+    let joined = collections.join("+");
+    if !joined.is_empty() && joined.chars().all(job_name_char) {
+        return joined;
+    }
+    let kept: String = joined
+        .chars()
+        .map(|c| if job_name_char(c) { c } else { '-' })
+        .collect();
+    let hash = blake3::hash(joined.as_bytes()).to_hex();
+    format!("{kept}-{}", &hash[..8])
+}
+
 fn validate_job(
     j: JobConfig,
     o: &Overrides,
@@ -1042,13 +1067,10 @@ fn validate_job(
     snapshots: &Snapshots,
 ) -> Result<Job, Error> {
     let name = &j.name;
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))
-    {
+    if name.is_empty() || !name.chars().all(job_name_char) {
         return Err(Error::Config(format!(
-            "job name {name:?}: use letters, digits and - _ . + only"
+            "job name {name:?}: use letters, digits and - _ . + only (in the config file's \
+             [[jobs]] name, or with --job)"
         )));
     }
     if j.collections.is_empty() || j.collections.iter().any(|c| c.trim().is_empty()) {
@@ -1194,6 +1216,27 @@ pub(crate) mod tests {
             env,
             ..Overrides::default()
         }
+    }
+
+    #[test]
+    fn a_one_off_job_is_named_after_its_collections_whatever_their_ids_hold() {
+        let name =
+            |ids: &[&str]| one_off_name(&ids.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(name(&["s2", "s1"]), "s2+s1");
+        let colon = name(&["landsat:c2l2-sr"]);
+        assert!(colon.starts_with("landsat-c2l2-sr-"), "{colon}");
+        assert!(colon.chars().all(job_name_char), "{colon}");
+        assert_ne!(colon, name(&["landsat-c2l2-sr"]));
+        assert_ne!(colon, name(&["landsat/c2l2-sr"]));
+        let o = Overrides {
+            collections: vec!["EO:ESA:DAT:SENTINEL-2".into()],
+            ..overrides(EnvVars {
+                eds_api_url: Some("http://127.0.0.1:1/".into()),
+                ..EnvVars::default()
+            })
+        };
+        let config = Config::resolve(FileConfig::default(), &o).expect("a valid config");
+        assert!(config.jobs[0].name.starts_with("EO-ESA-DAT-SENTINEL-2-"));
     }
 
     #[test]

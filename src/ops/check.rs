@@ -209,8 +209,8 @@ async fn probe_collections(report: &mut Report, config: &Config, api: &ApiClient
         .join("collections")
         .map_or_else(|_| String::new(), |u| u.to_string());
     for collection in config.jobs.iter().flat_map(|j| &j.collections) {
-        let outcome = match api.root().join(&format!("collections/{collection}")) {
-            Ok(url) => api
+        let outcome = match crate::stac::client::collection_url(api.root(), collection) {
+            Some(url) => api
                 .fetch("collection", &Request::get(url), |_| Ok(()))
                 .await
                 .map(|()| "exists".to_string())
@@ -220,7 +220,10 @@ async fn probe_collections(report: &mut Report, config: &Config, api: &ApiClient
                     )),
                     other => other,
                 }),
-            Err(e) => Err(Error::Config(format!("collection id {collection:?}: {e}"))),
+            None => Err(Error::Config(format!(
+                "collection id {collection:?}: no URL can name it (URL parsers and servers remove \
+                 `.` and `..` path segments), so its /collections document cannot be fetched"
+            ))),
         };
         report.push(format!("collection {collection}"), outcome);
     }

@@ -33,10 +33,25 @@ pub async fn read(db: &Database, runs: i64) -> Result<Status, Error> {
     })
 }
 
+/// `text` with its control characters escaped (`\n`, `\u{1b}`): ids and reasons come from the
+/// API, and one holding a newline or a terminal escape would break the table or the terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
 /// Lays out rows under a header, each column as wide as its widest cell.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| printable(cell)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
@@ -51,7 +66,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         let _ = writeln!(out, "{}", padded.join("  ").trim_end());
     };
     line(header.to_vec());
-    for row in rows {
+    for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
     out
@@ -164,5 +179,20 @@ impl Status {
             &["job", "watermark", "reconciled", "partitions left"],
             &jobs,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_in_cells_are_escaped() {
+        let out = super::table(
+            &["item"],
+            &[
+                vec!["c/evil\n\u{1b}[2Jid\t".to_string()],
+                vec!["é ok".to_string()],
+            ],
+        );
+        assert_eq!(out, "item\nc/evil\\n\\u{1b}[2Jid\\t\né ok\n");
     }
 }

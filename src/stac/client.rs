@@ -219,15 +219,25 @@ pub async fn landing_page(api: &ApiClient) -> Result<serde_json::Value, Error> {
     .await
 }
 
+/// `/collections/{id}` under `root`, the id one path segment whatever it holds (`/`, `?`, `#`
+/// and `%` percent-encoded). `None` for `.` and `..`: URL parsers, and servers, remove such
+/// segments (their `%2E` spellings too), so no URL names them, and a request would fetch
+/// `/collections` or the root instead.
+pub fn collection_url(root: &url::Url, id: &str) -> Option<url::Url> {
+    if matches!(id, "." | "..") {
+        return None;
+    }
+    let mut url = root.join("collections").ok()?;
+    url.path_segments_mut().ok()?.push(id);
+    Some(url)
+}
+
 /// A collection's document (`GET /collections/{id}`) as received; `None` if the API has no such
 /// collection (404) or refuses it (a search then says more).
 pub async fn collection(api: &ApiClient, id: &str) -> Result<Option<Bytes>, Error> {
-    let Ok(mut url) = api.root().join("collections") else {
+    let Some(url) = collection_url(api.root(), id) else {
         return Ok(None);
     };
-    if let Ok(mut path) = url.path_segments_mut() {
-        path.push(id);
-    }
     let document = |body: Bytes| match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(doc) if doc.is_object() => Ok(body),
         Ok(_) => Err("the collection is not a JSON object".to_string()),
@@ -437,5 +447,34 @@ fn rejected(what: &'static str, url: &str, status: StatusCode, body: &[u8]) -> E
         url: url.to_string(),
         status: status.as_u16(),
         detail: text.trim().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::collection_url;
+
+    #[test]
+    fn a_collection_url_names_the_collection_or_nothing() {
+        let root = url::Url::parse("http://api.test/stac/").expect("URL");
+        let url = |id: &str| collection_url(&root, id).map(|u| u.to_string());
+        assert_eq!(
+            url("s2").as_deref(),
+            Some("http://api.test/stac/collections/s2")
+        );
+        assert_eq!(
+            url("EO:ESA:DAT:S2").as_deref(),
+            Some("http://api.test/stac/collections/EO:ESA:DAT:S2")
+        );
+        assert_eq!(
+            url("a/b?c#d%").as_deref(),
+            Some("http://api.test/stac/collections/a%2Fb%3Fc%23d%25")
+        );
+        assert_eq!(url("."), None);
+        assert_eq!(url(".."), None);
+        assert_eq!(
+            url("...").as_deref(),
+            Some("http://api.test/stac/collections/...")
+        );
     }
 }

@@ -233,7 +233,12 @@ pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Durati
         return Some(Duration::from_secs(seconds));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    // An HTTP-date is to the second: so is the wait (rounded up, to wait until that second),
+    // not to the nanosecond of this machine's clock.
+    let wait = at.duration_since(now).unwrap_or(Duration::ZERO);
+    Some(Duration::from_secs(
+        wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+    ))
 }
 
 /// The request of each attempt, built once the attempt's permit is held (so that a token in it
@@ -482,6 +487,12 @@ mod tests {
         let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
         headers.insert(RETRY_AFTER, HeaderValue::from_str(&later).expect("header"));
         assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(90)));
+        // Read a little after the second it was written in: still whole seconds.
+        let read_at = now + Duration::from_millis(1_297);
+        assert_eq!(
+            retry_after(&headers, read_at),
+            Some(Duration::from_secs(89))
+        );
         headers.insert(
             RETRY_AFTER,
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
