@@ -59,6 +59,23 @@ async fn the_feed_lists_what_each_run_added_changed_and_withdrew(database: Optio
     }
     after.extend(added);
     let server = server.restart_with(&after).await;
+    if setup.database.is_some() {
+        // On Postgres, no change may need numbering after its commit (a writer that dies, or
+        // loses its connection, right after committing would leave it out of the feed): any
+        // UPDATE of the feed fails from here on.
+        common::execute(
+            &setup.database_url(),
+            "CREATE FUNCTION refuse_update() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'the feed is not updated after a commit'; END $$",
+        )
+        .await;
+        common::execute(
+            &setup.database_url(),
+            "CREATE TRIGGER refuse_update BEFORE UPDATE ON changes \
+             FOR EACH ROW EXECUTE FUNCTION refuse_update()",
+        )
+        .await;
+    }
     let reconciled = setup.reconcile(clock.clone()).await;
     assert_eq!(
         reconciled.exit(),

@@ -527,12 +527,7 @@ impl Database {
     pub async fn migrate(&self) -> Result<(), Error> {
         match self {
             Database::Sqlite(db) => db.migrate().await,
-            Database::Postgres(db) => {
-                db.migrate().await?;
-                // Changes an earlier version left without a seq (it numbered them after commit).
-                db.number_changes().await;
-                Ok(())
-            }
+            Database::Postgres(db) => db.migrate().await,
         }
     }
 
@@ -962,13 +957,26 @@ impl Database {
             "UPDATE items SET deleted_at = CURRENT_TIMESTAMP WHERE ",
             vanished!()
         );
-        let record = concat!(
-            "INSERT INTO changes (run_id, job, collection, id, change, content_hash, at) \
-             SELECT $9, $2, collection, id, 'deleted', content_hash, CURRENT_TIMESTAMP \
-             FROM items WHERE ",
-            vanished!(),
-            " ORDER BY id"
-        );
+        let record = match self {
+            Database::Sqlite(_) => concat!(
+                "INSERT INTO changes (run_id, job, collection, id, change, content_hash, at) \
+                 SELECT $9, $2, collection, id, 'deleted', content_hash, CURRENT_TIMESTAMP \
+                 FROM items WHERE ",
+                vanished!(),
+                " ORDER BY id"
+            ),
+            // Numbered as inserted, under the feed's lock held to the commit, as a page's
+            // changes are (see `postgres::CHANGES`): committed, they are in the feed.
+            Database::Postgres(_) => concat!(
+                "WITH turn AS (SELECT pg_advisory_xact_lock(7263686167657300)) \
+                 INSERT INTO changes (seq, run_id, job, collection, id, change, content_hash, at) \
+                 SELECT nextval('changes_seq'), $9, $2, collection, id, 'deleted', content_hash, \
+                 CURRENT_TIMESTAMP FROM turn, (SELECT collection, id, content_hash FROM items \
+                 WHERE ",
+                vanished!(),
+                " ORDER BY id) o"
+            ),
+        };
         let pgstac = self.pgstac().is_some();
         on_pool!(self, pool => async {
             let mut tx = pool.begin().await?;
@@ -1008,9 +1016,6 @@ impl Database {
             tx.commit().await
         }.await)
         .map_err(self.fail("record the deletions"))?;
-        if let Database::Postgres(db) = self {
-            db.number_changes().await;
-        }
         Ok(())
     }
 
