@@ -629,6 +629,16 @@ async fn pgstac_rows_are_those_pypgstac_load_writes_for_the_same_items() {
             .await
             .expect("pgstac collections");
     assert_eq!(items.len(), source.len());
+    // stac-sync's own rows hold each item as the bytes received (text, not jsonb, in a pgstac
+    // database: pgstac's rows are the ones queried there).
+    let hashes: Vec<String> =
+        sqlx::query_scalar("SELECT content_hash FROM stac_sync.items ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .expect("hashes");
+    for (content, hash) in items.iter().zip(&hashes) {
+        assert_eq!(&blake3::hash(content.as_bytes()).to_hex().to_string(), hash);
+    }
     std::fs::write(dir.path().join("items.ndjson"), items.join("\n")).expect("write");
     std::fs::write(
         dir.path().join("collections.ndjson"),

@@ -394,12 +394,11 @@ impl PageWriter<'_> {
     /// Pages that may commit at once. Postgres parses each item into `jsonb` on the backend
     /// that commits it, so two commits keep two backends (and cores) busy. SQLite has one
     /// writer, and the pages of a reconcile all insert into `sync_seen`, so they commit one at
-    /// a time.
-    /// pgstac's partition management locks partitions and their stats, so two pages writing to
-    /// pgstac at once can deadlock: one at a time there.
+    /// a time. On pgstac too: pgstac's partitions are made and widened before a page's
+    /// transaction, in one of their own, so pages hold no partition's exclusive lock.
     pub(crate) fn commits_at_once(&self) -> usize {
         match (&self.mirror.db, self.writes) {
-            (Database::Postgres(db), Writes::Items) if !db.is_pgstac() => 2,
+            (Database::Postgres(_), Writes::Items) => 2,
             _ => 1,
         }
     }

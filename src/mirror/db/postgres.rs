@@ -79,16 +79,6 @@ const CHANGES: shared::ChangesSql = shared::ChangesSql {
     collate: " COLLATE \"C\"",
 };
 
-/// Numbers the changes that have no seq yet, in the order they were inserted: those of a
-/// reconcile's deletions, run right after their commit, and any an earlier version left.
-/// One numbering at a time (the advisory lock is held to the end of its transaction).
-const NUMBER_CHANGES: [&str; 2] = [
-    "SELECT pg_advisory_xact_lock(7263686167657300)",
-    "UPDATE changes c SET seq = n.seq FROM (SELECT change_id, nextval('changes_seq') AS seq \
-     FROM (SELECT change_id FROM changes WHERE seq IS NULL ORDER BY change_id) o) n \
-     WHERE c.change_id = n.change_id",
-];
-
 /// The schema of stac-sync's own tables in a pgstac database.
 pub const SCHEMA: &str = "stac_sync";
 
@@ -207,9 +197,12 @@ const CLAIM: &str = "UPDATE sync_state s SET lease_owner = $3, \
     WHERE s.job = c.job AND s.partition = c.partition \
     RETURNING s.partition, s.collection, s.request, s.resume, s.done";
 
-const UPSERT: &str = "INSERT INTO items (collection, id, content, content_hash, datetime, \
+/// The multi-row upsert of items, `$content` the content's expression (from text `ct`).
+macro_rules! upsert_sql {
+    ($content:literal) => {
+        concat!("INSERT INTO items (collection, id, content, content_hash, datetime, \
     start_datetime, end_datetime, updated, bbox_xmin, bbox_ymin, bbox_xmax, bbox_ymax, first_seen_at, last_seen_at) \
-    SELECT c, i, ct::jsonb, h, d, sd, ed, u, x0, y0, x1, y1, now(), now() \
+    SELECT c, i, ", $content, ", h, d, sd, ed, u, x0, y0, x1, y1, now(), now() \
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
     $7::text[], $8::text[], $9::float8[], $10::float8[], $11::float8[], $12::float8[]) \
     AS t(c, i, ct, h, d, sd, ed, u, x0, y0, x1, y1) \
@@ -220,7 +213,16 @@ const UPSERT: &str = "INSERT INTO items (collection, id, content, content_hash, 
     bbox_xmax = excluded.bbox_xmax, bbox_ymax = excluded.bbox_ymax, last_seen_at = excluded.last_seen_at, \
     deleted_at = NULL \
     WHERE items.content_hash <> excluded.content_hash OR items.deleted_at IS NOT NULL \
-    RETURNING collection, id, xmax = 0";
+    RETURNING collection, id, xmax = 0")
+    };
+}
+
+/// The upsert into a content column of `jsonb` (stac-sync's own format: users query it).
+const UPSERT_JSONB: &str = upsert_sql!("CAST(ct AS JSONB)");
+
+/// The upsert into a content column of `text`: stac-sync's rows in a pgstac database, where
+/// pgstac's own rows are the ones queried (migration 0009), stored without parsing them again.
+const UPSERT_TEXT: &str = upsert_sql!("ct");
 
 /// Why Postgres would refuse an item: `jsonb` and `text` cannot hold the NUL character, which
 /// JSON can carry as the escape `\u0000`.
@@ -284,6 +286,14 @@ impl PostgresDb {
         if pgstac {
             options = options.options([("search_path", format!("{SCHEMA}, public"))]);
         }
+        // One connection first, for its own error: the pool retries a refused connection until
+        // its timeout and then says only that it timed out.
+        PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| Error::Sink(format!("cannot connect to database {shown}: {e}")))?
+            .close()
+            .await
+            .map_err(|e| Error::Sink(format!("cannot connect to database {shown}: {e}")))?;
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
@@ -416,6 +426,16 @@ impl PostgresDb {
     /// One attempt at [`PostgresDb::commit_page`]; [`Failure::Retry`] when the transaction
     /// deadlocked or failed to serialize (nothing of it was kept).
     async fn commit_once(&self, page: &PageCommit<'_>) -> Result<Committed, Failure> {
+        if self.pgstac && !page.items.is_empty() {
+            let mut conn = self
+                .pool
+                .acquire()
+                .await
+                .map_err(self.failure("connect to check pgstac's partitions"))?;
+            pgstac::check_partitions(&mut conn, &page.items)
+                .await
+                .map_err(self.failure("make or widen pgstac's partitions"))?;
+        }
         let mut tx = self
             .pool
             .begin()
@@ -537,7 +557,7 @@ impl PostgresDb {
         items: &[&Item],
         rows: &PgstacRows<'_>,
     ) -> Result<Written, sqlx::Error> {
-        let written = upsert(conn, items).await?;
+        let written = upsert(conn, items, self.pgstac).await?;
         if !self.pgstac {
             return Ok(written);
         }
@@ -558,10 +578,16 @@ impl PostgresDb {
             }
         }
         // pgstac's functions of 0.9 name its tables without their schema; `stac_sync` holds
-        // tables of the same names. Reverted with the savepoint if this fails.
-        sqlx::query("SET LOCAL search_path TO pgstac, public")
-            .execute(&mut *conn)
-            .await?;
+        // tables of the same names. Its `content` column compresses with the server's default,
+        // pglz: lz4, as stac-sync's own rows use, compresses the dehydrated items in two thirds
+        // of the server's time (readers decompress either). Reverted with the savepoint if this
+        // fails.
+        sqlx::query(
+            "SELECT set_config('search_path', 'pgstac, public', true), \
+             set_config('default_toast_compression', 'lz4', true)",
+        )
+        .execute(&mut *conn)
+        .await?;
         pgstac::write(conn, &copy, &replace).await?;
         sqlx::query("SET LOCAL search_path TO stac_sync, public")
             .execute(&mut *conn)
@@ -616,22 +642,6 @@ impl PostgresDb {
             }
         }
         Ok((written, refused))
-    }
-
-    /// Numbers the committed changes that have none yet (see [`NUMBER_CHANGES`]). A failure is
-    /// logged: the next numbering (after the next commit) takes them.
-    pub async fn number_changes(&self) {
-        let numbered = async {
-            let mut tx = self.pool.begin().await?;
-            for sql in NUMBER_CHANGES {
-                sqlx::query(sql).execute(&mut *tx).await?;
-            }
-            tx.commit().await
-        };
-        if let Err(e) = numbered.await {
-            tracing::warn!(error = %e, "could not number the change feed's new changes; the \
-                next commit does");
-        }
     }
 
     /// Whether items and collections also go to pgstac.
@@ -794,7 +804,11 @@ impl PostgresDb {
 const UPSERT_BYTES: usize = 8 << 20;
 
 /// Upserts `items` in statements of at most [`UPSERT_BYTES`] of content each (at least one item).
-async fn upsert(conn: &mut PgConnection, items: &[&Item]) -> Result<Written, sqlx::Error> {
+async fn upsert(
+    conn: &mut PgConnection,
+    items: &[&Item],
+    text: bool,
+) -> Result<Written, sqlx::Error> {
     let mut written = Written::new();
     let mut start = 0;
     while start < items.len() {
@@ -804,7 +818,7 @@ async fn upsert(conn: &mut PgConnection, items: &[&Item]) -> Result<Written, sql
             bytes += items[end].content.len();
             end += 1;
         }
-        written.extend(upsert_batch(conn, &items[start..end]).await?);
+        written.extend(upsert_batch(conn, &items[start..end], text).await?);
         start = end;
     }
     Ok(written)
@@ -824,6 +838,7 @@ fn contents<'a>(items: &[&'a Item]) -> Result<Vec<&'a str>, sqlx::Error> {
 async fn upsert_batch(
     conn: &mut PgConnection,
     items: &[&Item],
+    text_content: bool,
 ) -> Result<Vec<((String, String), bool)>, sqlx::Error> {
     if items.is_empty() {
         return Ok(Vec::new());
@@ -834,7 +849,12 @@ async fn upsert_batch(
     let bbox =
         |k: usize| -> Vec<Option<f64>> { items.iter().map(|i| i.bbox.map(|b| b[k])).collect() };
     let contents = contents(items)?;
-    let rows: Vec<(String, String, bool)> = sqlx::query_as(UPSERT)
+    let sql = if text_content {
+        UPSERT_TEXT
+    } else {
+        UPSERT_JSONB
+    };
+    let rows: Vec<(String, String, bool)> = sqlx::query_as(sql)
         .bind(
             items
                 .iter()
