@@ -689,3 +689,80 @@ async fn pgstac_rows_are_those_pypgstac_load_writes_for_the_same_items() {
         );
     }
 }
+
+/// pgstac 0.9 (the last release before 0.10, which pypgstac still installs on request): no
+/// versioned base items, but the same rows. Every item stac-sync stored there, hydrated back by
+/// pgstac, is the item received, in a collection whose `item_assets` the items only partly
+/// have (the do-not-merge marker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgstac_0_9_hydrates_every_item_back_to_the_item_received() {
+    use sqlx::Connection;
+    if common::skip_without(common::Service::Pgstac) {
+        return;
+    }
+    let clock = Arc::new(ManualClock::default());
+    let (collection, _) = hard_items();
+    let source: Vec<Value> = items("s2-hard", 30, 3)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut item)| {
+            if i % 2 == 0 {
+                let assets = item["assets"].as_object_mut().expect("assets");
+                let key = assets.keys().next().cloned().expect("an asset");
+                assets.remove(&key);
+            }
+            item
+        })
+        .collect();
+    let server = common::stac::start_with_collections(
+        std::slice::from_ref(&collection),
+        &source,
+        Issuer::new(clock.clone(), "id", "secret"),
+        0,
+        |router| router,
+    )
+    .await;
+    let database = common::fresh_pgstac_at(Some("0.9.12")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup {
+        limit: 7,
+        top: "database_format = \"pgstac\"",
+        database: Some(database.clone()),
+        ..Setup::new(
+            &server.url,
+            dir.path(),
+            &["s2-hard"],
+            common::credentials(&server.token_url, "id", "secret"),
+        )
+    };
+    assert_eq!(setup.run(clock.clone()).await.exit(), Exit::Success);
+    let mut conn = sqlx::PgConnection::connect(&database).await.expect("db");
+    let version: String = sqlx::query_scalar("SELECT pgstac.get_version()")
+        .fetch_one(&mut conn)
+        .await
+        .expect("version");
+    assert_eq!(version, "0.9.12");
+    let stored: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, content FROM stac_sync.items ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .expect("stored");
+    let hydrated = pgstac_items(&database).await;
+    assert_eq!(hydrated.len(), source.len());
+    let marked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgstac.items WHERE CAST(content AS TEXT) LIKE '%𒍟※%'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("count");
+    assert_eq!(
+        marked,
+        source.len() as i64,
+        "every item lacks an asset the collection lists"
+    );
+    for ((id, content), (_, served_id, served)) in stored.iter().zip(&hydrated) {
+        assert_eq!(id, served_id);
+        let received: Value = serde_json::from_str(content).expect("JSON");
+        assert_eq!(served, &received, "pgstac 0.9 serves item {id} as received");
+    }
+}

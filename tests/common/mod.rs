@@ -332,6 +332,12 @@ pub async fn fresh_postgres() -> String {
 /// A new Postgres database with pgstac installed (`pypgstac migrate`), for one test; its URL
 /// names stac-sync's schema first, so that the tests' queries read stac-sync's tables.
 pub async fn fresh_pgstac() -> String {
+    fresh_pgstac_at(None).await
+}
+
+/// Like [`fresh_pgstac`], with pgstac at `version` (`pypgstac migrate --toversion`), else the
+/// version pypgstac installs.
+pub async fn fresh_pgstac_at(version: Option<&str>) -> String {
     use sqlx::Connection;
     let url = fresh_postgres().await;
     // pgstac's roles are the server's, not the database's: one migration at a time, across
@@ -345,6 +351,7 @@ pub async fn fresh_pgstac() -> String {
         .expect("lock");
     let output = std::process::Command::new("pypgstac")
         .args(["migrate", "--dsn", &url])
+        .args(version.map(|v| ["--toversion", v]).into_iter().flatten())
         .output()
         .expect("pypgstac runs (scripts/test installs it)");
     let _ = lock.close().await;

@@ -52,6 +52,27 @@ macro_rules! vanished {
     };
 }
 
+/// A reconcile's deletions into the change feed (SQLite numbers them as it inserts them).
+const RECORD_DELETIONS_SQLITE: &str = concat!(
+    "INSERT INTO changes (run_id, job, collection, id, change, content_hash, at) \
+     SELECT $9, $2, collection, id, 'deleted', content_hash, CURRENT_TIMESTAMP \
+     FROM items WHERE ",
+    vanished!(),
+    " ORDER BY id"
+);
+
+/// The same on Postgres: numbered as inserted, under the feed's lock held to the commit, as a
+/// page's changes are (see `postgres::CHANGES`): committed, they are in the feed.
+const RECORD_DELETIONS_POSTGRES: &str = concat!(
+    "WITH turn AS (SELECT pg_advisory_xact_lock(7263686167657300)) \
+     INSERT INTO changes (seq, run_id, job, collection, id, change, content_hash, at) \
+     SELECT nextval('changes_seq'), $9, $2, collection, id, 'deleted', content_hash, \
+     CURRENT_TIMESTAMP FROM turn, (SELECT collection, id, content_hash FROM items \
+     WHERE ",
+    vanished!(),
+    " ORDER BY id) o"
+);
+
 /// What a reconcile pass compares against: one collection, within the job's datetime range
 /// and bbox.
 #[derive(Debug, Clone)]
@@ -958,24 +979,8 @@ impl Database {
             vanished!()
         );
         let record = match self {
-            Database::Sqlite(_) => concat!(
-                "INSERT INTO changes (run_id, job, collection, id, change, content_hash, at) \
-                 SELECT $9, $2, collection, id, 'deleted', content_hash, CURRENT_TIMESTAMP \
-                 FROM items WHERE ",
-                vanished!(),
-                " ORDER BY id"
-            ),
-            // Numbered as inserted, under the feed's lock held to the commit, as a page's
-            // changes are (see `postgres::CHANGES`): committed, they are in the feed.
-            Database::Postgres(_) => concat!(
-                "WITH turn AS (SELECT pg_advisory_xact_lock(7263686167657300)) \
-                 INSERT INTO changes (seq, run_id, job, collection, id, change, content_hash, at) \
-                 SELECT nextval('changes_seq'), $9, $2, collection, id, 'deleted', content_hash, \
-                 CURRENT_TIMESTAMP FROM turn, (SELECT collection, id, content_hash FROM items \
-                 WHERE ",
-                vanished!(),
-                " ORDER BY id) o"
-            ),
+            Database::Sqlite(_) => RECORD_DELETIONS_SQLITE,
+            Database::Postgres(_) => RECORD_DELETIONS_POSTGRES,
         };
         let pgstac = self.pgstac().is_some();
         on_pool!(self, pool => async {
