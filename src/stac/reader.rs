@@ -462,6 +462,8 @@ impl PageReader {
     }
 
     fn reject_oversized(&mut self, kept: Bytes, size: usize) {
+        let (collection, id) = key_in_prefix(&kept);
+        let collection = collection.or_else(|| self.default_collection.clone());
         self.part.rejected.push(Rejected {
             reason: format!(
                 "the feature is {size} bytes, more than max_item_bytes ({}); its first {} bytes \
@@ -470,8 +472,8 @@ impl PageReader {
                 kept.len()
             ),
             content: kept,
-            collection: None,
-            id: None,
+            collection,
+            id,
         });
     }
 
@@ -684,6 +686,35 @@ fn read_item(head: Head<'_>, content: Bytes, searched: Option<&str>) -> Result<I
         content,
         bbox,
     })
+}
+
+/// The `collection` and `id` members among the top-level members a feature's first bytes hold
+/// (an oversized feature is quarantined with those alone): as far as they can be read.
+fn key_in_prefix(prefix: &[u8]) -> (Option<String>, Option<String>) {
+    struct Found<'a>(&'a mut (Option<String>, Option<String>));
+    impl<'de> serde::de::Visitor<'de> for Found<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a feature")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+                match name.as_ref() {
+                    "collection" => self.0.0 = map.next_value::<Option<String>>().ok().flatten(),
+                    "id" => self.0.1 = map.next_value::<Option<String>>().ok().flatten(),
+                    _ => {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+    let mut found = (None, None);
+    let mut reader = serde_json::Deserializer::from_slice(prefix);
+    // The prefix ends mid-feature: what was read before the end is kept.
+    let _ = serde::Deserializer::deserialize_map(&mut reader, Found(&mut found));
+    found
 }
 
 #[cfg(test)]
@@ -969,6 +1000,8 @@ mod tests {
                 "{reason}"
             );
             assert!(reason.contains("max_item_bytes (4096)"), "{reason}");
+            assert_eq!(page.rejected[0].id.as_deref(), Some("big"));
+            assert_eq!(page.rejected[0].collection.as_deref(), Some("c"));
         }
     }
 }
