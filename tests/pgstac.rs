@@ -554,6 +554,33 @@ fn hard_items() -> (Value, Vec<Value>) {
     (collection, items)
 }
 
+/// `source` (items of `hard_items`' collection) served by a real STAC API and mirrored by one
+/// run into the pgstac database `database`, pages of 7.
+async fn mirror_hard_items(source: &[Value], database: &str, dir: &std::path::Path) {
+    let clock = Arc::new(ManualClock::default());
+    let (collection, _) = hard_items();
+    let server = common::stac::start_with_collections(
+        std::slice::from_ref(&collection),
+        source,
+        Issuer::new(clock.clone(), "id", "secret"),
+        0,
+        |router| router,
+    )
+    .await;
+    let setup = Setup {
+        limit: 7,
+        top: "database_format = \"pgstac\"",
+        database: Some(database.to_string()),
+        ..Setup::new(
+            &server.url,
+            dir,
+            &["s2-hard"],
+            common::credentials(&server.token_url, "id", "secret"),
+        )
+    };
+    assert_eq!(setup.run(clock).await.exit(), Exit::Success);
+}
+
 /// pgstac's rows, column by column as text (content and private as pgstac's `jsonb` prints
 /// them, the geometry as EWKB), by key.
 async fn pgstac_columns(database: &str) -> BTreeMap<(String, String), Vec<Option<String>>> {
@@ -591,30 +618,10 @@ async fn pgstac_rows_are_those_pypgstac_load_writes_for_the_same_items() {
     if common::skip_without(common::Service::Pgstac) {
         return;
     }
-    let clock = Arc::new(ManualClock::default());
-    let (collection, source) = hard_items();
-    let server = common::stac::start_with_collections(
-        std::slice::from_ref(&collection),
-        &source,
-        Issuer::new(clock.clone(), "id", "secret"),
-        0,
-        |router| router,
-    )
-    .await;
+    let (_, source) = hard_items();
     let database = common::fresh_pgstac().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let setup = Setup {
-        limit: 7,
-        top: "database_format = \"pgstac\"",
-        database: Some(database.clone()),
-        ..Setup::new(
-            &server.url,
-            dir.path(),
-            &["s2-hard"],
-            common::credentials(&server.token_url, "id", "secret"),
-        )
-    };
-    assert_eq!(setup.run(clock.clone()).await.exit(), Exit::Success);
+    mirror_hard_items(&source, &database, dir.path()).await;
 
     // What stac-sync received, and the collection as it stored it, loaded by pypgstac.
     let mut conn = sqlx::PgConnection::connect(&database).await.expect("db");
@@ -700,8 +707,6 @@ async fn pgstac_0_9_hydrates_every_item_back_to_the_item_received() {
     if common::skip_without(common::Service::Pgstac) {
         return;
     }
-    let clock = Arc::new(ManualClock::default());
-    let (collection, _) = hard_items();
     let source: Vec<Value> = items("s2-hard", 30, 3)
         .into_iter()
         .enumerate()
@@ -714,28 +719,9 @@ async fn pgstac_0_9_hydrates_every_item_back_to_the_item_received() {
             item
         })
         .collect();
-    let server = common::stac::start_with_collections(
-        std::slice::from_ref(&collection),
-        &source,
-        Issuer::new(clock.clone(), "id", "secret"),
-        0,
-        |router| router,
-    )
-    .await;
     let database = common::fresh_pgstac_at(Some("0.9.12")).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let setup = Setup {
-        limit: 7,
-        top: "database_format = \"pgstac\"",
-        database: Some(database.clone()),
-        ..Setup::new(
-            &server.url,
-            dir.path(),
-            &["s2-hard"],
-            common::credentials(&server.token_url, "id", "secret"),
-        )
-    };
-    assert_eq!(setup.run(clock.clone()).await.exit(), Exit::Success);
+    mirror_hard_items(&source, &database, dir.path()).await;
     let mut conn = sqlx::PgConnection::connect(&database).await.expect("db");
     let version: String = sqlx::query_scalar("SELECT pgstac.get_version()")
         .fetch_one(&mut conn)

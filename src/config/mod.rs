@@ -184,8 +184,9 @@ pub enum DatabaseFormat {
     #[serde(rename = "stac-sync")]
     #[value(name = "stac-sync")]
     StacSync,
-    /// Items and collections in pgstac (through its staging tables and functions), so that
-    /// stac-fastapi-pgstac serves the mirror; stac-sync's own tables in schema `stac_sync`.
+    /// Items and collections in pgstac (items dehydrated and copied in as pgstac's loader
+    /// does, collections through its functions), so that stac-fastapi-pgstac serves the
+    /// mirror; stac-sync's own tables in schema `stac_sync`.
     Pgstac,
 }
 

@@ -120,6 +120,23 @@ fn mark_absent(base: &Value, item: &Map<String, Value>, out: &mut Map<String, Va
     }
 }
 
+/// A list that differs from the base's: of the same length, each object in it dehydrated
+/// against the base's object at its place and other elements kept; else the item's whole.
+fn dehydrate_list(base: &[Value], item: &[Value]) -> Value {
+    if base.len() != item.len() {
+        return Value::Array(item.to_vec());
+    }
+    let kept = base.iter().zip(item).map(|(b, v)| match (b, v) {
+        (Value::Object(_), Value::Object(v)) => {
+            let mut d = dehydrate(b, v);
+            mark_absent(b, v, &mut d);
+            Value::Object(d)
+        }
+        _ => v.clone(),
+    });
+    Value::Array(kept.collect())
+}
+
 /// What of `item` differs from `base`, key by key: pypgstac's `hydration.dehydrate`. A base
 /// value that is not an object, where the item has an object, is kept whole (the loader fails
 /// on such an item).
@@ -138,24 +155,7 @@ pub fn dehydrate(base: &Value, item: &Map<String, Value>) -> Map<String, Value> 
         }
         match (base_value, value) {
             (Value::Array(bs), Value::Array(vs)) => {
-                let kept = if bs.len() == vs.len() {
-                    Value::Array(
-                        bs.iter()
-                            .zip(vs)
-                            .map(|(b, v)| match (b, v) {
-                                (Value::Object(_), Value::Object(v)) => {
-                                    let mut d = dehydrate(b, v);
-                                    mark_absent(b, v, &mut d);
-                                    Value::Object(d)
-                                }
-                                _ => v.clone(),
-                            })
-                            .collect(),
-                    )
-                } else {
-                    value.clone()
-                };
-                out.insert(key.clone(), kept);
+                out.insert(key.clone(), dehydrate_list(bs, vs));
             }
             // The loader drops empty values (pgstac's hydration would give the base's back).
             (_, Value::Null) => {}
@@ -422,14 +422,7 @@ fn other_member(
     }
     match (base, &value) {
         (Value::Array(bs), Value::Array(vs)) if bs.len() == vs.len() => {
-            let mut single = Map::new();
-            single.insert(name.to_string(), value.clone());
-            let mut base_single = Map::new();
-            base_single.insert(name.to_string(), base.clone());
-            let stripped = dehydrate(&Value::Object(base_single), &single);
-            if let Some(kept) = stripped.get(name) {
-                member(out, name, &kept.to_string());
-            }
+            member(out, name, &dehydrate_list(bs, vs).to_string());
         }
         // Lists of other lengths keep the item's, even empty (before the rule below, as in
         // the loader).
