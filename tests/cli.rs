@@ -105,6 +105,31 @@ fn an_unknown_config_key_is_named_with_its_file_and_line() {
 }
 
 #[test]
+fn an_unreachable_postgres_says_the_connection_was_refused_and_where() {
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let output = stac_sync(dir.path())
+        .args([
+            "status",
+            "--database-url",
+            "postgres://postgres@127.0.0.1:9/mirror",
+        ])
+        .output()
+        .expect("runs");
+
+    assert_eq!(output.status.code(), Some(6));
+    let line = first_error_line(&output);
+    assert!(
+        line.starts_with(
+            "error: sink error: cannot connect to database postgres://postgres@127.0.0.1:9/mirror"
+        ),
+        "{line}"
+    );
+    assert!(line.contains("Connection refused"), "{line}");
+    assert!(!line.contains("timed out"), "{line}");
+}
+
+#[test]
 fn an_unreachable_api_is_an_upstream_error_after_the_retries() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(

@@ -828,6 +828,87 @@ async fn configured_headers_go_only_to_the_apis_origin_like_the_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_another_origin_is_followed_without_the_token_or_configured_headers() {
+    let (env, elsewhere) = next_links_to_another_origin().await;
+    // The API's first search answers 302 to the other origin's search.
+    env.server.fault(Fault::Status(
+        302,
+        vec![("Location".into(), format!("{}search", elsewhere.url))],
+        String::new(),
+    ));
+    let mut setup = env.setup();
+    setup.extra = "[headers]\nX-Api-Key = \"secret-key\"\n".into();
+
+    let summary = setup.run(env.clock.clone()).await;
+
+    assert_eq!(
+        elsewhere.state.searches.load(Ordering::SeqCst),
+        1,
+        "the redirect was not followed"
+    );
+    assert_eq!(
+        elsewhere.state.with_api_key.load(Ordering::SeqCst),
+        0,
+        "the configured header followed the redirect to another origin"
+    );
+    assert_eq!(
+        elsewhere.state.with_authorization.load(Ordering::SeqCst),
+        0,
+        "the token followed the redirect to another origin"
+    );
+    assert_eq!(env.server.state.with_api_key.load(Ordering::SeqCst), 1);
+    // The other origin refuses a search without a token: the run says where it went.
+    assert_eq!(summary.exit(), Exit::Auth);
+    let error = summary.jobs[0].error.as_ref().expect("error").to_string();
+    assert!(error.contains(&elsewhere.url), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_end_cannot_be_recorded_reports_the_write_that_failed_first() {
+    use sqlx::Connection;
+    let env = fixture_env(pages(2, 2), Paging::GetHref).await;
+    let setup = env.setup();
+    stac_sync::mirror::db::Database::connect(&setup.database_url())
+        .await
+        .expect("db")
+        .migrate()
+        .await
+        .expect("migrated");
+    // A full disk, as SQLite reports it: the page's write fails (its items, then their
+    // quarantine), and so does the run's record.
+    let mut conn = sqlx::SqliteConnection::connect(&setup.database_url())
+        .await
+        .expect("sqlite");
+    for trigger in [
+        "CREATE TRIGGER full_items BEFORE INSERT ON items \
+         BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
+        "CREATE TRIGGER full_quarantine BEFORE INSERT ON quarantine \
+         BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
+        "CREATE TRIGGER full_runs BEFORE UPDATE ON sync_runs \
+         BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
+    ] {
+        sqlx::query(trigger)
+            .execute(&mut conn)
+            .await
+            .expect("trigger");
+    }
+    conn.close().await.expect("closed");
+
+    let summary = setup.run(env.clock.clone()).await;
+
+    assert_eq!(summary.exit(), Exit::Sink);
+    assert_eq!(summary.jobs[0].status, "failed");
+    let error = summary.jobs[0].error.as_ref().expect("error").to_string();
+    assert!(error.contains("database or disk is full"), "{error}");
+    let first = error.find("could not be recorded").expect(&error);
+    assert!(
+        !error[..first].contains("record the run's end"),
+        "the failed record hides the write that failed: {error}"
+    );
+    assert!(error[first..].contains("record the run's end"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_is_never_sent_to_another_origin_than_the_apis() {
     let (env, elsewhere) = next_links_to_another_origin().await;
 

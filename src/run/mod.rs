@@ -343,13 +343,13 @@ impl Record {
         counts: Counts,
         passes: PassReport,
     ) -> Result<JobReport, Error> {
-        let status = match &result {
+        let mut status = match &result {
             Err(Error::Stopped) => "interrupted",
             Err(_) => "failed",
             Ok(()) if counts.quarantined > 0 || counts.incomplete > 0 => "partial",
             Ok(()) => "succeeded",
         };
-        let error = result.err();
+        let mut error = result.err();
         let incomplete = (!passes.incomplete.is_empty()).then(|| {
             let shorts: Vec<String> = passes.incomplete.iter().map(ToString::to_string).collect();
             format!(
@@ -358,11 +358,29 @@ impl Record {
                 shorts.join("; ")
             )
         });
-        let message = error.as_ref().map(ToString::to_string).or(incomplete);
-        context
+        let mut message = error.as_ref().map(ToString::to_string).or(incomplete);
+        let recorded = context
             .db()
             .finish_run(&self.run_id, status, &counts, message.as_deref())
-            .await?;
+            .await;
+        if let Err(record) = recorded {
+            // A database that refuses the run's failure (a full disk refuses both) must not
+            // hide it: the job reports what failed first, then that its end is not recorded.
+            let unrecorded = format!(
+                "The run's end could not be recorded either ({record}): `status` shows it \
+                 running until the next run of the job marks it abandoned"
+            );
+            let failure = match error {
+                Some(first) => Error::Hinted {
+                    error: Box::new(first),
+                    hint: unrecorded,
+                },
+                None => record,
+            };
+            status = "failed";
+            message = Some(failure.to_string());
+            error = Some(failure);
+        }
         // Now rather than when the server notices the connection close: a daemon's next run of
         // the job may start at once.
         if let Err(e) = lock.release().await {

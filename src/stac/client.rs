@@ -91,12 +91,21 @@ impl ApiClient {
                 same_origin,
                 token: None,
                 size: size.as_deref_mut(),
+                redirect: None,
             };
             let sent = http::send(attempts, Some(&self.permits), &mut build).await?;
             let status = sent.response.status();
             if status.is_success() {
                 return Ok(sent);
             }
+            // Where the refusal came from: a redirect may have taken the request elsewhere.
+            let shown = match build.redirect {
+                Some(_) => format!(
+                    "{} (redirected from {shown})",
+                    http::display_url(sent.response.url())
+                ),
+                None => shown.clone(),
+            };
             // A refused token: 401, or the EDS gateway's 403. Anything else is final.
             if status != StatusCode::UNAUTHORIZED {
                 let body = match sent.body().await {
@@ -381,6 +390,9 @@ struct Build<'a> {
     token: Option<Token>,
     /// The partition's page size, for a search page.
     size: Option<&'a mut PageSize>,
+    /// Where the server redirected the request, in another origin, and whether the redirect
+    /// turns it into a GET (301, 302 and 303, as browsers and reqwest do).
+    redirect: Option<(Url, bool)>,
 }
 
 impl BuildRequest for Build<'_> {
@@ -396,28 +408,51 @@ impl BuildRequest for Build<'_> {
             } else {
                 None
             };
-            let mut builder = match request.method.as_str() {
-                "POST" => api.client.post(request.url.clone()),
-                _ => api.client.get(request.url.clone()),
+            let (url, post) = match &self.redirect {
+                Some((to, as_get)) => (to, request.method == "POST" && !as_get),
+                None => (&request.url, request.method == "POST"),
+            };
+            let mut builder = match post {
+                true => api.client.post(url.clone()),
+                false => api.client.get(url.clone()),
             };
             // Configured headers may carry credentials (`Authorization: ApiKey ...`): like the
-            // token, they go to the API's origin only. A next link's own headers go with it.
+            // token, they go to the API's origin only. A next link's own headers go with it,
+            // but not where another origin redirected it.
             let configured = if self.same_origin {
                 &api.headers[..]
             } else {
                 &[]
             };
-            for (name, value) in configured.iter().chain(&request.headers) {
+            let link = match self.redirect {
+                Some(_) => &[][..],
+                None => &request.headers[..],
+            };
+            for (name, value) in configured.iter().chain(link) {
                 builder = builder.header(name, value);
             }
             if let Some(token) = &self.token {
                 builder = builder.bearer_auth(token.value.expose_secret());
             }
-            if let Some(body) = &request.body {
+            if let Some(body) = request.body.as_ref().filter(|_| post) {
                 builder = builder.json(body);
             }
             Ok(builder)
         })
+    }
+
+    fn redirected(&mut self, to: &Url, status: StatusCode) -> bool {
+        let from = self
+            .redirect
+            .as_ref()
+            .map_or(&self.request.url, |(url, _)| url);
+        tracing::warn!(from = %http::display_url(from), to = %http::display_url(to), %status,
+            "redirected to another origin: following without the token or [headers]");
+        self.same_origin = to.origin() == self.api.root.origin();
+        let as_get = matches!(status.as_u16(), 301..=303)
+            || self.redirect.as_ref().is_some_and(|(_, get)| *get);
+        self.redirect = Some((to.clone(), as_get));
+        true
     }
 
     fn failed(&mut self, status: Option<StatusCode>, timeout: bool) -> bool {

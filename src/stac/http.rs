@@ -200,12 +200,29 @@ impl Cap {
 
 pub use crate::error::HttpError;
 
-/// Builds the HTTP client with every timeout set (rustls only).
+/// Redirects followed within one origin, at most.
+const MAX_REDIRECTS: usize = 10;
+
+/// Builds the HTTP client with every timeout set (rustls only). It follows redirects within the
+/// request's origin only: a redirect to another origin comes back as the response, for [`send`]
+/// to follow without credentials (reqwest would strip `Authorization` there, but not a
+/// configured header such as `X-Api-Key`).
 pub fn client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::Error> {
+    let same_origin = reqwest::redirect::Policy::custom(|attempt| {
+        let first = attempt.previous().first().map(url::Url::origin);
+        if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+        } else if first.is_some_and(|first| first != attempt.url().origin()) {
+            attempt.stop()
+        } else {
+            attempt.follow()
+        }
+    });
     reqwest::Client::builder()
         .connect_timeout(settings.connect_timeout)
         .read_timeout(settings.read_timeout)
         .timeout(settings.timeout)
+        .redirect(same_origin)
         .user_agent(concat!("stac-sync/", env!("CARGO_PKG_VERSION")))
         .build()
 }
@@ -254,6 +271,12 @@ pub(crate) trait BuildRequest: Send {
     /// the next attempt is changed to avoid it (a smaller page). A retryable failure is retried
     /// either way; a 413 only when this says so.
     fn failed(&mut self, _status: Option<StatusCode>, _timeout: bool) -> bool {
+        false
+    }
+
+    /// The server redirected an attempt (`status`) to `to`, in another origin: whether the
+    /// next attempts go there (built without credentials). If not, the redirect is the answer.
+    fn redirected(&mut self, _to: &url::Url, _status: StatusCode) -> bool {
         false
     }
 }
@@ -369,6 +392,7 @@ pub(crate) async fn send<'c>(
     permits: Option<&'c Cap>,
     build: &mut dyn BuildRequest,
 ) -> Result<Sent<'c>, Error> {
+    let mut redirects = 0;
     loop {
         let permit = match permits {
             Some(cap) => cap.acquire().await,
@@ -408,6 +432,14 @@ pub(crate) async fn send<'c>(
                 }
                 (format!("HTTP {status}"), Some(status), hint)
             }
+            Ok(response)
+                if redirects < MAX_REDIRECTS
+                    && let Some(to) = redirect_target(&response)
+                    && build.redirected(&to, response.status()) =>
+            {
+                redirects += 1;
+                continue;
+            }
             Ok(response) => {
                 if let Some(cap) = permits {
                     cap.succeeded();
@@ -421,6 +453,19 @@ pub(crate) async fn send<'c>(
         drop(permit);
         attempts.retry(last, status, hint).await?;
     }
+}
+
+/// Where a redirect the client did not follow (to another origin) points.
+fn redirect_target(response: &reqwest::Response) -> Option<url::Url> {
+    if !response.status().is_redirection() {
+        return None;
+    }
+    let location = response
+        .headers()
+        .get(reqwest::header::LOCATION)?
+        .to_str()
+        .ok()?;
+    response.url().join(location).ok()
 }
 
 /// A URL for messages: without query string (paging tokens are long and may be sensitive)
