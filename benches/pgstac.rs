@@ -318,9 +318,7 @@ async fn main() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     db.migrate().await.unwrap_or_else(|e| panic!("{e}"));
-    db.pgstac()
-        .unwrap_or_else(|| panic!("a pgstac database"))
-        .pgstac_collection(&collection.to_string())
+    db.store_collection("sentinel-2-l2a", &collection.to_string(), "", true)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let ours_new = stac_sync(&db, &new_files, &request, at_once).await;

@@ -8,7 +8,7 @@
 //! 2. [`config`]: the file, the environment and the flags, resolved into a [`config::Config`].
 //! 3. [`stac`]: HTTP with retries, tokens, the API client, search requests and the page reader.
 //! 4. [`plan`]: a job's partitions, incremental strategy and watermark.
-//! 5. [`mirror`]: the write protocol and the outputs it writes (the SQL database, the object
+//! 5. [`mirror`]: the write protocol and what it writes (the SQL database, the object
 //!    store); the job lock and worker leases.
 //! 6. [`run`]: a run of the jobs: passes, and the pipeline (pager → stager → committer).
 //! 7. [`ops`]: what operates a mirror: `check`, `status`, metrics, the daemon, logging.

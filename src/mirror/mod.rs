@@ -1,19 +1,17 @@
-//! The mirror: the SQL database, the outputs beside it (the object store), and the order in
-//! which a page is written to them. This module is the one place that owns that order:
+//! The mirror: the SQL database, the object store beside it (if configured), and the order
+//! in which a page is written to them. This module is the one place that owns that order:
 //!
 //! 1. [`PageWriter::stage`] classifies a page's items against the database and against the
 //!    pages staged before it and not committed yet (two pages in flight that carry one item then
 //!    agree on it), sets aside what the database would refuse (Postgres cannot store `\u0000`),
-//!    and has every [`Output`] write the new and changed items.
+//!    and has the object store write the new and changed items.
 //! 2. [`PageWriter::commit`] commits the rows, the quarantined features and the partition's
 //!    resume point in one transaction. A new item whose row the database refuses at commit is
-//!    removed from the outputs again, so they hold exactly the items the database does.
+//!    removed from the object store again, so it holds exactly the items the database does.
 //!
-//! Outputs are written before the commit, so a run killed in between leaves them ahead of the
+//! Objects are written before the commit, so a run killed in between leaves them ahead of the
 //! database, never behind: the page is fetched again, and writing the same bytes again is
 //! harmless. What is not here: fetching pages and deciding which to commit when (`run`).
-//!
-//! A new output is one module implementing [`Output`] and one line in [`Mirror::open`].
 
 pub mod db;
 pub mod objects;
@@ -26,69 +24,35 @@ use crate::stac::reader::{Item, Page, Rejected};
 use crate::stac::search::Request;
 use bytes::Bytes;
 use db::{Committed, Counts, Database, JobLock, Known, Lease, PageCommit, Scope, Seen};
-use futures_util::future::BoxFuture;
 use objects::ObjectSink;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
-/// Where items go beside the database. Every method may be called again for the same items
-/// after a run was killed, so each must be idempotent.
-pub trait Output: Send + Sync + std::fmt::Debug {
-    /// Writes the new and changed items of a page, before their rows commit.
-    fn write<'a>(&'a self, items: &'a [(&'a Item, Known)]) -> BoxFuture<'a, Result<(), Error>>;
-    /// Removes an item: a new one whose row the database refused, or one deleted upstream
-    /// (`deleted_objects = "delete"`). Removing what is not there succeeds.
-    fn remove<'a>(&'a self, collection: &'a str, id: &'a str) -> BoxFuture<'a, Result<(), Error>>;
-    /// Removes what a killed run left half-written in `collections`; returns how many. Called
-    /// by a single run holding the job's lock, never while workers may be writing.
-    fn recover<'a>(&'a self, collections: &'a [String]) -> BoxFuture<'a, Result<usize, Error>>;
-    /// Stores a run's manifest.
-    fn manifest<'a>(&'a self, run_id: &'a str, manifest: Bytes)
-    -> BoxFuture<'a, Result<(), Error>>;
-    /// Stores a run's changes (NDJSON), from a local file.
-    fn changes<'a>(
-        &'a self,
-        run_id: &'a str,
-        changes: &'a std::path::Path,
-    ) -> BoxFuture<'a, Result<(), Error>>;
-    /// Stores a collection's document (new or changed), before its row.
-    fn collection<'a>(
-        &'a self,
-        collection: &'a str,
-        content: Bytes,
-    ) -> BoxFuture<'a, Result<(), Error>>;
-}
-
-/// The database and the outputs, opened for a run.
+/// The database and the object store, opened for a run.
 #[derive(Debug, Clone)]
 pub struct Mirror {
     db: Database,
-    outputs: Vec<Arc<dyn Output>>,
-    /// The object store, where snapshot files go.
+    /// The object store, if the config names one: items, collection documents, manifests,
+    /// change files and snapshot files. Each of its writes may be done again for the same
+    /// items after a run was killed: each is idempotent.
     objects: Option<ObjectSink>,
 }
 
 impl Mirror {
-    /// Opens the database (migrating it if `migrate`) and the configured outputs, and checks
-    /// that each output takes a write: a missing bucket fails here, before any page.
+    /// Opens the database (migrating it if `migrate`) and the object store, and checks
+    /// that the store takes a write: a missing bucket fails here, before any page.
     pub async fn open(config: &Config, migrate: bool) -> Result<Mirror, Error> {
         let db = Database::connect_as(&config.database_url, config.database_format).await?;
         if migrate {
             db.migrate().await?;
         }
-        let mut outputs: Vec<Arc<dyn Output>> = Vec::new();
         let mut objects = None;
         if let Some(url) = config.object_store_url.as_deref() {
             let sink = ObjectSink::from_url(url, &config.object_store_options)?;
             sink.probe().await?;
-            outputs.push(Arc::new(sink.clone()));
             objects = Some(sink);
         }
-        Ok(Mirror {
-            db,
-            outputs,
-            objects,
-        })
+        Ok(Mirror { db, objects })
     }
 
     /// The database: runs, plans, resume points, locks and leases.
@@ -113,8 +77,8 @@ impl Mirror {
     /// Removes what a killed run of `job` left half-written. Failures are logged: a leftover
     /// never changes what the mirror holds.
     pub async fn recover(&self, job: &str, collections: &[String]) {
-        for output in &self.outputs {
-            match output.recover(collections).await {
+        if let Some(objects) = &self.objects {
+            match objects.recover(collections).await {
                 Ok(0) => {}
                 Ok(removed) => {
                     tracing::info!(job, removed, "removed half-written objects of a killed run")
@@ -125,7 +89,7 @@ impl Mirror {
     }
 
     /// Stores a collection's document as fetched (`None`: the API has none now): written to
-    /// the outputs, then its row, when it is new or changed; a collection gone upstream is
+    /// the object store, then its row, when it is new or changed; a collection gone upstream is
     /// marked, never dropped.
     /// With `snapshots`, the written document gains a `geoparquet-items` asset pointing at the
     /// snapshot files.
@@ -136,10 +100,11 @@ impl Mirror {
         snapshots: Option<SnapshotWindow>,
     ) -> Result<(), Error> {
         let Some(content) = content else {
-            if self.db.pgstac().is_some() && !self.db.collection_stored(id).await? {
+            if self.db.needs_collection_document() && !self.db.collection_stored(id).await? {
                 return Err(Error::Upstream(format!(
-                    "collection {id}: the API has no /collections/{id} document, and pgstac \
-                     needs one to hold the collection's items; check the collection id"
+                    "collection {id}: the API has no /collections/{id} document, and the \
+                     database (pgstac) needs one to hold the collection's items; check the \
+                     collection id"
                 )));
             }
             if self.db.collection_gone(id).await? {
@@ -161,11 +126,8 @@ impl Mirror {
                 Some(window) => snapshot::with_asset(&content, window),
                 None => content.clone(),
             };
-            for output in &self.outputs {
-                output.collection(id, written.clone()).await?;
-            }
-            if let Some(pgstac) = self.db.pgstac() {
-                pgstac.pgstac_collection(text).await?;
+            if let Some(objects) = &self.objects {
+                objects.put_collection(id, written).await?;
             }
             tracing::info!(
                 collection = id,
@@ -225,21 +187,19 @@ impl Mirror {
         failed.map_or(Ok((windows, items)), Err)
     }
 
-    /// Stores a run's changes, one JSON line each, where the outputs keep them (beside its
+    /// Stores a run's changes, one JSON line each, in the object store (beside its
     /// manifest), if it made any; a failure is logged (the feed itself is in the database).
     /// The lines go through a temporary file, a page of rows at a time, so a backfill of a
     /// million items does not hold its million changes in memory.
     pub async fn changes(&self, run_id: &str) {
-        if self.outputs.is_empty() {
+        let Some(objects) = &self.objects else {
             return;
-        }
+        };
         match self.changes_file(run_id).await {
             Ok(None) => {}
             Ok(Some(file)) => {
-                for output in &self.outputs {
-                    if let Err(e) = output.changes(run_id, file.path()).await {
-                        tracing::warn!(error = %e, "could not write the run's changes");
-                    }
+                if let Err(e) = objects.put_changes(run_id, file.path()).await {
+                    tracing::warn!(error = %e, "could not write the run's changes");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not write the run's changes"),
@@ -280,18 +240,18 @@ impl Mirror {
             .transpose()
     }
 
-    /// Stores a run's manifest where the outputs keep one; a failure is logged.
+    /// Stores a run's manifest in the object store; a failure is logged.
     pub async fn manifest(&self, run_id: &str, manifest: &serde_json::Value) {
         let bytes = Bytes::from(manifest.to_string());
-        for output in &self.outputs {
-            if let Err(e) = output.manifest(run_id, bytes.clone()).await {
-                tracing::warn!(error = %e, "could not write the run manifest");
-            }
+        if let Some(objects) = &self.objects
+            && let Err(e) = objects.put_manifest(run_id, bytes).await
+        {
+            tracing::warn!(error = %e, "could not write the run manifest");
         }
     }
 
     /// Ends a reconcile of `job`: the live items in `scopes` its sweep did not see are
-    /// tombstoned (and removed from the outputs first when the job deletes objects: a kill in
+    /// tombstoned (and removed from the object store first when the job deletes objects: a kill in
     /// between leaves live rows without objects, which the next reconcile finds again and
     /// finishes), and their snapshot windows marked due. Returns how many.
     pub async fn tombstone(
@@ -310,10 +270,8 @@ impl Mirror {
         }
         for (collection, id) in &vanished {
             tracing::info!(job, collection, id, "item deleted upstream: tombstoned");
-            if remove {
-                for output in &self.outputs {
-                    output.remove(collection, id).await?;
-                }
+            if remove && let Some(objects) = &self.objects {
+                objects.delete_item(collection, id).await?;
             }
         }
         lock.check().await?;
@@ -345,7 +303,7 @@ pub(crate) struct PageWriter<'m> {
     ahead: Ahead,
 }
 
-/// A page whose outputs are written, ready to commit.
+/// A page whose objects are written, ready to commit.
 #[derive(Debug)]
 pub(crate) struct Staged {
     /// Its place in the order pages were staged.
@@ -391,20 +349,17 @@ pub(crate) struct Checkpoint<'a> {
 }
 
 impl PageWriter<'_> {
-    /// Pages that may commit at once. Postgres parses each item into `jsonb` on the backend
-    /// that commits it, so two commits keep two backends (and cores) busy. SQLite has one
-    /// writer, and the pages of a reconcile all insert into `sync_seen`, so they commit one at
-    /// a time. On pgstac too: pgstac's partitions are made and widened before a page's
-    /// transaction, in one of their own, so pages hold no partition's exclusive lock.
+    /// Pages that may commit at once: as many as the database takes, for a sync pass; the pages
+    /// of a reconcile all insert into `sync_seen`, so they commit one at a time.
     pub(crate) fn commits_at_once(&self) -> usize {
-        match (&self.mirror.db, self.writes) {
-            (Database::Postgres(_), Writes::Items) => 2,
-            _ => 1,
+        match self.writes {
+            Writes::Items => self.mirror.db.commits_at_once(),
+            Writes::ItemsAndSeen | Writes::Seen => 1,
         }
     }
 
-    /// Classifies a page's items and has the outputs write the new and changed ones. It may run
-    /// while the page before commits, so the outputs and the database work at the same time.
+    /// Classifies a page's items and has the object store write the new and changed ones. It may run
+    /// while the page before commits, so the object store and the database work at the same time.
     pub(crate) async fn stage(&self, seq: u64, page: Page) -> Result<Staged, Error> {
         let mut staged = Staged {
             seq,
@@ -435,8 +390,8 @@ impl PageWriter<'_> {
             }
         }
         let changed = staged.changed();
-        for output in &self.mirror.outputs {
-            output.write(&changed).await?;
+        if let Some(objects) = &self.mirror.objects {
+            objects.put_items(&changed).await?;
         }
         let written = changed
             .iter()
@@ -550,8 +505,8 @@ impl PageWriter<'_> {
             .collect()
     }
 
-    /// Counts what the commit stored, and removes from the outputs the new items whose rows the
-    /// database refused, so the outputs hold exactly what the database does.
+    /// Counts what the commit stored, and removes from the object store the new items whose rows the
+    /// database refused, so the store holds exactly what the database does.
     async fn settle(
         &self,
         changed: &[(&Item, Known)],
@@ -575,8 +530,8 @@ impl PageWriter<'_> {
             };
             match (stored, known) {
                 (false, Known::New) => {
-                    for output in &self.mirror.outputs {
-                        output.remove(&item.collection, &item.id).await?;
+                    if let Some(objects) = &self.mirror.objects {
+                        objects.delete_item(&item.collection, &item.id).await?;
                     }
                 }
                 (false, _) => tracing::warn!(collection = %item.collection, id = %item.id,

@@ -11,7 +11,6 @@ use super::db::Known;
 use crate::error::Error;
 use crate::stac::reader::Item;
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
@@ -352,6 +351,17 @@ impl ObjectSink {
     }
 
     /// Writes a run's manifest.
+    /// Removes what a killed run left half-written in `collections`; returns how many. Called
+    /// by a single run holding the job's lock, never while workers may be writing.
+    pub async fn recover(&self, collections: &[String]) -> Result<usize, Error> {
+        let sink = self.clone();
+        let collections = collections.to_vec();
+        // A directory walk: kept off the async workers.
+        tokio::task::spawn_blocking(move || sink.sweep_staging(&collections))
+            .await
+            .map_err(|e| Error::Internal(format!("the folder clean-up failed: {e}")))?
+    }
+
     pub async fn put_manifest(&self, run_id: &str, manifest: Bytes) -> Result<(), Error> {
         let key = self.key(&format!("_runs/{}.json", encode_segment(run_id)));
         self.store
@@ -359,51 +369,6 @@ impl ObjectSink {
             .await
             .map_err(self.fail(format!("writing {key}")))?;
         Ok(())
-    }
-}
-
-impl super::Output for ObjectSink {
-    fn write<'a>(&'a self, items: &'a [(&'a Item, Known)]) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(self.put_items(items))
-    }
-
-    fn remove<'a>(&'a self, collection: &'a str, id: &'a str) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(self.delete_item(collection, id))
-    }
-
-    fn recover<'a>(&'a self, collections: &'a [String]) -> BoxFuture<'a, Result<usize, Error>> {
-        let sink = self.clone();
-        let collections = collections.to_vec();
-        Box::pin(async move {
-            // A directory walk: kept off the async workers.
-            tokio::task::spawn_blocking(move || sink.sweep_staging(&collections))
-                .await
-                .map_err(|e| Error::Internal(format!("the folder clean-up failed: {e}")))?
-        })
-    }
-
-    fn manifest<'a>(
-        &'a self,
-        run_id: &'a str,
-        manifest: Bytes,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(self.put_manifest(run_id, manifest))
-    }
-
-    fn changes<'a>(
-        &'a self,
-        run_id: &'a str,
-        changes: &'a std::path::Path,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(self.put_changes(run_id, changes))
-    }
-
-    fn collection<'a>(
-        &'a self,
-        collection: &'a str,
-        content: Bytes,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(self.put_collection(collection, content))
     }
 }
 

@@ -247,8 +247,8 @@ async fn probe_database(report: &mut Report, config: &Config) -> Option<Database
             )
         }),
     );
-    if let Some(pgstac) = db.pgstac() {
-        report.push("pgstac", pgstac.pgstac_probe().await);
+    for (check, found) in db.probes().await {
+        report.push(check, found);
     }
     match db.migrations().await {
         (0, _) => report.info(

@@ -86,7 +86,8 @@ impl Database {
         .map_err(self.fail("read a collection"))
     }
 
-    /// Records a collection fetched in this run: its document if `changed`, else only when.
+    /// Records a collection fetched in this run: its document if `changed` (in pgstac too),
+    /// else only when.
     pub async fn store_collection(
         &self,
         id: &str,
@@ -94,6 +95,10 @@ impl Database {
         variant: &str,
         changed: bool,
     ) -> Result<(), Error> {
+        if changed && let Some(db) = self.pgstac() {
+            // Before its items, which go into the partitions it makes.
+            pgstac::upsert_collection(db.pool(), db.shown(), content).await?;
+        }
         let hash = collection_hash(content, variant);
         let sql = match (changed, self) {
             (false, _) => "UPDATE collections SET last_seen_at = CURRENT_TIMESTAMP WHERE id = $1",

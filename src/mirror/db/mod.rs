@@ -146,10 +146,36 @@ impl Database {
     }
 
     /// The pgstac database, when items and collections go to pgstac.
-    pub fn pgstac(&self) -> Option<&PostgresDb> {
+    fn pgstac(&self) -> Option<&PostgresDb> {
         match self {
             Database::Postgres(db) if db.is_pgstac() => Some(db),
             _ => None,
+        }
+    }
+
+    /// Pages of items that may commit at once. Postgres parses each item into `jsonb` on the
+    /// backend that commits it, so two commits keep two backends (and cores) busy; pgstac too,
+    /// since its partitions are made and widened before a page's transaction, in one of their
+    /// own, so pages hold no partition's exclusive lock. SQLite has one writer.
+    pub fn commits_at_once(&self) -> usize {
+        match self {
+            Database::Sqlite(_) => 1,
+            Database::Postgres(_) => 2,
+        }
+    }
+
+    /// Whether a collection's items can be stored only once its document is (pgstac keeps
+    /// each collection's items in partitions its document makes).
+    pub fn needs_collection_document(&self) -> bool {
+        self.pgstac().is_some()
+    }
+
+    /// What `check` reports of this database beyond reaching and writing it: `(check, what
+    /// it found)` (pgstac: its version, and whether this role may write to it).
+    pub async fn probes(&self) -> Vec<(&'static str, Result<String, Error>)> {
+        match self.pgstac() {
+            Some(db) => vec![("pgstac", pgstac::probe(db.pool(), db.shown()).await)],
+            None => Vec::new(),
         }
     }
 

@@ -15,10 +15,11 @@
 //! partitions are made, and their datetime constraints widened, by `pgstac.check_partition`
 //! first, grouped as pgstac's staging trigger groups them.
 
+use crate::error::Error;
 use crate::stac::reader::{Item, Rejected};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use sqlx::postgres::PgConnection;
+use sqlx::postgres::{PgConnection, PgPool};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
@@ -811,6 +812,17 @@ pub async fn write(
     if rows.is_empty() {
         return Ok(());
     }
+    // pgstac's functions of 0.9 name its tables without their schema; `stac_sync` holds
+    // tables of the same names. Its `content` column compresses with the server's default,
+    // pglz: lz4, as stac-sync's own rows use, compresses the dehydrated items in two thirds
+    // of the server's time (readers decompress either). Both end with the transaction (or
+    // the savepoint, if this fails).
+    sqlx::query(
+        "SELECT set_config('search_path', 'pgstac, public', true), \
+         set_config('default_toast_compression', 'lz4', true)",
+    )
+    .execute(&mut *conn)
+    .await?;
     let mut by_collection: HashMap<&str, Vec<&str>> = HashMap::new();
     for row in replace {
         by_collection
@@ -843,7 +855,17 @@ pub async fn write(
         copy.send(buffer).await?;
     }
     copy.finish().await?;
+    sqlx::query("SET LOCAL search_path TO stac_sync, public")
+        .execute(&mut *conn)
+        .await?;
     Ok(())
+}
+
+/// Whether pgstac versions its collections' base items (0.10 and later).
+pub async fn versioned(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT to_regprocedure('pgstac.current_base_item(text)') IS NOT NULL")
+        .fetch_one(conn)
+        .await
 }
 
 /// A row in `COPY`'s text format.
@@ -895,6 +917,77 @@ fn escape(text: &str, out: &mut Vec<u8>) {
     }
     out.extend_from_slice(&bytes[start..]);
 }
+
+/// The version of pgstac in the database; an error that says how to install it.
+pub async fn version(pool: &PgPool, shown: &str) -> Result<String, Error> {
+    sqlx::query_scalar("SELECT pgstac.get_version()")
+        .fetch_one(pool)
+        .await
+        .map_err(|e| {
+            Error::Sink(format!(
+                "database {}: database_format = \"pgstac\", but pgstac cannot be read there \
+                 ({e}); install it with `pypgstac migrate --dsn ...`, or grant this role \
+                 pgstac_ingest",
+                shown
+            ))
+        })
+}
+
+/// What `check` says of pgstac: its version (0.9 or later), and whether this role may
+/// write items (into `pgstac.items`, its partitions made by `check_partition`) and
+/// collections.
+pub async fn probe(pool: &PgPool, shown: &str) -> Result<String, Error> {
+    let version = version(pool, shown).await?;
+    let numbers: Vec<u32> = version
+        .split('.')
+        .take(2)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    if numbers.as_slice() < [0, 9].as_slice() {
+        return Err(Error::Sink(format!(
+            "pgstac {version} is older than 0.9, which stac-sync needs (tested with 0.10); \
+             upgrade it with `pypgstac migrate`"
+        )));
+    }
+    let may_write: bool = sqlx::query_scalar(
+        "SELECT has_table_privilege('pgstac.items', 'INSERT, DELETE') \
+         AND has_function_privilege('pgstac.check_partition(text, tstzrange, tstzrange)', \
+             'EXECUTE') \
+         AND has_function_privilege('pgstac.upsert_collection(jsonb)', 'EXECUTE') \
+         AND has_schema_privilege('pgstac', 'USAGE')",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(super::sink_error(
+        shown,
+        "read this role's pgstac privileges",
+    ))?;
+    if !may_write {
+        return Err(Error::Sink(format!(
+            "pgstac {version} is installed, but this role may not write items or \
+             collections: grant it pgstac_ingest"
+        )));
+    }
+    Ok(format!(
+        "pgstac {version}; this role may write items and collections"
+    ))
+}
+
+/// Creates or updates a collection in pgstac (before its items).
+pub async fn upsert_collection(pool: &PgPool, shown: &str, content: &str) -> Result<(), Error> {
+    sqlx::query("SELECT pgstac.upsert_collection(CAST($1 AS JSONB))")
+        .bind(content)
+        .execute(pool)
+        .await
+        .map_err(super::sink_error(shown, "store a collection in pgstac"))?;
+    Ok(())
+}
+
+/// Removes from pgstac the items of collection `$1` that stac-sync holds as deleted (a
+/// reconcile's tombstones): the served catalog matches the source.
+pub const DELETE_TOMBSTONED: &str = "DELETE FROM pgstac.items p USING stac_sync.items s \
+    WHERE s.collection = $1 AND s.deleted_at IS NOT NULL \
+    AND p.collection = s.collection AND p.id = s.id";
 
 #[cfg(test)]
 mod tests {

@@ -321,7 +321,7 @@ impl PostgresDb {
     /// Applies the schema migrations (into schema `stac_sync` beside pgstac's).
     pub async fn migrate(&self) -> Result<(), Error> {
         if self.pgstac {
-            self.pgstac_version().await?;
+            pgstac::version(&self.pool, &self.shown).await?;
             // IF NOT EXISTS is not safe against a concurrent CREATE (workers starting at once):
             // the loser's unique violation means the schema is there.
             match sqlx::query(concat!("CREATE SCHEMA IF NOT EXISTS ", "stac_sync"))
@@ -524,12 +524,9 @@ impl PostgresDb {
         let versioned = match self.versioned.get() {
             Some(versioned) => *versioned,
             None => {
-                let versioned: bool = sqlx::query_scalar(
-                    "SELECT to_regprocedure('pgstac.current_base_item(text)') IS NOT NULL",
-                )
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(self.failure("read pgstac's functions"))?;
+                let versioned = pgstac::versioned(tx)
+                    .await
+                    .map_err(self.failure("read pgstac's functions"))?;
                 *self.versioned.get_or_init(|| async { versioned }).await
             }
         };
@@ -577,21 +574,7 @@ impl PostgresDb {
                 replace.push(row);
             }
         }
-        // pgstac's functions of 0.9 name its tables without their schema; `stac_sync` holds
-        // tables of the same names. Its `content` column compresses with the server's default,
-        // pglz: lz4, as stac-sync's own rows use, compresses the dehydrated items in two thirds
-        // of the server's time (readers decompress either). Reverted with the savepoint if this
-        // fails.
-        sqlx::query(
-            "SELECT set_config('search_path', 'pgstac, public', true), \
-             set_config('default_toast_compression', 'lz4', true)",
-        )
-        .execute(&mut *conn)
-        .await?;
         pgstac::write(conn, &copy, &replace).await?;
-        sqlx::query("SET LOCAL search_path TO stac_sync, public")
-            .execute(&mut *conn)
-            .await?;
         Ok(written)
     }
 
@@ -645,70 +628,8 @@ impl PostgresDb {
     }
 
     /// Whether items and collections also go to pgstac.
-    pub fn is_pgstac(&self) -> bool {
+    pub(super) fn is_pgstac(&self) -> bool {
         self.pgstac
-    }
-
-    /// The version of pgstac in the database; an error that says how to install it.
-    pub async fn pgstac_version(&self) -> Result<String, Error> {
-        sqlx::query_scalar("SELECT pgstac.get_version()")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| {
-                Error::Sink(format!(
-                    "database {}: database_format = \"pgstac\", but pgstac cannot be read there \
-                     ({e}); install it with `pypgstac migrate --dsn ...`, or grant this role \
-                     pgstac_ingest",
-                    self.shown
-                ))
-            })
-    }
-
-    /// What `check` says of pgstac: its version (0.9 or later), and whether this role may
-    /// write items (into `pgstac.items`, its partitions made by `check_partition`) and
-    /// collections.
-    pub async fn pgstac_probe(&self) -> Result<String, Error> {
-        let version = self.pgstac_version().await?;
-        let numbers: Vec<u32> = version
-            .split('.')
-            .take(2)
-            .filter_map(|n| n.parse().ok())
-            .collect();
-        if numbers.as_slice() < [0, 9].as_slice() {
-            return Err(Error::Sink(format!(
-                "pgstac {version} is older than 0.9, which stac-sync needs (tested with 0.10); \
-                 upgrade it with `pypgstac migrate`"
-            )));
-        }
-        let may_write: bool = sqlx::query_scalar(
-            "SELECT has_table_privilege('pgstac.items', 'INSERT, DELETE') \
-             AND has_function_privilege('pgstac.check_partition(text, tstzrange, tstzrange)', \
-                 'EXECUTE') \
-             AND has_function_privilege('pgstac.upsert_collection(jsonb)', 'EXECUTE') \
-             AND has_schema_privilege('pgstac', 'USAGE')",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(self.fail("read this role's pgstac privileges"))?;
-        if !may_write {
-            return Err(Error::Sink(format!(
-                "pgstac {version} is installed, but this role may not write items or \
-                 collections: grant it pgstac_ingest"
-            )));
-        }
-        Ok(format!(
-            "pgstac {version}; this role may write items and collections"
-        ))
-    }
-
-    /// Creates or updates a collection in pgstac (before its items).
-    pub async fn pgstac_collection(&self, content: &str) -> Result<(), Error> {
-        sqlx::query("SELECT pgstac.upsert_collection(CAST($1 AS JSONB))")
-            .bind(content)
-            .execute(&self.pool)
-            .await
-            .map_err(self.fail("store a collection in pgstac"))?;
-        Ok(())
     }
 
     /// Claims an unfinished partition of the job's `kind` pass for `lease`: one that no worker

@@ -134,11 +134,7 @@ impl Database {
                 if pgstac {
                     // The served catalog matches the source: what is tombstoned here is gone
                     // from pgstac (and stays remembered as deleted here).
-                    sqlx::query(
-                        "DELETE FROM pgstac.items p USING stac_sync.items s \
-                         WHERE s.collection = $1 AND s.deleted_at IS NOT NULL \
-                         AND p.collection = s.collection AND p.id = s.id",
-                    )
+                    sqlx::query(pgstac::DELETE_TOMBSTONED)
                     .bind(scope.collection)
                     .execute(&mut *tx)
                     .await?;
