@@ -72,6 +72,24 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// The database could not be reached or opened; the driver's error is kept as the source.
+    #[error("sink error: cannot connect to database {database}: {source}")]
+    Connect {
+        /// The database URL, without its password.
+        database: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The schema migrations failed; sqlx's error is kept as the source.
+    #[error("sink error: database {database}: migrations failed: {source}")]
+    Migrate {
+        /// The database URL, without its password.
+        database: String,
+        /// The migrator's error.
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
     /// An object store operation failed: the store and what was done are named, the store's
     /// error is kept as the source.
     #[error("sink error: object store {store}: {what}: {source}")]
@@ -175,6 +193,8 @@ impl Error {
             Error::Upstream(_) | Error::Unavailable { .. } => Exit::Upstream,
             Error::Sink(_)
             | Error::Database { .. }
+            | Error::Connect { .. }
+            | Error::Migrate { .. }
             | Error::ObjectStore { .. }
             | Error::Folder { .. } => Exit::Sink,
             Error::Refused { status, .. } => match status {

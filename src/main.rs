@@ -2,7 +2,7 @@
 //! the library and maps the outcome to an exit code.
 
 use clap::{Parser, Subcommand};
-use stac_sync::config::{Config, EnvVars, Overrides};
+use stac_sync::config::{Config, DatabaseConfig, EnvVars, Overrides};
 use stac_sync::error::{Error, Exit};
 use stac_sync::mirror::objects::ObjectSink;
 use stac_sync::mirror::snapshot;
@@ -168,7 +168,7 @@ fn stop_on_signals(stop: tokio_util::sync::CancellationToken) {
 /// `collections`: the `--collection` flags given (for `export`).
 async fn database_command(
     command: Command,
-    config: &Config,
+    config: &DatabaseConfig,
     collections: &[String],
 ) -> Result<Exit, Error> {
     let db =
@@ -233,14 +233,11 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
             | Command::Migrate
             | Command::Export { .. }
     );
-    let config = match Config::load(&cli.overrides) {
-        Err(Error::Config(_)) if database_only && cli.overrides.api_url.is_none() => {
-            let mut overrides = cli.overrides.clone();
-            overrides.api_url = Some("http://api.unused.invalid/".into());
-            Config::load(&overrides)?
-        }
-        loaded => loaded?,
-    };
+    if database_only {
+        let config = DatabaseConfig::load(&cli.overrides)?;
+        return database_command(cli.command, &config, &cli.overrides.collections).await;
+    }
+    let config = Config::load(&cli.overrides)?;
     match cli.command {
         Command::Run {
             no_migrate,
@@ -294,6 +291,8 @@ async fn execute(cli: Cli) -> Result<Exit, Error> {
             }
             Ok(report.exit())
         }
-        database => database_command(database, &config, &cli.overrides.collections).await,
+        other => Err(Error::Internal(format!(
+            "{other:?} is a database command, run above"
+        ))),
     }
 }

@@ -447,6 +447,50 @@ impl EnvVars {
     }
 }
 
+/// What the database's own commands need (`status`, `changes`, `migrate`, `export`): the
+/// database, and for `export` the object store's options and the snapshot window. No STAC API:
+/// a consumer of the change feed may know only the database's URL.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// `sqlite://...` or `postgres://...`.
+    pub database_url: String,
+    /// What the database holds.
+    pub database_format: DatabaseFormat,
+    /// `[object_store]` options (credentials, region) for `export` to an object store URL.
+    pub object_store_options: BTreeMap<String, String>,
+    /// The window of a snapshot file.
+    pub snapshot_window: SnapshotWindow,
+}
+
+impl DatabaseConfig {
+    /// Loads the file as [`Config::load`] does, and resolves only the database's settings.
+    pub fn load(overrides: &Overrides) -> Result<DatabaseConfig, Error> {
+        let file = read_config(overrides)?;
+        let (database_url, database_format) =
+            resolve_database(overrides, file.database_url, file.database_format)?;
+        Ok(DatabaseConfig {
+            database_url,
+            database_format,
+            object_store_options: file.object_store,
+            snapshot_window: overrides
+                .snapshot_window
+                .or(file.snapshot_window)
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// The config file: the given one, or `stac-sync.toml` if present, or none.
+fn read_config(overrides: &Overrides) -> Result<FileConfig, Error> {
+    match &overrides.config {
+        Some(path) => read_file(path),
+        None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+            read_file(Path::new(DEFAULT_CONFIG_FILE))
+        }
+        None => Ok(FileConfig::default()),
+    }
+}
+
 /// The resolved, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -623,14 +667,7 @@ impl Config {
     /// Loads the file (the given one, or `stac-sync.toml` if present) and resolves it with the
     /// overrides. Reads only the config file; everything else is pure.
     pub fn load(overrides: &Overrides) -> Result<Config, Error> {
-        let file = match &overrides.config {
-            Some(path) => read_file(path)?,
-            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
-                read_file(Path::new(DEFAULT_CONFIG_FILE))?
-            }
-            None => FileConfig::default(),
-        };
-        Config::resolve(file, overrides)
+        Config::resolve(read_config(overrides)?, overrides)
     }
 
     /// Merges the layers and validates the result. No I/O.
@@ -638,28 +675,13 @@ impl Config {
         let (api_root, api_host) = resolve_api(&file, o)?;
         let auth = resolve_auth(file.auth, o)?;
         let limit = o.limit.or(file.limit).unwrap_or(DEFAULT_LIMIT);
-        let concurrency = o
-            .concurrency
-            .or(file.concurrency)
-            .unwrap_or(DEFAULT_CONCURRENCY);
-        if !(1..=256).contains(&concurrency) {
-            return Err(Error::Config(format!(
-                "concurrency = {concurrency}: must be between 1 and 256"
-            )));
-        }
+        let concurrency = resolve_concurrency(o.concurrency.or(file.concurrency))?;
         let (database_url, database_format) =
             resolve_database(o, file.database_url.clone(), file.database_format)?;
         let object_store_url =
             resolve_object_store_url(o.object_store_url.clone().or(file.object_store_url))?;
-        let max_requests_per_second = o.max_requests_per_second.or(file.max_requests_per_second);
-        if let Some(rate) = max_requests_per_second
-            && !(rate.is_finite() && rate > 0.0)
-        {
-            return Err(Error::Config(format!(
-                "max_requests_per_second = {rate}: must be a number above 0 (0.5 is one request \
-                 every two seconds)"
-            )));
-        }
+        let max_requests_per_second =
+            resolve_rate(o.max_requests_per_second.or(file.max_requests_per_second))?;
         let http = resolve_http(&file.http);
         let headers = resolve_headers(file.headers)?;
         let snapshot_window = o
@@ -684,16 +706,7 @@ impl Config {
                 job.name
             )));
         }
-        let worker_lease = o
-            .worker_lease
-            .or(file.worker_lease)
-            .unwrap_or(DEFAULT_WORKER_LEASE);
-        if worker_lease < Duration::from_secs(1) {
-            return Err(Error::Config(format!(
-                "worker_lease = {}: must be at least 1s (a worker renews it three times per period)",
-                humantime::format_duration(worker_lease)
-            )));
-        }
+        let worker_lease = resolve_worker_lease(o.worker_lease.or(file.worker_lease))?;
         let webhook_url = parse_url(
             "webhook_url",
             o.webhook_url.clone().or(file.webhook_url),
@@ -735,6 +748,40 @@ impl Config {
             jobs,
         })
     }
+}
+
+/// Requests in flight, at most: 1 to 256 (default [`DEFAULT_CONCURRENCY`]).
+fn resolve_concurrency(given: Option<usize>) -> Result<usize, Error> {
+    let concurrency = given.unwrap_or(DEFAULT_CONCURRENCY);
+    if !(1..=256).contains(&concurrency) {
+        return Err(Error::Config(format!(
+            "concurrency = {concurrency}: must be between 1 and 256"
+        )));
+    }
+    Ok(concurrency)
+}
+
+/// Requests per second, at most, if limited: a number above 0.
+fn resolve_rate(given: Option<f64>) -> Result<Option<f64>, Error> {
+    match given {
+        Some(rate) if !(rate.is_finite() && rate > 0.0) => Err(Error::Config(format!(
+            "max_requests_per_second = {rate}: must be a number above 0 (0.5 is one request \
+             every two seconds)"
+        ))),
+        rate => Ok(rate),
+    }
+}
+
+/// How long a worker's claim on a partition holds: at least a second.
+fn resolve_worker_lease(given: Option<Duration>) -> Result<Duration, Error> {
+    let lease = given.unwrap_or(DEFAULT_WORKER_LEASE);
+    if lease < Duration::from_secs(1) {
+        return Err(Error::Config(format!(
+            "worker_lease = {}: must be at least 1s (a worker renews it three times per period)",
+            humantime::format_duration(lease)
+        )));
+    }
+    Ok(lease)
 }
 
 /// The database URL and what it holds.

@@ -27,8 +27,8 @@ use std::io::Write;
 use std::sync::Arc;
 
 /// Items encoded at a time: a batch's items, their JSON values and their Arrow are in memory at
-/// once, about 180 KB an item of 15 KB (scripts/measure-snapshots: peak RSS 304 MB with 1,000,
-/// 171 MB with 250, at the same speed).
+/// once, about twelve times an item's size, so the batch is small; a larger one is no faster
+/// (scripts/measure-snapshots; docs/benchmarks.md).
 const BATCH_ITEMS: usize = 250;
 /// Rows of a Parquet row group (the encoded rows of one group are buffered before it is
 /// written).

@@ -66,9 +66,9 @@ impl From<Error> for Failure {
 /// is taken first and held to the end of the page's transaction (this is its last statement
 /// but the resume point's), so pages commit in the order of their numbers: a seq is never
 /// given below one a consumer may already have read. Numbering each commit's changes after it
-/// (an `UPDATE` of the rows without a seq) left a dead entry per change in the index of the
-/// unnumbered rows until a vacuum, so each numbering scanned every change since: 266 ms per
-/// page after 967,000 (docs/benchmarks.md, 2026-12-02).
+/// instead (an `UPDATE` of the rows without a seq) leaves a dead entry per change in the index
+/// of the unnumbered rows until a vacuum, so each numbering scans every change since
+/// (docs/benchmarks.md).
 const CHANGES: shared::ChangesSql = shared::ChangesSql {
     insert: "WITH turn AS (SELECT pg_advisory_xact_lock(7263686167657300)) \
         INSERT INTO changes (seq, run_id, job, collection, id, change, content_hash, at) \
@@ -290,16 +290,25 @@ impl PostgresDb {
         // its timeout and then says only that it timed out.
         PgConnection::connect_with(&options)
             .await
-            .map_err(|e| Error::Sink(format!("cannot connect to database {shown}: {e}")))?
+            .map_err(|source| Error::Connect {
+                database: shown.clone(),
+                source,
+            })?
             .close()
             .await
-            .map_err(|e| Error::Sink(format!("cannot connect to database {shown}: {e}")))?;
+            .map_err(|source| Error::Connect {
+                database: shown.clone(),
+                source,
+            })?;
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.clone())
             .await
-            .map_err(|e| Error::Sink(format!("cannot connect to database {shown}: {e}")))?;
+            .map_err(|source| Error::Connect {
+                database: shown.clone(),
+                source,
+            })?;
         Ok(PostgresDb {
             pool,
             options: Box::new(options),
@@ -338,7 +347,10 @@ impl PostgresDb {
         MIGRATOR
             .run(&self.pool)
             .await
-            .map_err(|e| Error::Sink(format!("database {}: migrations failed: {e}", self.shown)))
+            .map_err(|source| Error::Migrate {
+                database: self.shown.clone(),
+                source,
+            })
     }
 
     /// Takes the job's advisory lock on a connection of its own, held for the whole run:

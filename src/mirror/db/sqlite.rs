@@ -50,8 +50,8 @@ static UPSERTS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
 
 /// The upsert of `rows` items (12 parameters each), as `rows` statements of one row run in one
 /// call. A statement of many rows would have SQLite keep a statement journal (the original of
-/// every page it touches, so it can undo the rows before one that fails): on a 30,000-item
-/// backfill that was 650 MB of temporary files, as much as the write-ahead log. A statement of
+/// every page it touches, so it can undo the rows before one that fails): temporary files as
+/// large as the write-ahead log (docs/benchmarks.md). A statement of
 /// one row needs none; a failure still undoes the whole page, as the transaction is dropped.
 /// A row whose content hash is unchanged (and that is not a tombstone) is left as it is.
 fn upsert_sql(rows: usize) -> String {
@@ -102,14 +102,12 @@ impl SqliteDb {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30))
             // 8 KB pages (set when the file is created). The primary key's index takes items in
-            // no order of theirs, so once it outgrows the cache each item reads and rewrites
-            // a leaf of it: at 32 KB a page, a backfill of 300,000 items read 118 KB and wrote
-            // 78 KB per item of 15 KB (218 and 97 at 1,000,000), and its CPU per item grew
-            // 1.3x-1.6x over 30,000; at 8 KB it read 50 and wrote 59 (docs/benchmarks.md).
+            // no order of theirs, so once it outgrows the cache each item reads and rewrites a
+            // leaf of it: the smaller the page, the fewer bytes each item costs in reads and
+            // in the log (docs/benchmarks.md has the measurements at 8 and 32 KB).
             .page_size(8_192);
-        // No mmap_size: reading a snapshot window through a 256 MB mapping counted every page
-        // read in the process's RSS (export of 20,000 items: 425 MB against 41 MB), and the
-        // write path was no faster with it (docs/benchmarks.md, 2026-12-01).
+        // No mmap_size: reading a snapshot window through a mapping counts every page read in
+        // the process's RSS, and the write path is no faster with it (docs/benchmarks.md).
         let filename = options.get_filename();
         let path = (!filename.as_os_str().is_empty() && filename.as_os_str() != ":memory:")
             .then(|| filename.to_path_buf());
@@ -117,7 +115,10 @@ impl SqliteDb {
             .max_connections(4)
             .connect_with(options)
             .await
-            .map_err(|e| Error::Sink(format!("cannot open database {shown}: {e}")))?;
+            .map_err(|source| Error::Connect {
+                database: shown.clone(),
+                source,
+            })?;
         Ok(SqliteDb { pool, shown, path })
     }
 
@@ -172,7 +173,10 @@ impl SqliteDb {
         MIGRATOR
             .run(&self.pool)
             .await
-            .map_err(|e| Error::Sink(format!("database {}: migrations failed: {e}", self.shown)))
+            .map_err(|source| Error::Migrate {
+                database: self.shown.clone(),
+                source,
+            })
     }
 
     /// Classifies each item against what is stored.
