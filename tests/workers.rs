@@ -432,7 +432,11 @@ async fn a_worker_whose_lease_was_taken_over_cannot_commit_the_partition() {
         search_hash: "h",
         search_changed: false,
         started_at: "2026-11-28T00:00:00Z",
-        partitions: &[("a".into(), "a".into(), first.clone())],
+        partitions: &[stac_sync::plan::Part {
+            name: "a".into(),
+            collection: "a".into(),
+            first: first.clone(),
+        }],
     })
     .await
     .expect("planned");
@@ -469,7 +473,7 @@ async fn a_worker_whose_lease_was_taken_over_cannot_commit_the_partition() {
     };
 
     let claimed = db.claim("test", PassKind::Sync, &a).await.expect("claim");
-    assert_eq!(claimed.map(|p| p.name), Some("a".to_string()));
+    assert_eq!(claimed.map(|p| p.part.name), Some("a".to_string()));
     assert!(
         db.claim("test", PassKind::Sync, &b)
             .await

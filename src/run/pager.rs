@@ -11,6 +11,7 @@ use crate::config::Job;
 use crate::error::Error;
 use crate::mirror::db::{Lease, PassKind, Planned};
 use crate::plan;
+use crate::plan::Part;
 use crate::stac::http::{self, Sent};
 use crate::stac::reader::{Page, PageReader};
 use crate::stac::search::{PageSize, Request, fingerprint};
@@ -64,9 +65,8 @@ impl Budget {
 /// paged concurrently with the others (see [`crate::plan`]).
 #[derive(Debug)]
 pub(super) struct Partition {
-    pub(super) name: String,
-    collection: String,
-    first: Request,
+    /// Its name, collection and first request.
+    pub(super) part: Part,
     start: Request,
     /// Split it when its search matches more items than this (0: never).
     max_items: u64,
@@ -78,17 +78,15 @@ impl Partition {
     /// A planned partition, to be paged from its resume point (or its first request).
     fn of(job: &Job, planned: &Planned) -> Partition {
         if let Some(resume) = &planned.resume {
-            tracing::info!(job = %job.name, partition = %planned.name,
+            tracing::info!(job = %job.name, partition = %planned.part.name,
                 url = %http::display_url(&resume.url), "resuming a partition");
         }
         Partition {
-            name: planned.name.clone(),
-            collection: planned.collection.clone(),
+            part: planned.part.clone(),
             start: planned
                 .resume
                 .clone()
-                .unwrap_or_else(|| planned.first.clone()),
-            first: planned.first.clone(),
+                .unwrap_or_else(|| planned.part.first.clone()),
             max_items: job.max_partition_items,
             lost: CancellationToken::new(),
         }
@@ -112,7 +110,7 @@ impl Partition {
         );
         let halves = self.split(context, job, lease, &reason).await?;
         if halves.is_none() {
-            tracing::info!(partition = %self.name, matched,
+            tracing::info!(partition = %self.part.name, matched,
                 "a partition over max_partition_items cannot be split further (its window is \
                  a second or has no start): paging it whole");
         }
@@ -128,23 +126,16 @@ impl Partition {
         lease: Option<&Lease<'_>>,
         why: &str,
     ) -> Result<Option<Vec<Planned>>, Error> {
-        let part = plan::Part {
-            name: self.name.clone(),
-            collection: self.collection.clone(),
-            first: self.first.clone(),
-        };
-        let Some(halves) = plan::split(&part, std::time::SystemTime::now()) else {
+        let Some(halves) = plan::split(&self.part, std::time::SystemTime::now()) else {
             return Ok(None);
         };
-        let halves: Vec<(String, Request)> =
-            halves.into_iter().map(|h| (h.name, h.first)).collect();
-        tracing::info!(job = %job.name, partition = %self.name, reason = why,
-            halves = ?halves.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(),
+        tracing::info!(job = %job.name, partition = %self.part.name, reason = why,
+            halves = ?halves.iter().map(|half| half.name.as_str()).collect::<Vec<_>>(),
             "splitting a partition in two halves of its datetime window");
         let planned = context
             .mirror
             .db()
-            .split(&job.name, &self.name, &halves, lease)
+            .split(&job.name, &self.part.name, &halves, lease)
             .await?;
         Ok(Some(planned))
     }
@@ -228,7 +219,7 @@ pub(super) async fn page_leased(
         while errors.is_empty() && running.len() < context.slots && !context.stop.is_cancelled() {
             match context.mirror.db().claim(&job.name, kind, &lease).await {
                 Ok(Some(planned)) => {
-                    tracing::info!(job = %job.name, partition = %planned.name,
+                    tracing::info!(job = %job.name, partition = %planned.part.name,
                         resumed = planned.resume.is_some(), "claimed a partition");
                     let partition = Arc::new(Partition::of(job, &planned));
                     let tx = tx.clone();
@@ -312,7 +303,7 @@ async fn page_partition(
             return Err(Error::Upstream(format!(
                 "the API's next link for page {number} of {} repeats an earlier request ({}); \
                  its paging is broken, so the pass stops here instead of looping",
-                partition.name,
+                partition.part.name,
                 http::display_url(&request.url)
             )));
         }
@@ -331,15 +322,15 @@ async fn page_partition(
             () = partition.lost.cancelled() => return Ok(Vec::new()),
             handed = page.fetch_within_deadline(context, &mut size) => handed,
         };
-        let first = request == partition.first;
+        let first = request == partition.part.first;
         let handed = match handed {
             // Paging tokens go stale (the boundary item was deleted, the server restarted): a
             // refused resume point restarts the partition from its beginning, which idempotent
             // writes make safe.
             Err(why) if why.is_rejected_request() && number == 1 && !first => {
-                tracing::warn!(partition = %partition.name, reason = %why,
+                tracing::warn!(partition = %partition.part.name, reason = %why,
                     "the API refused the stored resume point; restarting the partition");
-                request = partition.first.clone();
+                request = partition.part.first.clone();
                 seen.clear();
                 number = 0;
                 continue;
@@ -422,7 +413,7 @@ impl PageRead<'_> {
                  ({}), all its attempts included: the API answers too slowly; the next run \
                  resumes from this page",
                 http::display_url(&self.request.url),
-                self.partition.name,
+                self.partition.part.name,
                 humantime::format_duration(deadline)
             ))),
         }
@@ -458,7 +449,7 @@ impl PageRead<'_> {
     /// many wait.
     /// A failure is described for the retry, with whether it timed out.
     async fn read(&self, mut answer: Sent<'_>, context: &Context) -> Result<Read, (String, bool)> {
-        let mut reader = PageReader::new(Some(&self.partition.collection))
+        let mut reader = PageReader::new(Some(&self.partition.part.collection))
             .with_max_item_bytes(context.max_item_bytes);
         loop {
             match answer.response.chunk().await {

@@ -13,7 +13,7 @@ use crate::mirror::Writes;
 use crate::mirror::db::{Counts, JobLock, JobState, PassKind, PlanCommit, Planned, Scope, Short};
 use crate::plan::{self, Cut, Strategy};
 use crate::stac::client::{self, Capabilities, capabilities_of};
-use crate::stac::search::{Request, asks_ids_only};
+use crate::stac::search::asks_ids_only;
 use std::collections::HashMap;
 use std::time::SystemTime;
 
@@ -191,7 +191,7 @@ impl<'a> JobPasses<'a> {
         }
         // A sweep of ids (and `updated`) only, then whole items: the sweep's partitions where
         // the API offers Fields, those it found changed, and every partition where it does not.
-        if planned.iter().any(|p| asks_ids_only(&p.first)) {
+        if planned.iter().any(|p| asks_ids_only(&p.part.first)) {
             self.pass(PassKind::Reconcile, Writes::Seen, &planned, lock, counts)
                 .await?;
             self.plan_refresh().await?;
@@ -262,17 +262,8 @@ impl<'a> JobPasses<'a> {
         tracing::info!(job = %job.name, items = stale.len(), partitions = parts.len(),
             "the reconcile sweep saw items changed upstream (another `updated`) or missing here: \
              fetching them whole");
-        let partitions: Vec<(String, String, Request)> = parts
-            .into_iter()
-            .map(|p| (p.name, p.collection, p.first))
-            .collect();
-        db.extend_plan(
-            &job.name,
-            PassKind::Reconcile,
-            &self.search_hash,
-            &partitions,
-        )
-        .await
+        db.extend_plan(&job.name, PassKind::Reconcile, &self.search_hash, &parts)
+            .await
     }
 
     /// Plans a reconcile pass: ids only where the API offers the Fields extension.
@@ -308,14 +299,14 @@ impl<'a> JobPasses<'a> {
         // those that fetch whole items.
         let ours = |p: &Planned| match writes {
             Writes::Items => true,
-            Writes::Seen => asks_ids_only(&p.first),
-            Writes::ItemsAndSeen => !asks_ids_only(&p.first),
+            Writes::Seen => asks_ids_only(&p.part.first),
+            Writes::ItemsAndSeen => !asks_ids_only(&p.part.first),
         };
         let mut planned: Vec<Planned> = planned.iter().filter(|p| ours(p)).cloned().collect();
         self.report.partitions.extend(
             planned
                 .iter()
-                .map(|p| serde_json::json!({"name": p.name, "query": p.first})),
+                .map(|p| serde_json::json!({"name": p.part.name, "query": p.part.first})),
         );
         loop {
             let pass = Pass {
@@ -393,10 +384,6 @@ impl<'a> JobPasses<'a> {
         now: SystemTime,
         parts: &[plan::Part],
     ) -> Result<(), Error> {
-        let partitions: Vec<(String, String, Request)> = parts
-            .iter()
-            .map(|p| (p.name.clone(), p.collection.clone(), p.first.clone()))
-            .collect();
         self.context
             .mirror
             .db()
@@ -406,7 +393,7 @@ impl<'a> JobPasses<'a> {
                 search_hash: &self.search_hash,
                 search_changed,
                 started_at: &plan::rfc3339(now),
-                partitions: &partitions,
+                partitions: parts,
             })
             .await
     }

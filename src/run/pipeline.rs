@@ -161,7 +161,7 @@ impl Pass<'_> {
         Checkpoint {
             run_id: self.run_id,
             job: &self.job.name,
-            partition: &page.partition.name,
+            partition: &page.partition.part.name,
             request: &page.request,
             lease: self.context.worker.map(|ttl| Lease {
                 owner: self.run_id,

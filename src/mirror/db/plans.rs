@@ -2,6 +2,7 @@
 //! partitions with their resume points, splits, and the completeness check of a pass.
 
 use super::*;
+use crate::plan::Part;
 
 /// The kinds of pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,24 +55,23 @@ pub(super) fn planned_row(job: &str, row: PlannedRow) -> Option<Planned> {
             }
         }
     };
+    let (collection, first, resume) = (collection?, read(request)?, read(resume));
     Some(Planned {
-        collection: collection?,
-        first: read(request)?,
-        resume: read(resume),
+        part: Part {
+            name,
+            collection,
+            first,
+        },
+        resume,
         done,
-        name,
     })
 }
 
-/// A partition of a stored plan.
+/// A partition of a stored plan: as planned, and how far it was paged.
 #[derive(Debug, Clone)]
 pub struct Planned {
-    /// Its name, unique in the job.
-    pub name: String,
-    /// The collection it pages.
-    pub collection: String,
-    /// Its first request.
-    pub first: Request,
+    /// Its name, collection and first request.
+    pub part: Part,
     /// Where to go on, if pages were committed.
     pub resume: Option<Request>,
     /// Every page committed.
@@ -86,15 +86,13 @@ const INSERT_PARTITION: &str = "INSERT INTO sync_state (job, partition, kind, co
     ON CONFLICT (job, partition) DO NOTHING";
 
 /// `(name, collection, first request as JSON)` of partitions to plan.
-fn partition_rows(
-    partitions: &[(String, String, Request)],
-) -> Result<Vec<(&str, &str, String)>, Error> {
+fn partition_rows(partitions: &[Part]) -> Result<Vec<(&str, &str, String)>, Error> {
     partitions
         .iter()
-        .map(|(name, collection, first)| {
-            let first = serde_json::to_string(first)
+        .map(|part| {
+            let first = serde_json::to_string(&part.first)
                 .map_err(|e| Error::Internal(format!("cannot serialise a request: {e}")))?;
-            Ok((name.as_str(), collection.as_str(), first))
+            Ok((part.name.as_str(), part.collection.as_str(), first))
         })
         .collect()
 }
@@ -144,8 +142,8 @@ pub struct PlanCommit<'a> {
     pub search_changed: bool,
     /// When the pass starts (RFC 3339).
     pub started_at: &'a str,
-    /// `(name, collection, first request)` per partition.
-    pub partitions: &'a [(String, String, Request)],
+    /// The partitions.
+    pub partitions: &'a [Part],
 }
 
 impl Database {
@@ -254,13 +252,13 @@ impl Database {
         &self,
         job: &str,
         partition: &str,
-        halves: &[(String, Request)],
+        halves: &[Part],
         lease: Option<&Lease<'_>>,
     ) -> Result<Vec<Planned>, Error> {
         let mut firsts = Vec::with_capacity(halves.len());
-        for (_, first) in halves {
+        for half in halves {
             firsts.push(
-                serde_json::to_string(first)
+                serde_json::to_string(&half.first)
                     .map_err(|e| Error::Internal(format!("cannot serialise a request: {e}")))?,
             );
         }
@@ -277,7 +275,7 @@ impl Database {
             .bind(owner)
             .fetch_optional(&mut *tx)
             .await?;
-            for ((name, _), first) in halves.iter().zip(&firsts) {
+            for (half, first) in halves.iter().zip(&firsts) {
                 sqlx::query(
                     "INSERT INTO sync_state (job, partition, kind, collection, query_hash, request, \
                      resume, done, pages_done, updated_at) \
@@ -287,7 +285,7 @@ impl Database {
                 )
                 .bind(job)
                 .bind(partition)
-                .bind(name.as_str())
+                .bind(half.name.as_str())
                 .bind(first.as_str())
                 .execute(&mut *tx)
                 .await?;
@@ -298,7 +296,7 @@ impl Database {
             Ok::<_, sqlx::Error>(collection)
         }.await)
         .map_err(self.fail("split a partition"))?;
-        let Some(collection) = collection else {
+        if collection.is_none() {
             return match lease {
                 Some(_) => Err(Error::LeaseLost {
                     partition: partition.to_string(),
@@ -308,10 +306,8 @@ impl Database {
         };
         Ok(halves
             .iter()
-            .map(|(name, first)| Planned {
-                name: name.clone(),
-                collection: collection.clone().unwrap_or_default(),
-                first: first.clone(),
+            .map(|half| Planned {
+                part: half.clone(),
                 resume: None,
                 done: false,
             })
@@ -341,7 +337,7 @@ impl Database {
         job: &str,
         kind: PassKind,
         search_hash: &str,
-        partitions: &[(String, String, Request)],
+        partitions: &[Part],
     ) -> Result<(), Error> {
         let rows = partition_rows(partitions)?;
         on_pool!(self, pool => async {
