@@ -12,6 +12,72 @@ pub fn bbox_2d(bbox: &[f64]) -> Option<[f64; 4]> {
     }
 }
 
+/// A job's bbox: 4 numbers, or 6 with heights, as configured (and sent in its searches), with
+/// its 2D extent. Serialized as given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bbox {
+    given: Vec<f64>,
+    extent: [f64; 4],
+}
+
+impl Bbox {
+    /// A bbox of 4 or 6 numbers; `None` for any other length.
+    pub fn new(given: Vec<f64>) -> Option<Bbox> {
+        let extent = bbox_2d(&given)?;
+        Some(Bbox { given, extent })
+    }
+
+    /// The numbers as given.
+    pub fn as_given(&self) -> &[f64] {
+        &self.given
+    }
+
+    /// `[xmin, ymin, xmax, ymax]`.
+    pub fn extent(&self) -> [f64; 4] {
+        self.extent
+    }
+}
+
+impl serde::Serialize for Bbox {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.given.serialize(serializer)
+    }
+}
+
+/// A job's datetime as configured (and sent in its searches): an instant or an interval, with
+/// its ends read once. Serialized as given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interval {
+    given: String,
+    start: Option<String>,
+    end: Option<String>,
+}
+
+impl Interval {
+    /// Reads `given` (validated where the config is read): its ends, an instant being both.
+    pub fn new(given: String) -> Interval {
+        let (start, end) = Datetime::parse(&given).bounds();
+        let (start, end) = (start.map(str::to_string), end.map(str::to_string));
+        Interval { given, start, end }
+    }
+
+    /// As given.
+    pub fn as_str(&self) -> &str {
+        &self.given
+    }
+
+    /// Its start and end, if bounded.
+    pub fn bounds(&self) -> (Option<&str>, Option<&str>) {
+        (self.start.as_deref(), self.end.as_deref())
+    }
+}
+
+impl serde::Serialize for Interval {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.given.serialize(serializer)
+    }
+}
+
 /// A STAC datetime as given: an instant, or an interval whose ends may be open (`..` or empty)
 /// (STAC API item-search `datetime`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +137,23 @@ pub fn rfc3339(at: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bbox_and_an_interval_serialize_as_given_so_a_jobs_search_hash_stays() {
+        let bbox = Bbox::new(vec![-5.2, 41.3, 0.0, 9.6, 51.1, 100.0]).expect("6 numbers");
+        assert_eq!(bbox.extent(), [-5.2, 41.3, 9.6, 51.1]);
+        assert_eq!(
+            serde_json::to_string(&bbox).expect("JSON"),
+            "[-5.2,41.3,0.0,9.6,51.1,100.0]"
+        );
+        assert!(Bbox::new(vec![1.0, 2.0, 3.0]).is_none());
+        let interval = Interval::new("2024-01-01T00:00:00Z/..".into());
+        assert_eq!(interval.bounds(), (Some("2024-01-01T00:00:00Z"), None));
+        assert_eq!(
+            serde_json::to_string(&interval).expect("JSON"),
+            "\"2024-01-01T00:00:00Z/..\""
+        );
+    }
 
     #[test]
     fn open_ends_are_none_and_an_instant_bounds_itself() {

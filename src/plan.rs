@@ -6,7 +6,7 @@
 use crate::config::{Incremental, Job, Window};
 pub use crate::domain::{parse_instant, rfc3339};
 
-use crate::domain::Datetime;
+use crate::domain::{Datetime, Interval};
 use crate::stac::client::Capabilities;
 use crate::stac::search::{self, Request, Shape};
 use std::collections::HashMap;
@@ -160,7 +160,11 @@ fn windowed(
             .extents
             .get(collection)
             .filter(|_| job.datetime.is_none());
-        let range = job.datetime.as_deref().or(extent.map(String::as_str));
+        let range = job
+            .datetime
+            .as_ref()
+            .map(Interval::as_str)
+            .or(extent.map(String::as_str));
         let mut windows = finer(windows(range, lower, job.window, now), at_least, now);
         if extent.is_some() {
             open_ends(&mut windows, lower.is_none());
@@ -466,7 +470,9 @@ mod tests {
         ] {
             let job = Job {
                 method,
-                datetime: Some("2024-01-01T00:00:00Z/2024-01-03T00:00:00Z".into()),
+                datetime: Some(Interval::new(
+                    "2024-01-01T00:00:00Z/2024-01-03T00:00:00Z".into(),
+                )),
                 window: Window::None,
                 ..job.clone()
             };
@@ -531,7 +537,9 @@ mod tests {
         assert_eq!(windows[4].as_deref(), Some("2025-01-01T00:00:00Z/.."));
         // A job with its own datetime ignores the extent.
         let own = Job {
-            datetime: Some("2025-03-01T00:00:00Z/2025-04-01T00:00:00Z".into()),
+            datetime: Some(Interval::new(
+                "2025-03-01T00:00:00Z/2025-04-01T00:00:00Z".into(),
+            )),
             ..job.clone()
         };
         let parts = sync_parts(
@@ -543,7 +551,10 @@ mod tests {
             now,
         );
         assert_eq!(parts.len(), 1);
-        assert_eq!(search::datetime_of(&parts[0].first), own.datetime);
+        assert_eq!(
+            search::datetime_of(&parts[0].first).as_deref(),
+            own.datetime.as_ref().map(Interval::as_str)
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod schedule;
 
 pub use schedule::parse_schedule;
 
-use crate::domain::{Datetime, parse_instant};
+use crate::domain::{Bbox, Datetime, Interval, parse_instant};
 use crate::error::Error;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -611,11 +611,11 @@ pub struct Job {
     /// The collections to mirror.
     pub collections: Vec<String>,
     /// Bounding box.
-    pub bbox: Option<Vec<f64>>,
+    pub bbox: Option<Bbox>,
     /// GeoJSON geometry.
     pub intersects: Option<Value>,
     /// Datetime instant or interval.
-    pub datetime: Option<String>,
+    pub datetime: Option<Interval>,
     /// Query extension object.
     pub query: Option<Value>,
     /// CQL2-JSON filter.
@@ -625,7 +625,7 @@ pub struct Job {
     /// HTTP method of the first request.
     pub method: SearchMethod,
     /// Cron schedule for the daemon.
-    pub schedule: Option<String>,
+    pub schedule: Option<cron::Schedule>,
     /// Datetime window of a partition.
     pub window: Window,
     /// Incremental strategy.
@@ -1126,15 +1126,20 @@ fn validate_job(
             "job {name}: collections must list at least one collection id"
         )));
     }
-    if let Some(bbox) = &j.bbox
-        && !valid_bbox(bbox)
-    {
-        return Err(Error::Config(format!(
-            "job {name}: bbox {bbox:?} must be 4 numbers xmin,ymin,xmax,ymax \
-             (or 6 with heights) in degrees: longitudes within [-180, 180], latitudes within \
-             [-90, 90], ymin <= ymax"
-        )));
-    }
+    let bbox = match j.bbox {
+        Some(given) => Some(
+            Bbox::new(given.clone())
+                .filter(|bbox| valid_bbox(bbox.as_given()))
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "job {name}: bbox {given:?} must be 4 numbers xmin,ymin,xmax,ymax \
+                         (or 6 with heights) in degrees: longitudes within [-180, 180], \
+                         latitudes within [-90, 90], ymin <= ymax"
+                    ))
+                })?,
+        ),
+        None => None,
+    };
     if let Some(datetime) = &j.datetime {
         validate_datetime(datetime)
             .map_err(|why| Error::Config(format!("job {name}: datetime {datetime:?}: {why}")))?;
@@ -1146,10 +1151,13 @@ fn validate_job(
              reconcile_every or select by collection, datetime and bbox only"
         )));
     }
-    if let Some(schedule) = &j.schedule {
-        parse_schedule(schedule)
-            .map_err(|why| Error::Config(format!("job {name}: schedule {why}")))?;
-    }
+    let schedule = match &j.schedule {
+        Some(schedule) => Some(
+            parse_schedule(schedule)
+                .map_err(|why| Error::Config(format!("job {name}: schedule {why}")))?,
+        ),
+        None => None,
+    };
     // The CLI's --limit overrides every job's limit; a job's own limit beats the file default.
     let limit = o.limit.or(j.limit).unwrap_or(default_limit);
     if !(1..=10_000).contains(&limit) {
@@ -1160,14 +1168,14 @@ fn validate_job(
     Ok(Job {
         name: j.name,
         collections: j.collections,
-        bbox: j.bbox,
+        bbox,
         intersects: j.intersects,
-        datetime: j.datetime,
+        datetime: j.datetime.map(Interval::new),
         query: j.query,
         filter: j.filter,
         limit,
         method: j.method.unwrap_or_default(),
-        schedule: j.schedule,
+        schedule,
         window: j.window.unwrap_or_default(),
         incremental: j.incremental.unwrap_or_default(),
         lookback: j.lookback.unwrap_or(DEFAULT_LOOKBACK),

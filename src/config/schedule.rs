@@ -1,4 +1,4 @@
-//! A job's cron `schedule`, parsed when the config is read and again by the daemon.
+//! A job's cron `schedule`, parsed once, when the config is read.
 
 use cron::Schedule;
 use std::str::FromStr;

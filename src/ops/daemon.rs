@@ -6,7 +6,6 @@
 //! Times come from a [`WallClock`], which tests replace with a virtual one.
 
 use crate::clock::WallClock;
-use crate::config::parse_schedule;
 use crate::config::{Config, Job};
 use crate::error::Error;
 use crate::run::{self, Context, JobReport, RunOptions};
@@ -40,16 +39,14 @@ pub async fn daemon(
 ) -> Result<Vec<Fired>, Error> {
     let mut schedules = Vec::new();
     for job in &config.jobs {
-        let Some(expression) = &job.schedule else {
+        let Some(schedule) = &job.schedule else {
             return Err(Error::Config(format!(
                 "job {}: no schedule; the daemon runs each job on its own schedule \
                  (schedule = \"0 */30 * * * *\"), or use `stac-sync run` for one pass",
                 job.name
             )));
         };
-        let schedule = parse_schedule(expression)
-            .map_err(|why| Error::Config(format!("job {}: schedule {why}", job.name)))?;
-        schedules.push((job, schedule));
+        schedules.push((job, schedule.clone()));
     }
     if schedules.is_empty() {
         return Err(Error::Config(
@@ -130,6 +127,7 @@ async fn job_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse_schedule;
 
     #[test]
     fn crontab_five_fields_are_read_at_second_zero_with_its_weekday_numbers() {

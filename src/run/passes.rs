@@ -7,7 +7,7 @@
 use super::Context;
 use super::pipeline::Pass;
 use crate::config::{Incremental, Job, Window};
-use crate::domain::{Datetime, bbox_2d};
+use crate::domain::{Bbox, Interval};
 use crate::error::Error;
 use crate::mirror::Writes;
 use crate::mirror::db::{Counts, JobLock, JobState, PassKind, PlanCommit, Planned, Scope, Short};
@@ -418,11 +418,8 @@ impl<'a> JobPasses<'a> {
 /// The stored items a reconcile of `job` answers for: per collection, within its datetime range
 /// and bbox.
 fn scopes(job: &Job) -> Vec<Scope<'_>> {
-    let (start, end) = job
-        .datetime
-        .as_deref()
-        .map_or((None, None), |d| Datetime::parse(d).bounds());
-    let bbox = job.bbox.as_deref().and_then(bbox_2d);
+    let (start, end) = job.datetime.as_ref().map_or((None, None), Interval::bounds);
+    let bbox = job.bbox.as_ref().map(Bbox::extent);
     job.collections
         .iter()
         .map(|collection| Scope {

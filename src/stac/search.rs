@@ -73,7 +73,7 @@ impl Shape {
     /// The job's search as configured.
     pub fn of(job: &Job) -> Shape {
         Shape {
-            datetime: job.datetime.clone(),
+            datetime: job.datetime.as_ref().map(|d| d.as_str().to_string()),
             ..Shape::default()
         }
     }
@@ -147,7 +147,7 @@ fn parameters(job: &Job, collections: &[String], shape: &Shape) -> Map<String, V
     };
     let sorted = since.is_some() && !shape.updated_by_query;
     let optional = [
-        ("bbox", job.bbox.clone().map(Value::from)),
+        ("bbox", job.bbox.as_ref().map(|b| Value::from(b.as_given()))),
         ("intersects", job.intersects.clone()),
         ("datetime", shape.datetime.clone().map(Value::from)),
         (
@@ -414,7 +414,7 @@ mod tests {
     #[test]
     fn a_get_search_carries_the_parameters_of_a_post_one() {
         let mut job = crate::config::tests::one_job();
-        job.bbox = Some(vec![2.25, 48.81, 2.42, 48.9]);
+        job.bbox = crate::domain::Bbox::new(vec![2.25, 48.81, 2.42, 48.9]);
         job.filter = Some(serde_json::json!({"op": "=", "args": [{"property": "a"}, 1]}));
         let shape = Shape {
             datetime: Some("2024-01-01T00:00:00Z/..".into()),
