@@ -906,6 +906,44 @@ async fn a_run_whose_end_cannot_be_recorded_reports_the_write_that_failed_first(
         "the failed record hides the write that failed: {error}"
     );
     assert!(error[first..].contains("record the run's end"), "{error}");
+    // The manifest, in the object store, keeps the real failure.
+    let run_id = summary.jobs[0].run_id.clone();
+    let manifest = std::fs::read_to_string(
+        setup
+            .objects_dir()
+            .join("_runs")
+            .join(format!("{run_id}.json")),
+    )
+    .expect("the run's manifest");
+    assert!(manifest.contains("database or disk is full"), "{manifest}");
+
+    // With room again, the next run marks it abandoned, saying where to look.
+    let mut conn = sqlx::SqliteConnection::connect(&setup.database_url())
+        .await
+        .expect("sqlite");
+    for trigger in ["full_items", "full_quarantine", "full_runs"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TRIGGER {trigger}")))
+            .execute(&mut conn)
+            .await
+            .expect("dropped");
+    }
+    conn.close().await.expect("closed");
+    let next = setup.run(env.clock.clone()).await;
+    assert_eq!(next.exit(), Exit::Success);
+    let mut conn = sqlx::SqliteConnection::connect(&setup.database_url())
+        .await
+        .expect("sqlite");
+    let abandoned: String =
+        sqlx::query_scalar("SELECT status || ': ' || error FROM sync_runs WHERE run_id = $1")
+            .bind(&run_id)
+            .fetch_one(&mut conn)
+            .await
+            .expect("the first run's record");
+    assert!(abandoned.starts_with("abandoned: "), "{abandoned}");
+    assert!(
+        abandoned.contains(&format!("_runs/{run_id}.json")),
+        "{abandoned}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

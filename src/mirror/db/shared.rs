@@ -24,8 +24,11 @@ where
         // Runs of this job still marked running died without recording their end: this run
         // holds the job's lock alone, so none of them is alive.
         sqlx::query(
-            "UPDATE sync_runs SET status = 'abandoned', error = 'the process ended without \
-             recording the run (killed, or the machine stopped)' WHERE job = $1 AND status = 'running'",
+            "UPDATE sync_runs SET status = 'abandoned', error = 'the run''s end was never \
+             recorded: the process was killed, the machine stopped, or the database refused \
+             the record (the run''s log and its manifest _runs/' || run_id || '.json say \
+             which)' \
+             WHERE job = $1 AND status = 'running'",
         )
         .bind(job)
         .execute(executor)
