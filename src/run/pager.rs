@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::mirror::db::{Lease, PassKind, Planned};
 use crate::plan;
 use crate::plan::Part;
-use crate::stac::http::{self, Sent};
+use crate::stac::http::{self, Failed, Sent};
 use crate::stac::reader::{Page, PageReader};
 use crate::stac::search::{PageSize, Request, fingerprint};
 use futures_util::StreamExt;
@@ -434,8 +434,8 @@ impl PageRead<'_> {
             let status = answer.response.status();
             match self.read(answer, context).await {
                 Ok(read) => return Ok(read),
-                Err((why, timeout)) => {
-                    if timeout {
+                Err(why) => {
+                    if why.timed_out() {
                         size.halve(self.request);
                     }
                     attempts.retry(why, Some(status), None).await?;
@@ -447,23 +447,27 @@ impl PageRead<'_> {
     /// Reads the answer's page into parts and hands each over, the last one with the request's
     /// permit still held, like the others: a pager without a permit holds no page, however
     /// many wait.
-    /// A failure is described for the retry, with whether it timed out.
-    async fn read(&self, mut answer: Sent<'_>, context: &Context) -> Result<Read, (String, bool)> {
+    /// A failure is the retry's to report (and, if it timed out, to ask for a smaller page).
+    async fn read(&self, mut answer: Sent<'_>, context: &Context) -> Result<Read, Failed> {
         let mut reader = PageReader::new(Some(&self.partition.part.collection))
             .with_max_item_bytes(context.max_item_bytes);
         loop {
             match answer.response.chunk().await {
-                Ok(Some(bytes)) => reader.push(&bytes).map_err(|e| (e.to_string(), false))?,
+                Ok(Some(bytes)) => reader.push(&bytes).map_err(Failed::Page)?,
                 Ok(None) => break,
-                Err(e) => return Err((format!("body: {}", http::describe(&e)), e.is_timeout())),
+                Err(source) => {
+                    return Err(Failed::Transport {
+                        status: None,
+                        body: true,
+                        source,
+                    });
+                }
             }
             if reader.part_bytes() >= PART_BYTES && !self.hand_over(reader.take_part()).await {
                 return Ok(Read::WriterStopped);
             }
         }
-        let last = reader
-            .finish(self.request)
-            .map_err(|e| (e.to_string(), false))?;
+        let last = reader.finish(self.request).map_err(Failed::Page)?;
         let (next, matched) = (last.next.clone(), last.matched);
         Ok(match self.hand_over(last).await {
             true => Read::Handed { next, matched },

@@ -146,7 +146,7 @@ impl ApiClient {
             let why = match answer.body().await {
                 Ok(body) => match parse(body) {
                     Ok(value) => return Ok(value),
-                    Err(why) => why,
+                    Err(why) => http::Failed::Body(why),
                 },
                 Err(why) => why,
             };

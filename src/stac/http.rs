@@ -200,6 +200,41 @@ impl Cap {
 
 pub use crate::error::HttpError;
 
+/// Why one attempt at a request failed: what its retry logs and, once the retries run out, the
+/// error says.
+#[derive(Debug, thiserror::Error)]
+pub enum Failed {
+    /// A status that is retried (408, 429, 5xx; 413 for a smaller page).
+    #[error("HTTP {0}")]
+    Status(StatusCode),
+    /// The request, or its body after `status`, failed in transport: a reset, a timeout, a
+    /// body cut short.
+    #[error("{}{}{}", status.map(|s| format!("HTTP {s}, ")).unwrap_or_default(),
+        if *body { "body: " } else { "" }, describe(source))]
+    Transport {
+        /// The answer's status, when the body failed after it.
+        status: Option<StatusCode>,
+        /// Whether the body failed (not the request).
+        body: bool,
+        /// reqwest's error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The body arrived but is not what was asked for (not JSON, cut short by a proxy).
+    #[error("{0}")]
+    Body(String),
+    /// A search page that does not read as one (cut short, not an ItemCollection).
+    #[error(transparent)]
+    Page(#[from] crate::stac::reader::PageError),
+}
+
+impl Failed {
+    /// Whether the attempt timed out (a page that times out is asked for in smaller pages).
+    pub fn timed_out(&self) -> bool {
+        matches!(self, Failed::Transport { source, .. } if source.is_timeout())
+    }
+}
+
 /// Redirects followed within one origin, at most.
 const MAX_REDIRECTS: usize = 10;
 
@@ -335,7 +370,7 @@ impl<'a> Attempts<'a> {
     /// would be exceeded.
     pub async fn retry(
         &mut self,
-        last: String,
+        last: Failed,
         status: Option<StatusCode>,
         hint: Option<Duration>,
     ) -> Result<(), Error> {
@@ -348,7 +383,7 @@ impl<'a> Attempts<'a> {
                     humantime::format_duration(wait),
                     humantime::format_duration(self.policy.budget.saturating_sub(self.waited))
                 ),
-                _ => last,
+                _ => last.to_string(),
             };
             return Err((self.give_up)(HttpError::Exhausted {
                 what: self.what,
@@ -378,7 +413,7 @@ pub(crate) struct Sent<'c> {
 
 impl Sent<'_> {
     /// Reads the whole body, then gives the permit back.
-    pub async fn body(self) -> Result<bytes::Bytes, String> {
+    pub async fn body(self) -> Result<bytes::Bytes, Failed> {
         read_body(self.response).await
     }
 }
@@ -401,7 +436,12 @@ pub(crate) async fn send<'c>(
         let (last, status, hint) = match build.build().await?.send().await {
             Err(e) if is_retryable_error(&e) => {
                 build.failed(None, e.is_timeout());
-                (describe(&e), None, None)
+                let failed = Failed::Transport {
+                    status: None,
+                    body: false,
+                    source: e,
+                };
+                (failed, None, None)
             }
             Err(source) => {
                 return Err((attempts.give_up)(HttpError::Fatal {
@@ -415,7 +455,7 @@ pub(crate) async fn send<'c>(
                     && build.failed(Some(response.status()), false) =>
             {
                 (
-                    format!("HTTP {}", response.status()),
+                    Failed::Status(response.status()),
                     Some(response.status()),
                     None,
                 )
@@ -430,7 +470,7 @@ pub(crate) async fn send<'c>(
                     // A pause longer than this request would wait ends the request instead.
                     cap.throttled(hint.filter(|wait| *wait <= attempts.policy.budget));
                 }
-                (format!("HTTP {status}"), Some(status), hint)
+                (Failed::Status(status), Some(status), hint)
             }
             Ok(response)
                 if redirects < MAX_REDIRECTS
@@ -494,11 +534,15 @@ pub(crate) fn describe(error: &reqwest::Error) -> String {
 /// (`Response::bytes` collects the chunks and then copies them into one buffer, holding a large
 /// page twice for a moment). Growing without a length is left to the allocator. A failure is
 /// described for a retry message.
-pub(crate) async fn read_body(response: reqwest::Response) -> Result<bytes::Bytes, String> {
+pub(crate) async fn read_body(response: reqwest::Response) -> Result<bytes::Bytes, Failed> {
     let status = response.status();
     read_chunks(response)
         .await
-        .map_err(|e| format!("HTTP {status}, body: {}", describe(&e)))
+        .map_err(|source| Failed::Transport {
+            status: Some(status),
+            body: true,
+            source,
+        })
 }
 
 async fn read_chunks(mut response: reqwest::Response) -> Result<bytes::Bytes, reqwest::Error> {
@@ -602,7 +646,7 @@ mod tests {
 
         let given_up = attempts
             .retry(
-                "HTTP 429".into(),
+                Failed::Status(StatusCode::TOO_MANY_REQUESTS),
                 Some(StatusCode::TOO_MANY_REQUESTS),
                 Some(Duration::from_secs(86_400)),
             )
