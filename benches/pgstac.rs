@@ -25,7 +25,7 @@ mod common;
 
 use bytes::Bytes;
 use serde_json::{Value, json};
-use stac_sync::mirror::db::{Database, Known, PageCommit};
+use stac_sync::mirror::db::Database;
 use stac_sync::stac::reader;
 use stac_sync::stac::search::Request;
 use std::path::{Path, PathBuf};
@@ -176,7 +176,6 @@ async fn stac_sync(db: &Database, files: &[PathBuf], request: &Request, at_once:
     let (cpu, server) = (own_cpu().0, server_cpu());
     let started = Instant::now();
     let mut items = 0;
-    let partitions: Vec<String> = (0..at_once).map(|p| format!("p{p}")).collect();
     for chunk in files.chunks(at_once) {
         let pages: Vec<reader::Page> = chunk
             .iter()
@@ -185,38 +184,8 @@ async fn stac_sync(db: &Database, files: &[PathBuf], request: &Request, at_once:
                 reader::parse_page(&body, request, None).unwrap_or_else(|e| panic!("page: {e}"))
             })
             .collect();
-        let mut commits = Vec::new();
-        for (page, partition) in pages.iter().zip(&partitions) {
-            let known = db
-                .classify(&page.items)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            let changed: Vec<_> = page
-                .items
-                .iter()
-                .zip(&known)
-                .filter(|(_, k)| **k != Known::Unchanged)
-                .map(|(i, _)| i)
-                .collect();
-            commits.push(db.commit_page(PageCommit {
-                run_id: "bench",
-                job: "bench",
-                partition,
-                items: changed,
-                rejected: &[],
-                page_url: "http://bench/search",
-                resume: Some(request),
-                ends_page: true,
-                features: page.features,
-                matched: None,
-                seen: Vec::new(),
-                lease: None,
-                snapshots: None,
-            }));
-            items += page.items.len();
-        }
-        for committed in futures_util::future::join_all(commits).await {
-            let committed = committed.unwrap_or_else(|e| panic!("{e}"));
+        items += pages.iter().map(|page| page.items.len()).sum::<usize>();
+        for committed in common::commit_pages(db, &pages, request).await {
             assert!(committed.refused.is_empty(), "{:?}", committed.refused);
         }
     }

@@ -20,7 +20,7 @@ mod common;
 
 use bytes::Bytes;
 use serde_json::{Value, json};
-use stac_sync::mirror::db::{Database, PageCommit};
+use stac_sync::mirror::db::Database;
 use stac_sync::stac::reader;
 use stac_sync::stac::search::Request;
 use std::time::Instant;
@@ -78,7 +78,6 @@ async fn stac_sync_pass(db: &Database, pages: &[Bytes], request: &Request, at_on
     let started = Instant::now();
     let mut items = 0;
     let mut parsing = 0.0;
-    let partitions: Vec<String> = (0..at_once).map(|p| format!("p{p}")).collect();
     for bodies in pages.chunks(at_once) {
         let parse_started = Instant::now();
         let parsed: Vec<reader::Page> = bodies
@@ -88,39 +87,8 @@ async fn stac_sync_pass(db: &Database, pages: &[Bytes], request: &Request, at_on
             })
             .collect();
         parsing += parse_started.elapsed().as_secs_f64();
-        let mut commits = Vec::new();
-        for (page, partition) in parsed.iter().zip(&partitions) {
-            let known = db
-                .classify(&page.items)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            let changed: Vec<_> = page
-                .items
-                .iter()
-                .zip(&known)
-                .filter(|(_, k)| **k != stac_sync::mirror::db::Known::Unchanged)
-                .map(|(i, _)| i)
-                .collect();
-            commits.push(db.commit_page(PageCommit {
-                run_id: "bench",
-                job: "bench",
-                partition,
-                items: changed,
-                rejected: &[],
-                page_url: "http://bench/search",
-                resume: Some(request),
-                ends_page: true,
-                features: page.features,
-                matched: None,
-                seen: Vec::new(),
-                lease: None,
-                snapshots: None,
-            }));
-            items += page.items.len();
-        }
-        for committed in futures_util::future::join_all(commits).await {
-            committed.unwrap_or_else(|e| panic!("{e}"));
-        }
+        items += parsed.iter().map(|page| page.items.len()).sum::<usize>();
+        common::commit_pages(db, &parsed, request).await;
     }
     let total = started.elapsed().as_secs_f64();
     Pass {

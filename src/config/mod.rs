@@ -1126,20 +1126,18 @@ fn validate_job(
             "job {name}: collections must list at least one collection id"
         )));
     }
-    let bbox = match j.bbox {
-        Some(given) => Some(
-            Bbox::new(given.clone())
-                .filter(|bbox| valid_bbox(bbox.as_given()))
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "job {name}: bbox {given:?} must be 4 numbers xmin,ymin,xmax,ymax \
-                         (or 6 with heights) in degrees: longitudes within [-180, 180], \
-                         latitudes within [-90, 90], ymin <= ymax"
-                    ))
-                })?,
-        ),
-        None => None,
-    };
+    let bbox = j
+        .bbox
+        .map(|given| {
+            Bbox::new(given.clone()).filter(valid_bbox).ok_or_else(|| {
+                Error::Config(format!(
+                    "job {name}: bbox {given:?} must be 4 numbers xmin,ymin,xmax,ymax \
+                     (or 6 with heights) in degrees: longitudes within [-180, 180], \
+                     latitudes within [-90, 90], ymin <= ymax"
+                ))
+            })
+        })
+        .transpose()?;
     if let Some(datetime) = &j.datetime {
         validate_datetime(datetime)
             .map_err(|why| Error::Config(format!("job {name}: datetime {datetime:?}: {why}")))?;
@@ -1151,13 +1149,14 @@ fn validate_job(
              reconcile_every or select by collection, datetime and bbox only"
         )));
     }
-    let schedule = match &j.schedule {
-        Some(schedule) => Some(
+    let schedule = j
+        .schedule
+        .as_deref()
+        .map(|schedule| {
             parse_schedule(schedule)
-                .map_err(|why| Error::Config(format!("job {name}: schedule {why}")))?,
-        ),
-        None => None,
-    };
+                .map_err(|why| Error::Config(format!("job {name}: schedule {why}")))
+        })
+        .transpose()?;
     // The CLI's --limit overrides every job's limit; a job's own limit beats the file default.
     let limit = o.limit.or(j.limit).unwrap_or(default_limit);
     if !(1..=10_000).contains(&limit) {
@@ -1188,15 +1187,19 @@ fn validate_job(
     })
 }
 
-/// Whether a bbox is one a STAC API takes: 4 or 6 finite numbers, longitudes within
+/// Whether a bbox (4 or 6 numbers) is one a STAC API takes: finite numbers, longitudes within
 /// [-180, 180], latitudes within [-90, 90], ymin <= ymax. xmin > xmax is allowed: the box
 /// crosses the antimeridian (RFC 7946 §5.2).
-fn valid_bbox(bbox: &[f64]) -> bool {
+fn valid_bbox(bbox: &Bbox) -> bool {
     let lon = |x: f64| (-180.0..=180.0).contains(&x);
     let lat = |y: f64| (-90.0..=90.0).contains(&y);
-    bbox.iter().all(|v| v.is_finite())
-        && crate::domain::bbox_2d(bbox)
-            .is_some_and(|[x0, y0, x1, y1]| y0 <= y1 && lon(x0) && lon(x1) && lat(y0) && lat(y1))
+    let [x0, y0, x1, y1] = bbox.extent();
+    bbox.as_given().iter().all(|v| v.is_finite())
+        && y0 <= y1
+        && lon(x0)
+        && lon(x1)
+        && lat(y0)
+        && lat(y1)
 }
 
 /// Checks an RFC 3339 instant or an interval with `..` or empty open ends (STAC API item-search).

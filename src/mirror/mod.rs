@@ -89,8 +89,8 @@ impl Mirror {
     }
 
     /// Stores a collection's document as fetched (`None`: the API has none now): written to
-    /// the object store, then its row, when it is new or changed; a collection gone upstream is
-    /// marked, never dropped.
+    /// the object store, then its row, when it is new or changed; a collection gone upstream
+    /// is marked, never dropped.
     /// With `snapshots`, the written document gains a `geoparquet-items` asset pointing at the
     /// snapshot files.
     pub async fn collection(
@@ -251,8 +251,8 @@ impl Mirror {
     }
 
     /// Ends a reconcile of `job`: the live items in `scopes` its sweep did not see are
-    /// tombstoned (and removed from the object store first when the job deletes objects: a kill in
-    /// between leaves live rows without objects, which the next reconcile finds again and
+    /// tombstoned (and removed from the object store first when the job deletes objects: a kill
+    /// in between leaves live rows without objects, which the next reconcile finds again and
     /// finishes), and their snapshot windows marked due. Returns how many.
     pub async fn tombstone(
         &self,
@@ -358,8 +358,8 @@ impl PageWriter<'_> {
         }
     }
 
-    /// Classifies a page's items and has the object store write the new and changed ones. It may run
-    /// while the page before commits, so the object store and the database work at the same time.
+    /// Classifies a page's items and has the object store write the new and changed ones. It
+    /// may run while the page before commits, so the store and the database work at once.
     pub(crate) async fn stage(&self, seq: u64, page: Page) -> Result<Staged, Error> {
         let mut staged = Staged {
             seq,
@@ -505,8 +505,8 @@ impl PageWriter<'_> {
             .collect()
     }
 
-    /// Counts what the commit stored, and removes from the object store the new items whose rows the
-    /// database refused, so the store holds exactly what the database does.
+    /// Counts what the commit stored, and removes from the object store the new items whose
+    /// rows the database refused, so the store holds exactly what the database does.
     async fn settle(
         &self,
         changed: &[(&Item, Known)],

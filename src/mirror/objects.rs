@@ -350,7 +350,6 @@ impl ObjectSink {
         self.put_file(&key, changes).await.map(drop)
     }
 
-    /// Writes a run's manifest.
     /// Removes what a killed run left half-written in `collections`; returns how many. Called
     /// by a single run holding the job's lock, never while workers may be writing.
     pub async fn recover(&self, collections: &[String]) -> Result<usize, Error> {
@@ -362,6 +361,7 @@ impl ObjectSink {
             .map_err(|e| Error::Internal(format!("the folder clean-up failed: {e}")))?
     }
 
+    /// Writes a run's manifest.
     pub async fn put_manifest(&self, run_id: &str, manifest: Bytes) -> Result<(), Error> {
         let key = self.key(&format!("_runs/{}.json", encode_segment(run_id)));
         self.store

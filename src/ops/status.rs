@@ -36,12 +36,14 @@ pub async fn read(db: &Database, runs: i64) -> Result<Status, Error> {
 /// `text` with its control characters escaped (`\n`, `\u{1b}`): ids and reasons come from the
 /// API, and one holding a newline or a terminal escape would break the table or the terminal.
 fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| match c.is_control() {
-            true => c.escape_default().to_string(),
-            false => c.to_string(),
-        })
-        .collect()
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c.is_control() {
+            true => out.extend(c.escape_default()),
+            false => out.push(c),
+        }
+    }
+    out
 }
 
 /// Lays out rows under a header, each column as wide as its widest cell.

@@ -387,3 +387,49 @@ pub fn stored_objects(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>>
     }
     out
 }
+
+/// Classifies each of `pages` and commits its new and changed items as a run does, each page
+/// its own partition (`p0`, `p1`, ...), all at once; the commits' results, in order. For the
+/// benchmarks of the write path.
+pub async fn commit_pages(
+    db: &Database,
+    pages: &[stac_sync::stac::reader::Page],
+    request: &stac_sync::stac::search::Request,
+) -> Vec<stac_sync::mirror::db::Committed> {
+    use stac_sync::mirror::db::{Known, PageCommit};
+    let partitions: Vec<String> = (0..pages.len()).map(|p| format!("p{p}")).collect();
+    let mut commits = Vec::new();
+    for (page, partition) in pages.iter().zip(&partitions) {
+        let known = db
+            .classify(&page.items)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let changed: Vec<_> = page
+            .items
+            .iter()
+            .zip(&known)
+            .filter(|(_, k)| **k != Known::Unchanged)
+            .map(|(i, _)| i)
+            .collect();
+        commits.push(db.commit_page(PageCommit {
+            run_id: "bench",
+            job: "bench",
+            partition,
+            items: changed,
+            rejected: &[],
+            page_url: "http://bench/search",
+            resume: Some(request),
+            ends_page: true,
+            features: page.features,
+            matched: None,
+            seen: Vec::new(),
+            lease: None,
+            snapshots: None,
+        }));
+    }
+    futures_util::future::join_all(commits)
+        .await
+        .into_iter()
+        .map(|committed| committed.unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}

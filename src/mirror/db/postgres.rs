@@ -533,15 +533,11 @@ impl PostgresDb {
         if !self.pgstac || items.is_empty() {
             return Ok((items.to_vec(), HashMap::new(), Vec::new()));
         }
-        let versioned = match self.versioned.get() {
-            Some(versioned) => *versioned,
-            None => {
-                let versioned = pgstac::versioned(tx)
-                    .await
-                    .map_err(self.failure("read pgstac's functions"))?;
-                *self.versioned.get_or_init(|| async { versioned }).await
-            }
-        };
+        let versioned = *self
+            .versioned
+            .get_or_try_init(|| pgstac::versioned(&mut *tx))
+            .await
+            .map_err(self.failure("read pgstac's functions"))?;
         let mut collections: Vec<&str> = items.iter().map(|i| i.collection.as_str()).collect();
         collections.sort_unstable();
         collections.dedup();
