@@ -14,6 +14,7 @@
 //! harmless. What is not here: fetching pages and deciding which to commit when (`run`).
 
 pub mod db;
+mod encode;
 pub mod objects;
 pub mod snapshot;
 

@@ -12,6 +12,7 @@
 //! only then).
 
 use super::db::{Database, window_range};
+use super::encode::{Encoded, Flat, Target};
 use super::objects::ObjectSink;
 use crate::config::SnapshotWindow;
 use crate::error::Error;
@@ -122,10 +123,12 @@ enum Pass {
 }
 
 /// Writes the window's items into `file` with `schema` (or the first batch's); when a batch
-/// does not fit it, reads on only to learn the schema of every batch.
+/// does not fit it, reads on only to learn the schema of every batch. Batches are encoded on
+/// the blocking pool, one per core at once, each against the file's schema as it stood when
+/// the batch was read.
 async fn parquet(
     db: &Database,
-    window: (&str, &str),
+    (collection, window): (&str, &str),
     size: SnapshotWindow,
     file: &tempfile::NamedTempFile,
     mut schema: Option<SchemaRef>,
@@ -136,17 +139,51 @@ async fn parquet(
     file.as_file().set_len(0).map_err(fail)?;
     let mut writer: Option<ParquetFile> = None;
     let mut widened = false;
-    let mut batches = batches(db, window, size);
-    while let Some(items) = batches.try_next().await? {
-        let (batch, own) = encode(items, what)?;
-        let wider = merge_schemas(schema.as_deref().unwrap_or(&own), &own)
-            .map_err(|why| Error::Sink(format!("{what}: {why}")))?;
-        // The first batch sets the schema; a later one that does not fit widens it, and this
-        // pass only reads on.
-        if schema.as_deref() != Some(&wider) {
-            widened |= schema.is_some();
-            schema = Some(Arc::new(wider));
-        }
+    let target = std::sync::Mutex::new(schema.clone().map(|s| Arc::new(Target::new(s))));
+    let current = || target.lock().map_or(None, |t| t.clone());
+    let in_flight = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut encoded = db
+        .window_pages(collection, window, size, BATCH_ITEMS)
+        .map(|texts| {
+            let target = current();
+            async move {
+                let texts = texts?;
+                tokio::task::spawn_blocking(move || {
+                    Flat::read(&texts).and_then(|flat| {
+                        flat.encode(target.as_deref())
+                            .map_err(|e| format!("encoding items as stac-geoparquet: {e}"))
+                    })
+                })
+                .await
+                .map_err(|e| Error::Sink(format!("{what}: encoding stopped: {e}")))?
+                .map_err(|e| Error::Sink(format!("{what}: {e}")))
+            }
+        })
+        .buffered(in_flight);
+    while let Some(encoded) = encoded.try_next().await? {
+        let batch = match encoded {
+            // Encoded into the file's schema: nothing to merge.
+            Encoded::Fits(batch, into)
+                if schema.as_ref().is_some_and(|s| Arc::ptr_eq(s, &into)) =>
+            {
+                batch
+            }
+            Encoded::Fits(batch, own) | Encoded::Own(batch, own) => {
+                let wider = merge_schemas(schema.as_deref().unwrap_or(&own), &own)
+                    .map_err(|why| Error::Sink(format!("{what}: {why}")))?;
+                // The first batch sets the schema; a later one that does not fit widens it,
+                // and this pass only reads on.
+                if schema.as_deref() != Some(&wider) {
+                    widened |= schema.is_some();
+                    let wider = Arc::new(wider);
+                    if let Ok(mut target) = target.lock() {
+                        *target = Some(Arc::new(Target::new(wider.clone())));
+                    }
+                    schema = Some(wider);
+                }
+                batch
+            }
+        };
         let Some(schema) = schema.as_ref().filter(|_| !widened) else {
             continue;
         };
@@ -166,38 +203,6 @@ async fn parquet(
         (_, _, Some(writer)) => writer.finish(what).map(Pass::Written),
         _ => Ok(Pass::Written(0)),
     }
-}
-
-/// The window's items in batches of [`BATCH_ITEMS`], parsed.
-fn batches<'a>(
-    db: &'a Database,
-    (collection, window): (&'a str, &'a str),
-    size: SnapshotWindow,
-) -> impl futures_util::Stream<Item = Result<Vec<stac::Item>, Error>> + 'a {
-    db.window_pages(collection, window, size, BATCH_ITEMS)
-        .map(move |texts| {
-            texts?
-                .iter()
-                .map(|text| {
-                    serde_json::from_str::<stac::Item>(text).map_err(|e| {
-                        Error::Sink(format!(
-                            "collection {collection}, window {window}: an item cannot be read as \
-                             a STAC item for the snapshot ({e}); it is in the database and its \
-                             object; the window is written again on the next run: {}",
-                            item_id(text)
-                        ))
-                    })
-                })
-                .collect()
-        })
-}
-
-/// The `id` of an item's JSON, for messages.
-fn item_id(text: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(text)
-        .ok()
-        .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_string))
-        .map_or_else(|| "(no id)".into(), |id| format!("item {id}"))
 }
 
 /// Writes the window's items, one per line, as stored; how many.
@@ -221,11 +226,6 @@ async fn ndjson(
     }
     out.flush().map_err(fail)?;
     Ok(count)
-}
-
-fn encode(items: Vec<stac::Item>, what: &str) -> Result<(RecordBatch, SchemaRef), Error> {
-    stac::geoarrow::encode(items)
-        .map_err(|e| Error::Sink(format!("{what}: encoding items as stac-geoparquet: {e}")))
 }
 
 /// A stac-geoparquet file being written.
@@ -547,6 +547,18 @@ mod tests {
         .expect("an item")
     }
 
+    /// Items encoded in their own schema.
+    fn own(items: &[stac::Item]) -> (RecordBatch, SchemaRef) {
+        let texts: Vec<String> = items
+            .iter()
+            .map(|i| serde_json::to_string(i).expect("JSON"))
+            .collect();
+        match Flat::read(&texts).expect("reads").encode(None) {
+            Ok(Encoded::Own(batch, schema)) => (batch, schema),
+            _ => panic!("encodes in its own schema"),
+        }
+    }
+
     fn read(bytes: Vec<u8>) -> Vec<Value> {
         fn strip(value: &mut Value) {
             match value {
@@ -606,14 +618,14 @@ mod tests {
         );
 
         let what = "test";
-        let (_, a) = encode(first.clone(), what).expect("encodes");
-        let (_, b) = encode(second.clone(), what).expect("encodes");
+        let (_, a) = own(&first);
+        let (_, b) = own(&second);
         let schema = Arc::new(merge_schemas(&a, &b).expect("merges"));
         let file = tempfile::tempfile().expect("temp file");
         let mut parquet =
             ParquetFile::new(file.try_clone().expect("dup"), &schema, None, what).expect("writer");
-        let (first_batch, _) = encode(first.clone(), what).expect("encodes");
-        let (second_batch, _) = encode(second.clone(), what).expect("encodes");
+        let (first_batch, _) = own(&first);
+        let (second_batch, _) = own(&second);
         parquet.write(&first_batch, what).expect("first");
         parquet.write(&second_batch, what).expect("second");
         assert_eq!(parquet.finish(what).expect("finishes"), 3);
@@ -638,9 +650,100 @@ mod tests {
 
     #[test]
     fn a_string_and_a_number_in_one_field_are_refused_by_name() {
-        let (_, a) = encode(vec![item("a", json!({"v": "1"}), json!({}))], "t").expect("a");
-        let (_, b) = encode(vec![item("b", json!({"v": 1}), json!({}))], "t").expect("b");
+        let (_, a) = own(&[item("a", json!({"v": "1"}), json!({}))]);
+        let (_, b) = own(&[item("b", json!({"v": 1}), json!({}))]);
         let why = merge_schemas(&a, &b).expect_err("no type holds both");
         assert!(why.contains("`v`"), "{why}");
+    }
+
+    /// Real items (EDS, Planetary Computer), as stored.
+    fn fixture_texts() -> Vec<String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        [
+            "eds-test_data.json",
+            "eds-test_data_s1.json",
+            "pc-items-page-1.json",
+        ]
+        .iter()
+        .flat_map(|name| {
+            let text = std::fs::read_to_string(dir.join(name)).expect("a fixture");
+            let page: Value = serde_json::from_str(&text).expect("JSON");
+            page["features"].as_array().expect("features").clone()
+        })
+        .map(|item| serde_json::to_string(&item).expect("JSON"))
+        .collect()
+    }
+
+    /// Encoding a batch in its own schema gives what `stac::geoarrow::encode` gives, batch and
+    /// schema, column for column.
+    #[test]
+    fn items_encode_as_rustac_encodes_them() {
+        for texts in [fixture_texts()[..8].to_vec(), fixture_texts()] {
+            let items: Vec<stac::Item> = texts
+                .iter()
+                .map(|t| serde_json::from_str(t).expect("an item"))
+                .collect();
+            let (rustac, rustac_schema) = stac::geoarrow::encode(items).expect("rustac encodes");
+            let (batch, schema) = match Flat::read(&texts).expect("reads").encode(None) {
+                Ok(Encoded::Own(batch, schema)) => (batch, schema),
+                _ => panic!("encodes in its own schema"),
+            };
+            assert_eq!(schema, rustac_schema);
+            assert_eq!(batch, rustac);
+        }
+    }
+
+    /// A batch whose values fit the file's schema is decoded straight into it, and equals the
+    /// batch encoded in its own schema and widened; one that does not fit is encoded in its own.
+    #[test]
+    fn a_batch_that_fits_the_file_decodes_into_it_as_widening_would() {
+        let texts = fixture_texts();
+        let (eds, pc) = texts.split_at(8);
+        let mut odd: Vec<Value> = eds
+            .iter()
+            .map(|t| serde_json::from_str(t).expect("JSON"))
+            .collect();
+        odd[0]["properties"]["only:here"] = json!({"deep": [1, 2], "n": 3});
+        odd[1]["properties"]["eo:cloud_cover"] = json!(12);
+        let odd: Vec<String> = odd.iter().map(Value::to_string).collect();
+        let mut schema: Option<SchemaRef> = None;
+        for batch in [eds, pc, &odd] {
+            let (_, own) = match Flat::read(batch).expect("reads").encode(None) {
+                Ok(Encoded::Own(batch, schema)) => (batch, schema),
+                _ => panic!("own"),
+            };
+            let merged = merge_schemas(schema.as_deref().unwrap_or(&own), &own).expect("merges");
+            schema = Some(Arc::new(merged));
+        }
+        let target = Target::new(schema.clone().expect("a schema"));
+        for batch in [eds, pc, &odd] {
+            let (own, _) = match Flat::read(batch).expect("reads").encode(None) {
+                Ok(Encoded::Own(batch, schema)) => (batch, schema),
+                _ => panic!("own"),
+            };
+            let widened = widen_batch(&own, &target.schema).expect("widens");
+            match Flat::read(batch).expect("reads").encode(Some(&target)) {
+                Ok(Encoded::Fits(fits, into)) => {
+                    assert!(Arc::ptr_eq(&into, &target.schema));
+                    assert_eq!(fits, widened);
+                }
+                _ => panic!("fits the file's schema"),
+            }
+        }
+        // A string where the file has numbers, a member it lacks: encoded in their own schema.
+        for change in [json!({"eo:cloud_cover": "12"}), json!({"new:member": true})] {
+            let mut item: Value = serde_json::from_str(&eds[0]).expect("JSON");
+            for (k, v) in change.as_object().expect("object") {
+                item["properties"][k] = v.clone();
+            }
+            let texts = vec![item.to_string()];
+            assert!(
+                matches!(
+                    Flat::read(&texts).expect("reads").encode(Some(&target)),
+                    Ok(Encoded::Own(..))
+                ),
+                "{change}"
+            );
+        }
     }
 }

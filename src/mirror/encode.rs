@@ -1,0 +1,352 @@
+//! Stored items as stac-geoparquet record batches, as `stac::geoarrow` encodes them: each item
+//! read as a `stac::Item` (rustac's normalization), flattened, its geometries as geoarrow, its
+//! bbox a struct, its datetimes timestamps, `type`, `stac_version` and `collection`
+//! dictionary-encoded.
+//!
+//! rustac infers each batch's schema from its JSON values, and inference costs as much as
+//! decoding. A window's batches mostly share one schema, so a batch whose values fit the file's
+//! schema as it stands (every member a column of it, every value of the column's type) is
+//! decoded straight into that schema; only a batch that does not fit is inferred, as rustac
+//! does, and merged.
+
+use arrow_array::builder::BinaryBuilder;
+use arrow_array::{Array, ArrayRef, BinaryArray, RecordBatch, new_null_array};
+use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+use geoarrow_array::GeoArrowArray;
+use geoarrow_array::builder::GeometryBuilder;
+use geoarrow_schema::GeometryType;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The columns `stac::geoarrow` makes timestamps (milliseconds, UTC).
+const DATETIME_COLUMNS: [&str; 8] = stac::geoarrow::DATETIME_COLUMNS;
+/// The string columns `stac::geoarrow` dictionary-encodes.
+const DICTIONARY_COLUMNS: [&str; 3] = ["type", "stac_version", "collection"];
+
+/// A file schema, with what checking values against it needs.
+#[derive(Debug)]
+pub struct Target {
+    /// The file's schema.
+    pub schema: SchemaRef,
+    /// The schema JSON values decode into: without the geometry columns, dictionary columns
+    /// as strings.
+    decode: SchemaRef,
+    /// The decoding schema's columns by name, nested.
+    shape: Shape,
+}
+
+impl Target {
+    pub fn new(schema: SchemaRef) -> Target {
+        let fields: Fields = schema
+            .fields()
+            .iter()
+            .filter(|f| !is_geometry(f.name()))
+            .map(|f| match f.data_type() {
+                DataType::Dictionary(_, value)
+                    if DICTIONARY_COLUMNS.contains(&f.name().as_str())
+                        && value.as_ref() == &DataType::Utf8 =>
+                {
+                    Arc::new(f.as_ref().clone().with_data_type(DataType::Utf8))
+                }
+                _ => f.clone(),
+            })
+            .collect();
+        let shape = Shape::of(&DataType::Struct(fields.clone()));
+        Target {
+            decode: Arc::new(Schema::new(fields)),
+            schema,
+            shape,
+        }
+    }
+}
+
+/// A data type, with a struct's fields by name.
+#[derive(Debug)]
+enum Shape {
+    Struct(HashMap<String, Shape>),
+    List(Box<Shape>),
+    Leaf(DataType),
+}
+
+impl Shape {
+    fn of(data_type: &DataType) -> Shape {
+        match data_type {
+            DataType::Struct(fields) => Shape::Struct(
+                fields
+                    .iter()
+                    .map(|f| (f.name().clone(), Shape::of(f.data_type())))
+                    .collect(),
+            ),
+            DataType::List(field) => Shape::List(Box::new(Shape::of(field.data_type()))),
+            other => Shape::Leaf(other.clone()),
+        }
+    }
+
+    /// Whether decoding `value` into this type keeps it as inferring its own type and
+    /// widening to this one would (a conservative answer: `false` when unsure).
+    fn fits(&self, value: &Value) -> bool {
+        match (self, value) {
+            (_, Value::Null) => true,
+            (Shape::Struct(fields), Value::Object(members)) => Shape::fit_members(fields, members),
+            (Shape::List(of), Value::Array(values)) => values.iter().all(|v| of.fits(v)),
+            (Shape::Leaf(DataType::Boolean), Value::Bool(_)) => true,
+            (Shape::Leaf(DataType::Int64), Value::Number(n)) => n.is_i64(),
+            (Shape::Leaf(DataType::Float64), Value::Number(_)) => true,
+            (Shape::Leaf(DataType::Utf8), Value::String(_)) => true,
+            _ => false,
+        }
+    }
+
+    fn fit_members(fields: &HashMap<String, Shape>, members: &Map<String, Value>) -> bool {
+        members
+            .iter()
+            .all(|(key, value)| fields.get(key).is_some_and(|shape| shape.fits(value)))
+    }
+
+    /// [`Shape::fits`] for a flat item: its datetime columns are timestamps, read from
+    /// strings.
+    fn fits_item(&self, item: &Map<String, Value>) -> bool {
+        let Shape::Struct(fields) = self else {
+            return false;
+        };
+        item.iter().all(|(key, value)| match fields.get(key) {
+            Some(Shape::Leaf(DataType::Timestamp(..))) => {
+                matches!(value, Value::String(_) | Value::Null)
+            }
+            Some(shape) => shape.fits(value),
+            None => false,
+        })
+    }
+}
+
+fn is_geometry(column: &str) -> bool {
+    column == "geometry" || column == "proj:geometry"
+}
+
+/// One batch of items, flattened as `stac::geoarrow` flattens them.
+pub struct Flat {
+    values: Vec<Value>,
+    geometry: GeometryBuilder,
+    proj_geometry: BinaryBuilder,
+}
+
+/// An encoded batch.
+pub enum Encoded {
+    /// In the schema of the [`Target`] it was encoded for.
+    Fits(RecordBatch, SchemaRef),
+    /// In its own schema (rustac's, inferred from its items).
+    Own(RecordBatch, SchemaRef),
+}
+
+impl Flat {
+    /// Reads `texts` (stored item JSON) as rustac does; an error names the item.
+    pub fn read(texts: &[String]) -> Result<Flat, String> {
+        let mut flat = Flat {
+            values: Vec::with_capacity(texts.len()),
+            geometry: GeometryBuilder::new(GeometryType::new(Default::default())),
+            proj_geometry: BinaryBuilder::new(),
+        };
+        for text in texts {
+            flat.add(text).map_err(|e| {
+                format!(
+                    "an item cannot be read as a STAC item for the snapshot ({e}); it is in the \
+                     database and its object; the window is written again on the next run: {}",
+                    item_id(text)
+                )
+            })?;
+        }
+        Ok(flat)
+    }
+
+    /// `stac::geoarrow`'s `Writer::add`, with the geometry taken from the typed item rather
+    /// than from its JSON value (the value's members are removed in the same order, so the
+    /// columns come out in the same order).
+    fn add(&mut self, text: &str) -> Result<(), String> {
+        let item: stac::Item = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let mut item = item.into_flat_item(true).map_err(|e| e.to_string())?;
+        let geometry = item.geometry.take();
+        let mut value = serde_json::to_value(item).map_err(|e| e.to_string())?;
+        let Some(object) = value.as_object_mut() else {
+            return Err("a flat item is not a JSON object".into());
+        };
+        if object.remove("geometry").is_some() {
+            // rustac's encoder has no null geometry.
+            let geometry = geometry.ok_or("its geometry is null, which rustac cannot encode")?;
+            let geometry = geo_types::Geometry::try_from(geometry).map_err(|e| e.to_string())?;
+            self.geometry
+                .push_geometry(Some(&geometry))
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(value) = object.remove("proj:geometry") {
+            let geometry: stac::Geometry =
+                serde_json::from_value(value).map_err(|e| e.to_string())?;
+            let geometry = geo_types::Geometry::try_from(geometry).map_err(|e| e.to_string())?;
+            let mut wkb = Vec::new();
+            wkb::writer::write_geometry(&mut wkb, &geometry, &Default::default())
+                .map_err(|e| e.to_string())?;
+            self.proj_geometry.append_value(wkb);
+        }
+        if let Some(bbox) = object.remove("bbox") {
+            object.insert("bbox".into(), bbox_struct(&bbox)?);
+        }
+        self.values.push(value);
+        Ok(())
+    }
+
+    /// Encodes the batch into `target`'s schema when its values fit it, else into its own.
+    pub fn encode(mut self, target: Option<&Target>) -> Result<Encoded, String> {
+        let geometry = self.geometry.finish();
+        let geometry = (
+            geometry.data_type().to_field("geometry", true),
+            geometry.to_array_ref(),
+        );
+        let proj_geometry = self.proj_geometry.finish();
+        let values = self.values;
+        if let Some(target) = target
+            && values
+                .iter()
+                .all(|v| v.as_object().is_some_and(|o| target.shape.fits_item(o)))
+            && let Ok(batch) = decode_into(&values, target, &geometry, &proj_geometry)
+        {
+            return Ok(Encoded::Fits(batch, target.schema.clone()));
+        }
+        encode_own(&values, geometry, proj_geometry)
+            .map(|(batch, schema)| Encoded::Own(batch, schema))
+    }
+}
+
+/// The batch in `target`'s schema: its columns decoded, the geometry columns added.
+fn decode_into(
+    values: &[Value],
+    target: &Target,
+    (_, geometry): &(Field, ArrayRef),
+    proj_geometry: &BinaryArray,
+) -> Result<RecordBatch, String> {
+    let rows = values.len();
+    let decoded = decode(values, &target.decode)?;
+    let proj = proj_geometry.len();
+    if proj != 0 && proj != rows {
+        return Err("some items have a proj:geometry and some not".into());
+    }
+    if proj != 0 && target.schema.field_with_name("proj:geometry").is_err() {
+        return Err("a proj:geometry the schema has no column for".into());
+    }
+    let columns = target
+        .schema
+        .fields()
+        .iter()
+        .map(|field| -> Result<ArrayRef, String> {
+            Ok(match field.name().as_str() {
+                "geometry" => geometry.clone(),
+                "proj:geometry" if proj != 0 => Arc::new(proj_geometry.clone()),
+                "proj:geometry" => new_null_array(field.data_type(), rows),
+                name => {
+                    let column = decoded
+                        .column_by_name(name)
+                        .ok_or_else(|| format!("no column {name}"))?;
+                    if column.data_type() == field.data_type() {
+                        column.clone()
+                    } else {
+                        arrow_cast::cast(column, field.data_type()).map_err(|e| e.to_string())?
+                    }
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(target.schema.clone(), columns).map_err(|e| e.to_string())
+}
+
+/// `stac::geoarrow`'s `infer_base_schema` and `write`.
+fn encode_own(
+    values: &[Value],
+    (geometry_field, geometry): (Field, ArrayRef),
+    proj_geometry: BinaryArray,
+) -> Result<(RecordBatch, SchemaRef), String> {
+    let inferred = arrow_json::reader::infer_json_schema_from_iterator(values.iter().map(Ok))
+        .map_err(|e| e.to_string())?;
+    let fields: Fields = inferred
+        .fields()
+        .iter()
+        .map(|field| {
+            if DATETIME_COLUMNS.contains(&field.name().as_str()) {
+                Arc::new(Field::new(
+                    field.name(),
+                    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                    field.is_nullable(),
+                ))
+            } else {
+                field.clone()
+            }
+        })
+        .collect();
+    let decoded = decode(values, &Arc::new(Schema::new(fields)))?;
+    let dictionary = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+    let mut fields = Vec::with_capacity(decoded.num_columns() + 2);
+    let mut columns = Vec::with_capacity(decoded.num_columns() + 2);
+    for (field, column) in decoded.schema().fields().iter().zip(decoded.columns()) {
+        if DICTIONARY_COLUMNS.contains(&field.name().as_str())
+            && field.data_type() == &DataType::Utf8
+        {
+            columns.push(arrow_cast::cast(column, &dictionary).map_err(|e| e.to_string())?);
+            fields.push(Field::new(
+                field.name(),
+                dictionary.clone(),
+                field.is_nullable(),
+            ));
+        } else {
+            columns.push(column.clone());
+            fields.push(field.as_ref().clone());
+        }
+    }
+    fields.push(geometry_field);
+    columns.push(geometry);
+    if !proj_geometry.is_empty() {
+        fields.push(Field::new(
+            "proj:geometry",
+            proj_geometry.data_type().clone(),
+            true,
+        ));
+        columns.push(Arc::new(proj_geometry));
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| e.to_string())?;
+    Ok((batch, schema))
+}
+
+fn decode(values: &[Value], schema: &SchemaRef) -> Result<RecordBatch, String> {
+    let mut decoder = arrow_json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(values.len().max(1))
+        .build_decoder()
+        .map_err(|e| e.to_string())?;
+    decoder.serialize(values).map_err(|e| e.to_string())?;
+    decoder
+        .flush()
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "no items".to_string())
+}
+
+/// A bbox as `stac::geoarrow` writes it: a struct of its 4 or 6 numbers.
+fn bbox_struct(bbox: &Value) -> Result<Value, String> {
+    let names: &[&str] = match bbox.as_array().map(Vec::len) {
+        Some(4) => &["xmin", "ymin", "xmax", "ymax"],
+        Some(6) => &["xmin", "ymin", "zmin", "xmax", "ymax", "zmax"],
+        _ => return Err(format!("a bbox must have 4 or 6 numbers: {bbox}")),
+    };
+    let numbers = bbox.as_array().into_iter().flatten();
+    Ok(Value::Object(
+        names
+            .iter()
+            .zip(numbers)
+            .map(|(name, n)| (name.to_string(), n.clone()))
+            .collect(),
+    ))
+}
+
+/// The `id` of an item's JSON, for messages.
+fn item_id(text: &str) -> String {
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_string))
+        .map_or_else(|| "(no id)".into(), |id| format!("item {id}"))
+}
