@@ -124,13 +124,6 @@ fn is_geometry(column: &str) -> bool {
     column == "geometry" || column == "proj:geometry"
 }
 
-/// One batch of items, flattened as `stac::geoarrow` flattens them.
-pub struct Flat {
-    values: Vec<Value>,
-    geometry: GeometryBuilder,
-    proj_geometry: BinaryBuilder,
-}
-
 /// An encoded batch.
 pub enum Encoded {
     /// In the schema of the [`Target`] it was encoded for.
@@ -139,92 +132,132 @@ pub enum Encoded {
     Own(RecordBatch, SchemaRef),
 }
 
-impl Flat {
-    /// Reads `texts` (stored item JSON) as rustac does; an error names the item.
-    pub fn read(texts: &[String]) -> Result<Flat, String> {
-        let mut flat = Flat {
-            values: Vec::with_capacity(texts.len()),
+/// Encodes stored items (their JSON texts) into `target`'s schema when they fit it, else into
+/// their own; an error names the item or says what Arrow refused.
+pub fn encode(texts: &[String], target: Option<&Target>) -> Result<Encoded, String> {
+    if let Some(target) = target
+        && let Some(batch) = encode_into(texts, target)?
+    {
+        return Ok(Encoded::Fits(batch, target.schema.clone()));
+    }
+    let mut geometries = Geometries::new();
+    let values = texts
+        .iter()
+        .map(|text| flatten(text, &mut geometries))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (geometry, proj_geometry) = geometries.finish();
+    encode_own(&values, geometry, proj_geometry)
+        .map(|(batch, schema)| Encoded::Own(batch, schema))
+        .map_err(|e| format!("encoding items as stac-geoparquet: {e}"))
+}
+
+/// The items decoded one at a time into `target`'s schema, so that no item's JSON value is
+/// held longer than its row takes; `None` as soon as one does not fit.
+fn encode_into(texts: &[String], target: &Target) -> Result<Option<RecordBatch>, String> {
+    let Ok(mut decoder) = decoder(&target.decode, texts.len()) else {
+        return Ok(None);
+    };
+    let mut geometries = Geometries::new();
+    for text in texts {
+        let value = flatten(text, &mut geometries)?;
+        let fits = value
+            .as_object()
+            .is_some_and(|item| target.shape.fits_item(item));
+        if !fits || decoder.serialize(std::slice::from_ref(&value)).is_err() {
+            return Ok(None);
+        }
+    }
+    let Ok(Some(decoded)) = decoder.flush() else {
+        return Ok(None);
+    };
+    let (geometry, proj_geometry) = geometries.finish();
+    Ok(assemble(&decoded, target, geometry, &proj_geometry).ok())
+}
+
+/// The geometry columns of a batch being read.
+struct Geometries {
+    geometry: GeometryBuilder,
+    proj_geometry: BinaryBuilder,
+}
+
+impl Geometries {
+    fn new() -> Geometries {
+        Geometries {
             geometry: GeometryBuilder::new(GeometryType::new(Default::default())),
             proj_geometry: BinaryBuilder::new(),
-        };
-        for text in texts {
-            flat.add(text).map_err(|e| {
-                format!(
-                    "an item cannot be read as a STAC item for the snapshot ({e}); it is in the \
-                     database and its object; the window is written again on the next run: {}",
-                    item_id(text)
-                )
-            })?;
         }
-        Ok(flat)
     }
 
-    /// `stac::geoarrow`'s `Writer::add`, with the geometry taken from the typed item rather
-    /// than from its JSON value (the value's members are removed in the same order, so the
-    /// columns come out in the same order).
-    fn add(&mut self, text: &str) -> Result<(), String> {
-        let item: stac::Item = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        let mut item = item.into_flat_item(true).map_err(|e| e.to_string())?;
-        let geometry = item.geometry.take();
-        let mut value = serde_json::to_value(item).map_err(|e| e.to_string())?;
-        let Some(object) = value.as_object_mut() else {
-            return Err("a flat item is not a JSON object".into());
-        };
-        if object.remove("geometry").is_some() {
-            // rustac's encoder has no null geometry.
-            let geometry = geometry.ok_or("its geometry is null, which rustac cannot encode")?;
-            let geometry = geo_types::Geometry::try_from(geometry).map_err(|e| e.to_string())?;
-            self.geometry
-                .push_geometry(Some(&geometry))
-                .map_err(|e| e.to_string())?;
-        }
-        if let Some(value) = object.remove("proj:geometry") {
-            let geometry: stac::Geometry =
-                serde_json::from_value(value).map_err(|e| e.to_string())?;
-            let geometry = geo_types::Geometry::try_from(geometry).map_err(|e| e.to_string())?;
-            let mut wkb = Vec::new();
-            wkb::writer::write_geometry(&mut wkb, &geometry, &Default::default())
-                .map_err(|e| e.to_string())?;
-            self.proj_geometry.append_value(wkb);
-        }
-        if let Some(bbox) = object.remove("bbox") {
-            object.insert("bbox".into(), bbox_struct(&bbox)?);
-        }
-        self.values.push(value);
-        Ok(())
-    }
-
-    /// Encodes the batch into `target`'s schema when its values fit it, else into its own.
-    pub fn encode(mut self, target: Option<&Target>) -> Result<Encoded, String> {
-        let geometry = self.geometry.finish();
-        let geometry = (
-            geometry.data_type().to_field("geometry", true),
-            geometry.to_array_ref(),
-        );
-        let proj_geometry = self.proj_geometry.finish();
-        let values = self.values;
-        if let Some(target) = target
-            && values
-                .iter()
-                .all(|v| v.as_object().is_some_and(|o| target.shape.fits_item(o)))
-            && let Ok(batch) = decode_into(&values, target, &geometry, &proj_geometry)
-        {
-            return Ok(Encoded::Fits(batch, target.schema.clone()));
-        }
-        encode_own(&values, geometry, proj_geometry)
-            .map(|(batch, schema)| Encoded::Own(batch, schema))
+    /// The geometry column (its field, its array) and the proj:geometry one.
+    fn finish(self) -> ((Field, ArrayRef), BinaryArray) {
+        let Geometries {
+            geometry,
+            mut proj_geometry,
+        } = self;
+        let geometry = geometry.finish();
+        (
+            (
+                geometry.data_type().to_field("geometry", true),
+                geometry.to_array_ref(),
+            ),
+            proj_geometry.finish(),
+        )
     }
 }
 
-/// The batch in `target`'s schema: its columns decoded, the geometry columns added.
-fn decode_into(
-    values: &[Value],
+/// One stored item as `stac::geoarrow` flattens it (`Writer::add`), its geometries added to
+/// `geometries`; an error names the item. The geometry is taken from the typed item rather
+/// than from its JSON value, and the value's members are removed in rustac's order, so the
+/// columns come out in the same order.
+fn flatten(text: &str, geometries: &mut Geometries) -> Result<Value, String> {
+    flat_value(text, geometries).map_err(|e| {
+        format!(
+            "an item cannot be read as a STAC item for the snapshot ({e}); it is in the \
+             database and its object; the window is written again on the next run: {}",
+            item_id(text)
+        )
+    })
+}
+
+fn flat_value(text: &str, geometries: &mut Geometries) -> Result<Value, String> {
+    let item: stac::Item = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let mut item = item.into_flat_item(true).map_err(|e| e.to_string())?;
+    let geometry = item.geometry.take();
+    let mut value = serde_json::to_value(item).map_err(|e| e.to_string())?;
+    let Some(object) = value.as_object_mut() else {
+        return Err("a flat item is not a JSON object".into());
+    };
+    if object.remove("geometry").is_some() {
+        // rustac's encoder has no null geometry.
+        let geometry = geometry.ok_or("its geometry is null, which rustac cannot encode")?;
+        let geometry = geo_types::Geometry::try_from(geometry).map_err(|e| e.to_string())?;
+        geometries
+            .geometry
+            .push_geometry(Some(&geometry))
+            .map_err(|e| e.to_string())?;
+    }
+    if let Some(value) = object.remove("proj:geometry") {
+        let geometry: stac::Geometry = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        let geometry = geo_types::Geometry::try_from(geometry).map_err(|e| e.to_string())?;
+        let mut wkb = Vec::new();
+        wkb::writer::write_geometry(&mut wkb, &geometry, &Default::default())
+            .map_err(|e| e.to_string())?;
+        geometries.proj_geometry.append_value(wkb);
+    }
+    if let Some(bbox) = object.remove("bbox") {
+        object.insert("bbox".into(), bbox_struct(&bbox)?);
+    }
+    Ok(value)
+}
+
+/// The batch in `target`'s schema: its decoded columns, the geometry columns added.
+fn assemble(
+    decoded: &RecordBatch,
     target: &Target,
-    (_, geometry): &(Field, ArrayRef),
+    (_, geometry): (Field, ArrayRef),
     proj_geometry: &BinaryArray,
 ) -> Result<RecordBatch, String> {
-    let rows = values.len();
-    let decoded = decode(values, &target.decode)?;
+    let rows = decoded.num_rows();
     let proj = proj_geometry.len();
     if proj != 0 && proj != rows {
         return Err("some items have a proj:geometry and some not".into());
@@ -314,11 +347,15 @@ fn encode_own(
     Ok((batch, schema))
 }
 
-fn decode(values: &[Value], schema: &SchemaRef) -> Result<RecordBatch, String> {
-    let mut decoder = arrow_json::ReaderBuilder::new(schema.clone())
-        .with_batch_size(values.len().max(1))
+fn decoder(schema: &SchemaRef, rows: usize) -> Result<arrow_json::reader::Decoder, String> {
+    arrow_json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(rows.max(1))
         .build_decoder()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+fn decode(values: &[Value], schema: &SchemaRef) -> Result<RecordBatch, String> {
+    let mut decoder = decoder(schema, values.len())?;
     decoder.serialize(values).map_err(|e| e.to_string())?;
     decoder
         .flush()

@@ -12,7 +12,7 @@
 //! only then).
 
 use super::db::{Database, window_range};
-use super::encode::{Encoded, Flat, Target};
+use super::encode::{Encoded, Target, encode};
 use super::objects::ObjectSink;
 use crate::config::SnapshotWindow;
 use crate::error::Error;
@@ -27,13 +27,13 @@ use parquet::file::metadata::KeyValue;
 use std::io::Write;
 use std::sync::Arc;
 
-/// Items encoded at a time: a batch's items, their JSON values and their Arrow are in memory at
-/// once, about twelve times an item's size, so the batch is small; a larger one is no faster
-/// (scripts/measure-snapshots; docs/benchmarks.md).
+/// Items encoded at a time, by one task of the blocking pool: the batch's texts and its Arrow
+/// are in memory at once (each item's JSON value only while its row is decoded).
 const BATCH_ITEMS: usize = 250;
-/// Rows of a Parquet row group (the encoded rows of one group are buffered before it is
-/// written).
-const ROW_GROUP_ROWS: usize = 10_000;
+/// Rows of a Parquet row group. The writer buffers a group's encoded rows, and keeps buffers
+/// and a zstd context per leaf column (a thousand and more for items with many assets), so
+/// the group is what bounds the writer's memory (docs/benchmarks.md).
+const ROW_GROUP_ROWS: usize = 4_000;
 /// zstd level: files about as small as stac's default (15), written several times faster.
 const ZSTD_LEVEL: i32 = 3;
 
@@ -148,15 +148,10 @@ async fn parquet(
             let target = current();
             async move {
                 let texts = texts?;
-                tokio::task::spawn_blocking(move || {
-                    Flat::read(&texts).and_then(|flat| {
-                        flat.encode(target.as_deref())
-                            .map_err(|e| format!("encoding items as stac-geoparquet: {e}"))
-                    })
-                })
-                .await
-                .map_err(|e| Error::Sink(format!("{what}: encoding stopped: {e}")))?
-                .map_err(|e| Error::Sink(format!("{what}: {e}")))
+                tokio::task::spawn_blocking(move || encode(&texts, target.as_deref()))
+                    .await
+                    .map_err(|e| Error::Sink(format!("{what}: encoding stopped: {e}")))?
+                    .map_err(|e| Error::Sink(format!("{what}: {e}")))
             }
         })
         .buffered(in_flight);
@@ -553,7 +548,7 @@ mod tests {
             .iter()
             .map(|i| serde_json::to_string(i).expect("JSON"))
             .collect();
-        match Flat::read(&texts).expect("reads").encode(None) {
+        match encode(&texts, None) {
             Ok(Encoded::Own(batch, schema)) => (batch, schema),
             _ => panic!("encodes in its own schema"),
         }
@@ -684,7 +679,7 @@ mod tests {
                 .map(|t| serde_json::from_str(t).expect("an item"))
                 .collect();
             let (rustac, rustac_schema) = stac::geoarrow::encode(items).expect("rustac encodes");
-            let (batch, schema) = match Flat::read(&texts).expect("reads").encode(None) {
+            let (batch, schema) = match encode(&texts, None) {
                 Ok(Encoded::Own(batch, schema)) => (batch, schema),
                 _ => panic!("encodes in its own schema"),
             };
@@ -708,7 +703,7 @@ mod tests {
         let odd: Vec<String> = odd.iter().map(Value::to_string).collect();
         let mut schema: Option<SchemaRef> = None;
         for batch in [eds, pc, &odd] {
-            let (_, own) = match Flat::read(batch).expect("reads").encode(None) {
+            let (_, own) = match encode(batch, None) {
                 Ok(Encoded::Own(batch, schema)) => (batch, schema),
                 _ => panic!("own"),
             };
@@ -717,12 +712,12 @@ mod tests {
         }
         let target = Target::new(schema.clone().expect("a schema"));
         for batch in [eds, pc, &odd] {
-            let (own, _) = match Flat::read(batch).expect("reads").encode(None) {
+            let (own, _) = match encode(batch, None) {
                 Ok(Encoded::Own(batch, schema)) => (batch, schema),
                 _ => panic!("own"),
             };
             let widened = widen_batch(&own, &target.schema).expect("widens");
-            match Flat::read(batch).expect("reads").encode(Some(&target)) {
+            match encode(batch, Some(&target)) {
                 Ok(Encoded::Fits(fits, into)) => {
                     assert!(Arc::ptr_eq(&into, &target.schema));
                     assert_eq!(fits, widened);
@@ -738,10 +733,7 @@ mod tests {
             }
             let texts = vec![item.to_string()];
             assert!(
-                matches!(
-                    Flat::read(&texts).expect("reads").encode(Some(&target)),
-                    Ok(Encoded::Own(..))
-                ),
+                matches!(encode(&texts, Some(&target)), Ok(Encoded::Own(..))),
                 "{change}"
             );
         }
