@@ -10,12 +10,6 @@ use stac_sync::ops::telemetry::LogFormat;
 use stac_sync::run::{self, RunOptions};
 use std::process::ExitCode;
 
-/// mimalloc rather than the system's allocator: the JSON values of items are many small
-/// allocations freed together, which glibc's malloc spends a large share of the time on across
-/// threads (docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Keeps a faithful, current mirror of a STAC API's items in SQLite or Postgres and object
 /// storage. Credentials come from the environment (EDS_CLIENT_ID, EDS_SECRET, EDS_AUTH_URL,
 /// EDS_API_URL, or STAC_SYNC_*) or a .env file, never from flags.

@@ -206,9 +206,10 @@ impl Geometries {
 }
 
 /// One stored item as `stac::geoarrow` flattens it (`Writer::add`), its geometries added to
-/// `geometries`; an error names the item. The geometry is taken from the typed item rather
-/// than from its JSON value, and the value's members are removed in rustac's order, so the
-/// columns come out in the same order.
+/// `geometries`; an error names the item. The flat value is read directly where
+/// [`super::flat::flat`] can, through rustac's typed `Item` where not; the geometry is taken
+/// before the value, whose members are then removed in rustac's order, so the columns come
+/// out in the same order.
 fn flatten(text: &str, geometries: &mut Geometries) -> Result<Value, String> {
     flat_value(text, geometries).map_err(|e| {
         format!(
@@ -220,10 +221,10 @@ fn flatten(text: &str, geometries: &mut Geometries) -> Result<Value, String> {
 }
 
 fn flat_value(text: &str, geometries: &mut Geometries) -> Result<Value, String> {
-    let item: stac::Item = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    let mut item = item.into_flat_item(true).map_err(|e| e.to_string())?;
-    let geometry = item.geometry.take();
-    let mut value = serde_json::to_value(item).map_err(|e| e.to_string())?;
+    let (mut value, geometry) = match super::flat::flat(text) {
+        Some(flat) => flat,
+        None => typed(text)?,
+    };
     let Some(object) = value.as_object_mut() else {
         return Err("a flat item is not a JSON object".into());
     };
@@ -248,6 +249,15 @@ fn flat_value(text: &str, geometries: &mut Geometries) -> Result<Value, String> 
         object.insert("bbox".into(), bbox_struct(&bbox)?);
     }
     Ok(value)
+}
+
+/// The flat item through rustac's typed `Item` (the definition [`super::flat::flat`] follows).
+pub(super) fn typed(text: &str) -> Result<(Value, Option<stac::Geometry>), String> {
+    let item: stac::Item = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let mut item = item.into_flat_item(true).map_err(|e| e.to_string())?;
+    let geometry = item.geometry.take();
+    let value = serde_json::to_value(item).map_err(|e| e.to_string())?;
+    Ok((value, geometry))
 }
 
 /// The batch in `target`'s schema: its decoded columns, the geometry columns added.

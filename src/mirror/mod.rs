@@ -15,6 +15,7 @@
 
 pub mod db;
 mod encode;
+mod flat;
 pub mod objects;
 pub mod snapshot;
 
