@@ -78,23 +78,10 @@ pub fn flat(text: &str) -> Option<(Value, Option<stac::Geometry>)> {
         "stac_version".into(),
         serde_json::to_value(stac::STAC_VERSION).ok()?,
     );
-    match extensions {
-        None => {}
-        Some(Value::Array(e)) if e.is_empty() => {}
-        Some(Value::Array(e)) if e.iter().all(Value::is_string) => {
-            out.insert("stac_extensions".into(), Value::Array(e));
-        }
-        Some(_) => return None,
-    }
-    match id {
-        None => {
-            out.insert("id".into(), Value::String(String::new()));
-        }
-        Some(id @ Value::String(_)) => {
-            out.insert("id".into(), id);
-        }
-        Some(_) => return None,
-    }
+    string_list(&mut out, "stac_extensions", extensions)?;
+    // rustac reads an absent id as empty.
+    let id = id.unwrap_or_else(|| Value::String(String::new()));
+    required_string(&mut out, "id", Some(id))?;
     let geometry = match geometry {
         None | Some(Value::Null) => None,
         Some(g) => Some(serde_json::from_value::<stac::Geometry>(g).ok()?),
@@ -111,6 +98,29 @@ pub fn flat(text: &str) -> Option<(Value, Option<stac::Geometry>)> {
         }
         Some(_) => return None,
     }
+    links_and_assets(&mut out, links, assets)?;
+    match collection {
+        None | Some(Value::Null) => out.insert("collection".into(), Value::Null),
+        Some(c @ Value::String(_)) => out.insert("collection".into(), c),
+        Some(_) => return None,
+    };
+    match properties {
+        None => {
+            out.insert("datetime".into(), Value::Null);
+        }
+        Some(Value::Object(p)) => flat_properties(p, &mut out)?,
+        Some(_) => return None,
+    }
+    Some((Value::Object(out), geometry))
+}
+
+/// The item's links (always, as `stac::Link`s serialize) and assets (when it has any, as
+/// `stac::Asset`s serialize), added to `out`.
+fn links_and_assets(
+    out: &mut Map<String, Value>,
+    links: Option<Value>,
+    assets: Option<Value>,
+) -> Option<()> {
     let links = match links {
         None => Vec::new(),
         Some(Value::Array(links)) => links.into_iter().map(link).collect::<Option<_>>()?,
@@ -129,19 +139,7 @@ pub fn flat(text: &str) -> Option<(Value, Option<stac::Geometry>)> {
         }
         Some(_) => return None,
     }
-    match collection {
-        None | Some(Value::Null) => out.insert("collection".into(), Value::Null),
-        Some(c @ Value::String(_)) => out.insert("collection".into(), c),
-        Some(_) => return None,
-    };
-    match properties {
-        None => {
-            out.insert("datetime".into(), Value::Null);
-        }
-        Some(Value::Object(p)) => flat_properties(p, &mut out)?,
-        Some(_) => return None,
-    }
-    Some((Value::Object(out), geometry))
+    Some(())
 }
 
 /// `stac::Properties` as the flat item holds them, added to `out`.
@@ -271,19 +269,25 @@ fn asset(asset: Value) -> Option<Value> {
     optional_string(&mut out, "title", title)?;
     optional_string(&mut out, "description", description)?;
     optional_string(&mut out, "type", r#type)?;
-    match roles {
-        None => {}
-        Some(Value::Array(r)) if r.is_empty() => {}
-        Some(Value::Array(r)) if r.iter().all(Value::is_string) => {
-            out.insert("roles".into(), Value::Array(r));
-        }
-        Some(_) => return None,
-    }
+    string_list(&mut out, "roles", roles)?;
     optional_string(&mut out, "created", created)?;
     optional_string(&mut out, "updated", updated)?;
     optional_string(&mut out, "unit", unit)?;
     out.extend(rest);
     Some(Value::Object(out))
+}
+
+/// A list of strings, left out when empty (or absent).
+fn string_list(out: &mut Map<String, Value>, name: &str, value: Option<Value>) -> Option<()> {
+    match value {
+        None => {}
+        Some(Value::Array(list)) if list.is_empty() => {}
+        Some(Value::Array(list)) if list.iter().all(Value::is_string) => {
+            out.insert(name.into(), Value::Array(list));
+        }
+        Some(_) => return None,
+    }
+    Some(())
 }
 
 fn required_string(out: &mut Map<String, Value>, name: &str, value: Option<Value>) -> Option<()> {
