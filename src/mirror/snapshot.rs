@@ -5,11 +5,11 @@
 //! local temporary file, which is then put whole. stac-geoparquet has one schema per file,
 //! inferred from the items, and `stac`'s streaming writer fixes it from the first batch (a
 //! later batch with another property fails, or loses the property). So each batch is encoded
-//! with `stac` on its own, and written widened to the file's schema (a property it lacks is
-//! null, an integer column of it is a float column of the file); a batch the schema cannot
-//! hold (a property the earlier batches lacked) widens the schema, and the file is written
-//! again, from the start, with the schema of all the batches (a second read of the window,
-//! only then).
+//! as `stac` encodes it (`encode.rs`), into the file's schema when its values fit it, else in
+//! its own and then widened to the file's (a property it lacks is null, an integer column of
+//! it is a float column of the file); a batch the schema cannot hold (a property the earlier
+//! batches lacked) widens the schema, and the file is written again, from the start, with the
+//! schema of all the batches (a second read of the window, only then).
 
 use super::db::{Database, window_range};
 use super::encode::{Encoded, Target, encode};
