@@ -1,5 +1,5 @@
 //! Stored items as stac-geoparquet record batches, as `stac::geoarrow` encodes them: each item
-//! read as a `stac::Item` (rustac's normalization), flattened, its geometries as geoarrow, its
+//! flattened as rustac's typed `Item` flattens it (`flat.rs`), its geometries as geoarrow, its
 //! bbox a struct, its datetimes timestamps, `type`, `stac_version` and `collection`
 //! dictionary-encoded.
 //!
@@ -94,6 +94,8 @@ impl Shape {
             (Shape::Leaf(DataType::Int64), Value::Number(n)) => n.is_i64(),
             (Shape::Leaf(DataType::Float64), Value::Number(_)) => true,
             (Shape::Leaf(DataType::Utf8), Value::String(_)) => true,
+            // Only a flat item's datetime columns are timestamps, read from strings.
+            (Shape::Leaf(DataType::Timestamp(..)), Value::String(_)) => true,
             _ => false,
         }
     }
@@ -102,21 +104,6 @@ impl Shape {
         members
             .iter()
             .all(|(key, value)| fields.get(key).is_some_and(|shape| shape.fits(value)))
-    }
-
-    /// [`Shape::fits`] for a flat item: its datetime columns are timestamps, read from
-    /// strings.
-    fn fits_item(&self, item: &Map<String, Value>) -> bool {
-        let Shape::Struct(fields) = self else {
-            return false;
-        };
-        item.iter().all(|(key, value)| match fields.get(key) {
-            Some(Shape::Leaf(DataType::Timestamp(..))) => {
-                matches!(value, Value::String(_) | Value::Null)
-            }
-            Some(shape) => shape.fits(value),
-            None => false,
-        })
     }
 }
 
@@ -160,10 +147,7 @@ fn encode_into(texts: &[String], target: &Target) -> Result<Option<RecordBatch>,
     let mut geometries = Geometries::new();
     for text in texts {
         let value = flatten(text, &mut geometries)?;
-        let fits = value
-            .as_object()
-            .is_some_and(|item| target.shape.fits_item(item));
-        if !fits || decoder.serialize(std::slice::from_ref(&value)).is_err() {
+        if !target.shape.fits(&value) || decoder.serialize(std::slice::from_ref(&value)).is_err() {
             return Ok(None);
         }
     }

@@ -13,15 +13,17 @@
 
 use serde_json::{Map, Value};
 
-/// The members of a flat item that a property may not have (rustac drops such a property,
-/// or would write the member twice).
-const TOP_LEVEL: [&str; 9] = [
+/// An item's members that the flat item keeps, in the order it writes them (`properties`
+/// written as its members); a property named like another of them is dropped by rustac, or
+/// written twice.
+const MEMBERS: [&str; 10] = [
     "type",
     "stac_version",
     "stac_extensions",
     "id",
     "geometry",
     "bbox",
+    "properties",
     "links",
     "assets",
     "collection",
@@ -37,21 +39,7 @@ pub fn flat(text: &str) -> Option<(Value, Option<stac::Geometry>)> {
     let Ok(Value::Object(item)) = serde_json::from_str::<Value>(text) else {
         return None;
     };
-    let (known, _dropped) = split(
-        item,
-        &[
-            "type",
-            "stac_version",
-            "stac_extensions",
-            "id",
-            "geometry",
-            "bbox",
-            "properties",
-            "links",
-            "assets",
-            "collection",
-        ],
-    );
+    let (known, _dropped) = split(item, &MEMBERS);
     let [
         r#type,
         version,
@@ -175,7 +163,7 @@ fn flat_properties(properties: Map<String, Value>, out: &mut Map<String, Value>)
         optional_string(out, name, value)?;
     }
     for (key, value) in rest {
-        if TOP_LEVEL.contains(&key.as_str()) {
+        if key != "properties" && MEMBERS.contains(&key.as_str()) {
             return None;
         }
         out.insert(key, value);
