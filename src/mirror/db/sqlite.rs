@@ -15,11 +15,36 @@ use sqlx::sqlite::{
 use std::str::FromStr;
 use std::time::Duration;
 
-/// The stored hash of each item of a page, from a JSON array of `[collection, id]` (`$1`): its
-/// index in the array, the hash, and whether it is deleted.
-const CLASSIFY: &str = "SELECT j.key, i.content_hash, i.deleted_at IS NOT NULL FROM json_each($1) AS j \
-    JOIN items i ON i.collection = json_extract(j.value, '$[0]') \
+/// The stored hash of each item of a page, from a JSON array of `[collection, id]` (`$1`), as
+/// one JSON array of `[index in $1, hash, deleted (0 or 1)]`. One row, not one per item: each
+/// row is a message from sqlx's SQLite thread to the task, and those messages cost more than the
+/// lookups themselves. The hashes are read from the index that holds them (migration 0008), not
+/// from the rows, where they come after the content (docs/benchmarks.md).
+const CLASSIFY: &str = "SELECT json_group_array(json_array(j.key, i.content_hash, \
+    i.deleted_at IS NOT NULL)) FROM json_each($1) AS j \
+    JOIN items i INDEXED BY items_hash ON i.collection = json_extract(j.value, '$[0]') \
     AND i.id = json_extract(j.value, '$[1]')";
+
+/// What [`CLASSIFY`] finds for `items`: each stored one's index, hash and whether it is deleted.
+async fn stored<'e>(
+    executor: impl sqlx::SqliteExecutor<'e>,
+    items: impl Iterator<Item = &Item>,
+) -> Result<Vec<(i64, String, bool)>, sqlx::Error> {
+    let keys: Vec<[&str; 2]> = items
+        .map(|i| [i.collection.as_str(), i.id.as_str()])
+        .collect();
+    let keys = serde_json::to_string(&keys).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    let found: String = sqlx::query_scalar(CLASSIFY)
+        .bind(keys)
+        .fetch_one(executor)
+        .await?;
+    let found: Vec<(i64, String, u8)> = serde_json::from_str(&found)
+        .map_err(|e| sqlx::Error::Protocol(format!("the stored hashes of a page: {e}")))?;
+    Ok(found
+        .into_iter()
+        .map(|(at, hash, deleted)| (at, hash, deleted != 0))
+        .collect())
+}
 
 /// A page's changes, from the JSON array `$3` (SQLite has one writer: the feed's order is the
 /// commits').
@@ -182,15 +207,7 @@ impl SqliteDb {
     /// Classifies each item against what is stored.
     pub async fn classify(&self, items: &[Item]) -> Result<Vec<Known>, Error> {
         // One query per page: the keys go in as a JSON array of [collection, id] pairs.
-        let keys: Vec<[&str; 2]> = items
-            .iter()
-            .map(|i| [i.collection.as_str(), i.id.as_str()])
-            .collect();
-        let keys = serde_json::to_string(&keys)
-            .map_err(|e| Error::Internal(format!("cannot serialise item keys: {e}")))?;
-        let rows: Vec<(i64, String, bool)> = sqlx::query_as(CLASSIFY)
-            .bind(keys)
-            .fetch_all(&self.pool)
+        let rows = stored(&self.pool, items.iter())
             .await
             .map_err(self.fail("read item hashes"))?;
         Ok(super::known(items, rows))
@@ -220,16 +237,7 @@ impl SqliteDb {
         conn: &mut sqlx::SqliteConnection,
         items: &[&Item],
     ) -> Result<Written, sqlx::Error> {
-        let keys: Vec<[&str; 2]> = items
-            .iter()
-            .map(|i| [i.collection.as_str(), i.id.as_str()])
-            .collect();
-        let keys =
-            serde_json::to_string(&keys).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-        let stored: Vec<(i64, String, bool)> = sqlx::query_as(CLASSIFY)
-            .bind(keys)
-            .fetch_all(&mut *conn)
-            .await?;
+        let stored = stored(&mut *conn, items.iter().copied()).await?;
         let mut written: Written = items
             .iter()
             .map(|i| ((i.collection.clone(), i.id.clone()), true))
@@ -364,5 +372,29 @@ mod tests {
             assert!(in_calls(&items, 1).all(|call| call.len() == 1));
             assert_eq!(in_calls(&items, 1).count(), n);
         }
+    }
+
+    /// Classifying a page reads the hashes from the index alone: reading them from the rows
+    /// would read each item's content too.
+    #[tokio::test]
+    async fn a_page_is_classified_from_the_hash_index_without_reading_the_rows()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let url = format!("sqlite://{}", dir.path().join("mirror.db").display());
+        let db = SqliteDb::connect(&url).await?;
+        db.migrate().await?;
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {CLASSIFY}"
+        )))
+        .bind("[]")
+        .fetch_all(db.pool())
+        .await?;
+        let plan: Vec<&str> = plan.iter().map(|row| row.3.as_str()).collect();
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("USING COVERING INDEX items_hash")),
+            "{plan:?}"
+        );
+        Ok(())
     }
 }
