@@ -10,9 +10,13 @@
 //! included, through the postmaster's reaped-children time) and its share of all CPU, and the
 //! client's peak RSS (stac-sync: this process, its peak reset before each pass; pages are read
 //! from files one at a time, so it holds what a run holds; pypgstac: `/usr/bin/time`).
+//! `STAC_SYNC_BENCH_ROUNDS=N` does it N times, each round on fresh databases with the other
+//! writer going first, and prints each round's ratios and their median: on a 2-core machine the
+//! ratio of one round moves by a third from run to run.
 //!
 //! ```text
 //! cargo bench --bench pgstac                          # 20 pages of 1,000 items
+//! STAC_SYNC_BENCH_AT_ONCE=2 STAC_SYNC_BENCH_ROUNDS=5 cargo bench --bench pgstac
 //! STAC_SYNC_BENCH_PAGES=50 STAC_SYNC_BENCH_AT_ONCE=2 cargo bench --bench pgstac
 //! STAC_SYNC_BENCH_ONLY=stac-sync cargo bench --bench pgstac   # without pypgstac, to profile
 //! ```
@@ -281,41 +285,20 @@ async fn main() {
     let collection_file = dir.path().join("collection.json");
     std::fs::write(&collection_file, collection.to_string()).unwrap_or_else(|e| panic!("{e}"));
 
-    // stac-sync into one fresh pgstac database.
-    let ours = common::fresh_pgstac().await;
-    let db = Database::connect_as(&ours, stac_sync::config::DatabaseFormat::Pgstac)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    db.migrate().await.unwrap_or_else(|e| panic!("{e}"));
-    db.store_collection("sentinel-2-l2a", &collection.to_string(), "", true)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let ours_new = stac_sync(&db, &new_files, &request, at_once).await;
-    let ours_changed = stac_sync(&db, &changed_files, &request, at_once).await;
-
-    println!(
-        "{}\n{}",
-        ours_new.row("stac-sync", "new"),
-        ours_changed.row("stac-sync", "changed")
-    );
-    if std::env::var("STAC_SYNC_BENCH_ONLY").is_ok_and(|only| only == "stac-sync") {
-        return;
-    }
-    // pypgstac into another.
-    let theirs = common::fresh_pgstac().await;
-    let dsn = theirs.split('?').next().unwrap_or(&theirs).to_string();
-    pypgstac(&dsn, "collections", &collection_file, 1, dir.path());
-    let items = count * PER_PAGE;
-    let theirs_new = pypgstac(&dsn, "items", &new_ndjson, items, dir.path());
-    let theirs_changed = pypgstac(&dsn, "items", &changed_ndjson, items, dir.path());
-
+    let rounds: usize = std::env::var("STAC_SYNC_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let only_ours = std::env::var("STAC_SYNC_BENCH_ONLY").is_ok_and(|only| only == "stac-sync");
     println!(
         "pgstac: {count} pages of {PER_PAGE} items, {item_kb:.1} KB of JSON per item, \
-         {} item_assets; stac-sync commits {at_once} page(s) at once",
+         {} item_assets; stac-sync commits {at_once} page(s) at once; {rounds} round(s)",
         collection["item_assets"].as_object().map_or(0, |a| a.len())
     );
     println!(
-        "{:<14} {:<8} {:>9} {:>16} {:>16} {:>13} {:>12}",
+        "{:<5} {:<14} {:<8} {:>9} {:>16} {:>16} {:>13} {:>12}",
+        "round",
         "writer",
         "items",
         "items/s",
@@ -324,14 +307,84 @@ async fn main() {
         "server share",
         "peak RSS MB"
     );
-    println!("{}", ours_new.row("stac-sync", "new"));
-    println!("{}", theirs_new.row("pypgstac load", "new"));
-    println!("{}", ours_changed.row("stac-sync", "changed"));
-    println!("{}", theirs_changed.row("pypgstac load", "changed"));
+    let ours_pass = || async {
+        // stac-sync into a fresh pgstac database: new items, then the same items changed.
+        let ours = common::fresh_pgstac().await;
+        let db = Database::connect_as(&ours, stac_sync::config::DatabaseFormat::Pgstac)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        db.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+        db.store_collection("sentinel-2-l2a", &collection.to_string(), "", true)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let new = stac_sync(&db, &new_files, &request, at_once).await;
+        let changed = stac_sync(&db, &changed_files, &request, at_once).await;
+        (new, changed)
+    };
+    let theirs_pass = || async {
+        // pypgstac into another.
+        let theirs = common::fresh_pgstac().await;
+        let dsn = theirs.split('?').next().unwrap_or(&theirs).to_string();
+        pypgstac(&dsn, "collections", &collection_file, 1, dir.path());
+        let items = count * PER_PAGE;
+        let new = pypgstac(&dsn, "items", &new_ndjson, items, dir.path());
+        let changed = pypgstac(&dsn, "items", &changed_ndjson, items, dir.path());
+        (new, changed)
+    };
     let ratio = |a: &Usage, b: &Usage| (a.items as f64 / a.wall) / (b.items as f64 / b.wall);
+    let (mut new_ratios, mut changed_ratios) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        if only_ours {
+            let (new, changed) = ours_pass().await;
+            println!("{round:<5} {}", new.row("stac-sync", "new"));
+            println!("{round:<5} {}", changed.row("stac-sync", "changed"));
+            continue;
+        }
+        // The writers take turns going first, so that neither always runs on what the other
+        // left behind (a server still writing back, a warm or cold cache).
+        let ((ours_new, ours_changed), (theirs_new, theirs_changed)) = if round % 2 == 1 {
+            let ours = ours_pass().await;
+            (ours, theirs_pass().await)
+        } else {
+            let theirs = theirs_pass().await;
+            (ours_pass().await, theirs)
+        };
+        println!("{round:<5} {}", ours_new.row("stac-sync", "new"));
+        println!("{round:<5} {}", theirs_new.row("pypgstac load", "new"));
+        println!("{round:<5} {}", ours_changed.row("stac-sync", "changed"));
+        println!(
+            "{round:<5} {}",
+            theirs_changed.row("pypgstac load", "changed")
+        );
+        new_ratios.push(ratio(&ours_new, &theirs_new));
+        changed_ratios.push(ratio(&ours_changed, &theirs_changed));
+    }
+    if only_ours {
+        return;
+    }
+    let shown = |ratios: &[f64]| {
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}x"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!(
-        "stac-sync / pypgstac: new {:.2}x, changed {:.2}x (target: at least 1.5x)",
-        ratio(&ours_new, &theirs_new),
-        ratio(&ours_changed, &theirs_changed)
+        "stac-sync / pypgstac: new {} (median {:.2}x), changed {} (median {:.2}x) \
+         (target: at least 1.5x)",
+        shown(&new_ratios),
+        median(&mut new_ratios),
+        shown(&changed_ratios),
+        median(&mut changed_ratios)
     );
+}
+
+/// The median of `values` (not empty).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() % 2 {
+        0 if mid > 0 => (values[mid - 1] + values[mid]) / 2.0,
+        _ => values.get(mid).copied().unwrap_or(f64::NAN),
+    }
 }
