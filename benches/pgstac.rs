@@ -16,7 +16,7 @@
 //!
 //! ```text
 //! cargo bench --bench pgstac                          # 20 pages of 1,000 items
-//! STAC_SYNC_BENCH_AT_ONCE=2 STAC_SYNC_BENCH_ROUNDS=5 cargo bench --bench pgstac
+//! STAC_SYNC_BENCH_AT_ONCE=2 STAC_SYNC_BENCH_ROUNDS=4 cargo bench --bench pgstac
 //! STAC_SYNC_BENCH_PAGES=50 STAC_SYNC_BENCH_AT_ONCE=2 cargo bench --bench pgstac
 //! STAC_SYNC_BENCH_ONLY=stac-sync cargo bench --bench pgstac   # without pypgstac, to profile
 //! ```
