@@ -9,6 +9,7 @@
 //! decoded straight into that schema; only a batch that does not fit is inferred, as rustac
 //! does, and merged.
 
+use super::raw::Nested;
 use arrow_array::builder::BinaryBuilder;
 use arrow_array::{Array, ArrayRef, BinaryArray, RecordBatch, new_null_array};
 use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
@@ -34,6 +35,8 @@ pub struct Target {
     decode: SchemaRef,
     /// The decoding schema's columns by name, nested.
     shape: Shape,
+    /// What decoding item texts straight into the schema needs, where it can.
+    nested: Option<Nested>,
 }
 
 impl Target {
@@ -53,8 +56,10 @@ impl Target {
             })
             .collect();
         let shape = Shape::of(&DataType::Struct(fields.clone()));
+        let decode = Arc::new(Schema::new(fields));
         Target {
-            decode: Arc::new(Schema::new(fields)),
+            nested: Nested::new(&decode),
+            decode,
             schema,
             shape,
         }
@@ -62,15 +67,15 @@ impl Target {
 }
 
 /// A data type, with a struct's fields by name.
-#[derive(Debug)]
-enum Shape {
+#[derive(Debug, PartialEq)]
+pub(super) enum Shape {
     Struct(HashMap<String, Shape>),
     List(Box<Shape>),
     Leaf(DataType),
 }
 
 impl Shape {
-    fn of(data_type: &DataType) -> Shape {
+    pub(super) fn of(data_type: &DataType) -> Shape {
         match data_type {
             DataType::Struct(fields) => Shape::Struct(
                 fields
@@ -123,6 +128,11 @@ pub enum Encoded {
 /// their own; an error names the item or says what Arrow refused.
 pub fn encode(texts: &[String], target: Option<&Target>) -> Result<Encoded, String> {
     if let Some(target) = target
+        && let Some(batch) = decode_into(texts, target)
+    {
+        return Ok(Encoded::Fits(batch, target.schema.clone()));
+    }
+    if let Some(target) = target
         && let Some(batch) = encode_into(texts, target)?
     {
         return Ok(Encoded::Fits(batch, target.schema.clone()));
@@ -138,9 +148,28 @@ pub fn encode(texts: &[String], target: Option<&Target>) -> Result<Encoded, Stri
         .map_err(|e| format!("encoding items as stac-geoparquet: {e}"))
 }
 
+/// The items decoded straight from their texts into `target`'s schema (`raw.rs`), or `None`.
+pub(super) fn decode_into(texts: &[String], target: &Target) -> Option<RecordBatch> {
+    let mut geometries = Geometries::new();
+    let columns = super::raw::decode(texts, target.nested.as_ref()?, &mut geometries)?;
+    let rows = texts.len();
+    let (geometry, proj_geometry) = geometries.finish();
+    assemble(
+        |name| columns.get(name).cloned(),
+        rows,
+        target,
+        geometry,
+        &proj_geometry,
+    )
+    .ok()
+}
+
 /// The items decoded one at a time into `target`'s schema, so that no item's JSON value is
 /// held longer than its row takes; `None` as soon as one does not fit.
-fn encode_into(texts: &[String], target: &Target) -> Result<Option<RecordBatch>, String> {
+pub(super) fn encode_into(
+    texts: &[String],
+    target: &Target,
+) -> Result<Option<RecordBatch>, String> {
     let Ok(mut decoder) = decoder(&target.decode, texts.len()) else {
         return Ok(None);
     };
@@ -155,21 +184,42 @@ fn encode_into(texts: &[String], target: &Target) -> Result<Option<RecordBatch>,
         return Ok(None);
     };
     let (geometry, proj_geometry) = geometries.finish();
-    Ok(assemble(&decoded, target, geometry, &proj_geometry).ok())
+    let column = |name: &str| decoded.column_by_name(name).cloned();
+    let rows = decoded.num_rows();
+    Ok(assemble(column, rows, target, geometry, &proj_geometry).ok())
 }
 
 /// The geometry columns of a batch being read.
-struct Geometries {
+pub(super) struct Geometries {
     geometry: GeometryBuilder,
     proj_geometry: BinaryBuilder,
 }
 
 impl Geometries {
-    fn new() -> Geometries {
+    pub(super) fn new() -> Geometries {
         Geometries {
             geometry: GeometryBuilder::new(GeometryType::new(Default::default())),
             proj_geometry: BinaryBuilder::new(),
         }
+    }
+
+    /// Adds an item's geometry.
+    pub(super) fn push(&mut self, geometry: stac::Geometry) -> Result<(), String> {
+        let geometry = geo_types::Geometry::try_from(geometry).map_err(|e| e.to_string())?;
+        self.geometry
+            .push_geometry(Some(&geometry))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Adds an item's `proj:geometry` property, as WKB.
+    pub(super) fn push_proj(&mut self, value: Value) -> Result<(), String> {
+        let geometry: stac::Geometry = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        let geometry = geo_types::Geometry::try_from(geometry).map_err(|e| e.to_string())?;
+        let mut wkb = Vec::new();
+        wkb::writer::write_geometry(&mut wkb, &geometry, &Default::default())
+            .map_err(|e| e.to_string())?;
+        self.proj_geometry.append_value(wkb);
+        Ok(())
     }
 
     /// The geometry column (its field, its array) and the proj:geometry one.
@@ -215,19 +265,10 @@ fn flat_value(text: &str, geometries: &mut Geometries) -> Result<Value, String> 
     if object.remove("geometry").is_some() {
         // rustac's encoder has no null geometry.
         let geometry = geometry.ok_or("its geometry is null, which rustac cannot encode")?;
-        let geometry = geo_types::Geometry::try_from(geometry).map_err(|e| e.to_string())?;
-        geometries
-            .geometry
-            .push_geometry(Some(&geometry))
-            .map_err(|e| e.to_string())?;
+        geometries.push(geometry)?;
     }
     if let Some(value) = object.remove("proj:geometry") {
-        let geometry: stac::Geometry = serde_json::from_value(value).map_err(|e| e.to_string())?;
-        let geometry = geo_types::Geometry::try_from(geometry).map_err(|e| e.to_string())?;
-        let mut wkb = Vec::new();
-        wkb::writer::write_geometry(&mut wkb, &geometry, &Default::default())
-            .map_err(|e| e.to_string())?;
-        geometries.proj_geometry.append_value(wkb);
+        geometries.push_proj(value)?;
     }
     if let Some(bbox) = object.remove("bbox") {
         object.insert("bbox".into(), bbox_struct(&bbox)?);
@@ -244,14 +285,14 @@ pub(super) fn typed(text: &str) -> Result<(Value, Option<stac::Geometry>), Strin
     Ok((value, geometry))
 }
 
-/// The batch in `target`'s schema: its decoded columns, the geometry columns added.
+/// The batch in `target`'s schema: its decoded columns (by name), the geometry columns added.
 fn assemble(
-    decoded: &RecordBatch,
+    decoded: impl Fn(&str) -> Option<ArrayRef>,
+    rows: usize,
     target: &Target,
     (_, geometry): (Field, ArrayRef),
     proj_geometry: &BinaryArray,
 ) -> Result<RecordBatch, String> {
-    let rows = decoded.num_rows();
     let proj = proj_geometry.len();
     if proj != 0 && proj != rows {
         return Err("some items have a proj:geometry and some not".into());
@@ -269,13 +310,11 @@ fn assemble(
                 "proj:geometry" if proj != 0 => Arc::new(proj_geometry.clone()),
                 "proj:geometry" => new_null_array(field.data_type(), rows),
                 name => {
-                    let column = decoded
-                        .column_by_name(name)
-                        .ok_or_else(|| format!("no column {name}"))?;
+                    let column = decoded(name).ok_or_else(|| format!("no column {name}"))?;
                     if column.data_type() == field.data_type() {
                         column.clone()
                     } else {
-                        arrow_cast::cast(column, field.data_type()).map_err(|e| e.to_string())?
+                        arrow_cast::cast(&column, field.data_type()).map_err(|e| e.to_string())?
                     }
                 }
             })

@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 /// An item's members that the flat item keeps, in the order it writes them (`properties`
 /// written as its members); a property named like another of them is dropped by rustac, or
 /// written twice.
-const MEMBERS: [&str; 10] = [
+pub(super) const MEMBERS: [&str; 10] = [
     "type",
     "stac_version",
     "stac_extensions",
@@ -31,7 +31,7 @@ const MEMBERS: [&str; 10] = [
 
 /// The asset members rustac reads as its own types (bands, numbers, an enumeration): an item
 /// whose assets have any of them is read the typed way.
-const TYPED_ASSET_MEMBERS: [&str; 4] = ["bands", "nodata", "data_type", "statistics"];
+pub(super) const TYPED_ASSET_MEMBERS: [&str; 4] = ["bands", "nodata", "data_type", "statistics"];
 
 /// The flat item's JSON value (with `"geometry": null` where rustac's has the geometry) and its
 /// geometry; `None` when it must be read the typed way.

@@ -17,6 +17,7 @@ pub mod db;
 mod encode;
 mod flat;
 pub mod objects;
+mod raw;
 pub mod snapshot;
 
 use crate::config::{Config, DeletedObjects, Job, SnapshotWindow};
