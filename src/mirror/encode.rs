@@ -66,10 +66,14 @@ impl Target {
     }
 }
 
+/// A struct's fields by name: looked up for every member of every item, with a hash made for
+/// short keys.
+pub(super) type Named = HashMap<String, Shape, foldhash::fast::RandomState>;
+
 /// A data type, with a struct's fields by name.
 #[derive(Debug, PartialEq)]
 pub(super) enum Shape {
-    Struct(HashMap<String, Shape>),
+    Struct(Named),
     List(Box<Shape>),
     Leaf(DataType),
 }
@@ -105,7 +109,7 @@ impl Shape {
         }
     }
 
-    fn fit_members(fields: &HashMap<String, Shape>, members: &Map<String, Value>) -> bool {
+    fn fit_members(fields: &Named, members: &Map<String, Value>) -> bool {
         members
             .iter()
             .all(|(key, value)| fields.get(key).is_some_and(|shape| shape.fits(value)))

@@ -13,7 +13,7 @@
 //! or leaves to rustac's typed reading) sends its batch to the value path: `None`, never a
 //! different batch. A unit test compares both paths on real items and on items made to differ.
 
-use super::encode::{Geometries, Shape};
+use super::encode::{Geometries, Named, Shape};
 use super::flat::{MEMBERS, TYPED_ASSET_MEMBERS};
 use arrow_array::{Array, ArrayRef, Float64Array, ListArray, StringArray, StructArray};
 use arrow_buffer::NullBuffer;
@@ -35,9 +35,9 @@ pub struct Nested {
     /// `properties`, a struct of the other columns.
     schema: SchemaRef,
     /// The shapes of those top-level members.
-    top: HashMap<String, Shape>,
+    top: Named,
     /// The shapes of the property columns.
-    properties: HashMap<String, Shape>,
+    properties: Named,
     /// The bbox struct's fields.
     bbox: Fields,
     /// The `stac_version` rustac writes.
@@ -72,7 +72,7 @@ impl Nested {
         let properties = Fields::from(properties);
         let shapes = |fields: &Fields| match Shape::of(&DataType::Struct(fields.clone())) {
             Shape::Struct(shapes) => shapes,
-            _ => HashMap::new(),
+            _ => Named::default(),
         };
         let nested = Nested {
             top: shapes(&Fields::from(top.clone())),
@@ -329,7 +329,7 @@ impl<'de> Visitor<'de> for ItemCheck<'_> {
 /// flat item writes again, the same instant when arrow-json reads them. Gives the
 /// `proj:geometry`, which is not a column.
 struct PropertiesCheck<'n> {
-    shapes: &'n HashMap<String, Shape>,
+    shapes: &'n Named,
 }
 
 impl<'de> DeserializeSeed<'de> for PropertiesCheck<'_> {
@@ -461,7 +461,7 @@ impl<'de> Visitor<'de> for Members<'_> {
 /// members rustac types, its `roles` a list of strings that is not empty (the flat item
 /// leaves an empty one out); the others fitting their columns.
 struct Object<'s> {
-    fields: &'s HashMap<String, Shape>,
+    fields: &'s Named,
     of: Of,
 }
 

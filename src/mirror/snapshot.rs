@@ -28,8 +28,11 @@ use std::io::Write;
 use std::sync::Arc;
 
 /// Items encoded at a time, by one task of the blocking pool: the batch's texts and its Arrow
-/// are in memory at once (each item's JSON value only while its row is decoded).
-const BATCH_ITEMS: usize = 250;
+/// are in memory at once. With one batch being read, one per core encoded and one written, 250
+/// items took a 200,000-item window past 200 MB (docs/benchmarks.md).
+const BATCH_ITEMS: usize = 150;
+/// Items read at a time for an NDJSON file.
+const NDJSON_PAGE: usize = 250;
 /// Rows of a Parquet row group. The writer buffers a group's encoded rows, and keeps buffers
 /// and a zstd context per leaf column (a thousand and more for items with many assets), so
 /// the group is what bounds the writer's memory (docs/benchmarks.md).
@@ -122,10 +125,52 @@ enum Pass {
     Widened(SchemaRef),
 }
 
+/// The file's target schema, as the batches read so far have made it.
+type Current = Arc<std::sync::Mutex<Option<Arc<Target>>>>;
+
+/// The window's batches, encoded in order by a task of their own so that they are read and
+/// encoded while the caller writes the ones before: on the blocking pool, one per core at
+/// once, each against the `target` schema as it stands when the batch is read.
+fn encoded_batches(
+    db: &Database,
+    (collection, window): (&str, &str),
+    size: SnapshotWindow,
+    target: Current,
+    what: &str,
+) -> tokio::sync::mpsc::Receiver<Result<Encoded, Error>> {
+    let (send, receive) = tokio::sync::mpsc::channel(1);
+    let (db, what) = (db.clone(), what.to_string());
+    let (collection, window) = (collection.to_string(), window.to_string());
+    let in_flight = std::thread::available_parallelism().map_or(2, |n| n.get());
+    tokio::spawn(async move {
+        let current = || target.lock().map_or(None, |t| t.clone());
+        let what = what.as_str();
+        let mut encoded = db
+            .window_pages(&collection, &window, size, BATCH_ITEMS)
+            .map(|texts| {
+                let target = current();
+                async move {
+                    let texts = texts?;
+                    tokio::task::spawn_blocking(move || encode(&texts, target.as_deref()))
+                        .await
+                        .map_err(|e| Error::Sink(format!("{what}: encoding stopped: {e}")))?
+                        .map_err(|e| Error::Sink(format!("{what}: {e}")))
+                }
+            })
+            .buffered(in_flight);
+        while let Some(batch) = encoded.next().await {
+            let failed = batch.is_err();
+            // The receiver gone, the pass has ended.
+            if send.send(batch).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    receive
+}
+
 /// Writes the window's items into `file` with `schema` (or the first batch's); when a batch
-/// does not fit it, reads on only to learn the schema of every batch. Batches are encoded on
-/// the blocking pool, one per core at once, each against the file's schema as it stood when
-/// the batch was read.
+/// does not fit it, reads on only to learn the schema of every batch.
 async fn parquet(
     db: &Database,
     (collection, window): (&str, &str),
@@ -139,23 +184,12 @@ async fn parquet(
     file.as_file().set_len(0).map_err(fail)?;
     let mut writer: Option<ParquetFile> = None;
     let mut widened = false;
-    let target = std::sync::Mutex::new(schema.clone().map(|s| Arc::new(Target::new(s))));
-    let current = || target.lock().map_or(None, |t| t.clone());
-    let in_flight = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut encoded = db
-        .window_pages(collection, window, size, BATCH_ITEMS)
-        .map(|texts| {
-            let target = current();
-            async move {
-                let texts = texts?;
-                tokio::task::spawn_blocking(move || encode(&texts, target.as_deref()))
-                    .await
-                    .map_err(|e| Error::Sink(format!("{what}: encoding stopped: {e}")))?
-                    .map_err(|e| Error::Sink(format!("{what}: {e}")))
-            }
-        })
-        .buffered(in_flight);
-    while let Some(encoded) = encoded.try_next().await? {
+    let target = Arc::new(std::sync::Mutex::new(
+        schema.clone().map(|s| Arc::new(Target::new(s))),
+    ));
+    let mut encoded = encoded_batches(db, (collection, window), size, target.clone(), what);
+    while let Some(encoded) = encoded.recv().await {
+        let encoded = encoded?;
         let batch = match encoded {
             // Encoded into the file's schema: nothing to merge.
             Encoded::Fits(batch, into)
@@ -209,7 +243,7 @@ async fn ndjson(
     what: &str,
 ) -> Result<u64, Error> {
     let mut out = std::io::BufWriter::new(file);
-    let mut pages = db.window_pages(collection, window, size, BATCH_ITEMS);
+    let mut pages = db.window_pages(collection, window, size, NDJSON_PAGE);
     let mut count = 0u64;
     let fail = |e: std::io::Error| Error::Sink(format!("{what}: writing the temporary file: {e}"));
     while let Some(texts) = pages.try_next().await? {
