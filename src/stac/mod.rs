@@ -4,6 +4,7 @@
 //! ([`reader`]). Nothing here stores anything.
 
 pub mod auth;
+pub mod bulk;
 pub mod client;
 pub mod http;
 pub mod reader;

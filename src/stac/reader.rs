@@ -729,6 +729,7 @@ mod tests {
             url: Url::parse("https://api.test/stac/search").expect("url"),
             headers: Vec::new(),
             body: Some(body),
+            anonymous: false,
         }
     }
 

@@ -23,6 +23,9 @@ pub struct Request {
     /// JSON body of a POST.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<Value>,
+    /// Sent without the token and the configured headers wherever it goes (a presigned URL).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub anonymous: bool,
 }
 
 impl Request {
@@ -33,6 +36,7 @@ impl Request {
             url,
             headers: Vec::new(),
             body: None,
+            anonymous: false,
         }
     }
 }
@@ -126,6 +130,7 @@ pub fn first_request(root: &Url, job: &Job, collections: &[String], shape: &Shap
             url,
             headers: Vec::new(),
             body: Some(Value::Object(search)),
+            anonymous: false,
         },
         SearchMethod::Get => {
             url.query_pairs_mut().extend_pairs(
@@ -262,6 +267,7 @@ fn next_request(links: &[Link], current: &Request) -> Result<Option<Request>, St
         url,
         headers,
         body,
+        anonymous: false,
     }))
 }
 
@@ -457,6 +463,7 @@ mod tests {
             url: Url::parse("https://api.test/search").expect("url"),
             headers: Vec::new(),
             body: Some(serde_json::json!({"collections": ["c"], "limit": 100})),
+            anonymous: false,
         };
         let get = Request::get(
             Url::parse("https://api.test/search?collections=c&limit=100&token=t").expect("url"),

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod azurite;
+pub mod bulk;
 pub mod fixture;
 pub mod moto;
 pub mod services;
