@@ -238,3 +238,110 @@ async fn a_refused_bulk_search_file_is_named_without_its_signature() {
     let signature = SIGNATURE.split('=').nth(1).expect("a value");
     assert!(!error.contains(signature), "{error}");
 }
+
+/// Reads a file of the export as the run would, in batches of 3, after `skip` items.
+fn read_back(
+    path: &std::path::Path,
+    format: ExportFormat,
+    skip: u64,
+) -> (u64, Vec<serde_json::Value>) {
+    let mut texts = Vec::new();
+    let mut each = |batch: Vec<Box<serde_json::value::RawValue>>| {
+        assert!(batch.len() <= 3);
+        texts.extend(
+            batch
+                .iter()
+                .map(|t| serde_json::from_str(t.get()).expect("JSON")),
+        );
+        Ok(())
+    };
+    let read =
+        stac_sync::stac::bulk::read(path, "part-0", format, skip, 3, &mut each).expect("reads");
+    (read, texts)
+}
+
+#[test]
+fn bulk_search_files_read_back_as_the_items_they_hold_in_both_formats() {
+    let items = common::eds_items();
+    assert!(items.len() > 6);
+    let dir = tempfile::tempdir().expect("dir");
+    let ndjson = dir.path().join("items.ndjson");
+    let lines: Vec<String> = items.iter().map(|i| i.to_string()).collect();
+    std::fs::write(&ndjson, lines.join("\n") + "\n").expect("write");
+    let pretty = dir.path().join("items.json");
+    let collection = json!({"type": "FeatureCollection", "features": items});
+    std::fs::write(
+        &pretty,
+        serde_json::to_string_pretty(&collection).expect("JSON"),
+    )
+    .expect("write");
+    let one_line = dir.path().join("one-line.json");
+    std::fs::write(&one_line, collection.to_string()).expect("write");
+    for path in [&ndjson, &pretty, &one_line] {
+        let (read, texts) = read_back(path, ExportFormat::Stacjson, 0);
+        assert_eq!(read, items.len() as u64);
+        assert_eq!(texts, items, "{}", path.display());
+    }
+    // stac-geoparquet as rustac writes it: read back as rustac reads it.
+    let parquet = dir.path().join("items.parquet");
+    let typed: Vec<stac::Item> = items
+        .iter()
+        .map(|i| serde_json::from_value(i.clone()).expect("an item"))
+        .collect();
+    stac::geoparquet::into_writer(std::fs::File::create(&parquet).expect("file"), typed)
+        .expect("written");
+    let rustac: Vec<serde_json::Value> =
+        stac::geoparquet::from_reader(std::fs::File::open(&parquet).expect("file"))
+            .expect("rustac reads it")
+            .items
+            .iter()
+            .map(|i| serde_json::to_value(i).expect("JSON"))
+            .collect();
+    let (read, texts) = read_back(&parquet, ExportFormat::Geoparquet, 0);
+    assert_eq!(read, items.len() as u64);
+    assert_eq!(texts, rustac);
+    let ids = |values: &[serde_json::Value]| -> Vec<String> {
+        values.iter().map(|v| v["id"].to_string()).collect()
+    };
+    assert_eq!(ids(&texts), ids(&items));
+}
+
+#[test]
+fn a_bulk_search_file_read_again_skips_the_items_already_committed() {
+    let items = common::eds_items();
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("items.json");
+    std::fs::write(
+        &path,
+        json!({"type": "FeatureCollection", "features": items}).to_string(),
+    )
+    .expect("write");
+    let (read, texts) = read_back(&path, ExportFormat::Stacjson, 5);
+    assert_eq!(read, items.len() as u64);
+    assert_eq!(texts, items[5..].to_vec());
+}
+
+#[test]
+fn a_bulk_search_file_in_another_format_fails_naming_the_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("items.ndjson");
+    std::fs::write(&path, common::eds_items()[0].to_string()).expect("write");
+    let mut each = |_: Vec<Box<serde_json::value::RawValue>>| Ok(());
+    let error =
+        stac_sync::stac::bulk::read(&path, "part-0", ExportFormat::Geoparquet, 0, 3, &mut each)
+            .expect_err("not parquet")
+            .to_string();
+    assert!(
+        error.contains("part-0") && error.contains("geoparquet"),
+        "{error}"
+    );
+    std::fs::write(&path, "{\"type\": \"FeatureCollection\", \"features\": [1").expect("write");
+    let error =
+        stac_sync::stac::bulk::read(&path, "part-0", ExportFormat::Stacjson, 0, 3, &mut each)
+            .expect_err("cut short")
+            .to_string();
+    assert!(
+        error.contains("part-0") && error.contains("stacjson"),
+        "{error}"
+    );
+}

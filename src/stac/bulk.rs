@@ -19,7 +19,10 @@ use super::http::{self, Failed};
 use super::search::Request;
 use crate::clock::Clock;
 use crate::error::Error;
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+use serde_json::value::RawValue;
+use std::io::Read;
 use std::time::Duration;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use url::Url;
@@ -268,5 +271,213 @@ fn excerpt(answer: &Value) -> String {
     match text.char_indices().nth(300) {
         Some((at, _)) => format!("{}...", &text[..at]),
         None => text,
+    }
+}
+
+/// The longest line read as a line of NDJSON: a longer first line is a FeatureCollection on
+/// one line, read as it streams.
+const MAX_LINE: u64 = 16 << 20;
+
+/// Reads a downloaded file of a job (`name`, shown in messages), exported as `format`, and
+/// hands its items to `each` in batches of at most `batch`, skipping the first `skip` (those a
+/// killed run committed); the items read, skipped ones included. The file is never held whole.
+///
+/// - `stacjson`: the texts the file holds, as they are: one item per line (NDJSON), or the
+///   `features` of a FeatureCollection.
+/// - `geoparquet`: the items as rustac reads stac-geoparquet, written as JSON: rustac's
+///   normal form, not the API's bytes.
+pub fn read(
+    path: &std::path::Path,
+    name: &str,
+    format: ExportFormat,
+    skip: u64,
+    batch: usize,
+    each: &mut dyn FnMut(Vec<Box<RawValue>>) -> Result<(), Error>,
+) -> Result<u64, Error> {
+    let bad = |why: String| {
+        Error::Upstream(format!(
+            "the bulk search file {name} does not read as {}: {why}",
+            format.as_str()
+        ))
+    };
+    let open = || {
+        std::fs::File::open(path)
+            .map_err(|e| Error::Sink(format!("cannot open the bulk search file {name}: {e}")))
+    };
+    let mut items = Batches {
+        skip,
+        seen: 0,
+        batch: Vec::with_capacity(batch),
+        size: batch.max(1),
+        each,
+        failed: None,
+    };
+    match format {
+        ExportFormat::Geoparquet => {
+            let batches =
+                stac::geoparquet::from_reader_iter(open()?).map_err(|e| bad(e.to_string()))?;
+            for read in batches {
+                for item in read.map_err(|e| bad(e.to_string()))? {
+                    let text = serde_json::value::to_raw_value(&item)
+                        .map_err(|e| bad(format!("an item does not write as JSON: {e}")))?;
+                    items.push(text)?;
+                }
+            }
+        }
+        ExportFormat::Stacjson => {
+            if !lines(open()?, &mut items, &bad)? {
+                items.seen = 0;
+                let mut features =
+                    serde_json::Deserializer::from_reader(std::io::BufReader::new(open()?));
+                let read = Features(&mut items)
+                    .deserialize(&mut features)
+                    .and_then(|()| features.end());
+                if let Some(failed) = items.failed.take() {
+                    return Err(failed);
+                }
+                read.map_err(|e| bad(e.to_string()))?;
+            }
+        }
+    }
+    items.finish()
+}
+
+/// Reads `file` as NDJSON into `items`; `false` (nothing read) when its first line is not an
+/// item: a FeatureCollection.
+fn lines(
+    file: std::fs::File,
+    items: &mut Batches<'_>,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<bool, Error> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(file);
+    let mut line = String::new();
+    let mut number = 0;
+    loop {
+        line.clear();
+        let read = (&mut reader)
+            .take(MAX_LINE)
+            .read_line(&mut line)
+            .map_err(|e| bad(format!("line {}: {e}", number + 1)))?;
+        if read == 0 {
+            return Ok(true);
+        }
+        number += 1;
+        let text = line.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let item = serde_json::from_str::<Box<RawValue>>(text);
+        if number == 1 && !item.as_ref().is_ok_and(|i| is_feature(i)) {
+            return Ok(false);
+        }
+        let item = item.map_err(|e| bad(format!("line {number}: {e}")))?;
+        items.push(item)?;
+    }
+}
+
+/// Whether a JSON text is a GeoJSON Feature.
+fn is_feature(text: &RawValue) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Kind<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Option<&'a str>,
+    }
+    serde_json::from_str::<Kind>(text.get()).is_ok_and(|k| k.kind == Some("Feature"))
+}
+
+/// Items handed on in batches, after the ones to skip.
+struct Batches<'e> {
+    skip: u64,
+    seen: u64,
+    batch: Vec<Box<RawValue>>,
+    size: usize,
+    each: &'e mut dyn FnMut(Vec<Box<RawValue>>) -> Result<(), Error>,
+    /// What `each` answered, when it failed inside the reading of a FeatureCollection.
+    failed: Option<Error>,
+}
+
+impl Batches<'_> {
+    fn push(&mut self, item: Box<RawValue>) -> Result<(), Error> {
+        self.seen += 1;
+        if self.seen <= self.skip {
+            return Ok(());
+        }
+        self.batch.push(item);
+        if self.batch.len() == self.size {
+            (self.each)(std::mem::replace(
+                &mut self.batch,
+                Vec::with_capacity(self.size),
+            ))?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<u64, Error> {
+        if !self.batch.is_empty() {
+            (self.each)(std::mem::take(&mut self.batch))?;
+        }
+        Ok(self.seen)
+    }
+}
+
+/// A FeatureCollection whose features are handed on one at a time, as their texts.
+struct Features<'b, 'e>(&'b mut Batches<'e>);
+
+impl<'de> DeserializeSeed<'de> for Features<'_, '_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Features<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("items, one per line, or a FeatureCollection")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut features = false;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "features" {
+                map.next_value_seed(FeatureList(&mut *self.0))?;
+                features = true;
+            } else {
+                map.next_value::<de::IgnoredAny>()?;
+            }
+        }
+        if !features {
+            return Err(de::Error::custom("no features"));
+        }
+        Ok(())
+    }
+}
+
+struct FeatureList<'b, 'e>(&'b mut Batches<'e>);
+
+impl<'de> DeserializeSeed<'de> for FeatureList<'_, '_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FeatureList<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of features")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(item) = seq.next_element::<Box<RawValue>>()? {
+            if let Err(failed) = self.0.push(item) {
+                self.0.failed = Some(failed);
+                return Err(de::Error::custom("stopped"));
+            }
+        }
+        Ok(())
     }
 }
