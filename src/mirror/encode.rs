@@ -6,8 +6,8 @@
 //! rustac infers each batch's schema from its JSON values, and inference costs as much as
 //! decoding. A window's batches mostly share one schema, so a batch whose values fit the file's
 //! schema as it stands (every member a column of it, every value of the column's type) is
-//! decoded straight into that schema; only a batch that does not fit is inferred, as rustac
-//! does, and merged.
+//! decoded straight into that schema, from the items' texts where `raw.rs` can, else from their
+//! flat values; only a batch that does not fit is inferred, as rustac does, and merged.
 
 use super::raw::Nested;
 use arrow_array::builder::BinaryBuilder;

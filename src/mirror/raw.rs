@@ -5,11 +5,11 @@
 //! an export. Most items need nothing of what the flat item changes but what can be done to
 //! the decoded columns: `type` and `stac_version` are constants, an empty `stac_extensions` is
 //! left out, the bbox is a struct, the geometries are read on their own. So one serde pass over
-//! an item's text, which allocates nothing for the members it checks, makes sure the item is
-//! such an item and that every value fits the file's schema as [`super::encode`]'s check
-//! would have it (arrow-json would turn `"12"` into a number, `1.5` into `1`), and reads its
-//! geometries; then the text is decoded as the item nests it, `properties` a struct whose
-//! columns are the file's. An item that needs more (anything the flat item changes otherwise,
+//! an item's text, borrowing the names and strings it checks, makes sure the item is such an
+//! item and that every value fits the file's schema as [`super::encode`]'s check would have it
+//! (arrow-json would turn `"12"` into a number, `1.5` into `1`), and reads its geometries; then
+//! the text is decoded as the item nests it, `properties` a struct whose columns are the
+//! file's. An item that needs more (anything the flat item changes otherwise,
 //! or leaves to rustac's typed reading) sends its batch to the value path: `None`, never a
 //! different batch. A unit test compares both paths on real items and on items made to differ.
 
