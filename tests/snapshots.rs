@@ -520,7 +520,7 @@ async fn export_writes_the_files_of_an_existing_mirror() {
     server.stop().await;
 }
 
-/// A window larger than several encoded batches (250 items each) whose later items carry what the
+/// A window larger than several encoded batches (150 items each) whose later items carry what the
 /// earlier ones lack (a property, an asset, a float in an integer column) is one file holding
 /// all of it: the writer widens its schema and writes the file again, and every item reads
 /// back as it does when the window is written in one go.
@@ -535,7 +535,7 @@ async fn a_property_first_seen_late_in_a_large_window_is_kept() {
             let properties = item["properties"].as_object_mut().expect("properties");
             properties.remove("start_datetime");
             properties.remove("end_datetime");
-            // In order: the items after the 1,200th sort into the window's second batch.
+            // In order: the items after the 1,200th sort into the window's later batches.
             let datetime = format!("2024-01-01T00:{:02}:{:02}Z", i / 60, i % 60);
             properties.insert("datetime".into(), datetime.into());
             properties.insert("eo:cloud_cover".into(), (i as i64 % 50).into());
