@@ -242,7 +242,8 @@ async fn ndjson(
     file: &std::fs::File,
     what: &str,
 ) -> Result<u64, Error> {
-    let mut out = std::io::BufWriter::new(file);
+    // Items are larger than BufWriter's default 8 KB, which would write each on its own.
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut pages = db.window_pages(collection, window, size, NDJSON_PAGE);
     let mut count = 0u64;
     let fail = |e: std::io::Error| Error::Sink(format!("{what}: writing the temporary file: {e}"));
