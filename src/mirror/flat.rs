@@ -316,12 +316,12 @@ fn split<const N: usize>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use serde_json::json;
 
     /// Real items (EDS, Planetary Computer), as stored.
-    fn fixtures() -> Vec<Value> {
+    pub(in crate::mirror) fn fixtures() -> Vec<Value> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         [
             "eds-test_data.json",
