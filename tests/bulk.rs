@@ -46,6 +46,19 @@ fn quick() -> Polling {
     }
 }
 
+/// A geoparquet export submitted and waited for: its files.
+async fn completed(fixture: &bulk::BulkFixture, api: &ApiClient) -> Vec<url::Url> {
+    let search = json!({"collections": ["c"]});
+    let job = submit(api, &search, ExportFormat::Geoparquet)
+        .await
+        .expect("submitted");
+    let clock = bulk::clock(fixture);
+    match wait(api, &job, quick(), clock.as_ref()).await {
+        Ok(Outcome::Completed(assets)) => assets,
+        other => panic!("completed: {other:?}"),
+    }
+}
+
 fn issuer() -> Arc<Issuer> {
     Issuer::new(Arc::new(ManualClock::default()), "id", "secret")
 }
@@ -149,17 +162,7 @@ async fn bulk_search_files_are_fetched_without_the_token_or_the_configured_heade
         *fixture.state.files_on_api.lock().expect("lock") = on_api;
         let dir = tempfile::tempdir().expect("dir");
         let api = client(&fixture, dir.path());
-        let job = submit(
-            &api,
-            &json!({"collections": ["c"]}),
-            ExportFormat::Geoparquet,
-        )
-        .await
-        .expect("submitted");
-        let clock = bulk::clock(&fixture);
-        let Ok(Outcome::Completed(assets)) = wait(&api, &job, quick(), clock.as_ref()).await else {
-            panic!("completed");
-        };
+        let assets = completed(&fixture, &api).await;
         assert_eq!(
             assets[0].origin() == url::Url::parse(&fixture.url).expect("url").origin(),
             on_api
@@ -190,17 +193,7 @@ async fn a_bulk_search_file_cut_short_is_fetched_again_from_its_start() {
     fixture.state.cut_short.store(1, Ordering::SeqCst);
     let dir = tempfile::tempdir().expect("dir");
     let api = client(&fixture, dir.path());
-    let job = submit(
-        &api,
-        &json!({"collections": ["c"]}),
-        ExportFormat::Geoparquet,
-    )
-    .await
-    .expect("submitted");
-    let clock = bulk::clock(&fixture);
-    let Ok(Outcome::Completed(assets)) = wait(&api, &job, quick(), clock.as_ref()).await else {
-        panic!("completed");
-    };
+    let assets = completed(&fixture, &api).await;
     let path = dir.path().join("file");
     let mut file = tokio::fs::File::create(&path).await.expect("file");
     download(&api, &assets[0], &mut file)
@@ -215,17 +208,7 @@ async fn a_refused_bulk_search_file_is_named_without_its_signature() {
     let fixture = bulk::start(issuer(), &["COMPLETED"], files()).await;
     let dir = tempfile::tempdir().expect("dir");
     let api = client(&fixture, dir.path());
-    let job = submit(
-        &api,
-        &json!({"collections": ["c"]}),
-        ExportFormat::Geoparquet,
-    )
-    .await
-    .expect("submitted");
-    let clock = bulk::clock(&fixture);
-    let Ok(Outcome::Completed(assets)) = wait(&api, &job, quick(), clock.as_ref()).await else {
-        panic!("completed");
-    };
+    let assets = completed(&fixture, &api).await;
     // The file is gone (an expired signature answers the same way).
     fixture.state.files.lock().expect("lock").clear();
     let path = dir.path().join("file");
@@ -344,4 +327,26 @@ fn a_bulk_search_file_in_another_format_fails_naming_the_file() {
         error.contains("part-0") && error.contains("stacjson"),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn a_job_id_that_would_name_another_path_is_refused() {
+    let fixture = bulk::start(issuer(), &["COMPLETED"], files()).await;
+    *fixture.state.next_id.lock().expect("lock") = Some("..".into());
+    let dir = tempfile::tempdir().expect("dir");
+    let api = client(&fixture, dir.path());
+    let job = submit(
+        &api,
+        &json!({"collections": ["c"]}),
+        ExportFormat::Geoparquet,
+    )
+    .await
+    .expect("submitted");
+    assert_eq!(job, "..");
+    let clock = bulk::clock(&fixture);
+    let error = wait(&api, &job, quick(), clock.as_ref())
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(error.contains("\"..\""), "{error}");
 }

@@ -257,6 +257,12 @@ pub async fn download(
 
 /// The URL of `segments` under the API's root.
 fn endpoint(api: &ApiClient, segments: &[&str]) -> Result<Url, Error> {
+    // A job id is the server's: `..` would name another path (as in `collection_url`).
+    if let Some(bad) = segments.iter().find(|s| matches!(**s, "." | "..")) {
+        return Err(Error::Upstream(format!(
+            "the STAC API named a bulk search job {bad:?}, which is not a path segment"
+        )));
+    }
     let mut url = api.root().clone();
     url.path_segments_mut()
         .map_err(|()| Error::Config(format!("the STAC API's URL {} has no path", api.root())))?

@@ -31,6 +31,8 @@ pub struct BulkState {
     pub files: Mutex<Vec<(String, Bytes)>>,
     /// Whether a completed job's files are on the API's origin, not the storage's.
     pub files_on_api: Mutex<bool>,
+    /// The id the next job gets instead of `job-N`.
+    pub next_id: Mutex<Option<String>>,
     /// Bodies of the bulk searches submitted.
     pub submitted: Mutex<Vec<Value>>,
     /// Polls of each job.
@@ -82,6 +84,7 @@ pub async fn start(
         script: Mutex::new(script.iter().map(|s| s.to_string()).collect()),
         files: Mutex::new(files),
         files_on_api: Mutex::new(false),
+        next_id: Mutex::new(None),
         submitted: Mutex::new(Vec::new()),
         polls: Mutex::new(HashMap::new()),
         advance_per_poll: Mutex::new(Duration::ZERO),
@@ -129,7 +132,12 @@ async fn submit(State(state): State<Arc<BulkState>>, headers: HeaderMap, body: B
     };
     let mut submitted = state.submitted.lock().expect("lock");
     submitted.push(body);
-    let id = format!("job-{}", submitted.len());
+    let id = state
+        .next_id
+        .lock()
+        .expect("lock")
+        .take()
+        .unwrap_or_else(|| format!("job-{}", submitted.len()));
     state.polls.lock().expect("lock").insert(id.clone(), 0);
     axum::Json(json!({"job_id": id})).into_response()
 }
