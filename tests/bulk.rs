@@ -11,6 +11,7 @@ use common::tokens::Issuer;
 use common::{Setup, credentials};
 use serde_json::json;
 use stac_sync::clock::ManualClock;
+use stac_sync::error::Exit;
 use stac_sync::stac::bulk::{ExportFormat, Outcome, Polling, download, submit, wait};
 use stac_sync::stac::client::{ApiClient, api_client};
 use stac_sync::stac::http::Stats;
@@ -349,4 +350,319 @@ async fn a_job_id_that_would_name_another_path_is_refused() {
         .expect_err("refused")
         .to_string();
     assert!(error.contains("\"..\""), "{error}");
+}
+
+// A job's backfill through bulk search, end to end: a fixture API that both pages the items and
+// exports them as NDJSON files.
+
+/// A fixture API paging `items` (pages of 50, each reporting all of them as matched) and
+/// exporting, when asked, `files` (listed last first: a run reads them in the order of their
+/// paths), after the statuses of `script`.
+async fn api_with_bulk(
+    items: &[serde_json::Value],
+    files: Vec<(String, Bytes)>,
+    script: &[&str],
+) -> (common::fixture::Fixture, Arc<bulk::BulkState>) {
+    let issuer = issuer();
+    let mut files = files;
+    files.reverse();
+    let state = bulk::with_storage(issuer.clone(), script, files).await;
+    let pages = items.chunks(50).map(<[_]>::to_vec).collect();
+    let api = common::fixture::start_with(
+        pages,
+        common::fixture::Paging::PostFull,
+        issuer,
+        bulk::api_routes(state.clone()),
+    )
+    .await;
+    *state.api_url.lock().expect("lock") = api.url.clone();
+    *api.state.matched.lock().expect("lock") = Some(items.len() as u64);
+    (api, state)
+}
+
+/// A run of job "test" over collection "c" against `api`, pages of 50, with `backfill`, polling
+/// every millisecond.
+fn backfill_setup<'a>(
+    api: &'a common::fixture::Fixture,
+    dir: &'a std::path::Path,
+    backfill: &'a str,
+) -> Setup<'a> {
+    let mut setup = Setup::new(
+        &api.url,
+        dir,
+        &["c"],
+        credentials(&api.token_url, "id", "secret"),
+    );
+    setup.limit = 50;
+    setup.job_extra = backfill;
+    setup.extra = "[bulk]\npoll_interval = \"1ms\"\n".into();
+    setup
+}
+
+/// The objects of a mirror's folder, without the run manifests.
+fn item_objects(folder: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut objects = common::stored_objects(folder);
+    objects.retain(|key, _| !key.starts_with('_'));
+    objects
+}
+
+/// Mirrors `items` by paging them, in `dir`: what a bulk backfill must equal.
+async fn paged_mirror(items: &[serde_json::Value], dir: &std::path::Path) -> PagedMirror {
+    let (api, _) = api_with_bulk(items, Vec::new(), &["COMPLETED"]).await;
+    let setup = backfill_setup(&api, dir, "");
+    let summary = setup.run(api.state.issuer.clock.clone()).await;
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    let rows = common::stored_items(&setup.database_url()).await;
+    assert_eq!(rows.len(), items.len());
+    PagedMirror {
+        rows,
+        objects: item_objects(&setup.objects_dir()),
+    }
+}
+
+struct PagedMirror {
+    rows: std::collections::BTreeMap<(String, String), String>,
+    objects: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
+impl PagedMirror {
+    async fn assert_equals(&self, setup: &Setup<'_>) {
+        self.assert_equals_at(&setup.database_url(), &setup.objects_dir())
+            .await;
+    }
+
+    async fn assert_equals_at(&self, database: &str, folder: &std::path::Path) {
+        let rows = common::stored_items(database).await;
+        assert_eq!(rows.len(), self.rows.len());
+        assert!(rows == self.rows, "the rows differ from the paged mirror's");
+        let objects = item_objects(folder);
+        let differ: Vec<_> = objects
+            .keys()
+            .chain(self.objects.keys())
+            .filter(|key| objects.get(*key) != self.objects.get(*key))
+            .take(5)
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "objects differ from the paged mirror's: {differ:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_bulk_backfill_stores_what_paging_stores_byte_for_byte_without_paging() {
+    let items = common::make_items("c", 230);
+    let reference = tempfile::tempdir().expect("dir");
+    let paged = paged_mirror(&items, reference.path()).await;
+
+    let files = bulk::ndjson_files(&items, 60);
+    let (api, state) = api_with_bulk(&items, files, &["PENDING", "IN_PROGRESS", "COMPLETED"]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let setup = backfill_setup(&api, dir.path(), "backfill = \"bulk\"");
+    let summary = setup.run(api.state.issuer.clock.clone()).await;
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    assert_eq!(summary.jobs[0].counts.new, 230);
+    paged.assert_equals(&setup).await;
+    assert_eq!(
+        api.state.searches.load(Ordering::SeqCst),
+        1,
+        "one search, for the match count: no page"
+    );
+    let submitted = state.submitted.lock().expect("lock").clone();
+    assert_eq!(submitted.len(), 1);
+    assert_eq!(submitted[0]["collections"], json!(["c"]));
+    assert_eq!(submitted[0]["export_format"], "stacjson");
+    assert_eq!(state.polls.lock().expect("lock")["job-1"], 3);
+    assert_eq!(state.file_requests.load(Ordering::SeqCst), 4);
+    assert_eq!(state.refused_files.load(Ordering::SeqCst), 0);
+
+    // The next pass is incremental, from the watermark the backfill left: no bulk search.
+    let again = setup.run(api.state.issuer.clock.clone()).await;
+    assert_eq!(again.exit(), Exit::Success, "{:?}", again.jobs[0].error);
+    assert_eq!(again.jobs[0].counts.new, 0);
+    assert_eq!(state.submitted.lock().expect("lock").len(), 1);
+    assert!(api.state.searches.load(Ordering::SeqCst) > 1, "paged");
+}
+
+/// A bulk backfill that cannot be read as it should pages its collection instead, and stores
+/// exactly what paging stores.
+async fn paged_instead(items: &[serde_json::Value], api: common::fixture::Fixture) {
+    let reference = tempfile::tempdir().expect("dir");
+    let paged = paged_mirror(items, reference.path()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let setup = backfill_setup(&api, dir.path(), "backfill = \"bulk\"");
+    let summary = setup.run(api.state.issuer.clock.clone()).await;
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    paged.assert_equals(&setup).await;
+    assert!(
+        api.state.searches.load(Ordering::SeqCst) > 1,
+        "the collection was paged"
+    );
+    let state = stac_sync::mirror::db::Database::connect(&setup.database_url())
+        .await
+        .expect("db")
+        .job_state("test")
+        .await
+        .expect("state")
+        .expect("a job row");
+    assert!(state.watermark.is_some(), "the pass ended");
+}
+
+#[tokio::test]
+async fn a_failed_bulk_search_is_paged_instead() {
+    let items = common::make_items("c", 120);
+    let files = bulk::ndjson_files(&items, 60);
+    let (api, state) = api_with_bulk(&items, files, &["PENDING", "FAILED"]).await;
+    paged_instead(&items, api).await;
+    assert_eq!(state.file_requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_bulk_search_still_running_at_the_timeout_is_paged_instead() {
+    let items = common::make_items("c", 120);
+    let files = bulk::ndjson_files(&items, 60);
+    let (api, state) = api_with_bulk(&items, files, &["PENDING", "IN_PROGRESS"]).await;
+    // Each poll takes an hour of the run's clock: the default timeout (2 h) ends the wait.
+    *state.advance_per_poll.lock().expect("lock") = Duration::from_secs(3600);
+    paged_instead(&items, api).await;
+    assert_eq!(state.polls.lock().expect("lock")["job-1"], 2);
+}
+
+#[tokio::test]
+async fn an_export_short_of_the_items_matched_is_paged_instead() {
+    let items = common::make_items("c", 120);
+    // The export lost the last 20 items (a cap on its size, say).
+    let files = bulk::ndjson_files(&items[..100], 60);
+    let (api, state) = api_with_bulk(&items, files, &["COMPLETED"]).await;
+    paged_instead(&items, api).await;
+    assert_eq!(state.file_requests.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_export_file_that_is_not_stac_json_is_paged_instead() {
+    let items = common::make_items("c", 120);
+    let mut files = bulk::ndjson_files(&items, 60);
+    files[1].1 = Bytes::from_static(b"PAR1 a parquet file, say");
+    let (api, _) = api_with_bulk(&items, files, &["COMPLETED"]).await;
+    paged_instead(&items, api).await;
+}
+
+#[tokio::test]
+async fn backfill_auto_pages_an_api_without_bulk_search() {
+    let items = common::make_items("c", 120);
+    let reference = tempfile::tempdir().expect("dir");
+    let paged = paged_mirror(&items, reference.path()).await;
+    let issuer = issuer();
+    let pages = items.chunks(50).map(<[_]>::to_vec).collect();
+    let api =
+        common::fixture::start(pages, common::fixture::Paging::PostFull, issuer.clone()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let setup = backfill_setup(&api, dir.path(), "backfill = \"auto\"");
+    let summary = setup.run(issuer.clock.clone()).await;
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    paged.assert_equals(&setup).await;
+}
+
+/// The position a bulk partition's commits left, from its stored resume point: (file, skip).
+async fn bulk_position(database: &std::path::Path) -> Option<(u64, u64)> {
+    if !database.exists() {
+        return None;
+    }
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(database)
+        .read_only(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.ok()?;
+    let resume: Option<String> =
+        sqlx::query_scalar("SELECT resume FROM sync_state WHERE partition = 'c bulk'")
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()?;
+    pool.close().await;
+    let resume: serde_json::Value = serde_json::from_str(&resume?).ok()?;
+    let url = url::Url::parse(resume["url"].as_str()?).ok()?;
+    let mut position = (0, 0);
+    for (key, value) in url::form_urlencoded::parse(url.fragment()?.as_bytes()) {
+        match &*key {
+            "file" => position.0 = value.parse().ok()?,
+            "skip" => position.1 = value.parse().ok()?,
+            _ => {}
+        }
+    }
+    Some(position)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_backfill_killed_mid_file_resumes_from_its_last_commit() {
+    let items = common::make_items("c", 1200);
+    let reference = tempfile::tempdir().expect("dir");
+    let paged = paged_mirror(&items, reference.path()).await;
+    let files = bulk::ndjson_files(&items, 400);
+    let (api, state) = api_with_bulk(&items, files, &["PENDING", "COMPLETED"]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("stac-sync.toml"),
+        format!(
+            "api_url = \"{}\"\n[bulk]\npoll_interval = \"1ms\"\n[[jobs]]\nname = \"test\"\n\
+             collections = [\"c\"]\nlimit = 50\nbackfill = \"bulk\"\n",
+            api.url
+        ),
+    )
+    .expect("config");
+    let database = format!("sqlite://{}", dir.path().join("stac-sync.db").display());
+    let binary = assert_cmd::cargo::cargo_bin!("stac-sync");
+    let mut kills = Vec::new();
+    // Killed as soon as it has committed part of a file, three times, each later than the last.
+    for _ in 0..3 {
+        let mut child = common::binary_run(binary, dir.path(), &api.token_url)
+            .spawn()
+            .expect("spawns");
+        let before = kills.last().copied();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let killed_at = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the run ended ({status}) before it could be killed");
+            }
+            let at = bulk_position(&dir.path().join("stac-sync.db")).await;
+            if let Some(at) = at.filter(|at| at.1 > 0 && Some(*at) > before) {
+                child.kill().expect("SIGKILL");
+                child.wait().expect("waited");
+                break at;
+            }
+            assert!(std::time::Instant::now() < deadline, "no progress");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        kills.push(killed_at);
+    }
+    let last = common::run_to_end(common::binary_run(binary, dir.path(), &api.token_url)).await;
+    assert_eq!(last, Some(0));
+    paged
+        .assert_equals_at(&database, &dir.path().join("stac-sync-items"))
+        .await;
+    let unchanged = common::scalar(
+        &database,
+        "SELECT COALESCE(SUM(items_unchanged), 0) FROM sync_runs WHERE status = 'succeeded'",
+    )
+    .await;
+    assert_eq!(
+        unchanged, 0,
+        "the last run read again no item committed before it"
+    );
+    assert_eq!(
+        state.submitted.lock().expect("lock").len(),
+        1,
+        "the killed runs' job was polled again, not submitted again"
+    );
+    assert_eq!(
+        api.state.searches.load(Ordering::SeqCst),
+        1,
+        "the match count only: nothing was paged"
+    );
+    // A run after a kill fetches again the file it was killed in (and the next, if it had
+    // fetched it already), not the files before.
+    let fetched = state.file_requests.load(Ordering::SeqCst);
+    assert!(
+        fetched <= 3 + 2 * kills.len(),
+        "{fetched} files fetched, {kills:?}"
+    );
 }

@@ -91,6 +91,9 @@ pub struct FileConfig {
     /// Timeouts and retries.
     #[serde(default)]
     pub http: HttpFile,
+    /// Bulk search (a job's `backfill = "bulk"`).
+    #[serde(default)]
+    pub bulk: BulkFile,
     /// The jobs.
     #[serde(default)]
     pub jobs: Vec<JobConfig>,
@@ -114,6 +117,18 @@ pub struct AuthFile {
     pub scope: Option<String>,
     /// A static bearer token (kind `bearer`).
     pub token: Option<SecretString>,
+}
+
+/// The `[bulk]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkFile {
+    /// How long a bulk search job may take before its job is paged instead.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// The first pause between two polls of a bulk search job (then doubled, up to a minute).
+    #[serde(default, with = "humantime_serde")]
+    pub poll_interval: Option<Duration>,
 }
 
 /// The `[http]` table.
@@ -280,6 +295,8 @@ pub struct JobConfig {
     pub max_partition_items: Option<u64>,
     /// Snapshot files of this job's collections (replaces the file's top-level `snapshots`).
     pub snapshots: Option<Vec<SnapshotFormat>>,
+    /// How the first pass gets the job's items: `page` (the default), `bulk` or `auto`.
+    pub backfill: Option<Backfill>,
 }
 
 /// The datetime window of a partition.
@@ -293,6 +310,20 @@ pub enum Window {
     Month,
     /// One partition per collection.
     None,
+}
+
+/// How a job's first pass (no watermark yet) gets its items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backfill {
+    /// Pages the search, as every later pass does.
+    #[default]
+    Page,
+    /// Has the API export the search as files (EDS bulk search) and reads them; pages instead,
+    /// with a warning, when the export fails or takes longer than `[bulk] timeout`.
+    Bulk,
+    /// As `bulk`, where the API offers bulk search; pages quietly where it does not.
+    Auto,
 }
 
 /// How a pass after the backfill finds what may have changed.
@@ -329,6 +360,8 @@ pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(3600);
 /// `max_result_window`, which stac-server keeps).
 pub const DEFAULT_MAX_PARTITION_ITEMS: u64 = 10_000;
 /// Clock skew between us and the API, and transactions in flight there.
+/// How long a bulk search may take to export: a whole EDS collection takes a while.
+pub const DEFAULT_BULK_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
 pub const DEFAULT_SAFETY_LAG: Duration = Duration::from_secs(300);
 
 /// Settings from the environment and the command line (clap fills them).
@@ -532,6 +565,10 @@ pub struct Config {
     pub max_item_bytes: usize,
     /// Requests a second to the API, at most (per process); `None`: no limit but the server's.
     pub max_requests_per_second: Option<f64>,
+    /// How long a bulk search may take to export before its job is paged instead.
+    pub bulk_timeout: Duration,
+    /// The first pause between two polls of a bulk search job.
+    pub bulk_poll_interval: Duration,
     /// The jobs to run, in order.
     pub jobs: Vec<Job>,
 }
@@ -644,6 +681,8 @@ pub struct Job {
     pub max_partition_items: u64,
     /// The window of this job's GeoParquet snapshot files; `None`: it writes none.
     pub snapshots: Option<SnapshotWindow>,
+    /// How its first pass gets its items.
+    pub backfill: Backfill,
 }
 
 impl Job {
@@ -745,6 +784,8 @@ impl Config {
                 .or(file.max_item_bytes)
                 .unwrap_or(DEFAULT_MAX_ITEM_BYTES)
                 .max(1),
+            bulk_timeout: file.bulk.timeout.unwrap_or(DEFAULT_BULK_TIMEOUT),
+            bulk_poll_interval: file.bulk.poll_interval.unwrap_or(Duration::from_secs(5)),
             jobs,
         })
     }
@@ -1054,6 +1095,7 @@ fn resolve_jobs(
             deleted_objects: None,
             max_partition_items: None,
             snapshots: None,
+            backfill: None,
         }]
     } else {
         if o.bbox.is_some() || o.datetime.is_some() {
@@ -1184,6 +1226,7 @@ fn validate_job(
         deleted_objects: j.deleted_objects.unwrap_or_default(),
         max_partition_items: j.max_partition_items.unwrap_or(DEFAULT_MAX_PARTITION_ITEMS),
         snapshots: snapshots.of(j.snapshots.as_deref()),
+        backfill: j.backfill.unwrap_or_default(),
     })
 }
 

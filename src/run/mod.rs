@@ -3,6 +3,7 @@
 //! manifest, the summary line. This is the one module that knows the API, the plan and the
 //! mirror together.
 
+mod bulk;
 mod pager;
 mod passes;
 mod pipeline;
@@ -125,6 +126,10 @@ pub struct Context {
     changes_retention: Option<Duration>,
     /// Where the change feed is delivered as pages commit.
     webhook: Option<webhook::Webhook>,
+    /// How a bulk search is waited for.
+    bulk: crate::stac::bulk::Polling,
+    /// The clock a bulk search's deadline runs on.
+    clock: Arc<dyn Clock>,
 }
 
 impl Context {
@@ -166,6 +171,12 @@ impl Context {
             changes_retention: config.changes_retention,
             webhook: webhook::Webhook::of(config)?,
             max_item_bytes: config.max_item_bytes,
+            bulk: crate::stac::bulk::Polling {
+                first: config.bulk_poll_interval,
+                max: config.bulk_poll_interval.max(Duration::from_secs(60)),
+                timeout: config.bulk_timeout,
+            },
+            clock: options.clock.clone(),
         })
     }
 

@@ -51,7 +51,7 @@ impl Budget {
     }
 
     /// Waits for `kib` of the budget (all of it if more).
-    async fn take(&self, kib: usize) -> Result<OwnedSemaphorePermit, Error> {
+    pub(super) async fn take(&self, kib: usize) -> Result<OwnedSemaphorePermit, Error> {
         let kib = kib.clamp(1, PAGE_BUDGET_KIB);
         self.permits
             .clone()
@@ -67,7 +67,7 @@ impl Budget {
 pub(super) struct Partition {
     /// Its name, collection and first request.
     pub(super) part: Part,
-    start: Request,
+    pub(super) start: Request,
     /// Split it when its search matches more items than this (0: never).
     max_items: u64,
     /// Cancelled when another worker took the partition over: this one stops paging it.
@@ -76,7 +76,7 @@ pub(super) struct Partition {
 
 impl Partition {
     /// A planned partition, to be paged from its resume point (or its first request).
-    fn of(job: &Job, planned: &Planned) -> Partition {
+    pub(super) fn of(job: &Job, planned: &Planned) -> Partition {
         if let Some(resume) = &planned.resume {
             tracing::info!(job = %job.name, partition = %planned.part.name,
                 url = %http::display_url(&resume.url), "resuming a partition");

@@ -5,8 +5,9 @@
 //! Every plan is stored before it is paged, so a killed run resumes exactly the plan it made.
 
 use super::Context;
+use super::bulk;
 use super::pipeline::Pass;
-use crate::config::{Incremental, Job, Window};
+use crate::config::{Backfill, Incremental, Job, Window};
 use crate::domain::{Bbox, Interval};
 use crate::error::Error;
 use crate::mirror::Writes;
@@ -82,6 +83,16 @@ impl<'a> JobPasses<'a> {
         let (state, planned) = self.plan_sync().await?;
         if worker {
             lock.unlock_planner().await?;
+            if planned
+                .iter()
+                .any(|p| !p.done && bulk::is_bulk(self.context, p))
+            {
+                return Err(Error::Config(format!(
+                    "job {}: its backfill reads a bulk search, which workers do not share: \
+                     finish it with one `stac-sync run` without --worker",
+                    self.job.name
+                )));
+            }
         }
         self.pass(PassKind::Sync, Writes::Items, &planned, lock, counts)
             .await?;
@@ -126,7 +137,17 @@ impl<'a> JobPasses<'a> {
         let cut = self.cut(strategy == Strategy::Full);
         let now = SystemTime::now();
         let root = self.context.api.root();
-        let parts = plan::sync_parts(root, job, strategy, watermark, &cut, now);
+        let mut parts = plan::sync_parts(root, job, strategy, watermark, &cut, now);
+        if strategy == Strategy::Full && watermark.is_none() && job.backfill != Backfill::Page {
+            if self.context.worker.is_some() {
+                tracing::info!(job = %job.name, "workers page the backfill: a bulk search is \
+                    read by a run without --worker");
+            } else {
+                let bulk = bulk::submit_all(self.context, job).await?;
+                parts.retain(|p| !bulk.iter().any(|b| b.collection == p.collection));
+                parts.extend(bulk);
+            }
+        }
         self.store_plan(PassKind::Sync, changed, now, &parts)
             .await?;
         self.report.strategy = Some(strategy);
@@ -303,6 +324,14 @@ impl<'a> JobPasses<'a> {
             Writes::ItemsAndSeen => !asks_ids_only(&p.part.first),
         };
         let mut planned: Vec<Planned> = planned.iter().filter(|p| ours(p)).cloned().collect();
+        // A backfill's bulk partitions are paged instead by these when they cannot be read.
+        let fallback = if planned.iter().any(|p| bulk::is_bulk(self.context, p)) {
+            let root = self.context.api.root();
+            let now = SystemTime::now();
+            plan::sync_parts(root, self.job, Strategy::Full, None, &self.cut(true), now)
+        } else {
+            Vec::new()
+        };
         self.report.partitions.extend(
             planned
                 .iter()
@@ -316,6 +345,7 @@ impl<'a> JobPasses<'a> {
                 planned: &planned,
                 kind,
                 writes,
+                fallback: &fallback,
             };
             pass.run(lock, counts).await?;
             let check = db.check_complete(job, kind).await?;
@@ -330,10 +360,22 @@ impl<'a> JobPasses<'a> {
                 return Ok(());
             }
             for short in &check.repaged {
+                counts.missing += short.matched.saturating_sub(short.received);
+                let bulk = planned
+                    .iter()
+                    .any(|p| p.part.name == short.partition && bulk::is_bulk(self.context, p));
+                if bulk {
+                    tracing::warn!(job = %job, partition = %short.partition,
+                        matched = short.matched, received = short.received, "the bulk search \
+                        exported fewer items than its search matched when it was submitted: \
+                        paging its collection instead");
+                    let parts = bulk::fallback_of(&fallback, &short.collection);
+                    db.split(job, &short.partition, &parts, None).await?;
+                    continue;
+                }
                 tracing::warn!(job = %job, partition = %short.partition, matched = short.matched,
                     received = short.received, "a partition's pages held fewer items than its API \
                     reported: paging it once more");
-                counts.missing += short.matched.saturating_sub(short.received);
             }
             planned = db.planned(job, kind).await?;
             planned.retain(|p| ours(p));

@@ -11,11 +11,13 @@
 //! instead of waiting forever to hand over a page.
 
 use super::Context;
+use super::bulk::{self, Feed};
 use super::pager::{self, Budget, Fetched, Partition, Tally};
 use crate::config::Job;
 use crate::error::Error;
 use crate::mirror::db::{Counts, JobLock, Lease, PassKind, Planned};
 use crate::mirror::{Checkpoint, PageWriter, Staged, Writes};
+use crate::plan::Part;
 use crate::stac::search::Request;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -41,6 +43,8 @@ pub(super) struct Pass<'a> {
     pub kind: PassKind,
     /// What its pages write.
     pub writes: Writes,
+    /// The partitions that page a backfill, for a bulk partition paged instead.
+    pub fallback: &'a [Part],
 }
 
 /// A staged part, with where it came from and its share of the byte budget (released once it
@@ -71,9 +75,7 @@ impl Pass<'_> {
         let pagers = async move {
             let (context, job) = (self.context, self.job);
             match lease {
-                None => {
-                    pager::page_all(context, job, self.planned, budget, fetched_tx, tally).await
-                }
+                None => self.page_and_read(budget, fetched_tx, tally).await,
                 Some(lease) => {
                     let kind = self.kind;
                     pager::page_leased(context, job, kind, lease, budget, fetched_tx, tally).await
@@ -94,6 +96,46 @@ impl Pass<'_> {
             None if errors.is_empty() => Ok(()),
             None => Err(errors.swap_remove(0)),
         }
+    }
+
+    /// A single run's pagers: pages the partitions that page, while the bulk partitions' files
+    /// are read one after the other; then pages the collections of those that could not be read.
+    async fn page_and_read(
+        &self,
+        budget: &Budget,
+        tx: mpsc::Sender<Fetched>,
+        tally: &Tally,
+    ) -> Vec<Error> {
+        let (context, job) = (self.context, self.job);
+        let (bulk, paged): (Vec<Planned>, Vec<Planned>) = self
+            .planned
+            .iter()
+            .cloned()
+            .partition(|p| bulk::is_bulk(context, p));
+        let feed = Feed {
+            context,
+            job,
+            budget,
+            tx: &tx,
+            fallback: self.fallback,
+        };
+        let reading = async {
+            let mut instead = Vec::new();
+            for planned in bulk.iter().filter(|p| !p.done) {
+                instead.extend(feed.read(planned).await?);
+            }
+            Ok::<_, Error>(instead)
+        };
+        let paging = pager::page_all(context, job, &paged, budget, tx.clone(), tally);
+        let (read, mut errors) = tokio::join!(reading, paging);
+        match read {
+            Ok(instead) if errors.is_empty() && !instead.is_empty() => {
+                errors.extend(pager::page_all(context, job, &instead, budget, tx, tally).await);
+            }
+            Ok(_) => {}
+            Err(e) => errors.push(e),
+        }
+        errors
     }
 
     /// The committer: takes staged parts in order, and commits each as soon as no commit in

@@ -103,7 +103,7 @@ pub async fn submit(
     body.insert("export_type".into(), "standard".into());
     let request = Request {
         method: "POST".into(),
-        url: endpoint(api, &["search", "bulk"])?,
+        url: endpoint(api.root(), &["search", "bulk"])?,
         headers: Vec::new(),
         body: Some(Value::Object(body)),
         anonymous: false,
@@ -134,7 +134,7 @@ pub async fn submit(
 
 /// The state of job `job_id`.
 pub async fn status(api: &ApiClient, job_id: &str) -> Result<Status, Error> {
-    let url = endpoint(api, &["search", "bulk", "jobs", job_id])?;
+    let url = endpoint(api.root(), &["search", "bulk", "jobs", job_id])?;
     let answer = api
         .fetch("read a bulk search job", &Request::get(url), |bytes| {
             serde_json::from_slice::<Value>(&bytes).map_err(|e| format!("not JSON: {e}"))
@@ -255,17 +255,72 @@ pub async fn download(
     }
 }
 
+/// Where a bulk backfill of one collection stands, kept as its partition's request (the job's
+/// status URL, whose fragment holds the rest): the job, the items its search matched when it
+/// was submitted, and the next item to commit (`skip` items of the `file`th file, in the order
+/// of their paths, are committed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub job_id: String,
+    pub matched: Option<u64>,
+    pub file: usize,
+    pub skip: u64,
+}
+
+impl Position {
+    /// The position as a request: a GET of the job's status, with the rest as its fragment
+    /// (never sent).
+    pub fn request(&self, root: &Url) -> Result<Request, Error> {
+        let mut url = endpoint(root, &["search", "bulk", "jobs", &self.job_id])?;
+        let mut fragment = format!("file={}&skip={}", self.file, self.skip);
+        if let Some(matched) = self.matched {
+            fragment.push_str(&format!("&matched={matched}"));
+        }
+        url.set_fragment(Some(&fragment));
+        Ok(Request::get(url))
+    }
+
+    /// The position a request stands for, if it is one (a bulk job's status, under `root`).
+    pub fn of(root: &Url, request: &Request) -> Option<Position> {
+        let rest = request.url.path().strip_prefix(root.path())?;
+        let job_id = rest.strip_prefix("search/bulk/jobs/")?;
+        if request.method != "GET" || job_id.is_empty() || job_id.contains('/') {
+            return None;
+        }
+        let job_id = percent_encoding::percent_decode_str(job_id)
+            .decode_utf8()
+            .ok()?
+            .into_owned();
+        let mut position = Position {
+            job_id,
+            matched: None,
+            file: 0,
+            skip: 0,
+        };
+        let fragment = request.url.fragment().unwrap_or_default();
+        for (key, value) in url::form_urlencoded::parse(fragment.as_bytes()) {
+            match &*key {
+                "file" => position.file = value.parse().ok()?,
+                "skip" => position.skip = value.parse().ok()?,
+                "matched" => position.matched = Some(value.parse().ok()?),
+                _ => {}
+            }
+        }
+        Some(position)
+    }
+}
+
 /// The URL of `segments` under the API's root.
-fn endpoint(api: &ApiClient, segments: &[&str]) -> Result<Url, Error> {
+fn endpoint(root: &Url, segments: &[&str]) -> Result<Url, Error> {
     // A job id is the server's: `..` would name another path (as in `collection_url`).
     if let Some(bad) = segments.iter().find(|s| matches!(**s, "." | "..")) {
         return Err(Error::Upstream(format!(
             "the STAC API named a bulk search job {bad:?}, which is not a path segment"
         )));
     }
-    let mut url = api.root().clone();
+    let mut url = root.clone();
     url.path_segments_mut()
-        .map_err(|()| Error::Config(format!("the STAC API's URL {} has no path", api.root())))?
+        .map_err(|()| Error::Config(format!("the STAC API's URL {root} has no path")))?
         .pop_if_empty()
         .extend(segments);
     Ok(url)
@@ -485,5 +540,54 @@ impl<'de> Visitor<'de> for FeatureList<'_, '_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_reads_back_from_its_request_whatever_its_job_id() {
+        let root = Url::parse("https://api.test/platform/v1/stac/").expect("url");
+        for job_id in ["job-1", "a b/c?d#e%f", "über"] {
+            let position = Position {
+                job_id: job_id.into(),
+                matched: Some(30_000_000),
+                file: 12,
+                skip: 4_096,
+            };
+            let request = position.request(&root).expect("a request");
+            assert_eq!(request.method, "GET");
+            assert!(
+                request
+                    .url
+                    .as_str()
+                    .starts_with("https://api.test/platform/v1/stac/search/bulk/jobs/")
+            );
+            assert_eq!(Position::of(&root, &request), Some(position.clone()));
+            let unmatched = Position {
+                matched: None,
+                ..position
+            };
+            assert_eq!(
+                Position::of(&root, &unmatched.request(&root).expect("a request")),
+                Some(unmatched)
+            );
+        }
+        // Search requests, and a job's status under another root, are not positions.
+        let search = Request::get(root.join("search?collections=c").expect("url"));
+        assert_eq!(Position::of(&root, &search), None);
+        let elsewhere = Url::parse("https://api.test/other/").expect("url");
+        let job = Position {
+            job_id: "j".into(),
+            matched: None,
+            file: 0,
+            skip: 0,
+        };
+        assert_eq!(
+            Position::of(&elsewhere, &job.request(&root).expect("a request")),
+            None
+        );
     }
 }

@@ -289,6 +289,11 @@ impl PageReader {
         self.advance(false)
     }
 
+    /// Reads one feature given whole, as it reads a page's (an item of a bulk search's file).
+    pub fn add_feature(&mut self, content: Bytes) {
+        self.add(content, None);
+    }
+
     /// The bytes of the features read and not yet taken.
     pub fn part_bytes(&self) -> usize {
         self.part.bytes

@@ -75,12 +75,37 @@ pub async fn start(
     let api = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
+    let url = format!("http://{}/", api.local_addr().expect("address"));
+    let state = with_storage(issuer.clone(), script, files).await;
+    *state.api_url.lock().expect("lock") = url.clone();
+    let app = api_routes(state.clone()).merge(
+        Router::new()
+            .route("/token", post(tokens::token_endpoint))
+            .with_state(issuer),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(api, app).await;
+    });
+    BulkFixture {
+        token_url: format!("{url}token"),
+        url,
+        state,
+    }
+}
+
+/// The state of a bulk search whose files are served by a storage server of their own
+/// (started here); its API's routes are [`api_routes`], and its `api_url` is for the caller to
+/// set.
+pub async fn with_storage(
+    issuer: Arc<Issuer>,
+    script: &[&str],
+    files: Vec<(String, Bytes)>,
+) -> Arc<BulkState> {
     let storage = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let url = format!("http://{}/", api.local_addr().expect("address"));
     let state = Arc::new(BulkState {
-        issuer: issuer.clone(),
+        issuer,
         script: Mutex::new(script.iter().map(|s| s.to_string()).collect()),
         files: Mutex::new(files),
         files_on_api: Mutex::new(false),
@@ -91,7 +116,7 @@ pub async fn start(
         file_requests: AtomicUsize::new(0),
         refused_files: AtomicUsize::new(0),
         cut_short: AtomicUsize::new(0),
-        api_url: Mutex::new(url.clone()),
+        api_url: Mutex::new(String::new()),
         storage_url: Mutex::new(format!(
             "http://{}/",
             storage.local_addr().expect("address")
@@ -100,27 +125,36 @@ pub async fn start(
     let files = Router::new()
         .route("/files/{name}", get(file))
         .with_state(state.clone());
-    let app = Router::new()
-        .route("/search/bulk", post(submit))
-        .route("/search/bulk/jobs/{id}", get(job))
-        .with_state(state.clone())
-        .merge(files.clone())
-        .merge(
-            Router::new()
-                .route("/token", post(tokens::token_endpoint))
-                .with_state(issuer),
-        );
-    tokio::spawn(async move {
-        let _ = axum::serve(api, app).await;
-    });
     tokio::spawn(async move {
         let _ = axum::serve(storage, files).await;
     });
-    BulkFixture {
-        token_url: format!("{url}token"),
-        url,
-        state,
-    }
+    state
+}
+
+/// The bulk search's routes on the API: submit, job status, and files on the API's origin.
+pub fn api_routes(state: Arc<BulkState>) -> Router {
+    Router::new()
+        .route("/search/bulk", post(submit))
+        .route("/search/bulk/jobs/{id}", get(job))
+        .route("/files/{name}", get(file))
+        .with_state(state)
+}
+
+/// `items` as NDJSON files of `per_file` items, named `part-N.ndjson`, each item written as
+/// the fixture API writes it in a page.
+pub fn ndjson_files(items: &[Value], per_file: usize) -> Vec<(String, Bytes)> {
+    items
+        .chunks(per_file)
+        .enumerate()
+        .map(|(n, chunk)| {
+            let mut text = String::new();
+            for item in chunk {
+                text.push_str(&serde_json::to_string(item).expect("JSON"));
+                text.push('\n');
+            }
+            (format!("part-{n}.ndjson"), Bytes::from(text))
+        })
+        .collect()
 }
 
 async fn submit(State(state): State<Arc<BulkState>>, headers: HeaderMap, body: Bytes) -> Response {

@@ -93,6 +93,8 @@ pub struct FixtureState {
     pub over_rate: AtomicUsize,
     /// Serve `/collections/{id}` (a minimal document for any id); 404 otherwise.
     pub collections: std::sync::atomic::AtomicBool,
+    /// The `numberMatched` each page reports, if any.
+    pub matched: Mutex<Option<u64>>,
 }
 
 /// Counts a request out of `in_flight` however its handler returns.
@@ -122,6 +124,16 @@ impl Fixture {
 
 /// Starts a fixture serving `pages` in order.
 pub async fn start(pages: Vec<Vec<Value>>, paging: Paging, issuer: Arc<Issuer>) -> Fixture {
+    start_with(pages, paging, issuer, Router::new()).await
+}
+
+/// [`start`], with more routes (a bulk search's).
+pub async fn start_with(
+    pages: Vec<Vec<Value>>,
+    paging: Paging,
+    issuer: Arc<Issuer>,
+    routes: Router,
+) -> Fixture {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -154,6 +166,7 @@ pub async fn start(pages: Vec<Vec<Value>>, paging: Paging, issuer: Arc<Issuer>) 
         accepted_at: Mutex::new(VecDeque::new()),
         over_rate: AtomicUsize::new(0),
         collections: std::sync::atomic::AtomicBool::new(false),
+        matched: Mutex::new(None),
     });
     let app = Router::new()
         .route("/search", any(search))
@@ -161,6 +174,7 @@ pub async fn start(pages: Vec<Vec<Value>>, paging: Paging, issuer: Arc<Issuer>) 
         .route("/queryables", get(queryables))
         .route("/collections/{id}", get(collection))
         .with_state(state.clone())
+        .merge(routes)
         .merge(
             Router::new()
                 .route("/token", post(tokens::token_endpoint))
@@ -350,10 +364,11 @@ async fn search(
             feature["collection"] = searched.clone();
         }
     }
-    let page = serde_json::to_vec(
-        &json!({"type": "FeatureCollection", "features": features, "links": links}),
-    )
-    .expect("serialisable");
+    let mut page = json!({"type": "FeatureCollection", "features": features, "links": links});
+    if let Some(matched) = *state.matched.lock().expect("lock") {
+        page["numberMatched"] = matched.into();
+    }
+    let page = serde_json::to_vec(&page).expect("serialisable");
     match fault {
         Some(Fault::Status(status, headers, body)) => {
             let mut response =

@@ -1,0 +1,327 @@
+//! A job's backfill through the API's bulk search (EDS): the job's search is submitted once per
+//! collection as the pass is planned, and the exported files are read through the same
+//! pipeline as pages, one batch of items at a time, each committed with the position it leaves
+//! (see [`Position`]). A bulk search that fails, runs out of time or exports a file that cannot
+//! be read is paged instead, with a warning; so is one that exported fewer items than its search
+//! matched when it was submitted (see [`super::passes`]).
+
+use super::Context;
+use super::pager::{Budget, Fetched, Partition};
+use crate::config::{Backfill, Job, SearchMethod};
+use crate::error::Error;
+use crate::mirror::db::Planned;
+use crate::plan::Part;
+use crate::stac::bulk::{self, ExportFormat, Outcome, Position};
+use crate::stac::http;
+use crate::stac::reader::{Page, PageReader, parse_page};
+use crate::stac::search::{self, Request, Shape};
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Items handed to the writer at once: about 2 MB of 15 KB items, as a part of a page is.
+const BATCH_ITEMS: usize = 128;
+
+/// The bulk partitions of a job's backfill: for each collection whose search the API took, a
+/// partition that reads its export. A collection whose search it did not take is left out, to be
+/// paged (with a warning, or quietly where `backfill = "auto"` and the API has no bulk search).
+pub(super) async fn submit_all(context: &Context, job: &Job) -> Result<Vec<Part>, Error> {
+    let mut parts = Vec::new();
+    for collection in &job.collections {
+        match submit(context, job, collection).await {
+            Ok(part) => parts.push(part),
+            Err(e @ Error::Auth(_)) => return Err(e),
+            Err(Error::Refused { status, .. })
+                if job.backfill == Backfill::Auto && matches!(status, 404 | 405 | 501) =>
+            {
+                tracing::info!(job = %job.name, collection, status,
+                    "the STAC API has no bulk search: paging the backfill");
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.name, collection, error = %e,
+                    "the bulk search could not be submitted: paging the backfill instead");
+            }
+        }
+    }
+    Ok(parts)
+}
+
+/// Counts the collection's items (so that an export that holds fewer is noticed), then submits
+/// its search as a bulk search: the partition that reads the export.
+async fn submit(context: &Context, job: &Job, collection: &str) -> Result<Part, Error> {
+    let root = context.api.root();
+    let collections = [collection.to_string()];
+    let shape = Shape::of(job);
+    let count = search::first_request(
+        root,
+        &Job {
+            limit: 1,
+            ..job.clone()
+        },
+        &collections,
+        &shape,
+    );
+    let matched = context
+        .api
+        .fetch("count the search's items", &count, |bytes| {
+            parse_page(&bytes, &count, Some(collection))
+                .map(|page| page.matched)
+                .map_err(|e| e.to_string())
+        })
+        .await?;
+    let post = Job {
+        method: SearchMethod::Post,
+        ..job.clone()
+    };
+    let body = search::first_request(root, &post, &collections, &shape)
+        .body
+        .unwrap_or_default();
+    let job_id = bulk::submit(&context.api, &body, ExportFormat::Stacjson).await?;
+    tracing::info!(job = %job.name, collection, job_id, matched,
+        "submitted the backfill as a bulk search");
+    let position = Position {
+        job_id,
+        matched,
+        file: 0,
+        skip: 0,
+    };
+    Ok(Part {
+        name: format!("{collection} bulk"),
+        collection: collection.to_string(),
+        first: position.request(root)?,
+    })
+}
+
+/// Whether a planned partition reads a bulk search's export.
+pub(super) fn is_bulk(context: &Context, planned: &Planned) -> bool {
+    Position::of(context.api.root(), &planned.part.first).is_some()
+}
+
+/// Where a bulk partition is read: the job, its files and the pipeline's entrance.
+pub(super) struct Feed<'a> {
+    pub context: &'a Context,
+    pub job: &'a Job,
+    pub budget: &'a Budget,
+    pub tx: &'a mpsc::Sender<Fetched>,
+    /// The partitions that page the job's backfill, for a collection paged instead.
+    pub fallback: &'a [Part],
+}
+
+impl Feed<'_> {
+    /// Waits for the partition's bulk search and hands its files' items to the writer, from
+    /// its position on; the partitions that page its collection instead, if it cannot be read.
+    pub(super) async fn read(&self, planned: &Planned) -> Result<Vec<Planned>, Error> {
+        let (context, root) = (self.context, self.context.api.root());
+        let partition = Arc::new(Partition::of(self.job, planned));
+        let Some(start) = Position::of(root, &partition.start) else {
+            return Err(Error::Internal(format!(
+                "partition {} reads no bulk search",
+                planned.part.name
+            )));
+        };
+        let waited = tokio::select! {
+            () = context.stop.cancelled() => return Err(Error::Stopped),
+            waited = bulk::wait(&context.api, &start.job_id, context.bulk, context.clock.as_ref()) => waited,
+        };
+        let mut files = match waited {
+            Ok(Outcome::Completed(files)) => files,
+            Ok(Outcome::Failed) => {
+                return self
+                    .page_instead(&partition, "the API reports that it failed")
+                    .await;
+            }
+            Ok(Outcome::TimedOut(status)) => {
+                let why = format!(
+                    "it was still {status} after [bulk] timeout ({})",
+                    humantime::format_duration(context.bulk.timeout)
+                );
+                return self.page_instead(&partition, &why).await;
+            }
+            // The API no longer knows the job (it expired since a killed run submitted it).
+            Err(e @ Error::Refused { .. }) => {
+                return self.page_instead(&partition, &e.to_string()).await;
+            }
+            Err(e) => return Err(e),
+        };
+        // The order of a job's files is the order of their paths, whatever order it lists them
+        // in: a position counts files in it.
+        files.sort_by(|a, b| a.path().cmp(b.path()));
+        if start.file > files.len() {
+            let why = format!(
+                "it lists {} files where a run before this one committed {}",
+                files.len(),
+                start.file
+            );
+            return self.page_instead(&partition, &why).await;
+        }
+        tracing::info!(job = %self.job.name, partition = %partition.part.name,
+            files = files.len(), from_file = start.file, skip = start.skip,
+            "reading the bulk search's files");
+        for (file, url) in files.iter().enumerate().skip(start.file) {
+            let at = Position {
+                file,
+                skip: if file == start.file { start.skip } else { 0 },
+                ..start.clone()
+            };
+            match self.file(&partition, url, at, files.len()).await? {
+                Read::Done => {}
+                Read::WriterStopped => return Ok(Vec::new()),
+                Read::Unreadable(why) => return self.page_instead(&partition, &why).await,
+            }
+        }
+        if start.file >= files.len() {
+            // An export of no files (or a position past the last): the partition ends with an
+            // empty page.
+            let end = Page {
+                whole: true,
+                matched: start.matched,
+                ..Page::default()
+            };
+            self.hand_over(&partition, start.request(root)?, end).await;
+        }
+        Ok(Vec::new())
+    }
+
+    /// Downloads one file and hands its items over from `at` on, in batches, then an empty page
+    /// that moves the position to the next file (or ends the partition after the last).
+    async fn file(
+        &self,
+        partition: &Arc<Partition>,
+        url: &url::Url,
+        mut at: Position,
+        files: usize,
+    ) -> Result<Read, Error> {
+        let (context, api) = (self.context, &self.context.api);
+        let shown = http::display_url(url);
+        let temp = tempfile::Builder::new()
+            .prefix("stac-sync-bulk-")
+            .tempfile()
+            .map_err(|e| {
+                Error::Sink(format!(
+                    "cannot create a temporary file for the bulk search file {shown} ({e}); set \
+                     TMPDIR to a folder with space"
+                ))
+            })?;
+        let mut to = tokio::fs::File::from_std(temp.reopen().map_err(|e| {
+            Error::Sink(format!(
+                "cannot open the temporary file {:?}: {e}",
+                temp.path()
+            ))
+        })?);
+        let size = tokio::select! {
+            () = context.stop.cancelled() => return Err(Error::Stopped),
+            size = bulk::download(api, url, &mut to) => size?,
+        };
+        tracing::debug!(file = %shown, bytes = size, skip = at.skip, "downloaded a bulk search file");
+        let (batches, mut batch_rx) = mpsc::channel::<Vec<Box<RawValue>>>(2);
+        let (path, name, skip) = (temp.path().to_path_buf(), shown.clone(), at.skip);
+        let reading = tokio::task::spawn_blocking(move || {
+            bulk::read(
+                &path,
+                &name,
+                ExportFormat::Stacjson,
+                skip,
+                BATCH_ITEMS,
+                &mut |batch| batches.blocking_send(batch).map_err(|_| Error::Stopped),
+            )
+        });
+        let mut stopped = false;
+        while let Some(batch) = batch_rx.recv().await {
+            if context.stop.is_cancelled() {
+                stopped = true;
+                break;
+            }
+            let request = at.request(api.root())?;
+            at.skip += batch.len() as u64;
+            let mut reader = PageReader::new(Some(&partition.part.collection))
+                .with_max_item_bytes(context.max_item_bytes);
+            for item in batch {
+                reader.add_feature(Bytes::from(Box::<str>::from(item).into_boxed_bytes()));
+            }
+            let page = Page {
+                whole: true,
+                next: Some(at.request(api.root())?),
+                matched: at.matched,
+                ..reader.take_part()
+            };
+            if !self.hand_over(partition, request, page).await {
+                return Ok(Read::WriterStopped);
+            }
+        }
+        drop(batch_rx);
+        let read = reading
+            .await
+            .map_err(|e| Error::Internal(format!("reading {shown} failed: {e}")))?;
+        if stopped {
+            return Err(Error::Stopped);
+        }
+        match read {
+            Ok(_) => {}
+            Err(Error::Upstream(why)) => return Ok(Read::Unreadable(why)),
+            Err(e) => return Err(e),
+        }
+        // The file is committed whole: the position moves to the next file.
+        let request = at.request(api.root())?;
+        let next = Position {
+            file: at.file + 1,
+            skip: 0,
+            ..at.clone()
+        };
+        let end = Page {
+            whole: true,
+            next: (next.file < files)
+                .then(|| next.request(api.root()))
+                .transpose()?,
+            matched: at.matched,
+            ..Page::default()
+        };
+        Ok(match self.hand_over(partition, request, end).await {
+            true => Read::Done,
+            false => Read::WriterStopped,
+        })
+    }
+
+    /// Hands a batch to the writer with its share of the budget; `false` if the writer stopped.
+    async fn hand_over(&self, partition: &Arc<Partition>, request: Request, page: Page) -> bool {
+        let Ok(held) = self.budget.take(page.bytes.div_ceil(1024)).await else {
+            return false;
+        };
+        self.tx
+            .send((partition.clone(), request, page, held))
+            .await
+            .is_ok()
+    }
+
+    /// Replaces the bulk partition by the partitions that page its collection.
+    async fn page_instead(&self, partition: &Partition, why: &str) -> Result<Vec<Planned>, Error> {
+        let name = &partition.part.name;
+        tracing::warn!(job = %self.job.name, partition = %name, reason = why,
+            "the bulk search cannot be read: paging its collection instead");
+        let parts = fallback_of(self.fallback, &partition.part.collection);
+        self.context
+            .mirror
+            .db()
+            .split(&self.job.name, name, &parts, None)
+            .await
+    }
+}
+
+/// The partitions that page `collection` in a backfill.
+pub(super) fn fallback_of(fallback: &[Part], collection: &str) -> Vec<Part> {
+    fallback
+        .iter()
+        .filter(|part| part.collection == collection)
+        .cloned()
+        .collect()
+}
+
+/// How reading one file ended.
+enum Read {
+    /// Every item handed over.
+    Done,
+    /// The writer stopped (and reports why).
+    WriterStopped,
+    /// The file is not what its format says: why, naming it.
+    Unreadable(String),
+}
