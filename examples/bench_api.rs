@@ -10,6 +10,10 @@
 //! cargo run --release --example bench_api -- --items 30000 --delay-ms 100 --port 18300
 //! ```
 //! It prints the environment for stac-sync and the baseline client, then serves until killed.
+//!
+//! It also offers EDS's bulk search (see `stac_sync::stac::bulk`): a search of one collection
+//! is "exported" at once, as NDJSON files of [`FILE_ITEMS`] items written as they are sent
+//! (the same bytes as its pages hold), on URLs with a query standing for a signature.
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused)]
@@ -17,7 +21,7 @@ mod common;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -135,6 +139,26 @@ struct Api {
 }
 
 impl Api {
+    fn served(&self) -> Arc<Served> {
+        match self.served.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The collection named `name`, if served.
+    fn collection(&self, name: Option<&str>) -> Option<Collection> {
+        let served = self.served();
+        let found = served
+            .collections
+            .iter()
+            .find(|c| Some(c.name.as_str()) == name)?;
+        Some(Collection {
+            name: found.name.clone(),
+            items: found.items.clone(),
+        })
+    }
+
     fn item(&self, n: usize, served: &Served, out: &mut Vec<u8>) {
         let c = n % self.names.len();
         let templates = &self.templates[c];
@@ -202,6 +226,86 @@ fn templates(names: &[String]) -> Vec<Vec<Template>> {
 
 fn collection_name(i: usize) -> String {
     format!("sentinel-2-l2a-{}", (b'a' + i as u8) as char)
+}
+
+/// Items in one file of a bulk search's export.
+const FILE_ITEMS: usize = 50_000;
+
+/// `POST /search/bulk`: the job of one collection's export is named after the collection
+/// (and is done at once).
+async fn bulk_submit(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
+    if !api.issuer.accepts(&headers) {
+        return api.issuer.refusal();
+    }
+    let params: Value = serde_json::from_slice(&body).unwrap_or_default();
+    match params["collections"].as_array().map(Vec::as_slice) {
+        Some([collection]) if api.collection(collection.as_str()).is_some() => {
+            axum::Json(json!({"job_id": collection})).into_response()
+        }
+        _ => (StatusCode::BAD_REQUEST, "one known collection, please").into_response(),
+    }
+}
+
+/// `GET /search/bulk/jobs/{id}`: the collection's files.
+async fn bulk_job(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !api.issuer.accepts(&headers) {
+        return api.issuer.refusal();
+    }
+    let Some(items) = api.collection(Some(&id)).map(|c| c.items.len()) else {
+        return (StatusCode::NOT_FOUND, "no such job").into_response();
+    };
+    let assets: Vec<String> = (0..items.div_ceil(FILE_ITEMS))
+        .map(|k| {
+            format!(
+                "{}bulk-files/{id}/{k:04}.ndjson?X-Amz-Signature=bench",
+                api.url
+            )
+        })
+        .collect();
+    axum::Json(json!({"job_id": id, "status": "COMPLETED", "assets": assets})).into_response()
+}
+
+/// `GET /bulk-files/{collection}/{k}.ndjson`: items `k * FILE_ITEMS..` of the collection, in
+/// its order, one per line, written a hundred at a time as they are sent.
+async fn bulk_file(
+    State(api): State<Arc<Api>>,
+    Path((id, file)): Path<(String, String)>,
+) -> Response {
+    let served = api.served();
+    let Some(c) = served.collections.iter().position(|c| c.name == id) else {
+        return (StatusCode::NOT_FOUND, "no such file").into_response();
+    };
+    let Some(k) = file
+        .strip_suffix(".ndjson")
+        .and_then(|k| k.parse::<usize>().ok())
+    else {
+        return (StatusCode::NOT_FOUND, "no such file").into_response();
+    };
+    let count = served.collections[c].items.len();
+    let (from, to) = (
+        (k * FILE_ITEMS).min(count),
+        ((k + 1) * FILE_ITEMS).min(count),
+    );
+    let chunks = futures_util::stream::unfold(from, move |at| {
+        let (api, served) = (api.clone(), served.clone());
+        async move {
+            if at >= to {
+                return None;
+            }
+            let end = (at + 100).min(to);
+            let mut out = Vec::with_capacity((end - at) * 16_000);
+            for (_, n) in &served.collections[c].items[at..end] {
+                api.item(*n, &served, &mut out);
+                out.push(b'\n');
+            }
+            Some((Ok::<_, std::io::Error>(Bytes::from(out)), end))
+        }
+    });
+    axum::body::Body::from_stream(chunks).into_response()
 }
 
 /// The search parameters, from a POST body or a GET query.
@@ -382,6 +486,9 @@ async fn main() {
         .route("/", get(landing))
         .route("/search", any(search))
         .route("/bench/serve", post(reserve))
+        .route("/search/bulk", post(bulk_submit))
+        .route("/search/bulk/jobs/{id}", get(bulk_job))
+        .route("/bulk-files/{id}/{file}", get(bulk_file))
         .with_state(api)
         .merge(
             Router::new()

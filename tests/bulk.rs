@@ -612,7 +612,7 @@ async fn a_bulk_backfill_killed_mid_file_resumes_from_its_last_commit() {
     let database = format!("sqlite://{}", dir.path().join("stac-sync.db").display());
     let binary = assert_cmd::cargo::cargo_bin!("stac-sync");
     let mut kills = Vec::new();
-    // Killed as soon as it has committed part of a file, three times, each later than the last.
+    // Killed as soon as it has committed part of a file, three times, each in a later file.
     for _ in 0..3 {
         let mut child = common::binary_run(binary, dir.path(), &api.token_url)
             .spawn()
@@ -624,7 +624,9 @@ async fn a_bulk_backfill_killed_mid_file_resumes_from_its_last_commit() {
                 panic!("the run ended ({status}) before it could be killed");
             }
             let at = bulk_position(&dir.path().join("stac-sync.db")).await;
-            if let Some(at) = at.filter(|at| at.1 > 0 && Some(*at) > before) {
+            // The kth kill in file k or later: the runs resume in different files.
+            let file = kills.len() as u64;
+            if let Some(at) = at.filter(|at| at.1 > 0 && at.0 >= file && Some(*at) > before) {
                 child.kill().expect("SIGKILL");
                 child.wait().expect("waited");
                 break at;
@@ -634,6 +636,7 @@ async fn a_bulk_backfill_killed_mid_file_resumes_from_its_last_commit() {
         };
         kills.push(killed_at);
     }
+    let fetched_before = state.file_requests.load(Ordering::SeqCst);
     let last = common::run_to_end(common::binary_run(binary, dir.path(), &api.token_url)).await;
     assert_eq!(last, Some(0));
     paged
@@ -658,11 +661,75 @@ async fn a_bulk_backfill_killed_mid_file_resumes_from_its_last_commit() {
         1,
         "the match count only: nothing was paged"
     );
-    // A run after a kill fetches again the file it was killed in (and the next, if it had
-    // fetched it already), not the files before.
-    let fetched = state.file_requests.load(Ordering::SeqCst);
-    assert!(
-        fetched <= 3 + 2 * kills.len(),
-        "{fetched} files fetched, {kills:?}"
+    // The last run fetched the file of the last kill's position and those after, not those
+    // before.
+    let fetched = state.file_requests.load(Ordering::SeqCst) - fetched_before;
+    let last_file = kills.last().map_or(0, |at| at.0);
+    assert_eq!(fetched as u64, 3 - last_file, "kills at {kills:?}");
+}
+
+#[tokio::test]
+async fn file_urls_that_expired_while_earlier_files_were_read_are_asked_for_again() {
+    let items = common::make_items("c", 180);
+    let reference = tempfile::tempdir().expect("dir");
+    let paged = paged_mirror(&items, reference.path()).await;
+    let files = bulk::ndjson_files(&items, 60);
+    let (api, state) = api_with_bulk(&items, files, &["COMPLETED"]).await;
+    // The URLs the job listed first expire once the first file has been fetched.
+    *state.expire_after.lock().expect("lock") = Some(1);
+    let dir = tempfile::tempdir().expect("dir");
+    let setup = backfill_setup(&api, dir.path(), "backfill = \"bulk\"");
+    let summary = setup.run(api.state.issuer.clock.clone()).await;
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    paged.assert_equals(&setup).await;
+    assert_eq!(
+        state.refused_files.load(Ordering::SeqCst),
+        1,
+        "one expired URL"
     );
+    assert_eq!(
+        state.polls.lock().expect("lock")["job-1"],
+        2,
+        "asked once more"
+    );
+    assert_eq!(
+        api.state.searches.load(Ordering::SeqCst),
+        1,
+        "nothing paged"
+    );
+}
+
+#[tokio::test]
+async fn check_says_whether_a_backfill_goes_through_bulk_search() {
+    let items = common::make_items("c", 10);
+    let (with_bulk, _) = api_with_bulk(&items, Vec::new(), &["COMPLETED"]).await;
+    let without =
+        common::fixture::start(Vec::new(), common::fixture::Paging::PostFull, issuer()).await;
+    for (api, expected) in [
+        (
+            &with_bulk,
+            "backfill through bulk search (GET search/bulk answers 405",
+        ),
+        (&without, "backfill paged: the API has no bulk search"),
+    ] {
+        let dir = tempfile::tempdir().expect("dir");
+        let setup = backfill_setup(api, dir.path(), "backfill = \"auto\"");
+        let report =
+            stac_sync::ops::check::check(&setup.config(), api.state.issuer.clock.clone()).await;
+        let job = report
+            .probes
+            .iter()
+            .find(|p| p.check == "job test")
+            .unwrap_or_else(|| panic!("no job probe in {}", report.render()));
+        assert!(job.detail.contains(expected), "{}", job.detail);
+        let paged = backfill_setup(api, dir.path(), "");
+        let report =
+            stac_sync::ops::check::check(&paged.config(), api.state.issuer.clock.clone()).await;
+        let job = report.probes.iter().find(|p| p.check == "job test");
+        assert!(
+            job.is_some_and(|job| !job.detail.contains("backfill")),
+            "a paged backfill asks nothing: {}",
+            report.render()
+        );
+    }
 }

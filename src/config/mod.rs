@@ -295,7 +295,7 @@ pub struct JobConfig {
     pub max_partition_items: Option<u64>,
     /// Snapshot files of this job's collections (replaces the file's top-level `snapshots`).
     pub snapshots: Option<Vec<SnapshotFormat>>,
-    /// How the first pass gets the job's items: `page` (the default), `bulk` or `auto`.
+    /// How the first pass gets the job's items: `paging` (the default), `bulk` or `auto`.
     pub backfill: Option<Backfill>,
 }
 
@@ -318,7 +318,7 @@ pub enum Window {
 pub enum Backfill {
     /// Pages the search, as every later pass does.
     #[default]
-    Page,
+    Paging,
     /// Has the API export the search as files (EDS bulk search) and reads them; pages instead,
     /// with a warning, when the export fails or takes longer than `[bulk] timeout`.
     Bulk,

@@ -6,7 +6,7 @@
 
 use crate::clock::Clock;
 use crate::config::RetryPolicy;
-use crate::config::{Auth, Config};
+use crate::config::{Auth, Backfill, Config};
 use crate::error::{Error, Exit};
 use crate::mirror::db::Database;
 use crate::mirror::objects::ObjectSink;
@@ -137,6 +137,8 @@ pub async fn check(config: &Config, clock: Arc<dyn Clock>) -> Report {
     }
     let db = probe_database(&mut report, config).await;
     probe_object_store(&mut report, config).await;
+    // Whether the API takes bulk searches, asked once, for the jobs whose backfill may use it.
+    let mut bulk: Option<String> = None;
     for job in &config.jobs {
         let watermark = match &db {
             Some(db) => db
@@ -147,10 +149,35 @@ pub async fn check(config: &Config, clock: Arc<dyn Clock>) -> Report {
                 .and_then(|s| s.watermark),
             None => None,
         };
-        let detail = strategy(job, watermark.as_deref(), caps.as_ref());
+        let mut detail = strategy(job, watermark.as_deref(), caps.as_ref());
+        if watermark.is_none() && job.backfill != Backfill::Paging {
+            if bulk.is_none() {
+                bulk = Some(probe_bulk(api.as_ref()).await);
+            }
+            detail = format!("{detail}; backfill {}", bulk.as_deref().unwrap_or_default());
+        }
         report.info(format!("job {}", job.name), detail);
     }
     finish(report)
+}
+
+/// Whether a backfill can go through bulk search, in words.
+async fn probe_bulk(api: Option<&ApiClient>) -> String {
+    let Some(api) = api else {
+        return "through bulk search unknown: the API could not be probed".into();
+    };
+    match crate::stac::bulk::offered(api).await {
+        Ok(Some(true)) => {
+            "through bulk search (GET search/bulk answers 405: the API takes bulk searches)".into()
+        }
+        Ok(Some(false)) => {
+            "paged: the API has no bulk search (GET search/bulk answers 404 or 501)".into()
+        }
+        Ok(None) => "through bulk search if the API takes one (GET search/bulk does not \
+            tell), else paged"
+            .into(),
+        Err(e) => format!("through bulk search unknown: {e}"),
+    }
 }
 
 /// Obtains a token (if the API needs one); whether the API can be asked anything.

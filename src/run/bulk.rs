@@ -11,7 +11,7 @@ use crate::config::{Backfill, Job, SearchMethod};
 use crate::error::Error;
 use crate::mirror::db::Planned;
 use crate::plan::Part;
-use crate::stac::bulk::{self, ExportFormat, Outcome, Position};
+use crate::stac::bulk::{self, ExportFormat, Outcome, Position, Status};
 use crate::stac::http;
 use crate::stac::reader::{Page, PageReader, parse_page};
 use crate::stac::search::{self, Request, Shape};
@@ -28,6 +28,11 @@ const BATCH_ITEMS: usize = 128;
 /// paged (with a warning, or quietly where `backfill = "auto"` and the API has no bulk search).
 pub(super) async fn submit_all(context: &Context, job: &Job) -> Result<Vec<Part>, Error> {
     let mut parts = Vec::new();
+    if job.backfill == Backfill::Auto && bulk::offered(&context.api).await? == Some(false) {
+        tracing::info!(job = %job.name, "the STAC API has no bulk search (GET search/bulk \
+            answers 404): paging the backfill");
+        return Ok(parts);
+    }
     for collection in &job.collections {
         match submit(context, job, collection).await {
             Ok(part) => parts.push(part),
@@ -144,9 +149,7 @@ impl Feed<'_> {
             }
             Err(e) => return Err(e),
         };
-        // The order of a job's files is the order of their paths, whatever order it lists them
-        // in: a position counts files in it.
-        files.sort_by(|a, b| a.path().cmp(b.path()));
+        sort(&mut files);
         if start.file > files.len() {
             let why = format!(
                 "it lists {} files where a run before this one committed {}",
@@ -158,19 +161,59 @@ impl Feed<'_> {
         tracing::info!(job = %self.job.name, partition = %partition.part.name,
             files = files.len(), from_file = start.file, skip = start.skip,
             "reading the bulk search's files");
-        for (file, url) in files.iter().enumerate().skip(start.file) {
+        // Each file is downloaded while the one before is read.
+        let count = files.len();
+        let files = std::sync::Mutex::new(files);
+        let mut current = match start.file < count {
+            true => match self.fetch(&files, start.file, &start.job_id).await? {
+                Fetch::File(temp) => Some(temp),
+                Fetch::Instead(why) => return self.page_instead(&partition, &why).await,
+            },
+            false => None,
+        };
+        for file in start.file..count {
+            let Some(temp) = current.take() else { break };
             let at = Position {
                 file,
                 skip: if file == start.file { start.skip } else { 0 },
                 ..start.clone()
             };
-            match self.file(&partition, url, at, files.len()).await? {
+            let shown = files
+                .lock()
+                .ok()
+                .and_then(|files| files.get(file).map(http::display_url))
+                .unwrap_or_default();
+            let failed = tokio_util::sync::CancellationToken::new();
+            let read = async {
+                let read = self.hand(&partition, (&temp, &shown), at, count).await;
+                if !matches!(read, Ok(Read::Done)) {
+                    failed.cancel();
+                }
+                read
+            };
+            let ahead = async {
+                if file + 1 == count {
+                    return None;
+                }
+                tokio::select! {
+                    () = failed.cancelled() => None,
+                    fetched = self.fetch(&files, file + 1, &start.job_id) => Some(fetched),
+                }
+            };
+            let (read, ahead) = tokio::join!(read, ahead);
+            drop(temp);
+            match read? {
                 Read::Done => {}
                 Read::WriterStopped => return Ok(Vec::new()),
                 Read::Unreadable(why) => return self.page_instead(&partition, &why).await,
             }
+            current = match ahead.transpose()? {
+                Some(Fetch::File(temp)) => Some(temp),
+                Some(Fetch::Instead(why)) => return self.page_instead(&partition, &why).await,
+                None => None,
+            };
         }
-        if start.file >= files.len() {
+        if start.file >= count {
             // An export of no files (or a position past the last): the partition ends with an
             // empty page.
             let end = Page {
@@ -183,16 +226,54 @@ impl Feed<'_> {
         Ok(Vec::new())
     }
 
-    /// Downloads one file and hands its items over from `at` on, in batches, then an empty page
-    /// that moves the position to the next file (or ends the partition after the last).
-    async fn file(
+    /// Downloads the `file`th of the job's files to a temporary file. A refused URL (presigned
+    /// URLs expire: one listed when the job was read may be refused by the time its file comes)
+    /// is asked of the job again, once.
+    async fn fetch(
         &self,
-        partition: &Arc<Partition>,
-        url: &url::Url,
-        mut at: Position,
-        files: usize,
-    ) -> Result<Read, Error> {
-        let (context, api) = (self.context, &self.context.api);
+        files: &std::sync::Mutex<Vec<url::Url>>,
+        file: usize,
+        job_id: &str,
+    ) -> Result<Fetch, Error> {
+        let listed = |files: &std::sync::Mutex<Vec<url::Url>>| {
+            files
+                .lock()
+                .map_err(|_| Error::Internal("a bulk search's file list was poisoned".into()))
+                .map(|files| files.get(file).cloned())
+        };
+        let Some(url) = listed(files)? else {
+            return Err(Error::Internal(format!("a bulk search has no file {file}")));
+        };
+        let refused = match self.download(&url).await {
+            Err(refused @ (Error::Refused { .. } | Error::Auth(_))) => refused,
+            other => return other.map(Fetch::File),
+        };
+        tracing::info!(job = %self.job.name, file = %http::display_url(&url), reason = %refused,
+            "a file's URL was refused (presigned URLs expire): asking the job for fresh ones");
+        let count = files.lock().map(|files| files.len()).unwrap_or_default();
+        match bulk::status(&self.context.api, job_id).await? {
+            Status::Completed(mut fresh) if fresh.len() == count => {
+                sort(&mut fresh);
+                if let Ok(mut files) = files.lock() {
+                    *files = fresh;
+                }
+            }
+            _ => {
+                return Ok(Fetch::Instead(format!(
+                    "its file {} was refused ({refused}), and the job no longer lists the same \
+                     files",
+                    http::display_url(&url)
+                )));
+            }
+        }
+        let Some(url) = listed(files)? else {
+            return Err(Error::Internal(format!("a bulk search has no file {file}")));
+        };
+        self.download(&url).await.map(Fetch::File)
+    }
+
+    /// Downloads one file to a temporary file.
+    async fn download(&self, url: &url::Url) -> Result<tempfile::NamedTempFile, Error> {
         let shown = http::display_url(url);
         let temp = tempfile::Builder::new()
             .prefix("stac-sync-bulk-")
@@ -210,12 +291,25 @@ impl Feed<'_> {
             ))
         })?);
         let size = tokio::select! {
-            () = context.stop.cancelled() => return Err(Error::Stopped),
-            size = bulk::download(api, url, &mut to) => size?,
+            () = self.context.stop.cancelled() => return Err(Error::Stopped),
+            size = bulk::download(&self.context.api, url, &mut to) => size?,
         };
-        tracing::debug!(file = %shown, bytes = size, skip = at.skip, "downloaded a bulk search file");
+        tracing::debug!(file = %shown, bytes = size, "downloaded a bulk search file");
+        Ok(temp)
+    }
+
+    /// Hands a downloaded file's items over from `at` on, in batches, then an empty page that
+    /// moves the position to the next file (or ends the partition after the last).
+    async fn hand(
+        &self,
+        partition: &Arc<Partition>,
+        (temp, shown): (&tempfile::NamedTempFile, &str),
+        mut at: Position,
+        files: usize,
+    ) -> Result<Read, Error> {
+        let (context, api) = (self.context, &self.context.api);
         let (batches, mut batch_rx) = mpsc::channel::<Vec<Box<RawValue>>>(2);
-        let (path, name, skip) = (temp.path().to_path_buf(), shown.clone(), at.skip);
+        let (path, name, skip) = (temp.path().to_path_buf(), shown.to_string(), at.skip);
         let reading = tokio::task::spawn_blocking(move || {
             bulk::read(
                 &path,
@@ -307,6 +401,12 @@ impl Feed<'_> {
     }
 }
 
+/// Sorts a job's files by path: the order a position counts them in, whatever order the job
+/// lists them in (their URLs' queries change from one listing to the next).
+fn sort(files: &mut [url::Url]) {
+    files.sort_by(|a, b| a.path().cmp(b.path()));
+}
+
 /// The partitions that page `collection` in a backfill.
 pub(super) fn fallback_of(fallback: &[Part], collection: &str) -> Vec<Part> {
     fallback
@@ -314,6 +414,12 @@ pub(super) fn fallback_of(fallback: &[Part], collection: &str) -> Vec<Part> {
         .filter(|part| part.collection == collection)
         .cloned()
         .collect()
+}
+
+/// A file downloaded, or why the collection is paged instead.
+enum Fetch {
+    File(tempfile::NamedTempFile),
+    Instead(String),
 }
 
 /// How reading one file ended.

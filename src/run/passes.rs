@@ -138,7 +138,7 @@ impl<'a> JobPasses<'a> {
         let now = SystemTime::now();
         let root = self.context.api.root();
         let mut parts = plan::sync_parts(root, job, strategy, watermark, &cut, now);
-        if strategy == Strategy::Full && watermark.is_none() && job.backfill != Backfill::Page {
+        if strategy == Strategy::Full && watermark.is_none() && job.backfill != Backfill::Paging {
             if self.context.worker.is_some() {
                 tracing::info!(job = %job.name, "workers page the backfill: a bulk search is \
                     read by a run without --worker");

@@ -132,6 +132,22 @@ pub async fn submit(
     })
 }
 
+/// Whether the API offers bulk search, as far as a request that starts nothing tells: a `GET
+/// search/bulk`, which an API that takes bulk searches refuses with 405 (the endpoint takes
+/// POST only) and an API without answers 404 (or 501). `None`: the answer does not tell.
+pub async fn offered(api: &ApiClient) -> Result<Option<bool>, Error> {
+    let request = Request::get(endpoint(api.root(), &["search", "bulk"])?);
+    match api.fetch("ask for bulk search", &request, |_| Ok(())).await {
+        Ok(()) => Ok(None),
+        Err(Error::Refused { status: 405, .. }) => Ok(Some(true)),
+        Err(Error::Refused {
+            status: 404 | 501, ..
+        }) => Ok(Some(false)),
+        Err(Error::Refused { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The state of job `job_id`.
 pub async fn status(api: &ApiClient, job_id: &str) -> Result<Status, Error> {
     let url = endpoint(api.root(), &["search", "bulk", "jobs", job_id])?;

@@ -47,6 +47,10 @@ pub struct BulkState {
     pub cut_short: AtomicUsize,
     pub api_url: Mutex<String>,
     pub storage_url: Mutex<String>,
+    /// The signature file URLs are listed with and accepted with.
+    pub signature: Mutex<String>,
+    /// After this many file requests, the signature changes (the URLs listed before expire).
+    pub expire_after: Mutex<Option<usize>>,
 }
 
 pub struct BulkFixture {
@@ -121,6 +125,8 @@ pub async fn with_storage(
             "http://{}/",
             storage.local_addr().expect("address")
         )),
+        signature: Mutex::new(SIGNATURE.to_string()),
+        expire_after: Mutex::new(None),
     });
     let files = Router::new()
         .route("/files/{name}", get(file))
@@ -209,9 +215,10 @@ async fn job(
             state.storage_url.lock().expect("lock").clone()
         };
         let files = state.files.lock().expect("lock");
+        let signature = state.signature.lock().expect("lock").clone();
         files
             .iter()
-            .map(|(name, _)| format!("{base}files/{name}?{SIGNATURE}"))
+            .map(|(name, _)| format!("{base}files/{name}?{signature}"))
             .collect()
     } else {
         Vec::new()
@@ -227,10 +234,34 @@ async fn file(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    state.file_requests.fetch_add(1, Ordering::SeqCst);
+    let requests = state.file_requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let signature = {
+        let mut signature = state.signature.lock().expect("lock");
+        if state
+            .expire_after
+            .lock()
+            .expect("lock")
+            .is_some_and(|after| requests > after)
+        {
+            *signature = "X-Amz-Signature=s3cr3t-renewed".into();
+        }
+        signature.clone()
+    };
+    if query
+        .as_deref()
+        .is_some_and(|q| q.starts_with("X-Amz-Signature="))
+        && query.as_deref() != Some(signature.as_str())
+    {
+        state.refused_files.fetch_add(1, Ordering::SeqCst);
+        return (
+            StatusCode::FORBIDDEN,
+            "<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
+        )
+            .into_response();
+    }
     if headers.contains_key(header::AUTHORIZATION)
         || headers.contains_key("x-api-key")
-        || query.as_deref() != Some(SIGNATURE)
+        || query.as_deref() != Some(signature.as_str())
     {
         state.refused_files.fetch_add(1, Ordering::SeqCst);
         return (
