@@ -13,7 +13,8 @@
 //!
 //! It also offers EDS's bulk search (see `stac_sync::stac::bulk`): a search of one collection
 //! is "exported" at once, as NDJSON files of [`FILE_ITEMS`] items written as they are sent
-//! (the same bytes as its pages hold), on URLs with a query standing for a signature.
+//! (the same bytes as its pages hold), on URLs with a query standing for a signature. The
+//! delay applies to its submission and its polls, not to its files (they come from storage).
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused)]
@@ -237,6 +238,7 @@ async fn bulk_submit(State(api): State<Arc<Api>>, headers: HeaderMap, body: Byte
     if !api.issuer.accepts(&headers) {
         return api.issuer.refusal();
     }
+    tokio::time::sleep(api.delay).await;
     let params: Value = serde_json::from_slice(&body).unwrap_or_default();
     match params["collections"].as_array().map(Vec::as_slice) {
         Some([collection]) if api.collection(collection.as_str()).is_some() => {
@@ -255,6 +257,7 @@ async fn bulk_job(
     if !api.issuer.accepts(&headers) {
         return api.issuer.refusal();
     }
+    tokio::time::sleep(api.delay).await;
     let Some(items) = api.collection(Some(&id)).map(|c| c.items.len()) else {
         return (StatusCode::NOT_FOUND, "no such job").into_response();
     };

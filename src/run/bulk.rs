@@ -16,7 +16,6 @@ use crate::stac::http;
 use crate::stac::reader::{Page, PageReader, parse_page};
 use crate::stac::search::{self, Request, Shape};
 use bytes::Bytes;
-use serde_json::value::RawValue;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -308,7 +307,7 @@ impl Feed<'_> {
         files: usize,
     ) -> Result<Read, Error> {
         let (context, api) = (self.context, &self.context.api);
-        let (batches, mut batch_rx) = mpsc::channel::<Vec<Box<RawValue>>>(2);
+        let (batches, mut batch_rx) = mpsc::channel::<Vec<Bytes>>(2);
         let (path, name, skip) = (temp.path().to_path_buf(), shown.to_string(), at.skip);
         let reading = tokio::task::spawn_blocking(move || {
             bulk::read(
@@ -331,7 +330,7 @@ impl Feed<'_> {
             let mut reader = PageReader::new(Some(&partition.part.collection))
                 .with_max_item_bytes(context.max_item_bytes);
             for item in batch {
-                reader.add_feature(Bytes::from(Box::<str>::from(item).into_boxed_bytes()));
+                reader.add_feature(item);
             }
             let page = Page {
                 whole: true,

@@ -19,6 +19,7 @@ use super::http::{self, Failed};
 use super::search::Request;
 use crate::clock::Clock;
 use crate::error::Error;
+use bytes::Bytes;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -243,11 +244,14 @@ pub async fn download(
         let status = answer.response.status();
         to.set_len(0).await.map_err(fail)?;
         to.rewind().await.map_err(fail)?;
+        // Each write to a tokio file is a hand-off to the blocking pool: a megabyte at a time,
+        // not a chunk of the body at a time.
+        let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, &mut *to);
         let mut written = 0;
         let cut = loop {
             match answer.response.chunk().await {
                 Ok(Some(chunk)) => {
-                    to.write_all(&chunk).await.map_err(fail)?;
+                    out.write_all(&chunk).await.map_err(fail)?;
                     written += chunk.len() as u64;
                 }
                 Ok(None) => break None,
@@ -256,7 +260,7 @@ pub async fn download(
         };
         match cut {
             None => {
-                to.flush().await.map_err(fail)?;
+                out.flush().await.map_err(fail)?;
                 return Ok(written);
             }
             Some(source) => {
@@ -351,9 +355,13 @@ fn excerpt(answer: &Value) -> String {
     }
 }
 
-/// The longest line read as a line of NDJSON: a longer first line is a FeatureCollection on
-/// one line, read as it streams.
-const MAX_LINE: u64 = 16 << 20;
+/// Bytes a download writes to its file at once.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// The longest line read as a line of NDJSON (twice the default `max_item_bytes`): a longer
+/// first line is a FeatureCollection on one line, read as it streams; a longer later line fails
+/// the file.
+const MAX_LINE: u64 = 64 << 20;
 
 /// Reads a downloaded file of a job (`name`, shown in messages), exported as `format`, and
 /// hands its items to `each` in batches of at most `batch`, skipping the first `skip` (those a
@@ -369,7 +377,7 @@ pub fn read(
     format: ExportFormat,
     skip: u64,
     batch: usize,
-    each: &mut dyn FnMut(Vec<Box<RawValue>>) -> Result<(), Error>,
+    each: &mut dyn FnMut(Vec<Bytes>) -> Result<(), Error>,
 ) -> Result<u64, Error> {
     let bad = |why: String| {
         Error::Upstream(format!(
@@ -395,9 +403,9 @@ pub fn read(
                 stac::geoparquet::from_reader_iter(open()?).map_err(|e| bad(e.to_string()))?;
             for read in batches {
                 for item in read.map_err(|e| bad(e.to_string()))? {
-                    let text = serde_json::value::to_raw_value(&item)
+                    let text = serde_json::to_vec(&item)
                         .map_err(|e| bad(format!("an item does not write as JSON: {e}")))?;
-                    items.push(text)?;
+                    items.push(Bytes::from(text))?;
                 }
             }
         }
@@ -420,62 +428,67 @@ pub fn read(
 }
 
 /// Reads `file` as NDJSON into `items`; `false` (nothing read) when its first line is not an
-/// item: a FeatureCollection.
+/// item: a FeatureCollection. A line after the first is handed on as it is: the writer reads it
+/// as it reads a page's feature, and quarantines it if it is not an item.
 fn lines(
     file: std::fs::File,
     items: &mut Batches<'_>,
     bad: &dyn Fn(String) -> Error,
 ) -> Result<bool, Error> {
     use std::io::BufRead;
-    let mut reader = std::io::BufReader::new(file);
-    let mut line = String::new();
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut line = Vec::new();
     let mut number = 0;
     loop {
         line.clear();
         let read = (&mut reader)
             .take(MAX_LINE)
-            .read_line(&mut line)
+            .read_until(b'\n', &mut line)
             .map_err(|e| bad(format!("line {}: {e}", number + 1)))?;
         if read == 0 {
             return Ok(true);
         }
         number += 1;
-        let text = line.trim();
-        if text.is_empty() {
-            continue;
-        }
-        let item = serde_json::from_str::<Box<RawValue>>(text);
-        if number == 1 && !item.as_ref().is_ok_and(|i| is_feature(i)) {
+        let whole = line.last() == Some(&b'\n') || (read as u64) < MAX_LINE;
+        if number == 1 && !(whole && is_feature(line.trim_ascii())) {
             return Ok(false);
         }
-        let item = item.map_err(|e| bad(format!("line {number}: {e}")))?;
-        items.push(item)?;
+        if !whole {
+            return Err(bad(format!(
+                "line {number} is longer than {} MB",
+                MAX_LINE >> 20
+            )));
+        }
+        let text = line.trim_ascii();
+        if !text.is_empty() {
+            items.push(Bytes::copy_from_slice(text))?;
+        }
     }
 }
 
 /// Whether a JSON text is a GeoJSON Feature.
-fn is_feature(text: &RawValue) -> bool {
+fn is_feature(text: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
     struct Kind<'a> {
         #[serde(rename = "type", borrow)]
         kind: Option<&'a str>,
     }
-    serde_json::from_str::<Kind>(text.get()).is_ok_and(|k| k.kind == Some("Feature"))
+    serde_json::from_slice::<Kind>(text).is_ok_and(|k| k.kind == Some("Feature"))
 }
 
 /// Items handed on in batches, after the ones to skip.
 struct Batches<'e> {
     skip: u64,
     seen: u64,
-    batch: Vec<Box<RawValue>>,
+    batch: Vec<Bytes>,
     size: usize,
-    each: &'e mut dyn FnMut(Vec<Box<RawValue>>) -> Result<(), Error>,
+    each: &'e mut dyn FnMut(Vec<Bytes>) -> Result<(), Error>,
     /// What `each` answered, when it failed inside the reading of a FeatureCollection.
     failed: Option<Error>,
 }
 
 impl Batches<'_> {
-    fn push(&mut self, item: Box<RawValue>) -> Result<(), Error> {
+    fn push(&mut self, item: Bytes) -> Result<(), Error> {
         self.seen += 1;
         if self.seen <= self.skip {
             return Ok(());
@@ -550,6 +563,7 @@ impl<'de> Visitor<'de> for FeatureList<'_, '_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while let Some(item) = seq.next_element::<Box<RawValue>>()? {
+            let item = Bytes::from(Box::<str>::from(item).into_boxed_bytes());
             if let Err(failed) = self.0.push(item) {
                 self.0.failed = Some(failed);
                 return Err(de::Error::custom("stopped"));
