@@ -475,6 +475,14 @@ async fn a_bulk_backfill_stores_what_paging_stores_byte_for_byte_without_paging(
     assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
     assert_eq!(summary.jobs[0].counts.new, 230);
     paged.assert_equals(&setup).await;
+    // The change feed has each item once, as new.
+    let feed = common::pairs(
+        &setup.database_url(),
+        "SELECT change, CAST(COUNT(DISTINCT id) AS TEXT) || '/' || CAST(COUNT(*) AS TEXT) \
+         FROM changes GROUP BY change",
+    )
+    .await;
+    assert_eq!(feed, vec![("new".to_string(), "230/230".to_string())]);
     assert_eq!(
         api.state.searches.load(Ordering::SeqCst),
         1,

@@ -116,57 +116,72 @@ impl Feed<'_> {
     /// Waits for the partition's bulk search and hands its files' items to the writer, from
     /// its position on; the partitions that page its collection instead, if it cannot be read.
     pub(super) async fn read(&self, planned: &Planned) -> Result<Vec<Planned>, Error> {
-        let (context, root) = (self.context, self.context.api.root());
         let partition = Arc::new(Partition::of(self.job, planned));
-        let Some(start) = Position::of(root, &partition.start) else {
+        let Some(start) = Position::of(self.context.api.root(), &partition.start) else {
             return Err(Error::Internal(format!(
                 "partition {} reads no bulk search",
                 planned.part.name
             )));
         };
+        let files = match self.files(&start).await? {
+            Ok(files) => files,
+            Err(why) => return self.page_instead(&partition, &why).await,
+        };
+        tracing::info!(job = %self.job.name, partition = %partition.part.name,
+            files = files.len(), from_file = start.file, skip = start.skip,
+            "reading the bulk search's files");
+        match self.read_files(&partition, &start, files).await? {
+            Some(why) => self.page_instead(&partition, &why).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Waits for the job: its files in the order a position counts them, or why its collection
+    /// is paged instead.
+    async fn files(&self, start: &Position) -> Result<Result<Vec<url::Url>, String>, Error> {
+        let context = self.context;
         let waited = tokio::select! {
             () = context.stop.cancelled() => return Err(Error::Stopped),
             waited = bulk::wait(&context.api, &start.job_id, context.bulk, context.clock.as_ref()) => waited,
         };
         let mut files = match waited {
             Ok(Outcome::Completed(files)) => files,
-            Ok(Outcome::Failed) => {
-                return self
-                    .page_instead(&partition, "the API reports that it failed")
-                    .await;
-            }
+            Ok(Outcome::Failed) => return Ok(Err("the API reports that it failed".into())),
             Ok(Outcome::TimedOut(status)) => {
-                let why = format!(
+                return Ok(Err(format!(
                     "it was still {status} after [bulk] timeout ({})",
                     humantime::format_duration(context.bulk.timeout)
-                );
-                return self.page_instead(&partition, &why).await;
+                )));
             }
             // The API no longer knows the job (it expired since a killed run submitted it).
-            Err(e @ Error::Refused { .. }) => {
-                return self.page_instead(&partition, &e.to_string()).await;
-            }
+            Err(e @ Error::Refused { .. }) => return Ok(Err(e.to_string())),
             Err(e) => return Err(e),
         };
         sort(&mut files);
         if start.file > files.len() {
-            let why = format!(
+            return Ok(Err(format!(
                 "it lists {} files where a run before this one committed {}",
                 files.len(),
                 start.file
-            );
-            return self.page_instead(&partition, &why).await;
+            )));
         }
-        tracing::info!(job = %self.job.name, partition = %partition.part.name,
-            files = files.len(), from_file = start.file, skip = start.skip,
-            "reading the bulk search's files");
-        // Each file is downloaded while the one before is read.
+        Ok(Ok(files))
+    }
+
+    /// Hands the items of `files` over from `start` on, each file downloaded while the one
+    /// before is read; why the collection is paged instead, if it is.
+    async fn read_files(
+        &self,
+        partition: &Arc<Partition>,
+        start: &Position,
+        files: Vec<url::Url>,
+    ) -> Result<Option<String>, Error> {
         let count = files.len();
         let files = std::sync::Mutex::new(files);
         let mut current = match start.file < count {
             true => match self.fetch(&files, start.file, &start.job_id).await? {
                 Fetch::File(temp) => Some(temp),
-                Fetch::Instead(why) => return self.page_instead(&partition, &why).await,
+                Fetch::Instead(why) => return Ok(Some(why)),
             },
             false => None,
         };
@@ -184,7 +199,7 @@ impl Feed<'_> {
                 .unwrap_or_default();
             let failed = tokio_util::sync::CancellationToken::new();
             let read = async {
-                let read = self.hand(&partition, (&temp, &shown), at, count).await;
+                let read = self.hand(partition, (&temp, &shown), at, count).await;
                 if !matches!(read, Ok(Read::Done)) {
                     failed.cancel();
                 }
@@ -203,12 +218,12 @@ impl Feed<'_> {
             drop(temp);
             match read? {
                 Read::Done => {}
-                Read::WriterStopped => return Ok(Vec::new()),
-                Read::Unreadable(why) => return self.page_instead(&partition, &why).await,
+                Read::WriterStopped => return Ok(None),
+                Read::Unreadable(why) => return Ok(Some(why)),
             }
             current = match ahead.transpose()? {
                 Some(Fetch::File(temp)) => Some(temp),
-                Some(Fetch::Instead(why)) => return self.page_instead(&partition, &why).await,
+                Some(Fetch::Instead(why)) => return Ok(Some(why)),
                 None => None,
             };
         }
@@ -220,9 +235,10 @@ impl Feed<'_> {
                 matched: start.matched,
                 ..Page::default()
             };
-            self.hand_over(&partition, start.request(root)?, end).await;
+            let root = self.context.api.root();
+            self.hand_over(partition, start.request(root)?, end).await;
         }
-        Ok(Vec::new())
+        Ok(None)
     }
 
     /// Downloads the `file`th of the job's files to a temporary file. A refused URL (presigned
