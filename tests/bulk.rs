@@ -420,8 +420,18 @@ fn item_objects(folder: &std::path::Path) -> std::collections::BTreeMap<String, 
 
 /// Mirrors `items` by paging them, in `dir`: what a bulk backfill must equal.
 async fn paged_mirror(items: &[serde_json::Value], dir: &std::path::Path) -> PagedMirror {
+    paged_mirror_in(items, dir, None).await
+}
+
+/// [`paged_mirror`], into `database` if given.
+async fn paged_mirror_in(
+    items: &[serde_json::Value],
+    dir: &std::path::Path,
+    database: Option<String>,
+) -> PagedMirror {
     let (api, _) = api_with_bulk(items, Vec::new(), &["COMPLETED"]).await;
-    let setup = backfill_setup(&api, dir, "");
+    let mut setup = backfill_setup(&api, dir, "");
+    setup.database = database;
     let summary = setup.run(api.state.issuer.clock.clone()).await;
     assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
     let rows = common::stored_items(&setup.database_url()).await;
@@ -502,6 +512,24 @@ async fn a_bulk_backfill_stores_what_paging_stores_byte_for_byte_without_paging(
     assert_eq!(again.jobs[0].counts.new, 0);
     assert_eq!(state.submitted.lock().expect("lock").len(), 1);
     assert!(api.state.searches.load(Ordering::SeqCst) > 1, "paged");
+}
+
+#[tokio::test]
+async fn a_bulk_backfill_into_postgres_stores_what_paging_stores() {
+    let items = common::make_items("c", 300);
+    let reference = tempfile::tempdir().expect("dir");
+    let database = common::fresh_postgres().await;
+    let paged = paged_mirror_in(&items, reference.path(), Some(database)).await;
+    let files = bulk::ndjson_files(&items, 100);
+    let (api, state) = api_with_bulk(&items, files, &["COMPLETED"]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut setup = backfill_setup(&api, dir.path(), "backfill = \"bulk\"");
+    setup.database = Some(common::fresh_postgres().await);
+    let summary = setup.run(api.state.issuer.clock.clone()).await;
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    paged.assert_equals(&setup).await;
+    assert_eq!(state.file_requests.load(Ordering::SeqCst), 3);
+    assert_eq!(api.state.searches.load(Ordering::SeqCst), 1);
 }
 
 /// A bulk backfill that cannot be read as it should pages its collection instead, and stores
