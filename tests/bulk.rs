@@ -781,3 +781,37 @@ async fn check_says_whether_a_backfill_goes_through_bulk_search() {
         );
     }
 }
+
+#[tokio::test]
+async fn workers_page_a_backfill_that_asks_for_bulk_search() {
+    let items = common::make_items("c", 120);
+    let reference = tempfile::tempdir().expect("dir");
+    let paged = paged_mirror_in(
+        &items,
+        reference.path(),
+        Some(common::fresh_postgres().await),
+    )
+    .await;
+    let files = bulk::ndjson_files(&items, 60);
+    let (api, state) = api_with_bulk(&items, files, &["COMPLETED"]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut setup = backfill_setup(&api, dir.path(), "backfill = \"bulk\"");
+    setup.database = Some(common::fresh_postgres().await);
+    let summary = stac_sync::run::run(
+        &setup.config(),
+        stac_sync::run::RunOptions {
+            clock: api.state.issuer.clock.clone(),
+            migrate: true,
+            worker: true,
+            ..stac_sync::run::RunOptions::default()
+        },
+    )
+    .await
+    .expect("the run is recorded");
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    paged.assert_equals(&setup).await;
+    assert!(
+        state.submitted.lock().expect("lock").is_empty(),
+        "no bulk search"
+    );
+}
