@@ -81,6 +81,11 @@ async fn submit(context: &Context, job: &Job, collection: &str) -> Result<Part, 
     let body = search::first_request(root, &post, &collections, &shape)
         .body
         .unwrap_or_default();
+    if matched.is_none() {
+        tracing::warn!(job = %job.name, collection, "the STAC API reports no match count \
+            (numberMatched): an export short of items (one capped at the search's limit, say) \
+            cannot be noticed, and is not paged instead");
+    }
     let job_id = bulk::submit(&context.api, &body, ExportFormat::Stacjson).await?;
     tracing::info!(job = %job.name, collection, job_id, matched,
         "submitted the backfill as a bulk search");
