@@ -147,17 +147,14 @@ impl Api {
         }
     }
 
-    /// The collection named `name`, if served.
-    fn collection(&self, name: Option<&str>) -> Option<Collection> {
+    /// The number of items of the collection named `name`, if served.
+    fn count(&self, name: Option<&str>) -> Option<usize> {
         let served = self.served();
         let found = served
             .collections
             .iter()
             .find(|c| Some(c.name.as_str()) == name)?;
-        Some(Collection {
-            name: found.name.clone(),
-            items: found.items.clone(),
-        })
+        Some(found.items.len())
     }
 
     fn item(&self, n: usize, served: &Served, out: &mut Vec<u8>) {
@@ -241,7 +238,7 @@ async fn bulk_submit(State(api): State<Arc<Api>>, headers: HeaderMap, body: Byte
     tokio::time::sleep(api.delay).await;
     let params: Value = serde_json::from_slice(&body).unwrap_or_default();
     match params["collections"].as_array().map(Vec::as_slice) {
-        Some([collection]) if api.collection(collection.as_str()).is_some() => {
+        Some([collection]) if api.count(collection.as_str()).is_some() => {
             axum::Json(json!({"job_id": collection})).into_response()
         }
         _ => (StatusCode::BAD_REQUEST, "one known collection, please").into_response(),
@@ -258,7 +255,7 @@ async fn bulk_job(
         return api.issuer.refusal();
     }
     tokio::time::sleep(api.delay).await;
-    let Some(items) = api.collection(Some(&id)).map(|c| c.items.len()) else {
+    let Some(items) = api.count(Some(&id)) else {
         return (StatusCode::NOT_FOUND, "no such job").into_response();
     };
     let assets: Vec<String> = (0..items.div_ceil(FILE_ITEMS))
@@ -367,10 +364,7 @@ async fn search(
         None => (None, None),
     };
     // The matching items, collection after collection, each a sorted slice.
-    let served = match api.served.read() {
-        Ok(guard) => guard.clone(),
-        Err(poisoned) => poisoned.into_inner().clone(),
-    };
+    let served = api.served();
     let mut matched: Vec<&[(SystemTime, usize)]> = Vec::new();
     for collection in &served.collections {
         if !wanted.is_empty() && !wanted.contains(&collection.name.as_str()) {

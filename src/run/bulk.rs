@@ -6,7 +6,7 @@
 //! matched when it was submitted (see [`super::passes`]).
 
 use super::Context;
-use super::pager::{Budget, Fetched, Partition};
+use super::pager::{self, Budget, Fetched, Partition};
 use crate::config::{Backfill, Job, SearchMethod};
 use crate::error::Error;
 use crate::mirror::db::Planned;
@@ -398,26 +398,14 @@ impl Feed<'_> {
 
     /// Hands a batch to the writer with its share of the budget; `false` if the writer stopped.
     async fn hand_over(&self, partition: &Arc<Partition>, request: Request, page: Page) -> bool {
-        let Ok(held) = self.budget.take(page.bytes.div_ceil(1024)).await else {
-            return false;
-        };
-        self.tx
-            .send((partition.clone(), request, page, held))
-            .await
-            .is_ok()
+        pager::hand_over(self.budget, self.tx, partition, request, page).await
     }
 
     /// Replaces the bulk partition by the partitions that page its collection.
     async fn page_instead(&self, partition: &Partition, why: &str) -> Result<Vec<Planned>, Error> {
-        let name = &partition.part.name;
-        tracing::warn!(job = %self.job.name, partition = %name, reason = why,
+        tracing::warn!(job = %self.job.name, partition = %partition.part.name, reason = why,
             "the bulk search cannot be read: paging its collection instead");
-        let parts = fallback_of(self.fallback, &partition.part.collection);
-        self.context
-            .mirror
-            .db()
-            .split(&self.job.name, name, &parts, None)
-            .await
+        page_instead(self.context, self.job, self.fallback, &partition.part).await
     }
 }
 
@@ -427,13 +415,24 @@ fn sort(files: &mut [url::Url]) {
     files.sort_by(|a, b| a.path().cmp(b.path()));
 }
 
-/// The partitions that page `collection` in a backfill.
-pub(super) fn fallback_of(fallback: &[Part], collection: &str) -> Vec<Part> {
-    fallback
+/// Replaces a bulk partition (`bulk`) by the partitions of `fallback` that page its
+/// collection, in the plan; those partitions.
+pub(super) async fn page_instead(
+    context: &Context,
+    job: &Job,
+    fallback: &[Part],
+    bulk: &Part,
+) -> Result<Vec<Planned>, Error> {
+    let parts: Vec<Part> = fallback
         .iter()
-        .filter(|part| part.collection == collection)
+        .filter(|part| part.collection == bulk.collection)
         .cloned()
-        .collect()
+        .collect();
+    context
+        .mirror
+        .db()
+        .split(&job.name, &bulk.name, &parts, None)
+        .await
 }
 
 /// A file downloaded, or why the collection is paged instead.

@@ -51,7 +51,7 @@ impl Budget {
     }
 
     /// Waits for `kib` of the budget (all of it if more).
-    pub(super) async fn take(&self, kib: usize) -> Result<OwnedSemaphorePermit, Error> {
+    async fn take(&self, kib: usize) -> Result<OwnedSemaphorePermit, Error> {
         let kib = kib.clamp(1, PAGE_BUDGET_KIB);
         self.permits
             .clone()
@@ -178,6 +178,23 @@ pub(super) async fn page_all(
         }
     }
     errors
+}
+
+/// Hands a page (or a part of one, or a batch of a bulk search's file) to the writer, with the
+/// request that fetched it, once the budget has its share; `false` if the writer stopped.
+pub(super) async fn hand_over(
+    budget: &Budget,
+    tx: &mpsc::Sender<Fetched>,
+    partition: &Arc<Partition>,
+    request: Request,
+    page: Page,
+) -> bool {
+    let Ok(held) = budget.take(page.bytes.div_ceil(1024)).await else {
+        return false;
+    };
+    tx.send((partition.clone(), request, page, held))
+        .await
+        .is_ok()
 }
 
 /// Partitions planned and ended in a pass, for its progress line and its counts of splits.
@@ -388,13 +405,8 @@ impl PageRead<'_> {
     /// Hands a page, or a part of it, to the writer with its share of the budget; `false` if
     /// the writer stopped.
     async fn hand_over(&self, page: Page) -> bool {
-        let Ok(held) = self.budget.take(page.bytes.div_ceil(1024)).await else {
-            return false;
-        };
-        self.tx
-            .send((self.partition.clone(), self.request.clone(), page, held))
-            .await
-            .is_ok()
+        let request = self.request.clone();
+        hand_over(self.budget, self.tx, self.partition, request, page).await
     }
 
     /// [`PageRead::fetch`], within the API client's page deadline: a server that trickles its

@@ -363,14 +363,13 @@ impl<'a> JobPasses<'a> {
                 counts.missing += short.matched.saturating_sub(short.received);
                 let bulk = planned
                     .iter()
-                    .any(|p| p.part.name == short.partition && bulk::is_bulk(self.context, p));
-                if bulk {
+                    .find(|p| p.part.name == short.partition && bulk::is_bulk(self.context, p));
+                if let Some(bulk) = bulk {
                     tracing::warn!(job = %job, partition = %short.partition,
                         matched = short.matched, received = short.received, "the bulk search \
                         exported fewer items than its search matched when it was submitted: \
                         paging its collection instead");
-                    let parts = bulk::fallback_of(&fallback, &short.collection);
-                    db.split(job, &short.partition, &parts, None).await?;
+                    bulk::page_instead(self.context, self.job, &fallback, &bulk.part).await?;
                     continue;
                 }
                 tracing::warn!(job = %job, partition = %short.partition, matched = short.matched,

@@ -437,10 +437,11 @@ fn lines(
 ) -> Result<bool, Error> {
     use std::io::BufRead;
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-    let mut line = Vec::new();
     let mut number = 0;
+    // Each line is read into a buffer of its own, handed on without a copy.
+    let mut capacity = 0;
     loop {
-        line.clear();
+        let mut line = Vec::with_capacity(capacity);
         let read = (&mut reader)
             .take(MAX_LINE)
             .read_until(b'\n', &mut line)
@@ -449,6 +450,7 @@ fn lines(
             return Ok(true);
         }
         number += 1;
+        capacity = line.len();
         let whole = line.last() == Some(&b'\n') || (read as u64) < MAX_LINE;
         if number == 1 && !(whole && is_feature(line.trim_ascii())) {
             return Ok(false);
@@ -459,9 +461,10 @@ fn lines(
                 MAX_LINE >> 20
             )));
         }
-        let text = line.trim_ascii();
-        if !text.is_empty() {
-            items.push(Bytes::copy_from_slice(text))?;
+        let start = line.len() - line.trim_ascii_start().len();
+        let end = line.trim_ascii_end().len();
+        if start < end {
+            items.push(Bytes::from(line).slice(start..end))?;
         }
     }
 }
