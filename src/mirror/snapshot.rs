@@ -23,7 +23,9 @@ use futures_util::{StreamExt, TryStreamExt};
 use geoparquet::metadata::{GeoParquetBboxCovering, GeoParquetCovering};
 use geoparquet::writer::{GeoParquetRecordBatchEncoder, GeoParquetWriterOptionsBuilder};
 use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use std::io::Write;
 use std::sync::Arc;
 
@@ -33,10 +35,16 @@ use std::sync::Arc;
 const BATCH_ITEMS: usize = 150;
 /// Items read at a time for an NDJSON file.
 const NDJSON_PAGE: usize = 250;
-/// Rows of a Parquet row group. The writer buffers a group's encoded rows, and keeps buffers
-/// and a zstd context per leaf column (a thousand and more for items with many assets), so
-/// the group is what bounds the writer's memory (docs/benchmarks.md).
-const ROW_GROUP_ROWS: usize = 4_000;
+/// Rows of a Parquet row group. parquet-rs keeps every finished group's metadata (a few
+/// hundred bytes per column, and items have hundreds of leaf columns) until the footer, so
+/// small groups make memory and the footer grow with the window; large groups are cheap to
+/// hold open only because pages are flushed small (below). docs/benchmarks.md has the
+/// measurements.
+const ROW_GROUP_ROWS: usize = 50_000;
+/// Rows and bytes of a data page (and bytes of a dictionary page) at most: the open group
+/// holds each column's current page uncompressed, so the page, not the group, bounds that.
+const PAGE_ROWS: usize = 1_024;
+const PAGE_BYTES: usize = 64 * 1024;
 /// zstd level: files about as small as stac's default (15), written several times faster.
 const ZSTD_LEVEL: i32 = 3;
 
@@ -282,10 +290,17 @@ impl ParquetFile {
             .map_err(|e| fail(e.to_string()))?;
         let level =
             stac::geoparquet::ZstdLevel::try_new(ZSTD_LEVEL).map_err(|e| fail(e.to_string()))?;
-        let properties = stac::geoparquet::WriterOptions::new()
-            .with_compression(stac::geoparquet::Compression::ZSTD(level))
-            .with_max_row_group_row_count(ROW_GROUP_ROWS)
-            .into();
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(level))
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .set_data_page_row_count_limit(PAGE_ROWS)
+            .set_data_page_size_limit(PAGE_BYTES)
+            .set_dictionary_page_size_limit(PAGE_BYTES)
+            // Statistics per column chunk, which readers prune row groups by; no page index,
+            // whose entries per page would stay in memory until the footer.
+            .set_statistics_enabled(EnabledStatistics::Chunk)
+            .set_offset_index_disabled(true)
+            .build();
         let writer = ArrowWriter::try_new(file, encoder.target_schema(), Some(properties))
             .map_err(|e| fail(e.to_string()))?;
         // The collection, as stac-geoparquet's metadata carries it.
