@@ -17,19 +17,19 @@ use super::encode::{Geometries, Named, Shape};
 use super::flat::{MEMBERS, TYPED_ASSET_MEMBERS};
 use arrow_array::{Array, ArrayRef, Float64Array, ListArray, StringArray, StructArray};
 use arrow_buffer::NullBuffer;
+use arrow_json::reader::Decoder;
 use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The item datetimes the flat item writes again (read permissively, written as chrono
 /// writes them).
 const DATETIMES: [&str; 3] = ["datetime", "start_datetime", "end_datetime"];
 
 /// What decoding texts into one file schema needs, made once per schema.
-#[derive(Debug)]
 pub struct Nested {
     /// What texts decode into: the item's top-level members that are columns as they are, and
     /// `properties`, a struct of the other columns.
@@ -42,6 +42,42 @@ pub struct Nested {
     bbox: Fields,
     /// The `stac_version` rustac writes.
     version: String,
+    /// Decoders of `schema` that finished a batch, with the rows each takes at a time, kept for
+    /// the next batch: building one per batch, with buffers grown again from nothing, was a
+    /// measurable share of an export's CPU (docs/benchmarks.md).
+    decoders: Mutex<Vec<(usize, Decoder)>>,
+}
+
+impl fmt::Debug for Nested {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Nested")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Nested {
+    /// A decoder of `schema` for `rows` rows: one kept from an earlier batch, or a new one.
+    fn decoder(&self, rows: usize) -> Option<(usize, Decoder)> {
+        let kept = self.decoders.lock().ok().and_then(|mut kept| {
+            let at = kept.iter().position(|(takes, _)| *takes >= rows)?;
+            Some(kept.swap_remove(at))
+        });
+        kept.or_else(|| {
+            let decoder = arrow_json::ReaderBuilder::new(self.schema.clone())
+                .with_batch_size(rows)
+                .build_decoder()
+                .ok()?;
+            Some((rows, decoder))
+        })
+    }
+
+    /// Keeps a decoder that finished its batch, for the next.
+    fn keep(&self, decoder: (usize, Decoder)) {
+        if let Ok(mut kept) = self.decoders.lock() {
+            kept.push(decoder);
+        }
+    }
 }
 
 /// The item members that are columns as the text holds them.
@@ -82,6 +118,7 @@ impl Nested {
                 .ok()?
                 .as_str()?
                 .to_string(),
+            decoders: Mutex::default(),
             schema: Arc::new(Schema::new(
                 top.into_iter()
                     .chain([Arc::new(Field::new(
@@ -104,10 +141,8 @@ pub fn decode(
     geometries: &mut Geometries,
 ) -> Option<HashMap<String, ArrayRef>> {
     let mut bboxes = Bboxes::new(&nested.bbox, texts.len());
-    let mut decoder = arrow_json::ReaderBuilder::new(nested.schema.clone())
-        .with_batch_size(texts.len().max(1))
-        .build_decoder()
-        .ok()?;
+    // A decoder left halfway by an item that returns `None` is dropped, not kept.
+    let (takes, mut decoder) = nested.decoder(texts.len().max(1))?;
     for text in texts {
         let mut item = serde_json::Deserializer::from_str(text);
         let read = ItemCheck { nested }.deserialize(&mut item).ok()?;
@@ -122,6 +157,7 @@ pub fn decode(
         }
     }
     let decoded = decoder.flush().ok()??;
+    nested.keep((takes, decoder));
     let rows = decoded.num_rows();
     let mut columns = HashMap::new();
     for (field, column) in decoded.schema().fields().iter().zip(decoded.columns()) {
@@ -721,6 +757,32 @@ mod tests {
         let target = target(&[eds, pc]).expect("a schema");
         for batch in [eds, pc, &texts[..]] {
             assert!(same(batch, &target, "fixtures"), "decoded from text");
+        }
+    }
+
+    /// A decoder is kept for the next batch only when it finished its own: a batch left to the
+    /// values halfway leaves nothing of its items in the next.
+    #[test]
+    fn a_batch_left_halfway_leaves_nothing_in_the_next() {
+        let items = fixtures();
+        let base: Vec<String> = items[..8].iter().map(Value::to_string).collect();
+        let mut late = items[..8].to_vec();
+        late[6]["properties"]["eo:cloud_cover"] = json!("12");
+        let late: Vec<String> = late.iter().map(Value::to_string).collect();
+        let target = target(&[&base]).expect("a schema");
+        for round in 0..3 {
+            assert!(
+                !same(&late, &target, "late"),
+                "round {round}: left to the values"
+            );
+            assert!(
+                same(&base, &target, "base"),
+                "round {round}: decoded from text"
+            );
+            assert!(
+                same(&base[..5], &target, "fewer"),
+                "round {round}: decoded from text"
+            );
         }
     }
 
