@@ -23,7 +23,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use geoparquet::metadata::{GeoParquetBboxCovering, GeoParquetCovering};
 use geoparquet::writer::{GeoParquetRecordBatchEncoder, GeoParquetWriterOptionsBuilder};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::Compression;
+use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use std::io::Write;
@@ -41,13 +41,14 @@ const NDJSON_PAGE: usize = 250;
 /// hold open only because pages are flushed small (below). docs/benchmarks.md has the
 /// measurements.
 const ROW_GROUP_ROWS: usize = 50_000;
-/// Rows and bytes of a data page (and bytes of a dictionary page) at most: the open group
-/// holds each column's current page uncompressed, so the page, not the group, bounds that.
+/// Rows of a data page at most. The open group holds each column's current page uncompressed
+/// (a dictionary column's as an index per row), so the page, not the group, bounds that.
 const PAGE_ROWS: usize = 1_024;
+/// Bytes of a data page, and of a dictionary page, at most: the same bound for wide values.
 const PAGE_BYTES: usize = 64 * 1024;
 /// zstd level: files about as small as stac's default (15), written several times faster. The
-/// writer keeps a compression context per column, and level 1's are the smallest: a window
-/// of a million items peaks about 15 MB lower than at level 3, in a file 1 % larger.
+/// writer keeps a compression context per column, and level 1's are the smallest, for files
+/// about 1 % larger than level 3's (docs/benchmarks.md).
 const ZSTD_LEVEL: i32 = 1;
 
 /// A snapshot file format.
@@ -290,8 +291,7 @@ impl ParquetFile {
             .build();
         let encoder = GeoParquetRecordBatchEncoder::try_new(schema, &options)
             .map_err(|e| fail(e.to_string()))?;
-        let level =
-            stac::geoparquet::ZstdLevel::try_new(ZSTD_LEVEL).map_err(|e| fail(e.to_string()))?;
+        let level = ZstdLevel::try_new(ZSTD_LEVEL).map_err(|e| fail(e.to_string()))?;
         let properties = WriterProperties::builder()
             .set_compression(Compression::ZSTD(level))
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
