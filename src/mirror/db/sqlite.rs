@@ -110,6 +110,12 @@ fn in_calls<T>(mut items: &[T], most: usize) -> impl Iterator<Item = &[T]> {
 #[derive(Debug, Clone)]
 pub struct SqliteDb {
     pool: SqlitePool,
+    /// The one connection that commits pages, which also classifies a page when it is free.
+    /// A commit makes SQLite drop every other connection's page cache, so a page classified on
+    /// another connection reads its index pages into a cache built again from fresh memory;
+    /// on this one the cache stays (docs/benchmarks.md). While it commits, a page is classified
+    /// on the pool instead, so a backfill still classifies and writes objects during a commit.
+    writer: SqlitePool,
     shown: String,
     path: Option<std::path::PathBuf>,
 }
@@ -136,15 +142,25 @@ impl SqliteDb {
         let filename = options.get_filename();
         let path = (!filename.as_os_str().is_empty() && filename.as_os_str() != ":memory:")
             .then(|| filename.to_path_buf());
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .map_err(|source| Error::Connect {
-                database: shown.clone(),
-                source,
-            })?;
-        Ok(SqliteDb { pool, shown, path })
+        let connect = |connections, options| {
+            let database = shown.clone();
+            async move {
+                SqlitePoolOptions::new()
+                    .max_connections(connections)
+                    .connect_with(options)
+                    .await
+                    .map_err(|source| Error::Connect { database, source })
+            }
+        };
+        // The pool first: its connection creates the file and sets its log mode.
+        let pool = connect(3, options.clone()).await?;
+        let writer = connect(1, options).await?;
+        Ok(SqliteDb {
+            pool,
+            writer,
+            shown,
+            path,
+        })
     }
 
     /// Takes the job's single-runner lock: an OS file lock on `{database}.{job}.lock`, which the
@@ -207,9 +223,11 @@ impl SqliteDb {
     /// Classifies each item against what is stored.
     pub async fn classify(&self, items: &[Item]) -> Result<Vec<Known>, Error> {
         // One query per page: the keys go in as a JSON array of [collection, id] pairs.
-        let rows = stored(&self.pool, items.iter())
-            .await
-            .map_err(self.fail("read item hashes"))?;
+        let rows = match self.writer.try_acquire() {
+            Some(mut writer) => stored(&mut *writer, items.iter()).await,
+            None => stored(&self.pool, items.iter()).await,
+        }
+        .map_err(self.fail("read item hashes"))?;
         Ok(super::known(items, rows))
     }
 
@@ -261,7 +279,7 @@ impl SqliteDb {
         page: &PageCommit<'_>,
         careful: bool,
     ) -> Result<(Vec<Rejected>, Written), sqlx::Error> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let written = Self::to_write(&mut tx, &page.items).await?;
         if let Some(window) = page.snapshots {
             // The windows changed items leave: their datetime may move them.
@@ -395,6 +413,49 @@ mod tests {
                 .any(|step| step.contains("USING COVERING INDEX items_hash")),
             "{plan:?}"
         );
+        Ok(())
+    }
+
+    /// A page is classified on the connection that commits when that one is free, and on the
+    /// pool while it is taken (by a commit). A temporary table lives on its connection alone:
+    /// one named `items` on the writer, with another hash, shows which connection classified.
+    #[tokio::test]
+    async fn a_page_is_classified_on_the_writer_when_it_is_free_and_on_the_pool_when_not()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let url = format!("sqlite://{}", dir.path().join("mirror.db").display());
+        let db = SqliteDb::connect(&url).await?;
+        db.migrate().await?;
+        let mut reader = crate::stac::reader::PageReader::new(Some("c"));
+        reader.add_feature(bytes::Bytes::from_static(
+            br#"{"type":"Feature","stac_version":"1.0.0","id":"a","collection":"c","geometry":null,"properties":{"datetime":"2024-01-01T00:00:00Z"},"links":[],"assets":{}}"#,
+        ));
+        let items = reader.take_part().items;
+        let [item] = items.as_slice() else {
+            return Err(format!("one item expected, read {}", items.len()).into());
+        };
+        sqlx::query(
+            "INSERT INTO items (collection, id, content, content_hash, first_seen_at, \
+             last_seen_at) VALUES ('c', 'a', '{}', $1, 'now', 'now')",
+        )
+        .bind(&item.hash)
+        .execute(db.pool())
+        .await?;
+        let mut writer = db.writer.acquire().await?;
+        for statement in [
+            "CREATE TEMP TABLE items AS SELECT * FROM main.items",
+            "UPDATE temp.items SET content_hash = 'another'",
+            "CREATE INDEX temp.items_hash ON items (collection, id, content_hash, deleted_at)",
+        ] {
+            sqlx::query(statement).execute(&mut *writer).await?;
+        }
+        // Taken: the pool's connections see the stored hash.
+        assert_eq!(db.classify(&items).await?, [Known::Unchanged]);
+        // Back in its pool now, not when a task spawned by its drop runs.
+        writer.return_to_pool().await;
+        drop(writer);
+        // Free: the writer sees its own table's.
+        assert_eq!(db.classify(&items).await?, [Known::Changed]);
         Ok(())
     }
 }
