@@ -392,15 +392,21 @@ mod tests {
         }
     }
 
+    /// A migrated database in a folder of its own, removed when the folder is dropped.
+    async fn migrated() -> Result<(tempfile::TempDir, SqliteDb), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let url = format!("sqlite://{}", dir.path().join("mirror.db").display());
+        let db = SqliteDb::connect(&url).await?;
+        db.migrate().await?;
+        Ok((dir, db))
+    }
+
     /// Classifying a page reads the hashes from the index alone: reading them from the rows
     /// would read each item's content too.
     #[tokio::test]
     async fn a_page_is_classified_from_the_hash_index_without_reading_the_rows()
     -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let url = format!("sqlite://{}", dir.path().join("mirror.db").display());
-        let db = SqliteDb::connect(&url).await?;
-        db.migrate().await?;
+        let (_dir, db) = migrated().await?;
         let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "EXPLAIN QUERY PLAN {CLASSIFY}"
         )))
@@ -422,10 +428,7 @@ mod tests {
     #[tokio::test]
     async fn a_page_is_classified_on_the_writer_when_it_is_free_and_on_the_pool_when_not()
     -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let url = format!("sqlite://{}", dir.path().join("mirror.db").display());
-        let db = SqliteDb::connect(&url).await?;
-        db.migrate().await?;
+        let (_dir, db) = migrated().await?;
         let mut reader = crate::stac::reader::PageReader::new(Some("c"));
         reader.add_feature(bytes::Bytes::from_static(
             br#"{"type":"Feature","stac_version":"1.0.0","id":"a","collection":"c","geometry":null,"properties":{"datetime":"2024-01-01T00:00:00Z"},"links":[],"assets":{}}"#,
