@@ -48,7 +48,7 @@ const PAGE_ROWS: usize = 1_024;
 const PAGE_BYTES: usize = 64 * 1024;
 /// zstd level: files about as small as stac's default (15), written several times faster. The
 /// writer keeps a compression context per column, and level 1's are the smallest, for files
-/// about 1 % larger than level 3's (docs/benchmarks.md).
+/// slightly larger than level 3's (docs/benchmarks.md).
 const ZSTD_LEVEL: i32 = 1;
 
 /// A snapshot file format.
