@@ -29,9 +29,11 @@ pub(super) const MEMBERS: [&str; 10] = [
     "collection",
 ];
 
-/// The asset members rustac reads as its own types (bands, numbers, an enumeration): an item
-/// whose assets have any of them is read the typed way.
-pub(super) const TYPED_ASSET_MEMBERS: [&str; 4] = ["bands", "nodata", "data_type", "statistics"];
+/// Whether an asset member is one rustac reads as its own type (bands, numbers, an
+/// enumeration): an item whose assets have any of them is read the typed way.
+pub(super) fn is_typed_asset_member(key: &str) -> bool {
+    matches!(key, "bands" | "nodata" | "data_type" | "statistics")
+}
 
 /// The flat item's JSON value (with `"geometry": null` where rustac's has the geometry) and its
 /// geometry; `None` when it must be read the typed way.
@@ -226,7 +228,7 @@ fn asset(asset: Value) -> Option<Value> {
     let Value::Object(asset) = asset else {
         return None;
     };
-    if TYPED_ASSET_MEMBERS.iter().any(|m| asset.contains_key(*m)) {
+    if asset.keys().any(|key| is_typed_asset_member(key)) {
         return None;
     }
     let (known, rest) = split(

@@ -14,7 +14,7 @@
 //! different batch. A unit test compares both paths on real items and on items made to differ.
 
 use super::encode::{Geometries, Named, Shape};
-use super::flat::{MEMBERS, TYPED_ASSET_MEMBERS};
+use super::flat::{MEMBERS, is_typed_asset_member};
 use arrow_array::{Array, ArrayRef, Float64Array, ListArray, StringArray, StructArray};
 use arrow_buffer::NullBuffer;
 use arrow_json::reader::Decoder;
@@ -515,33 +515,38 @@ impl<'de> Visitor<'de> for Object<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let required: &[&str] = match self.of {
-            Of::Links => &["href", "rel"],
-            Of::Assets => &["href"],
+        // The required members found, one bit each: matched as literals, which compile to
+        // compares of the key's length and bytes, as every member of every asset is.
+        let (required, mut found) = match self.of {
+            Of::Links => (0b11, 0),
+            Of::Assets => (0b01, 0),
         };
-        let mut found = 0;
         while let Some(key) = map.next_key_seed(Key)? {
             let key = key.as_ref();
             let shape = self.fields.get(key).ok_or_else(refuse)?;
-            let asset = matches!(self.of, Of::Assets);
-            if asset && TYPED_ASSET_MEMBERS.contains(&key) {
+            let bit = match (self.of, key) {
+                (_, "href") => 0b01,
+                (Of::Links, "rel") => 0b10,
+                (Of::Assets, key) if is_typed_asset_member(key) => return Err(refuse()),
+                (Of::Assets, "roles") => {
+                    if map.next_value_seed(Strings)? == 0 || !is_strings(shape) {
+                        return Err(refuse());
+                    }
+                    continue;
+                }
+                _ => {
+                    map.next_value_seed(Fit(shape))?;
+                    continue;
+                }
+            };
+            // A member given twice is left to the value path, which keeps the last.
+            if shape != &Shape::Leaf(DataType::Utf8) || found & bit != 0 {
                 return Err(refuse());
             }
-            if required.contains(&key) {
-                if shape != &Shape::Leaf(DataType::Utf8) {
-                    return Err(refuse());
-                }
-                map.next_value_seed(Str)?;
-                found += 1;
-            } else if asset && key == "roles" {
-                if map.next_value_seed(Strings)? == 0 || !is_strings(shape) {
-                    return Err(refuse());
-                }
-            } else {
-                map.next_value_seed(Fit(shape))?;
-            }
+            map.next_value_seed(Str)?;
+            found |= bit;
         }
-        if found != required.len() {
+        if found != required {
             return Err(refuse());
         }
         Ok(())
@@ -758,6 +763,37 @@ mod tests {
         for batch in [eds, pc, &texts[..]] {
             assert!(same(batch, &target, "fixtures"), "decoded from text");
         }
+    }
+
+    /// JSON text can give a member twice, which no `Value` can: a link's `href` twice and no
+    /// `rel`, or an asset's `href` twice, is left to the value path, which keeps the last.
+    #[test]
+    fn a_required_member_given_twice_is_left_to_the_values() {
+        let items = fixtures();
+        let base: Vec<String> = items[..8].iter().map(Value::to_string).collect();
+        let target = target(&[&base]).expect("a schema");
+        let mut item = items[3].clone();
+        item["links"] = json!([{"href": "h", "rel": "r"}]);
+        item["assets"]["blue"]["href"] = json!("one");
+        let text = item.to_string();
+        for (what, twice) in [
+            (
+                "a link's href",
+                text.replace(r#""rel":"r""#, r#""href":"h""#),
+            ),
+            (
+                "an asset's href",
+                text.replace(r#""href":"one""#, r#""href":"one","href":"two""#),
+            ),
+        ] {
+            assert_ne!(twice, text, "{what}");
+            let mut batch = base.clone();
+            batch[3] = twice;
+            assert!(decode_into(&batch, &target).is_none(), "{what}");
+        }
+        let mut batch = base.clone();
+        batch[3] = text;
+        assert!(decode_into(&batch, &target).is_some(), "each member once");
     }
 
     /// A decoder is kept for the next batch only when it finished its own: a batch left to the
