@@ -515,8 +515,7 @@ impl<'de> Visitor<'de> for Object<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        // The required members found, one bit each: matched as literals, which compile to
-        // compares of the key's length and bytes, as every member of every asset is.
+        // The required members found, one bit each, so that one given twice is seen.
         let (required, mut found) = match self.of {
             Of::Links => (0b11, 0),
             Of::Assets => (0b01, 0),
