@@ -539,6 +539,8 @@ async fn a_property_first_seen_late_in_a_large_window_is_kept() {
             let datetime = format!("2024-01-01T00:{:02}:{:02}Z", i / 60, i % 60);
             properties.insert("datetime".into(), datetime.into());
             properties.insert("eo:cloud_cover".into(), (i as i64 % 50).into());
+            // The window's NDJSON file goes over one part of an upload (10 MB).
+            properties.insert("test:padding".into(), "x".repeat(1_000).into());
             if i >= 1_200 {
                 properties.insert("late:note".into(), format!("note {i}").into());
                 properties.insert("eo:cloud_cover".into(), 12.5.into());
@@ -567,5 +569,38 @@ async fn a_property_first_seen_late_in_a_large_window_is_kept() {
     );
     assert_eq!(read["s2-1499"]["assets"]["late"]["href"], "s3://b/late.tif");
     assert_eq!(read["s2-0001"]["properties"]["eo:cloud_cover"], 1.0);
+
+    // The same window as NDJSON: written to the folder in parts, each line an item as stored,
+    // in the window's order.
+    let ndjson = dir.path().join("ndjson");
+    let output = std::process::Command::new(assert_cmd::cargo::cargo_bin!("stac-sync"))
+        .current_dir(dir.path())
+        .env_clear()
+        .args([
+            "--database-url",
+            &setup.database_url(),
+            "export",
+            "--format",
+            "ndjson",
+        ])
+        .arg(&ndjson)
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = std::fs::read_to_string(ndjson.join("s2/items/2024.ndjson")).expect("ndjson");
+    assert!(
+        text.len() > 10 << 20,
+        "larger than one part: {} bytes",
+        text.len()
+    );
+    let stored = common::stored_items(&setup.database_url()).await;
+    let lines: Vec<&str> = text.lines().collect();
+    let want: Vec<&str> = stored.values().map(String::as_str).collect();
+    assert_eq!(lines.len(), 1_500);
+    assert!(lines == want, "the items as stored, in order");
     server.stop().await;
 }

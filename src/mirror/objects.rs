@@ -175,7 +175,7 @@ impl ObjectSink {
     }
 
     /// Turns a store error into a sink error that names the store and the operation.
-    fn fail(&self, what: String) -> impl Fn(object_store::Error) -> Error + '_ {
+    pub(super) fn fail(&self, what: String) -> impl Fn(object_store::Error) -> Error + '_ {
         move |source| Error::ObjectStore {
             store: self.shown.clone(),
             what: what.clone(),
@@ -326,9 +326,7 @@ impl ObjectSink {
     pub async fn put_file(&self, key: &Path, file: &std::path::Path) -> Result<u64, Error> {
         use tokio::io::AsyncWriteExt;
         let fail = |e: std::io::Error| Error::Sink(format!("{}: writing {key}: {e}", self.shown));
-        // Parts of 10 MB, two in flight: the default eight held 80 MB once reading kept up.
-        let mut upload = object_store::buffered::BufWriter::new(self.store.clone(), key.clone())
-            .with_max_concurrency(UPLOAD_PARTS_IN_FLIGHT);
+        let mut upload = self.writer(key);
         // Read a megabyte at a time: each read of a tokio file is a hand-off to the blocking
         // pool, and `copy`'s own 8 KB reads made those hand-offs most of an upload's time.
         let source = tokio::fs::File::open(file).await.map_err(fail)?;
@@ -343,6 +341,15 @@ impl ObjectSink {
         };
         upload.shutdown().await.map_err(fail)?;
         Ok(copied)
+    }
+
+    /// A writer of the object at `key`, whole or in parts of 10 MB: the object is there only
+    /// once the writer is shut down, and an aborted writer leaves nothing behind (a local
+    /// folder's part file, if a kill leaves it, is swept by [`ObjectSink::recover`]).
+    pub fn writer(&self, key: &Path) -> object_store::buffered::BufWriter {
+        // Two parts in flight: the default eight held 80 MB once reading kept up.
+        object_store::buffered::BufWriter::new(self.store.clone(), key.clone())
+            .with_max_concurrency(UPLOAD_PARTS_IN_FLIGHT)
     }
 
     /// Removes the object at `key`; removing what is not there succeeds.

@@ -26,7 +26,6 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
-use std::io::Write;
 use std::sync::Arc;
 
 /// Items encoded at a time, by one task of the blocking pool: the batch's texts and its Arrow
@@ -92,32 +91,32 @@ pub async fn write_window(
 ) -> Result<Written, Error> {
     let key = sink.snapshot_key(collection, window, format.extension());
     let what = format!("collection {collection}, window {window} ({key})");
+    if format == Format::Ndjson {
+        return ndjson(db, sink, &key, (collection, window), size, &what).await;
+    }
+    // A Parquet file is written again from its start when a later batch widens its schema:
+    // it is made in a temporary file and put once whole.
     let file = tempfile::NamedTempFile::new().map_err(|e| {
         Error::Sink(format!(
             "{what}: cannot create a temporary file for the snapshot ({e}); set TMPDIR to a \
              folder with space"
         ))
     })?;
-    let items = match format {
-        Format::Ndjson => ndjson(db, (collection, window), size, file.as_file(), &what).await?,
-        Format::Geoparquet => {
-            let mut schema = None;
-            loop {
-                match parquet(
-                    db,
-                    (collection, window),
-                    size,
-                    &file,
-                    schema,
-                    document,
-                    &what,
-                )
-                .await?
-                {
-                    Pass::Written(items) => break items,
-                    Pass::Widened(wider) => schema = Some(wider),
-                }
-            }
+    let mut schema = None;
+    let items = loop {
+        match parquet(
+            db,
+            (collection, window),
+            size,
+            &file,
+            schema,
+            document,
+            &what,
+        )
+        .await?
+        {
+            Pass::Written(items) => break items,
+            Pass::Widened(wider) => schema = Some(wider),
         }
     };
     if items == 0 {
@@ -245,28 +244,49 @@ async fn parquet(
     }
 }
 
-/// Writes the window's items, one per line, as stored; how many.
+/// Writes the window's items, one per line, as stored, straight to the store (the file is
+/// as large as the window's items, so it is not written to a temporary file first); an empty
+/// window's file is removed, and a failed write leaves the file before it.
 async fn ndjson(
     db: &Database,
+    sink: &ObjectSink,
+    key: &object_store::path::Path,
     (collection, window): (&str, &str),
     size: SnapshotWindow,
-    file: &std::fs::File,
     what: &str,
-) -> Result<u64, Error> {
-    // Items are larger than BufWriter's default 8 KB, which would write each on its own.
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+) -> Result<Written, Error> {
+    let mut upload = sink.writer(key);
+    let mut written = Written::default();
     let mut pages = db.window_pages(collection, window, size, NDJSON_PAGE);
-    let mut count = 0u64;
-    let fail = |e: std::io::Error| Error::Sink(format!("{what}: writing the temporary file: {e}"));
-    while let Some(texts) = pages.try_next().await? {
-        for text in texts {
-            out.write_all(text.as_bytes()).map_err(fail)?;
-            out.write_all(b"\n").map_err(fail)?;
-            count += 1;
+    let lines = async {
+        while let Some(texts) = pages.try_next().await? {
+            let mut lines = Vec::with_capacity(texts.iter().map(|t| t.len() + 1).sum());
+            for text in &texts {
+                lines.extend_from_slice(text.as_bytes());
+                lines.push(b'\n');
+            }
+            written.items += texts.len() as u64;
+            written.bytes += lines.len() as u64;
+            upload
+                .put(lines.into())
+                .await
+                .map_err(sink.fail(format!("{what}: writing")))?;
         }
+        Ok::<(), Error>(())
+    };
+    if let Err(e) = lines.await {
+        let _ = upload.abort().await;
+        return Err(e);
     }
-    out.flush().map_err(fail)?;
-    Ok(count)
+    if written.items == 0 {
+        let _ = upload.abort().await;
+        sink.delete_key(key).await?;
+        return Ok(Written::default());
+    }
+    tokio::io::AsyncWriteExt::shutdown(&mut upload)
+        .await
+        .map_err(|e| Error::Sink(format!("{what}: writing: {e}")))?;
+    Ok(written)
 }
 
 /// A stac-geoparquet file being written.
