@@ -132,17 +132,18 @@ async fn the_feed_lists_what_each_run_added_changed_and_withdrew(database: Optio
         })
         .collect();
     assert_eq!(from_file, rows);
-    let output = std::process::Command::new(assert_cmd::cargo::cargo_bin!("stac-sync"))
-        .current_dir(dir.path())
-        .env_clear()
-        .args(["changes", "--json", "--since", &cursor.to_string()])
-        .args(["--database-url", &setup.database_url()])
-        .output()
-        .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let (since, database) = (cursor.to_string(), setup.database_url());
+    let output = common::binary_ok(
+        assert_cmd::cargo::cargo_bin!("stac-sync"),
+        dir.path(),
+        &[
+            "changes",
+            "--json",
+            "--since",
+            &since,
+            "--database-url",
+            &database,
+        ],
     );
     let printed: BTreeSet<(String, String)> = String::from_utf8_lossy(&output.stdout)
         .lines()

@@ -452,6 +452,20 @@ async fn a_run_killed_while_writing_snapshots_leaves_them_to_the_next() {
     server.stop().await;
 }
 
+/// Runs `stac-sync export --format FORMAT DEST` on the setup's database.
+fn export(setup: &Setup<'_>, format: &str, dest: &Path) {
+    let (database, dest) = (setup.database_url(), dest.display().to_string());
+    let args = [
+        "--database-url",
+        &database,
+        "export",
+        "--format",
+        format,
+        &dest,
+    ];
+    common::binary_ok(assert_cmd::cargo::cargo_bin!("stac-sync"), setup.dir, &args);
+}
+
 /// `stac-sync export` writes the same files from a mirror that keeps no snapshots, as
 /// stac-geoparquet and as NDJSON (each line an item as stored).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -472,27 +486,7 @@ async fn export_writes_the_files_of_an_existing_mirror() {
         "none without snapshots"
     );
 
-    let binary = assert_cmd::cargo::cargo_bin!("stac-sync");
-    let export = |format: &str, dest: &Path| {
-        let output = std::process::Command::new(binary)
-            .current_dir(dir.path())
-            .env_clear()
-            .args([
-                "--database-url",
-                &setup.database_url(),
-                "export",
-                "--format",
-                format,
-            ])
-            .arg(dest)
-            .output()
-            .expect("runs");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
+    let export = |format: &str, dest: &Path| export(&setup, format, dest);
     let parquet = dir.path().join("parquet");
     export("geoparquet", &parquet);
     assert_files_equal_database(&setup, &parquet).await;
@@ -573,24 +567,7 @@ async fn a_property_first_seen_late_in_a_large_window_is_kept() {
     // The same window as NDJSON: written to the folder in parts, each line an item as stored,
     // in the window's order.
     let ndjson = dir.path().join("ndjson");
-    let output = std::process::Command::new(assert_cmd::cargo::cargo_bin!("stac-sync"))
-        .current_dir(dir.path())
-        .env_clear()
-        .args([
-            "--database-url",
-            &setup.database_url(),
-            "export",
-            "--format",
-            "ndjson",
-        ])
-        .arg(&ndjson)
-        .output()
-        .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    export(&setup, "ndjson", &ndjson);
     let text = std::fs::read_to_string(ndjson.join("s2/items/2024.ndjson")).expect("ndjson");
     assert!(
         text.len() > 10 << 20,

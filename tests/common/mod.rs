@@ -195,6 +195,24 @@ method = "{method}"
     }
 }
 
+/// Runs `stac-sync ARGS` in `dir` with a clean environment, and checks that it succeeded;
+/// its output. `binary` is the test's `cargo_bin!("stac-sync")`.
+pub fn binary_ok(binary: &Path, dir: &Path, args: &[&str]) -> std::process::Output {
+    let output = std::process::Command::new(binary)
+        .current_dir(dir)
+        .env_clear()
+        .args(args)
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "stac-sync {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
 /// `stac-sync run` of `binary` (the test's `cargo_bin!("stac-sync")`) in `dir` (from its
 /// `stac-sync.toml`), with a clean environment but the token endpoint and the credentials `id`
 /// / `secret`, quiet.
