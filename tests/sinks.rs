@@ -230,6 +230,93 @@ async fn changed_items_are_updated_in_rows_and_objects(backend: Backend) {
     assert_eq!(pgstac_rows(&case).await, pgstac);
 }
 
+/// Each stored row's `(id, content_hash)`.
+async fn hashes(db: &Database) -> std::collections::BTreeMap<String, String> {
+    let sql = "SELECT id, content_hash FROM items";
+    let rows: Vec<(String, String)> = match db {
+        Database::Sqlite(db) => sqlx::query_as(sql).fetch_all(db.pool()).await,
+        Database::Postgres(db) => sqlx::query_as(sql).fetch_all(db.pool()).await,
+    }
+    .expect("hashes");
+    rows.into_iter().collect()
+}
+
+/// The bytes the fixture serves for each item, by id.
+fn served_bytes(case: &Case) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let pages = case.server.state.pages.lock().expect("lock");
+    pages
+        .iter()
+        .flatten()
+        .map(|item| {
+            let id = item["id"].as_str().expect("id").to_string();
+            (id, serde_json::to_vec(item).expect("JSON"))
+        })
+        .collect()
+}
+
+/// Rows stored while `content_hash` was BLAKE3 read unchanged, and are not rewritten, until
+/// their item changes; then the row gets the XXH3-128 hash.
+async fn rows_hashed_with_blake3_read_unchanged_until_their_item_changes(backend: Backend) {
+    use stac_sync::stac::reader::content_hash;
+    let case = Case::new(backend, pages(3, 3)).await;
+    case.run().await;
+    let db = case.db().await;
+    let served = served_bytes(&case);
+    let mut before = std::collections::BTreeMap::new();
+    for (id, hash) in hashes(&db).await {
+        let bytes = &served[&id];
+        assert_eq!(
+            hash,
+            content_hash(bytes),
+            "{id}: XXH3-128 of the bytes received"
+        );
+        let blake3 = blake3::hash(bytes).to_hex().to_string();
+        let sql = "UPDATE items SET content_hash = $1 WHERE id = $2";
+        match &db {
+            Database::Sqlite(db) => sqlx::query(sql)
+                .bind(&blake3)
+                .bind(&id)
+                .execute(db.pool())
+                .await
+                .map(|_| ()),
+            Database::Postgres(db) => sqlx::query(sql)
+                .bind(&blake3)
+                .bind(&id)
+                .execute(db.pool())
+                .await
+                .map(|_| ()),
+        }
+        .expect("set a BLAKE3 hash");
+        before.insert(id, blake3);
+    }
+    let objects = case.objects();
+    let pgstac = pgstac_rows(&case).await;
+
+    let second = case.run().await;
+
+    let counts = &second.jobs[0].counts;
+    assert_eq!((counts.new, counts.changed, counts.unchanged), (0, 0, 9));
+    assert_eq!(hashes(&db).await, before, "unchanged rows were rewritten");
+    assert_eq!(case.objects(), objects);
+    assert_eq!(
+        pgstac_rows(&case).await,
+        pgstac,
+        "pgstac rows were rewritten"
+    );
+
+    let id = {
+        let mut pages = case.server.state.pages.lock().expect("lock");
+        pages[1][0]["properties"]["eo:cloud_cover"] = json!(42.5);
+        pages[1][0]["id"].as_str().expect("id").to_string()
+    };
+    let third = case.run().await;
+
+    let counts = &third.jobs[0].counts;
+    assert_eq!((counts.new, counts.changed, counts.unchanged), (0, 1, 8));
+    before.insert(id.clone(), content_hash(&served_bytes(&case)[&id]));
+    assert_eq!(hashes(&db).await, before);
+}
+
 async fn a_bad_item_is_quarantined_alone(backend: Backend) {
     let mut items = make_items("c", 5);
     let mut nul = items[3].clone();
@@ -537,6 +624,7 @@ macro_rules! conformance {
 conformance!(
     a_rerun_converges_and_rewrites_nothing,
     changed_items_are_updated_in_rows_and_objects,
+    rows_hashed_with_blake3_read_unchanged_until_their_item_changes,
     a_bad_item_is_quarantined_alone,
     an_item_the_database_refuses_at_commit_is_quarantined_alone,
     the_resume_point_commits_with_the_rows,

@@ -412,7 +412,7 @@ impl PageWriter<'_> {
         let mut known = self.mirror.db.classify(items).await?;
         for ((item, known), pending) in items.iter().zip(known.iter_mut()).zip(pending) {
             if let Some(hash) = pending {
-                *known = if hash == item.hash {
+                *known = if item.has_hash(&hash) {
                     Known::Unchanged
                 } else {
                     Known::Changed

@@ -47,7 +47,7 @@ pub struct Item {
     pub id: String,
     /// The item JSON exactly as received.
     pub content: Bytes,
-    /// BLAKE3 of `content`, hex.
+    /// [`content_hash`] of `content`.
     pub hash: String,
     /// `properties.datetime`.
     pub datetime: Option<String>,
@@ -60,6 +60,31 @@ pub struct Item {
     /// `[xmin, ymin, xmax, ymax]`.
     pub bbox: Option<[f64; 4]>,
 }
+
+/// An item's `content_hash`: XXH3-128 of its bytes as received, 32 hex digits. Every item
+/// received is hashed to know whether it changed, each unchanged item too, so the hash is a
+/// fast one; at 128 bits two different contents meet by chance with a negligible chance
+/// (rsync checks files with the same hash).
+pub fn content_hash(content: &[u8]) -> String {
+    format!("{:032x}", twox_hash::XxHash3_128::oneshot(content))
+}
+
+impl Item {
+    /// Whether `stored`, the `content_hash` of a stored row, is this item's content's. Rows
+    /// stored before `content_hash` was XXH3-128 hold BLAKE3 (64 hex digits): this item is
+    /// hashed with BLAKE3 for them, so that such a row reads unchanged, not rewritten, until
+    /// its item changes.
+    pub fn has_hash(&self, stored: &str) -> bool {
+        if stored.len() == LEGACY_HASH_LEN {
+            blake3::hash(&self.content).to_hex().as_str() == stored
+        } else {
+            stored == self.hash
+        }
+    }
+}
+
+/// The length of a BLAKE3 `content_hash` in hex.
+const LEGACY_HASH_LEN: usize = 64;
 
 /// A feature that could not be stored, and why.
 #[derive(Debug, Clone)]
@@ -681,7 +706,7 @@ fn read_item(head: Head<'_>, content: Bytes, searched: Option<&str>) -> Result<I
         None => (None, None, None, None),
     };
     Ok(Item {
-        hash: blake3::hash(&content).to_hex().to_string(),
+        hash: content_hash(&content),
         datetime,
         start_datetime,
         end_datetime,
@@ -727,6 +752,29 @@ mod tests {
     use super::*;
     use serde_json::Value;
     use url::Url;
+
+    #[test]
+    fn an_item_has_its_own_hash_and_the_blake3_of_its_bytes() {
+        let item = |content: &'static [u8]| Item {
+            collection: "c".into(),
+            id: "i".into(),
+            content: Bytes::from_static(content),
+            hash: content_hash(content),
+            datetime: None,
+            start_datetime: None,
+            end_datetime: None,
+            updated: None,
+            bbox: None,
+        };
+        let (one, other) = (item(br#"{"id":"i"}"#), item(br#"{"id":"i","x":1}"#));
+        assert_eq!(one.hash.len(), 32);
+        assert!(one.has_hash(&one.hash));
+        assert!(!one.has_hash(&other.hash));
+        let blake3 = |item: &Item| blake3::hash(&item.content).to_hex().to_string();
+        assert!(one.has_hash(&blake3(&one)));
+        assert!(!one.has_hash(&blake3(&other)));
+        assert!(!one.has_hash(""));
+    }
 
     fn post(body: Value) -> Request {
         Request {

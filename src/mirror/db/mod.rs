@@ -277,7 +277,7 @@ fn known(items: &[Item], rows: Vec<(i64, String, bool)>) -> Vec<Known> {
         let Some(at) = usize::try_from(index).ok().filter(|at| *at < items.len()) else {
             continue;
         };
-        known[at] = if hash == items[at].hash && !deleted {
+        known[at] = if items[at].has_hash(&hash) && !deleted {
             Known::Unchanged
         } else {
             Known::Changed

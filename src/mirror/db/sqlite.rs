@@ -265,7 +265,7 @@ impl SqliteDb {
                 continue;
             };
             let key = (item.collection.clone(), item.id.clone());
-            if hash == item.hash && !deleted {
+            if item.has_hash(&hash) && !deleted {
                 written.remove(&key);
             } else {
                 written.insert(key, false);
