@@ -1,6 +1,7 @@
 //! What hashing an item's bytes costs: every item received is hashed to know whether it
-//! changed, so on an incremental run this is paid for each unchanged item. Times BLAKE3 (which
-//! `content_hash` was until rows are stored again) against XXH3-128 (what it is now) over the
+//! changed, so on an incremental run this is paid for each unchanged item. Times BLAKE3 (what
+//! `content_hash` was, and what rows stored by earlier versions hold) against XXH3-128 (what it
+//! is now) over the
 //! same realistic items (about 15 KB each, see `common::realistic_item`), alternating rounds:
 //! 30 items, which stay in the core's cache as an item just parsed does in a run, and 2,000
 //! (30 MB), read from memory.

@@ -63,7 +63,7 @@ pub struct Item {
 
 /// An item's `content_hash`: XXH3-128 of its bytes as received, 32 hex digits. Every item
 /// received is hashed to know whether it changed, each unchanged item too, so the hash is a
-/// fast one; at 128 bits two different contents meet by chance with a negligible chance
+/// fast one; at 128 bits, two different contents with the same hash are a negligible accident
 /// (rsync checks files with the same hash).
 pub fn content_hash(content: &[u8]) -> String {
     format!("{:032x}", twox_hash::XxHash3_128::oneshot(content))
