@@ -240,7 +240,9 @@ impl Column {
     /// The column's array; the column is left empty.
     fn finish(&mut self) -> Option<ArrayRef> {
         Some(match self {
-            Column::Utf8(b) => Arc::new(b.finish()),
+            // Copied to its exact size: a builder's buffers grow by doubling, and the batch
+            // waits in memory for the writer.
+            Column::Utf8(b) => Arc::new(b.finish_cloned()),
             Column::Int64(b) => Arc::new(b.finish()),
             Column::Float64(b) => Arc::new(b.finish()),
             Column::Boolean(b) => Arc::new(b.finish()),
