@@ -86,7 +86,7 @@ impl Nested {
             true,
         )));
         let fields = Fields::from(fields);
-        Columns::new(&fields)?;
+        Columns::new(&fields, 0)?;
         Some(Nested {
             fields,
             bbox,
@@ -106,7 +106,7 @@ pub fn decode(
     geometries: &mut Geometries,
 ) -> Option<HashMap<String, ArrayRef>> {
     let mut bboxes = Bboxes::new(&nested.bbox, texts.len());
-    let mut row = Columns::new(&nested.fields)?;
+    let mut row = Columns::new(&nested.fields, texts.len())?;
     for text in texts {
         let mut item = serde_json::Deserializer::from_str(text);
         let read = ItemRow { columns: &mut row }.deserialize(&mut item).ok()?;
@@ -181,13 +181,15 @@ struct Columns {
 }
 
 impl Column {
-    /// An empty column of `data_type`; `None` for a time zone that does not read.
-    fn new(data_type: &DataType) -> Option<Column> {
+    /// An empty column of `data_type` with room for `rows` values (the builders' defaults are
+    /// a thousand, and a batch's arrays wait in memory for the writer); `None` for a time zone
+    /// that does not read.
+    fn new(data_type: &DataType, rows: usize) -> Option<Column> {
         Some(match data_type {
-            DataType::Utf8 => Column::Utf8(StringBuilder::new()),
-            DataType::Int64 => Column::Int64(Int64Builder::new()),
-            DataType::Float64 => Column::Float64(Float64Builder::new()),
-            DataType::Boolean => Column::Boolean(BooleanBuilder::new()),
+            DataType::Utf8 => Column::Utf8(StringBuilder::with_capacity(rows, rows * 16)),
+            DataType::Int64 => Column::Int64(Int64Builder::with_capacity(rows)),
+            DataType::Float64 => Column::Float64(Float64Builder::with_capacity(rows)),
+            DataType::Boolean => Column::Boolean(BooleanBuilder::with_capacity(rows)),
             DataType::Timestamp(unit, tz) => Column::Timestamp(Timestamps {
                 unit: *unit,
                 tz: match tz {
@@ -195,15 +197,15 @@ impl Column {
                     None => None,
                 },
                 zone: tz.clone(),
-                values: Vec::new(),
+                values: Vec::with_capacity(rows),
             }),
             DataType::List(field) => Column::List(Box::new(List {
                 field: field.clone(),
                 ends: vec![0],
-                valid: NullBufferBuilder::new(0),
-                values: Column::new(field.data_type())?,
+                valid: NullBufferBuilder::new(rows),
+                values: Column::new(field.data_type(), rows)?,
             })),
-            DataType::Struct(fields) => Column::Struct(Box::new(Columns::new(fields)?)),
+            DataType::Struct(fields) => Column::Struct(Box::new(Columns::new(fields, rows)?)),
             other => Column::Nulls(other.clone(), 0),
         })
     }
@@ -312,7 +314,7 @@ impl List {
 }
 
 impl Columns {
-    fn new(fields: &Fields) -> Option<Columns> {
+    fn new(fields: &Fields, rows: usize) -> Option<Columns> {
         Some(Columns {
             index: fields
                 .iter()
@@ -321,10 +323,10 @@ impl Columns {
                 .collect(),
             children: fields
                 .iter()
-                .map(|f| Column::new(f.data_type()))
+                .map(|f| Column::new(f.data_type(), rows))
                 .collect::<Option<_>>()?,
             fields: fields.clone(),
-            valid: NullBufferBuilder::new(0),
+            valid: NullBufferBuilder::new(rows),
         })
     }
 
