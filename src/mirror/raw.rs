@@ -14,8 +14,8 @@
 //! and on items made to differ.
 //!
 //! Reading the text with arrow-json's decoder after a serde pass that checked it parsed every
-//! item twice; the columns built in the checking pass cost a fraction of the second parse
-//! (docs/benchmarks.md).
+//! item twice; building the columns in the checking pass costs less than the second parse did
+//! (docs/benchmarks.md has the measurements).
 
 use super::encode::Geometries;
 use super::flat::{MEMBERS, is_typed_asset_member};
