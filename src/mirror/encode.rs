@@ -68,18 +68,18 @@ impl Target {
 
 /// A struct's fields by name: looked up for every member of every item, with a hash made for
 /// short keys.
-pub(super) type Named = HashMap<String, Shape, foldhash::fast::RandomState>;
+type Named = HashMap<String, Shape, foldhash::fast::RandomState>;
 
 /// A data type, with a struct's fields by name.
 #[derive(Debug, PartialEq)]
-pub(super) enum Shape {
+enum Shape {
     Struct(Named),
     List(Box<Shape>),
     Leaf(DataType),
 }
 
 impl Shape {
-    pub(super) fn of(data_type: &DataType) -> Shape {
+    fn of(data_type: &DataType) -> Shape {
         match data_type {
             DataType::Struct(fields) => Shape::Struct(
                 fields

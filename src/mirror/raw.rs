@@ -120,14 +120,16 @@ pub fn decode(
     let rows = texts.len();
     let mut columns = HashMap::new();
     for (field, column) in row.fields.iter().zip(&mut row.children) {
-        let column = column.finish()?;
-        if field.name() == "properties" {
-            let properties = column.as_any().downcast_ref::<StructArray>()?;
-            for (field, column) in properties.fields().iter().zip(properties.columns()) {
-                columns.insert(field.name().clone(), column.clone());
+        match column {
+            // The properties are the file's columns, not a struct of them.
+            Column::Struct(properties) if field.name() == "properties" => {
+                for (field, column) in properties.fields.iter().zip(&mut properties.children) {
+                    columns.insert(field.name().clone(), column.finish()?);
+                }
             }
-        } else {
-            columns.insert(field.name().clone(), column);
+            column => {
+                columns.insert(field.name().clone(), column.finish()?);
+            }
         }
     }
     let constant = |value: &str| -> ArrayRef {
@@ -266,16 +268,24 @@ impl Column {
 impl Timestamps {
     /// Appends `text` read as arrow-json reads a timestamp; `false` when it does not read.
     fn push(&mut self, text: &str) -> bool {
-        let read = match &self.tz {
+        self.read(text)
+            .is_some_and(|instant| self.push_instant(instant))
+    }
+
+    /// The instant arrow-json reads `text` as.
+    fn read(&self, text: &str) -> Option<chrono::NaiveDateTime> {
+        match &self.tz {
             Some(tz) => arrow_cast::parse::string_to_datetime(tz, text).map(|d| d.naive_utc()),
             None => {
                 arrow_cast::parse::string_to_datetime(&chrono::Utc, text).map(|d| d.naive_utc())
             }
-        };
-        let Ok(read) = read else {
-            return false;
-        };
-        let utc = read.and_utc();
+        }
+        .ok()
+    }
+
+    /// Appends an instant in the column's unit; `false` when it does not fit one.
+    fn push_instant(&mut self, instant: chrono::NaiveDateTime) -> bool {
+        let utc = instant.and_utc();
         let value = match self.unit {
             TimeUnit::Second => Some(utc.timestamp()),
             TimeUnit::Millisecond => Some(utc.timestamp_millis()),
@@ -580,16 +590,8 @@ impl<'de> Visitor<'de> for Properties<'_> {
     }
 }
 
-/// Whether arrow-json reads a datetime as the instant rustac reads (permissively) and
-/// writes.
-fn same_instant(datetime: &str) -> bool {
-    stac::datetime::parse_datetime_permissively(datetime).is_ok_and(|read| {
-        arrow_cast::parse::string_to_datetime(&chrono::Utc, datetime)
-            .is_ok_and(|arrow| arrow.naive_utc() == read.naive_utc())
-    })
-}
-
-/// A datetime the flat item writes again, null or read as rustac reads it.
+/// A datetime the flat item writes again (rustac reads it permissively and writes it as
+/// chrono does): null, or a string arrow-json reads as the instant rustac reads.
 struct Datetime<'c>(&'c mut Timestamps);
 
 impl<'de> DeserializeSeed<'de> for Datetime<'_> {
@@ -612,7 +614,9 @@ impl<'de> Visitor<'de> for Datetime<'_> {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
-        if same_instant(v) && self.0.push(v) {
+        let arrow = self.0.read(v).ok_or_else(refuse)?;
+        let rustac = stac::datetime::parse_datetime_permissively(v).map_err(|_| refuse())?;
+        if arrow == rustac.naive_utc() && self.0.push_instant(arrow) {
             Ok(())
         } else {
             Err(refuse())
@@ -761,7 +765,8 @@ impl<'de> Visitor<'de> for Object<'_> {
     }
 }
 
-/// Reads a value into its column, if it fits it as [`super::encode::Shape::fits`] has it.
+/// Reads a value into its column, if it fits it as `Shape::fits` (the value path's check in
+/// `encode.rs`) has it.
 struct Cell<'c>(&'c mut Column);
 
 impl<'de> DeserializeSeed<'de> for Cell<'_> {
@@ -1166,7 +1171,7 @@ mod tests {
                 ])
             }),
         ];
-        let to_values: [(&str, Change); 15] = [
+        let to_values: [(&str, Change); 16] = [
             ("a string where the file has numbers", |i| {
                 i["properties"]["eo:cloud_cover"] = json!("12")
             }),
@@ -1194,6 +1199,10 @@ mod tests {
             }),
             ("a datetime that does not read", |i| {
                 i["properties"]["datetime"] = json!("yesterday")
+            }),
+            // arrow-json reads the offset (05:00 UTC), rustac the time as given (10:00).
+            ("a datetime read as another instant", |i| {
+                i["properties"]["datetime"] = json!("2024-01-01T10:00:00+05")
             }),
             ("another type", |i| i["type"] = json!("FeatureCollection")),
             ("a bbox of 5", |i| i["bbox"] = json!([1, 2, 3, 4, 5])),
