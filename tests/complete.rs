@@ -593,6 +593,74 @@ async fn workers_on_postgres_share_the_halves_of_the_partitions_they_split() {
     );
 }
 
+/// A worker renews its leases on a timer while its pagers run. A split holds its partition's
+/// row until it commits, and the renewal waits on that row: the worker has to go on driving the
+/// split while it renews, or each waits on the other for ever. Here each half's row takes
+/// longer to insert than the renewal period, so renewals fall inside splits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_renews_its_leases_during_a_split_does_not_wait_on_itself() {
+    if common::skip_without(common::Service::Postgres) {
+        return;
+    }
+    let clock = Arc::new(ManualClock::default());
+    let items = items_over_time(30, 18);
+    let engine = Engine {
+        depth: 20,
+        report_matched: true,
+        ..Engine::default()
+    };
+    let server = engine.clone().start(&items, &clock).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup {
+        job_extra: "datetime = \"2020-01-01T00:00:00Z/2025-01-01T00:00:00Z\"\nwindow = \"none\"\nmax_partition_items = 20",
+        database: Some(common::fresh_postgres().await),
+        ..setup(&server, dir.path())
+    };
+    let url = setup.database_url();
+    stac_sync::mirror::db::Database::connect(&url)
+        .await
+        .expect("db")
+        .migrate()
+        .await
+        .expect("migrate");
+    // A half's row is inserted after its partition's row is marked split, in the same
+    // transaction; the renewal period is at most a second.
+    common::execute(
+        &url,
+        "CREATE FUNCTION slow_halves() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF EXISTS (SELECT 1 FROM sync_state WHERE job = NEW.job AND split) THEN \
+         PERFORM pg_sleep(1.5); END IF; RETURN NEW; END $$",
+    )
+    .await;
+    common::execute(
+        &url,
+        "CREATE TRIGGER slow_halves BEFORE INSERT ON sync_state \
+         FOR EACH ROW EXECUTE FUNCTION slow_halves()",
+    )
+    .await;
+    let config = setup.config();
+    let run = stac_sync::run::run(
+        &config,
+        stac_sync::run::RunOptions {
+            clock: clock.clone(),
+            worker: true,
+            ..Default::default()
+        },
+    );
+
+    // A guard against the hang this test is about, not a wait: the run takes seconds.
+    let summary = tokio::time::timeout(std::time::Duration::from_secs(120), run)
+        .await
+        .expect("the worker ends instead of waiting on its own split")
+        .expect("recorded");
+
+    assert_eq!(summary.exit(), Exit::Success, "{:?}", summary.jobs[0].error);
+    let counts = &summary.jobs[0].counts;
+    assert_eq!(counts.new, 30, "{counts:?}");
+    assert!(counts.splits >= 1, "{counts:?}");
+    assert_eq!(stored_items(&url).await.len(), 30);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_killed_while_it_splits_partitions_converges_to_an_uninterrupted_one() {
     let clock = Arc::new(ManualClock::default());

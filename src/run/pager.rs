@@ -234,7 +234,10 @@ pub(super) async fn page_leased(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         while errors.is_empty() && running.len() < context.slots && !context.stop.is_cancelled() {
-            match context.mirror.db().claim(&job.name, kind, &lease).await {
+            let claim = context.mirror.db().claim(&job.name, kind, &lease);
+            let claimed =
+                beside(&mut running, |paged| settle(job, paged, &mut errors), claim).await;
+            match claimed {
                 Ok(Some(planned)) => {
                     tracing::info!(job = %job.name, partition = %planned.part.name,
                         resumed = planned.resume.is_some(), "claimed a partition");
@@ -273,17 +276,10 @@ pub(super) async fn page_leased(
             }
         }
         tokio::select! {
-            Some(paged) = running.next(), if !running.is_empty() => {
-                match paged {
-                    Err(Error::LeaseLost { partition }) => tracing::warn!(job = %job.name,
-                        partition = %partition, "another worker took this partition over \
-                        before it could be split; that worker pages it"),
-                    Err(e) => errors.push(e),
-                    Ok(_) => {}
-                }
-            }
+            Some(paged) = running.next(), if !running.is_empty() => settle(job, paged, &mut errors),
             _ = tick.tick() => {
-                if let Err(e) = context.mirror.db().renew(&job.name, &lease).await {
+                let renew = context.mirror.db().renew(&job.name, &lease);
+                if let Err(e) = beside(&mut running, |paged| settle(job, paged, &mut errors), renew).await {
                     // Commits check the lease themselves; a worker that cannot renew for a
                     // whole period loses its partitions to others, and nothing is written twice.
                     tracing::warn!(job = %job.name, error = %e, "could not renew the partition leases");
@@ -296,6 +292,37 @@ pub(super) async fn page_leased(
         }
     }
     errors
+}
+
+/// A worker's pager that ended: its error is the pass's, unless another worker took its
+/// partition over.
+fn settle(job: &Job, paged: Result<Vec<Planned>, Error>, errors: &mut Vec<Error>) {
+    match paged {
+        Err(Error::LeaseLost { partition }) => tracing::warn!(job = %job.name,
+            partition = %partition, "another worker took this partition over \
+            before it could be split; that worker pages it"),
+        Err(e) => errors.push(e),
+        Ok(_) => {}
+    }
+}
+
+/// Awaits `work` (a claim, a renewal) while it drives the pagers in `running`, handing each one
+/// that ends to `ended`. A pager that splits its partition holds the partition's row until it
+/// commits, and renewing the worker's leases waits on that row: were the pagers left unpolled
+/// meanwhile, the split would never commit and each would wait on the other for ever.
+async fn beside<P: Future, T>(
+    running: &mut FuturesUnordered<P>,
+    mut ended: impl FnMut(P::Output),
+    work: impl Future<Output = T>,
+) -> T {
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut work => return done,
+            Some(paged) = running.next(), if !running.is_empty() => ended(paged),
+        }
+    }
 }
 
 /// Pages one partition from its start to its last page, handing each page to the writer in
