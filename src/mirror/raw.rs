@@ -178,7 +178,14 @@ struct List {
 struct Columns {
     fields: Fields,
     index: HashMap<String, usize, foldhash::fast::RandomState>,
+    /// The fields of the members of the last row that had them, in the order they came: the
+    /// items of a catalog give their members in one order, so the `n`th member of a row is
+    /// most often the field the `n`th was in the row before, found without hashing its name.
+    order: Vec<usize>,
+    /// Members read in the row being read.
+    seen: usize,
     children: Vec<Column>,
+    rows: usize,
     valid: NullBufferBuilder,
 }
 
@@ -219,8 +226,8 @@ impl Column {
             Column::Float64(b) => b.len(),
             Column::Boolean(b) => b.len(),
             Column::Timestamp(t) => t.values.len(),
-            Column::List(l) => l.valid.len(),
-            Column::Struct(s) => s.valid.len(),
+            Column::List(l) => l.ends.len() - 1,
+            Column::Struct(s) => s.rows,
             Column::Nulls(_, rows) => *rows,
         }
     }
@@ -236,6 +243,7 @@ impl Column {
             Column::Struct(s) => {
                 s.children.iter_mut().for_each(Column::push_null);
                 s.valid.append_null();
+                s.rows += 1;
             }
             Column::Nulls(_, rows) => *rows += 1,
         }
@@ -336,6 +344,9 @@ impl Columns {
                 .map(|f| Column::new(f.data_type(), rows))
                 .collect::<Option<_>>()?,
             fields: fields.clone(),
+            order: Vec::with_capacity(fields.len()),
+            seen: 0,
+            rows: 0,
             valid: NullBufferBuilder::new(rows),
         })
     }
@@ -344,12 +355,19 @@ impl Columns {
     /// when the row has one already (a member given twice is left to the value path, which
     /// keeps the last).
     fn member<E: de::Error>(&mut self, key: &str) -> Result<&mut Column, E> {
-        let row = self.valid.len();
-        let column = self
-            .index
-            .get(key)
-            .and_then(|&i| self.children.get_mut(i))
-            .ok_or_else(refuse)?;
+        let nth = self.seen;
+        self.seen += 1;
+        let field = match self.order.get(nth) {
+            Some(&i) if self.fields.get(i).is_some_and(|f| f.name() == key) => i,
+            _ => {
+                let i = *self.index.get(key).ok_or_else(refuse)?;
+                self.order.truncate(nth);
+                self.order.push(i);
+                i
+            }
+        };
+        let row = self.rows;
+        let column = self.children.get_mut(field).ok_or_else(refuse)?;
         if column.len() != row {
             return Err(refuse());
         }
@@ -358,7 +376,7 @@ impl Columns {
 
     /// Whether the row being read has member `key`.
     fn has(&self, key: &str) -> bool {
-        let row = self.valid.len();
+        let row = self.rows;
         self.index
             .get(key)
             .and_then(|&i| self.children.get(i))
@@ -367,17 +385,19 @@ impl Columns {
 
     /// Ends the row being read: its members not given are null.
     fn end_row(&mut self) {
-        let row = self.valid.len();
+        let row = self.rows;
         for column in &mut self.children {
             if column.len() == row {
                 column.push_null();
             }
         }
         self.valid.append_non_null();
+        self.rows += 1;
+        self.seen = 0;
     }
 
     fn finish(&mut self) -> Option<StructArray> {
-        let rows = self.valid.len();
+        let rows = std::mem::take(&mut self.rows);
         let children = self
             .children
             .iter_mut()
