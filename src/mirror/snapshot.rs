@@ -289,6 +289,21 @@ async fn ndjson(
     Ok(written)
 }
 
+/// How a snapshot's Parquet is written: compression, row groups, pages, statistics.
+pub fn writer_properties() -> Result<WriterProperties, parquet::errors::ParquetError> {
+    Ok(WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(ZSTD_LEVEL)?))
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_data_page_row_count_limit(PAGE_ROWS)
+        .set_data_page_size_limit(PAGE_BYTES)
+        .set_dictionary_page_size_limit(PAGE_BYTES)
+        // Statistics per column chunk, which readers prune row groups by; no page index, whose
+        // entries per page would stay in memory until the footer.
+        .set_statistics_enabled(EnabledStatistics::Chunk)
+        .set_offset_index_disabled(true)
+        .build())
+}
+
 /// A stac-geoparquet file being written.
 struct ParquetFile {
     schema: SchemaRef,
@@ -311,18 +326,7 @@ impl ParquetFile {
             .build();
         let encoder = GeoParquetRecordBatchEncoder::try_new(schema, &options)
             .map_err(|e| fail(e.to_string()))?;
-        let level = ZstdLevel::try_new(ZSTD_LEVEL).map_err(|e| fail(e.to_string()))?;
-        let properties = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(level))
-            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-            .set_data_page_row_count_limit(PAGE_ROWS)
-            .set_data_page_size_limit(PAGE_BYTES)
-            .set_dictionary_page_size_limit(PAGE_BYTES)
-            // Statistics per column chunk, which readers prune row groups by; no page index,
-            // whose entries per page would stay in memory until the footer.
-            .set_statistics_enabled(EnabledStatistics::Chunk)
-            .set_offset_index_disabled(true)
-            .build();
+        let properties = writer_properties().map_err(|e| fail(e.to_string()))?;
         let writer = ArrowWriter::try_new(file, encoder.target_schema(), Some(properties))
             .map_err(|e| fail(e.to_string()))?;
         // The collection, as stac-geoparquet's metadata carries it.
