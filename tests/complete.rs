@@ -16,6 +16,18 @@ use stac_sync::error::Exit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
+/// `run --worker`'s options.
+fn as_worker(clock: &Arc<ManualClock>) -> stac_sync::run::RunOptions {
+    stac_sync::run::RunOptions {
+        clock: clock.clone(),
+        worker: true,
+        ..Default::default()
+    }
+}
+
+/// A job over 2020-2024 whose partitions are split when they match more than 20 items.
+const SPLIT_PAST_20: &str = "datetime = \"2020-01-01T00:00:00Z/2025-01-01T00:00:00Z\"\nwindow = \"none\"\nmax_partition_items = 20";
+
 /// `n` items of collection `c`, acquired one every `days` days from 2020-01-01.
 fn items_over_time(n: usize, days: u64) -> Vec<Value> {
     let start = stac_sync::plan::parse_instant("2020-01-01T00:00:00Z").expect("instant");
@@ -56,6 +68,16 @@ struct Engine {
 }
 
 impl Engine {
+    /// An engine whose result window is 20 items deep and that reports how many items a
+    /// search matches: partitions of more than 20 are split.
+    fn splitting() -> Engine {
+        Engine {
+            depth: 20,
+            report_matched: true,
+            ..Engine::default()
+        }
+    }
+
     /// Starts stac-server holding `items`, behind this layer.
     async fn start(self, items: &[Value], clock: &Arc<ManualClock>) -> common::stac::StacServer {
         let engine = self.clone();
@@ -196,7 +218,7 @@ async fn a_collection_deeper_than_the_result_window_is_split_until_each_partitio
         let dir = tempfile::tempdir().expect("tempdir");
         // One partition of five years: 100 items, five times the result window.
         let setup = Setup {
-            job_extra: "datetime = \"2020-01-01T00:00:00Z/2025-01-01T00:00:00Z\"\nwindow = \"none\"\nmax_partition_items = 20",
+            job_extra: SPLIT_PAST_20,
             ..setup(&server, dir.path())
         };
 
@@ -241,12 +263,10 @@ async fn a_run_that_dies_mid_split_leaves_the_halves_planned_and_the_rerun_conve
     let clock = Arc::new(ManualClock::default());
     let items = items_over_time(100, 18);
     let dir = tempfile::tempdir().expect("tempdir");
-    let job_extra = "datetime = \"2020-01-01T00:00:00Z/2025-01-01T00:00:00Z\"\nwindow = \"none\"\nmax_partition_items = 20";
+    let job_extra = SPLIT_PAST_20;
     let engine = Engine {
-        depth: 20,
-        report_matched: true,
         fail_after: Arc::new(AtomicUsize::new(5)),
-        ..Engine::default()
+        ..Engine::splitting()
     };
     let server = engine.clone().start(&items, &clock).await;
     let rerun = Setup {
@@ -527,6 +547,17 @@ async fn log_searches(
     .await
 }
 
+/// A splitting engine serving `items`, a folder, and a new Postgres database.
+async fn splitting_on_postgres(
+    items: &[Value],
+    clock: &Arc<ManualClock>,
+) -> (Engine, common::stac::StacServer, tempfile::TempDir, String) {
+    let engine = Engine::splitting();
+    let server = engine.clone().start(items, clock).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    (engine, server, dir, common::fresh_postgres().await)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_on_postgres_share_the_halves_of_the_partitions_they_split() {
     if common::skip_without(common::Service::Postgres) {
@@ -534,29 +565,14 @@ async fn workers_on_postgres_share_the_halves_of_the_partitions_they_split() {
     }
     let clock = Arc::new(ManualClock::default());
     let items = items_over_time(100, 18);
-    let engine = Engine {
-        depth: 20,
-        report_matched: true,
-        ..Engine::default()
-    };
-    let server = engine.clone().start(&items, &clock).await;
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (engine, server, dir, database) = splitting_on_postgres(&items, &clock).await;
     let setup = Setup {
-        job_extra: "datetime = \"2020-01-01T00:00:00Z/2025-01-01T00:00:00Z\"\nwindow = \"none\"\nmax_partition_items = 20",
-        database: Some(common::fresh_postgres().await),
+        job_extra: SPLIT_PAST_20,
+        database: Some(database),
         ..setup(&server, dir.path())
     };
     let config = setup.config();
-    let worker = || {
-        stac_sync::run::run(
-            &config,
-            stac_sync::run::RunOptions {
-                clock: clock.clone(),
-                worker: true,
-                ..Default::default()
-            },
-        )
-    };
+    let worker = || stac_sync::run::run(&config, as_worker(&clock));
 
     let (a, b) = tokio::join!(worker(), worker());
 
@@ -604,16 +620,10 @@ async fn a_worker_that_renews_its_leases_during_a_split_does_not_wait_on_itself(
     }
     let clock = Arc::new(ManualClock::default());
     let items = items_over_time(30, 18);
-    let engine = Engine {
-        depth: 20,
-        report_matched: true,
-        ..Engine::default()
-    };
-    let server = engine.clone().start(&items, &clock).await;
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, server, dir, database) = splitting_on_postgres(&items, &clock).await;
     let setup = Setup {
-        job_extra: "datetime = \"2020-01-01T00:00:00Z/2025-01-01T00:00:00Z\"\nwindow = \"none\"\nmax_partition_items = 20",
-        database: Some(common::fresh_postgres().await),
+        job_extra: SPLIT_PAST_20,
+        database: Some(database),
         ..setup(&server, dir.path())
     };
     let url = setup.database_url();
@@ -639,14 +649,7 @@ async fn a_worker_that_renews_its_leases_during_a_split_does_not_wait_on_itself(
     )
     .await;
     let config = setup.config();
-    let run = stac_sync::run::run(
-        &config,
-        stac_sync::run::RunOptions {
-            clock: clock.clone(),
-            worker: true,
-            ..Default::default()
-        },
-    );
+    let run = stac_sync::run::run(&config, as_worker(&clock));
 
     // A guard against the hang this test is about, not a wait: the run takes seconds.
     let summary = tokio::time::timeout(std::time::Duration::from_secs(120), run)
@@ -666,13 +669,11 @@ async fn a_run_killed_while_it_splits_partitions_converges_to_an_uninterrupted_o
     let clock = Arc::new(ManualClock::default());
     let items = items_over_time(200, 9);
     let engine = Engine {
-        depth: 20,
-        report_matched: true,
         delay: std::time::Duration::from_millis(15),
-        ..Engine::default()
+        ..Engine::splitting()
     };
     let server = engine.clone().start(&items, &clock).await;
-    let job = "datetime = \"2020-01-01T00:00:00Z/2025-01-01T00:00:00Z\"\nwindow = \"none\"\nmax_partition_items = 20";
+    let job = SPLIT_PAST_20;
     let reference_dir = tempfile::tempdir().expect("tempdir");
     let reference = Setup {
         job_extra: job,
