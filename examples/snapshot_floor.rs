@@ -1,8 +1,9 @@
 //! The floor of a GeoParquet snapshot: what the libraries it uses cost on their own, per item,
 //! on one core, with nothing of stac-sync's between them.
 //!
-//! - `read`: the window's item texts read from a SQLite mirror through sqlx, in pages of 150
-//!   (the snapshot writer's page), in the snapshot's order;
+//! - `read`: the live items' texts read from a SQLite mirror through sqlx in the snapshot's
+//!   order, by one query taken 150 rows at a time (the snapshot writer asks for pages of 150,
+//!   one query each, so this is a little less than it reads for);
 //! - `lex`: each text parsed by serde_json and thrown away (`IgnoredAny`: every byte checked,
 //!   no number converted, nothing kept), less than decoding it into columns costs;
 //! - `write`: the Parquet file stac-sync wrote for that window, read back into batches of 150

@@ -185,6 +185,8 @@ struct Columns {
     /// Members read in the row being read.
     seen: usize,
     children: Vec<Column>,
+    /// Rows ended, as `valid` holds them: counted here because it is asked for each member,
+    /// and `NullBufferBuilder::len` is a call each time.
     rows: usize,
     valid: NullBufferBuilder,
 }
