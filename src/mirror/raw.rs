@@ -212,7 +212,7 @@ impl Column {
             }),
             DataType::List(field) => Column::List(Box::new(List {
                 field: field.clone(),
-                ends: vec![0],
+                ends: List::ends(rows),
                 valid: NullBufferBuilder::new(rows),
                 values: Column::new(field.data_type(), rows)?,
             })),
@@ -263,7 +263,7 @@ impl Column {
             Column::Timestamp(t) => t.finish(),
             Column::List(l) => {
                 let values = l.values.finish()?;
-                let ends = std::mem::replace(&mut l.ends, vec![0]);
+                let ends = std::mem::replace(&mut l.ends, List::ends(0));
                 let offsets = OffsetBuffer::new(ScalarBuffer::from(ends));
                 Arc::new(
                     ListArray::try_new(l.field.clone(), offsets, values, l.valid.finish()).ok()?,
@@ -324,6 +324,14 @@ impl Timestamps {
 }
 
 impl List {
+    /// The offsets of a list column of `rows` rows before any: room for each row's end, so
+    /// that they are not copied as they grow.
+    fn ends(rows: usize) -> Vec<i32> {
+        let mut ends = Vec::with_capacity(rows + 1);
+        ends.push(0);
+        ends
+    }
+
     /// Ends a row whose values were appended to `values`.
     fn end_row(&mut self, valid: bool) {
         // A batch's values are a few megabytes at most: an offset past i32 cannot happen.
