@@ -159,9 +159,13 @@ fn encoded_batches(
             .window_pages(&collection, &window, size, BATCH_ITEMS)
             .map(|texts| {
                 let target = current();
-                async move {
-                    let texts = texts?;
+                // Started as soon as its page is read: a future's body runs only when polled,
+                // and this task stops polling them while it waits to hand the writer a batch.
+                let encoding = texts.map(|texts| {
                     tokio::task::spawn_blocking(move || encode(&texts, target.as_deref()))
+                });
+                async move {
+                    encoding?
                         .await
                         .map_err(|e| Error::Sink(format!("{what}: encoding stopped: {e}")))?
                         .map_err(|e| Error::Sink(format!("{what}: {e}")))
