@@ -64,6 +64,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite
 /// Most rows per call to sqlx's SQLite thread: 32 × 12 parameters, well inside SQLite's limit
 /// of 32,766.
 const ROWS_PER_CALL: usize = 32;
+/// Rows a connection's thread reads ahead of the task that takes them: a whole page of a
+/// snapshot window (sqlx's default of 50 makes the thread wait for the task, and wake it, at
+/// nearly every row of a page; docs/benchmarks.md has the measurements).
+const ROW_BUFFER: usize = 256;
 
 /// The upserts of 1, 2, 4, ... [`ROWS_PER_CALL`] rows, by the power of two: a page's rows go in
 /// calls of those sizes, so sqlx keeps 63 statements prepared, not 528.
@@ -136,7 +140,8 @@ impl SqliteDb {
             // no order of theirs, so once it outgrows the cache each item reads and rewrites a
             // leaf of it: the smaller the page, the fewer bytes each item costs in reads and
             // in the log (docs/benchmarks.md has the measurements at 8 and 32 KB).
-            .page_size(8_192);
+            .page_size(8_192)
+            .row_buffer_size(ROW_BUFFER);
         // No mmap_size: reading a snapshot window through a mapping counts every page read in
         // the process's RSS, and the write path is no faster with it (docs/benchmarks.md).
         let filename = options.get_filename();
