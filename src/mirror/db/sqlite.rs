@@ -65,8 +65,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite
 /// of 32,766.
 const ROWS_PER_CALL: usize = 32;
 /// Rows a connection's thread reads ahead of the task that takes them: a whole page of a
-/// snapshot window (sqlx's default of 50 makes the thread wait for the task, and wake it, at
-/// nearly every row of a page; docs/benchmarks.md has the measurements).
+/// snapshot window (150 items for GeoParquet, 250 for NDJSON; sqlx's default of 50 makes the
+/// thread wait for the task, and wake it, at nearly every row of a page; docs/benchmarks.md
+/// has the measurements).
 const ROW_BUFFER: usize = 256;
 
 /// The upserts of 1, 2, 4, ... [`ROWS_PER_CALL`] rows, by the power of two: a page's rows go in
